@@ -1,0 +1,103 @@
+//! The backend seam: every operation ResNet needs, forward and backward, behind one trait.
+//!
+//! Layers (in `model/`) own their parameters and decide what to keep for backward; a backend only computes.
+//! The CPU backend implements this today; a CUDA backend (cuDNN/cuBLAS) implements the same trait later, with
+//! its tensors living in device memory. Shapes are NCHW; weights follow PyTorch's layouts
+//! (conv `[out, in, kh, kw]`, linear `[out, in]`) so torchvision checkpoints load without transposes.
+
+use super::Tensor;
+
+/// Stride and zero padding of a 2-d convolution, per spatial dimension (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl ConvGeom {
+    pub fn square(stride: usize, padding: usize) -> Self {
+        ConvGeom { stride: (stride, stride), padding: (padding, padding) }
+    }
+
+    /// Output height and width for an input of `h`×`w` and a `kh`×`kw` kernel (PyTorch's floor rule).
+    pub fn output_hw(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let oh = (h + 2 * self.padding.0).saturating_sub(kh) / self.stride.0 + 1;
+        let ow = (w + 2 * self.padding.1).saturating_sub(kw) / self.stride.1 + 1;
+        (oh, ow)
+    }
+}
+
+/// What training-mode batch norm returns: the output, plus what its backward and the running-stat update need.
+pub struct BatchNormTrain {
+    pub y: Tensor,
+    /// The normalised input (x − mean)·invstd, kept for the weight gradient and the input gradient.
+    pub x_hat: Tensor,
+    pub mean: Vec<f32>,
+    /// Biased batch variance (divided by N·H·W), the one used for normalising.
+    pub var: Vec<f32>,
+    pub invstd: Vec<f32>,
+}
+
+/// Gradients of batch norm.
+pub struct BatchNormGrads {
+    pub dx: Tensor,
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// y = conv2d(x, w) without bias; x `[N, C, H, W]`, w `[O, C, kh, kw]`.
+    fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor;
+    /// Gradients of Σ(y·dy) with respect to x (if `need_dx`) and w (if `need_dw`).
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        geom: ConvGeom,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<Tensor>);
+
+    /// Batch norm with the batch's own statistics (training mode).
+    fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain;
+    /// Batch norm with given statistics (eval mode), in place.
+    fn batch_norm_eval(&self, x: Tensor, gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32)
+    -> Tensor;
+    fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads;
+
+    /// max(x, 0), in place.
+    fn relu(&self, x: Tensor) -> Tensor;
+    /// dy masked by y > 0, where y is the ReLU's output.
+    fn relu_backward(&self, dy: Tensor, y: &Tensor) -> Tensor;
+    /// relu(a + b), in place on `a`: the residual join.
+    fn add_relu(&self, a: Tensor, b: &Tensor) -> Tensor;
+    /// a + b, in place on `a`: where two gradient paths meet.
+    fn add(&self, a: Tensor, b: &Tensor) -> Tensor;
+
+    /// Max pooling with −∞ padding; also returns, per output, the flat index of the winner within its plane.
+    fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>);
+    fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor;
+
+    /// Mean over H and W: `[N, C, H, W]` → `[N, C]`.
+    fn global_avg_pool(&self, x: &Tensor) -> Tensor;
+    fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: [usize; 4]) -> Tensor;
+
+    /// y = x·wᵀ + b; x `[N, in]`, w `[out, in]`.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &[f32]) -> Tensor;
+    /// (dx if `need_dx`, (dw, db) if `need_dw`).
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>);
+
+    /// Mean softmax cross-entropy over the batch with label smoothing ε (PyTorch's `CrossEntropyLoss`), and its
+    /// gradient with respect to the logits.
+    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &[usize], smoothing: f32) -> (f32, Tensor);
+}

@@ -1,0 +1,93 @@
+//! The CPU backend: im2col + `gemm` for convolutions and the linear head, rayon for everything else.
+
+mod conv;
+mod elementwise;
+mod linear;
+mod loss;
+pub mod matmul;
+mod norm;
+mod pool;
+
+use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
+use super::Tensor;
+
+/// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS` sets their number).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
+        conv::forward(x, w, geom)
+    }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        geom: ConvGeom,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<Tensor>) {
+        conv::backward(x, w, dy, geom, need_dx, need_dw)
+    }
+    fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
+        norm::forward_train(x, gamma, beta, eps)
+    }
+    fn batch_norm_eval(
+        &self,
+        x: Tensor,
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        eps: f32,
+    ) -> Tensor {
+        norm::forward_eval(x, gamma, beta, mean, var, eps)
+    }
+    fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
+        norm::backward(dy, x_hat, invstd, gamma)
+    }
+    fn relu(&self, x: Tensor) -> Tensor {
+        elementwise::relu(x)
+    }
+    fn relu_backward(&self, dy: Tensor, y: &Tensor) -> Tensor {
+        elementwise::relu_backward(dy, y)
+    }
+    fn add_relu(&self, a: Tensor, b: &Tensor) -> Tensor {
+        elementwise::add(a, b, true)
+    }
+    fn add(&self, a: Tensor, b: &Tensor) -> Tensor {
+        elementwise::add(a, b, false)
+    }
+    fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>) {
+        pool::max_forward(x, kernel, stride, padding)
+    }
+    fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor {
+        pool::max_backward(dy, argmax, x_shape)
+    }
+    fn global_avg_pool(&self, x: &Tensor) -> Tensor {
+        pool::avg_forward(x)
+    }
+    fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: [usize; 4]) -> Tensor {
+        pool::avg_backward(dy, x_shape)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &[f32]) -> Tensor {
+        linear::forward(x, w, b)
+    }
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>) {
+        linear::backward(x, w, dy, need_dx, need_dw)
+    }
+    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &[usize], smoothing: f32) -> (f32, Tensor) {
+        loss::softmax_cross_entropy(logits, targets, smoothing)
+    }
+}

@@ -1,0 +1,112 @@
+//! Batch normalisation over N, H and W for each channel. Sums are accumulated in f64 so that large batches
+//! (N·H·W in the millions) keep the mean and variance as accurate as PyTorch's.
+
+use rayon::prelude::*;
+
+use crate::engine::Tensor;
+use crate::engine::backend::{BatchNormGrads, BatchNormTrain};
+
+/// Σ over channel ch's planes of f(x, y) for two tensors of equal NCHW shape.
+fn channel_sum(a: &[f32], b: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(f32, f32) -> f64) -> f64 {
+    let planes = a.len() / (c * hw).max(1);
+    (0..planes)
+        .map(|n| {
+            let off = (n * c + ch) * hw;
+            a[off..off + hw].iter().zip(&b[off..off + hw]).map(|(&p, &q)| f(p, q)).sum::<f64>()
+        })
+        .sum()
+}
+
+pub fn forward_train(x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
+    let [n, c, h, w] = x.dims4();
+    assert!(gamma.len() == c && beta.len() == c, "batch norm: {c} channels but {} parameters", gamma.len());
+    let hw = h * w;
+    let count = (n * hw).max(1) as f64;
+    let xs = x.data();
+    let stats: Vec<(f32, f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = channel_sum(xs, xs, c, hw, ch, |v, _| v as f64) / count;
+            let var = channel_sum(xs, xs, c, hw, ch, |v, _| (v as f64 - mean).powi(2)) / count;
+            let invstd = 1.0 / (var + eps as f64).sqrt();
+            (mean as f32, var as f32, invstd as f32)
+        })
+        .collect();
+    let mut y = vec![0.0f32; xs.len()];
+    let mut x_hat = vec![0.0f32; xs.len()];
+    if hw > 0 {
+        y.par_chunks_mut(hw).zip(x_hat.par_chunks_mut(hw)).zip(xs.par_chunks(hw)).enumerate().for_each(
+            |(p, ((yp, hp), xp))| {
+                let ch = p % c;
+                let (mean, _, invstd) = stats[ch];
+                for ((yv, hv), &xv) in yp.iter_mut().zip(hp.iter_mut()).zip(xp) {
+                    *hv = (xv - mean) * invstd;
+                    *yv = *hv * gamma[ch] + beta[ch];
+                }
+            },
+        );
+    }
+    BatchNormTrain {
+        y: Tensor::new(x.shape(), y).expect("same shape as x"),
+        x_hat: Tensor::new(x.shape(), x_hat).expect("same shape as x"),
+        mean: stats.iter().map(|s| s.0).collect(),
+        var: stats.iter().map(|s| s.1).collect(),
+        invstd: stats.iter().map(|s| s.2).collect(),
+    }
+}
+
+pub fn forward_eval(
+    mut x: Tensor,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> Tensor {
+    let [_, c, h, w] = x.dims4();
+    assert!(gamma.len() == c && mean.len() == c, "batch norm: {c} channels but {} parameters", gamma.len());
+    let hw = h * w;
+    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / (var[ch] + eps).sqrt()).collect();
+    if hw > 0 {
+        x.data_mut().par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
+            let ch = p % c;
+            for v in plane {
+                *v = (*v - mean[ch]) * scale[ch] + beta[ch];
+            }
+        });
+    }
+    x
+}
+
+/// With M = N·H·W: dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
+pub fn backward(dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
+    let [n, c, h, w] = dy.dims4();
+    assert_eq!(dy.shape(), x_hat.shape(), "batch norm backward: dy and x_hat differ in shape");
+    let hw = h * w;
+    let count = (n * hw).max(1) as f64;
+    let (dys, xh) = (dy.data(), x_hat.data());
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            (channel_sum(dys, xh, c, hw, ch, |g, _| g as f64), channel_sum(dys, xh, c, hw, ch, |g, v| (g * v) as f64))
+        })
+        .collect();
+    let mut dx = vec![0.0f32; dys.len()];
+    if hw > 0 {
+        dx.par_chunks_mut(hw).zip(dys.par_chunks(hw)).zip(xh.par_chunks(hw)).enumerate().for_each(
+            |(p, ((dxp, dyp), xp))| {
+                let ch = p % c;
+                let k = gamma[ch] as f64 * invstd[ch] as f64 / count;
+                let (sdy, sdyx) = sums[ch];
+                for ((d, &g), &v) in dxp.iter_mut().zip(dyp).zip(xp) {
+                    *d = (k * (count * g as f64 - sdy - v as f64 * sdyx)) as f32;
+                }
+            },
+        );
+    }
+    BatchNormGrads {
+        dx: Tensor::new(dy.shape(), dx).expect("same shape as dy"),
+        dgamma: sums.iter().map(|s| s.1 as f32).collect(),
+        dbeta: sums.iter().map(|s| s.0 as f32).collect(),
+    }
+}

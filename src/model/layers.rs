@@ -1,0 +1,226 @@
+//! The network's layers. Each keeps, in training mode, exactly what its backward needs (its "record"), and gives
+//! it up when backward runs, so a second backward without a forward is a bug that shows.
+
+use super::store::{BufferId, Init, ParamId, Path, Store};
+use crate::engine::{Backend, ConvGeom, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics, running-stat updates, records kept for backward.
+    Train,
+    /// Running statistics, nothing kept.
+    Eval,
+}
+
+const MISSING_RECORD: &str = "backward called without a training-mode forward";
+
+/// Convolution without bias (every ResNet convolution is followed by batch norm).
+pub struct Conv2d {
+    pub weight: ParamId,
+    pub geom: ConvGeom,
+    /// Record: the input, for the weight gradient.
+    input: Option<Tensor>,
+}
+
+impl Conv2d {
+    pub fn new(p: &mut Path, name: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Self {
+        let weight = p.pp(name).param("weight", &[cout, cin, k, k], Init::KaimingFanOut);
+        Conv2d { weight, geom: ConvGeom::square(stride, pad), input: None }
+    }
+
+    pub fn forward(&mut self, be: &dyn Backend, s: &Store, x: &Tensor, mode: Mode) -> Tensor {
+        if mode == Mode::Train {
+            self.input = Some(x.clone());
+        }
+        be.conv2d(x, s.value(self.weight), self.geom)
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
+        let x = self.input.take().expect(MISSING_RECORD);
+        let need_dw = s.trainable(self.weight);
+        let (dx, dw) = be.conv2d_backward(&x, s.value(self.weight), dy, self.geom, need_dx, need_dw);
+        if let Some(dw) = dw {
+            s.accumulate_grad(self.weight, dw.data());
+        }
+        dx
+    }
+}
+
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
+
+pub struct BatchNorm2d {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub running_mean: BufferId,
+    pub running_var: BufferId,
+    /// Record: normalised input and 1/σ per channel.
+    record: Option<(Tensor, Vec<f32>)>,
+}
+
+impl BatchNorm2d {
+    pub fn new(p: &mut Path, name: &str, channels: usize, zero_weight: bool) -> Self {
+        let mut p = p.pp(name);
+        let gamma = if zero_weight { 0.0 } else { 1.0 };
+        BatchNorm2d {
+            weight: p.param("weight", &[channels], Init::Const(gamma)),
+            bias: p.param("bias", &[channels], Init::Const(0.0)),
+            running_mean: p.buffer("running_mean", &[channels], 0.0),
+            running_var: p.buffer("running_var", &[channels], 1.0),
+            record: None,
+        }
+    }
+
+    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: Tensor, mode: Mode) -> Tensor {
+        let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
+        match mode {
+            Mode::Eval => {
+                let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
+                be.batch_norm_eval(x, gamma, beta, mean, var, BN_EPS)
+            }
+            Mode::Train => {
+                let [n, _, h, w] = x.dims4();
+                let out = be.batch_norm_train(&x, gamma, beta, BN_EPS);
+                // PyTorch updates the running variance with the unbiased estimate (divide by M − 1).
+                let m = (n * h * w) as f32;
+                let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+                let k = BN_MOMENTUM;
+                let rm = s.buffer_mut(self.running_mean).data_mut();
+                rm.iter_mut().zip(&out.mean).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v);
+                let rv = s.buffer_mut(self.running_var).data_mut();
+                rv.iter_mut().zip(&out.var).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v * unbias);
+                self.record = Some((out.x_hat, out.invstd));
+                out.y
+            }
+        }
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor) -> Tensor {
+        let (x_hat, invstd) = self.record.take().expect(MISSING_RECORD);
+        let g = be.batch_norm_backward(dy, &x_hat, &invstd, s.value(self.weight).data());
+        if s.trainable(self.weight) {
+            s.accumulate_grad(self.weight, &g.dgamma);
+        }
+        if s.trainable(self.bias) {
+            s.accumulate_grad(self.bias, &g.dbeta);
+        }
+        g.dx
+    }
+}
+
+/// A convolution followed by batch norm: the unit every ResNet block and shortcut is made of.
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
+}
+
+impl ConvBn {
+    /// `conv_name`/`bn_name` are the torchvision module names (`conv1`/`bn1`, or `0`/`1` inside `downsample`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        p: &mut Path,
+        conv_name: &str,
+        bn_name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        zero_bn: bool,
+    ) -> Self {
+        ConvBn {
+            conv: Conv2d::new(p, conv_name, cin, cout, k, stride, k / 2),
+            bn: BatchNorm2d::new(p, bn_name, cout, zero_bn),
+        }
+    }
+
+    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: &Tensor, mode: Mode) -> Tensor {
+        let y = self.conv.forward(be, s, x, mode);
+        self.bn.forward(be, s, y, mode)
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
+        let d = self.bn.backward(be, s, dy);
+        self.conv.backward(be, s, &d, need_dx)
+    }
+}
+
+/// ReLU whose record is its own output (the gradient passes where the output is positive).
+#[derive(Default)]
+pub struct Relu {
+    output: Option<Tensor>,
+}
+
+impl Relu {
+    pub fn forward(&mut self, be: &dyn Backend, x: Tensor, mode: Mode) -> Tensor {
+        let y = be.relu(x);
+        if mode == Mode::Train {
+            self.output = Some(y.clone());
+        }
+        y
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, dy: Tensor) -> Tensor {
+        be.relu_backward(dy, &self.output.take().expect(MISSING_RECORD))
+    }
+}
+
+/// 3x3/2 max-pool with padding 1, the ImageNet stem's.
+#[derive(Default)]
+pub struct MaxPool {
+    record: Option<(Vec<u32>, [usize; 4])>,
+}
+
+impl MaxPool {
+    pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode) -> Tensor {
+        let (y, argmax) = be.max_pool2d(x, 3, 2, 1);
+        if mode == Mode::Train {
+            self.record = Some((argmax, x.dims4()));
+        }
+        y
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
+        let (argmax, shape) = self.record.take().expect(MISSING_RECORD);
+        be.max_pool2d_backward(dy, &argmax, shape)
+    }
+}
+
+pub struct Linear {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    input: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: &mut Path, name: &str, fin: usize, fout: usize) -> Self {
+        let mut p = p.pp(name);
+        let bound = 1.0 / (fin as f32).sqrt();
+        Linear {
+            weight: p.param("weight", &[fout, fin], Init::Uniform(bound)),
+            bias: p.param("bias", &[fout], Init::Uniform(bound)),
+            input: None,
+        }
+    }
+
+    pub fn forward(&mut self, be: &dyn Backend, s: &Store, x: &Tensor, mode: Mode) -> Tensor {
+        if mode == Mode::Train {
+            self.input = Some(x.clone());
+        }
+        be.linear(x, s.value(self.weight), s.value(self.bias).data())
+    }
+
+    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
+        let x = self.input.take().expect(MISSING_RECORD);
+        let need_dw = s.trainable(self.weight) || s.trainable(self.bias);
+        let (dx, dwb) = be.linear_backward(&x, s.value(self.weight), dy, need_dx, need_dw);
+        if let Some((dw, db)) = dwb {
+            if s.trainable(self.weight) {
+                s.accumulate_grad(self.weight, dw.data());
+            }
+            if s.trainable(self.bias) {
+                s.accumulate_grad(self.bias, &db);
+            }
+        }
+        dx
+    }
+}

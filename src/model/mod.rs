@@ -1,0 +1,11 @@
+//! The ResNet family: the architecture table, the blocks, and the network with its named parameters.
+
+mod block;
+pub mod family;
+pub mod layers;
+mod resnet;
+pub mod store;
+
+pub use family::{Arch, BlockKind, FAMILY, ResNetConfig, STANDARD_WIDTHS, Stem};
+pub use layers::Mode;
+pub use resnet::{ResNet, Tap};

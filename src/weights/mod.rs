@@ -1,0 +1,61 @@
+//! Weights in and out: torchvision `.pth` state_dicts, `.safetensors` files, and our checkpoints (safetensors
+//! with torchvision's key names, so they load back into PyTorch with `load_state_dict`).
+
+pub mod pth;
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::engine::Tensor;
+use crate::error::{Error, Result};
+use crate::model::{Arch, ResNet, ResNetConfig};
+
+/// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
+pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+    if bytes.starts_with(b"PK\x03\x04") {
+        pth::load_pth_bytes(&bytes, path)
+    } else if bytes.len() >= 8 && bytes.get(8) == Some(&b'{') {
+        Ok(safetensors::load_bytes(&bytes, path)?.tensors)
+    } else {
+        Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"))
+    }
+}
+
+/// Build `arch` with the classes, stem and widths the file's shapes imply, and load its weights strictly.
+pub fn load_model(arch: Arch, path: &Path) -> Result<ResNet> {
+    let state = load_state_dict(path)?;
+    let config = ResNetConfig::infer_from(arch, &state).map_err(|e| e.in_file(path))?;
+    let mut model = ResNet::new(config, 0);
+    model.load_state_dict(&state).map_err(|e| e.in_file(path))?;
+    Ok(model)
+}
+
+/// Save the network's state_dict as safetensors under torchvision's keys, `num_batches_tracked` included.
+pub fn save_model(model: &ResNet, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
+    let counts = model
+        .batch_norm_names()
+        .into_iter()
+        .map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked))
+        .collect();
+    safetensors::save(path, &model.state_dict(), &counts, metadata)
+}
+
+/// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, format!("cannot write: {e}"))
+    })
+}

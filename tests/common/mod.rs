@@ -1,0 +1,107 @@
+//! Shared test helpers: fixture loading, relative-error checks, and the deterministic init that
+//! `python/fixtures/common.py` uses for the parity networks (weights are recomputed, not committed).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use resnet_rs::engine::Tensor;
+use resnet_rs::model::ResNet;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+pub struct Fixture {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Fixture {
+    pub fn load(rel: &str) -> Fixture {
+        let l = resnet_rs::weights::safetensors::load(&fixture(rel)).unwrap_or_else(|e| panic!("{e}"));
+        Fixture { tensors: l.tensors, metadata: l.metadata }
+    }
+    pub fn get(&self, key: &str) -> &Tensor {
+        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no '{key}'"))
+    }
+    pub fn usizes(&self, key: &str) -> Vec<usize> {
+        self.get(key).data().iter().map(|&v| v as usize).collect()
+    }
+}
+
+/// ‖a − b‖ / ‖b‖, or infinity when either side holds a NaN or an infinity.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    if a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let e = rel_err(got.data(), want.data());
+    assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
+}
+
+#[track_caller]
+pub fn assert_close_slice(what: &str, got: &[f32], want: &Tensor, tol: f64) {
+    let e = rel_err(got, want.data());
+    assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
+}
+
+fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+fn splitmix_u(seed: u64, i: u64) -> f64 {
+    let mut z = seed.wrapping_add(i.wrapping_mul(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^= z >> 31;
+    (z >> 40) as f64 / (1u64 << 24) as f64
+}
+
+/// The value python/fixtures/common.py's `det_init` gives tensor `name` of `shape`.
+pub fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let seed = fnv1a64(name);
+    let n: usize = shape.iter().product();
+    let value = |u: f64| -> f64 {
+        if shape.len() == 4 {
+            let scale = 3.0f64.sqrt() * (2.0 / (shape[0] * shape[2] * shape[3]) as f64).sqrt();
+            (2.0 * u - 1.0) * scale
+        } else if name.starts_with("fc.") {
+            let fan_in = if name == "fc.bias" { None } else { Some(shape[1]) };
+            let scale = 1.0 / (fan_in.expect("fc.bias uses fc.weight's fan-in; use det_init") as f64).sqrt();
+            (2.0 * u - 1.0) * scale
+        } else if name.ends_with("running_mean") || name.ends_with(".bias") {
+            0.2 * (u - 0.5)
+        } else if name.ends_with("running_var") {
+            0.5 + u
+        } else {
+            0.8 + 0.4 * u
+        }
+    };
+    (1..=n as u64).map(|i| value(splitmix_u(seed, i)) as f32).collect()
+}
+
+/// Overwrite every parameter and buffer of `model` with the fixtures' deterministic values.
+pub fn det_init(model: &mut ResNet) {
+    let fc_in = model.config.feature_dim();
+    let seed_fc_bias = fnv1a64("fc.bias");
+    let mut state = model.state_dict();
+    for (name, t) in state.iter_mut() {
+        let data = if name == "fc.bias" {
+            let scale = 1.0 / (fc_in as f64).sqrt();
+            (1..=t.numel() as u64).map(|i| ((2.0 * splitmix_u(seed_fc_bias, i) - 1.0) * scale) as f32).collect()
+        } else {
+            det_values(name, t.shape())
+        };
+        *t = Tensor::new(t.shape(), data).unwrap();
+    }
+    model.load_state_dict(&state).unwrap();
+}

@@ -1,0 +1,83 @@
+//! Whole networks against torchvision: reduced-width ResNet-34 (both stems) and ResNet-50 with the fixtures'
+//! deterministic weights. Eval logits within 1e-5, train-mode logits, loss, input gradient, every stored
+//! parameter gradient and the updated running statistics within 1e-4 (relative error ‖a−b‖/‖b‖).
+
+mod common;
+
+use common::{Fixture, assert_close, assert_close_slice, det_init};
+use resnet_rs::engine::Backend;
+use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::model::{Arch, Mode, ResNet, ResNetConfig};
+
+fn build(f: &Fixture) -> ResNet {
+    let m = &f.metadata;
+    let arch: Arch = m["arch"].parse().unwrap();
+    let widths: Vec<usize> = m["widths"].split(',').map(|w| w.parse().unwrap()).collect();
+    let config = ResNetConfig {
+        stem: m["stem"].parse().unwrap(),
+        widths: [widths[0], widths[1], widths[2], widths[3]],
+        ..ResNetConfig::new(arch, m["classes"].parse().unwrap())
+    };
+    let mut model = ResNet::new(config, 0);
+    det_init(&mut model);
+    model
+}
+
+fn eval_logits_match(name: &str) {
+    let f = Fixture::load(name);
+    let mut model = build(&f);
+    let logits = model.forward(&Cpu, f.get("input"), Mode::Eval);
+    assert_close("eval logits", &logits, f.get("eval.logits"), 1e-5);
+}
+
+fn training_step_matches(name: &str) {
+    let f = Fixture::load(name);
+    let mut model = build(&f);
+    let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
+    assert_close("train logits", &logits, f.get("train.logits"), 1e-4);
+    let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &f.usizes("target"), 0.0);
+    assert_close_slice("loss", &[loss], f.get("train.loss"), 1e-4);
+    let dx = model.backward(&Cpu, &dlogits, true).expect("input gradient was requested");
+    assert_close("input gradient", &dx, f.get("train.input_grad"), 1e-4);
+
+    let mut checked = 0;
+    for p in &model.store.params {
+        let grad = p.grad.as_ref().unwrap_or_else(|| panic!("{} got no gradient", p.name));
+        if let Some(want) = f.tensors.get(&format!("grad.{}", p.name)) {
+            assert_close(&format!("grad {}", p.name), grad, want, 1e-4);
+            checked += 1;
+        }
+    }
+    let stored = f.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked, stored, "every stored gradient names a parameter of the model");
+    assert!(checked > 0);
+    for b in &model.store.buffers {
+        assert_close(&format!("running {}", b.name), &b.value, f.get(&format!("running.{}", b.name)), 1e-4);
+    }
+    assert_eq!(model.store.batches_tracked, 1);
+}
+
+#[test]
+fn resnet34_reduced_eval_logits_match_torchvision() {
+    eval_logits_match("net_resnet34_w8.safetensors");
+}
+
+#[test]
+fn resnet34_reduced_cifar_stem_eval_logits_match_torchvision() {
+    eval_logits_match("net_resnet34_w8_cifar.safetensors");
+}
+
+#[test]
+fn resnet50_reduced_cifar_stem_eval_logits_match_torchvision() {
+    eval_logits_match("net_resnet50_w4_cifar.safetensors");
+}
+
+#[test]
+fn resnet34_reduced_training_step_matches_torchvision() {
+    training_step_matches("net_resnet34_w8.safetensors");
+}
+
+#[test]
+fn resnet50_reduced_cifar_stem_training_step_matches_torchvision() {
+    training_step_matches("net_resnet50_w4_cifar.safetensors");
+}
