@@ -1,5 +1,6 @@
 //! resnet-rs: ResNet-18/34/50/101/152 with torchvision-compatible weights on a small engine of our own.
 
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod infer;

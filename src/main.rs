@@ -1,1 +1,20 @@
-fn main() {}
+use clap::Parser;
+use clap::error::ErrorKind;
+
+fn main() {
+    let cli = match resnet_rs::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            // Usage errors follow the same rule as every other error: one line, exit code 2.
+            let msg = e.to_string();
+            eprintln!("{} (see --help)", msg.lines().next().unwrap_or("error: invalid arguments"));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = resnet_rs::cli::run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}

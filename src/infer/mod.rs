@@ -1,1 +1,109 @@
+//! Inference: preprocessing, class predictions and feature extraction over batches of image files.
 
+pub mod labels;
+pub mod preprocess;
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::engine::{Backend, Tensor};
+use crate::error::{Error, Result};
+use crate::model::{Mode, ResNet, Tap};
+
+/// torchvision's ImageNet eval sizes: resize the shorter side to 256, centre-crop 224.
+pub const RESIZE: u32 = 256;
+pub const CROP: u32 = 224;
+
+const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// Expand the command line's inputs: files stay as given, directories contribute their JPEG/PNG files
+/// (recursively, sorted by path, so the output order is reproducible).
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found = Vec::new();
+            walk(input, &mut found)?;
+            if found.is_empty() {
+                return Err(Error::file(input, "directory holds no .jpg, .jpeg or .png files"));
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(input.clone());
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("no input images given"));
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::file(dir, e))? {
+        let path = entry.map_err(|e| Error::file(dir, e))?.path();
+        if path.is_dir() {
+            walk(&path, found)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            found.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Decode and preprocess `paths` on all cores into one `[N, 3, CROP, CROP]` batch. The first bad file stops it.
+pub fn load_batch(paths: &[PathBuf]) -> Result<Tensor> {
+    let images: Vec<Tensor> =
+        paths.par_iter().map(|p| preprocess::preprocess_file(p, RESIZE, CROP)).collect::<Result<_>>()?;
+    let per = (3 * CROP * CROP) as usize;
+    let mut data = Vec::with_capacity(images.len() * per);
+    for img in &images {
+        data.extend_from_slice(img.data());
+    }
+    Tensor::new(&[images.len(), 3, CROP as usize, CROP as usize], data)
+}
+
+/// The `k` most probable classes of each row of `logits`, as (class, softmax probability), best first.
+pub fn top_k(logits: &Tensor, k: usize) -> Vec<Vec<(usize, f32)>> {
+    let [_, classes] = logits.dims2();
+    logits
+        .data()
+        .chunks(classes.max(1))
+        .map(|row| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let exp: Vec<f64> = row.iter().map(|&v| ((v - max) as f64).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            order.into_iter().take(k).map(|c| (c, (exp[c] / sum) as f32)).collect()
+        })
+        .collect()
+}
+
+/// Features at `tap` as an `[N, D]` matrix: stage outputs are averaged over their spatial positions.
+pub fn features(model: &mut ResNet, be: &dyn Backend, x: &Tensor, tap: Tap) -> Tensor {
+    let out = model.forward_to(be, x, Mode::Eval, tap);
+    if out.shape().len() == 4 { be.global_avg_pool(&out) } else { out }
+}
+
+/// Run `f` over `x` in batches of `batch` images and concatenate the resulting `[n, D]` rows.
+pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Tensor) -> Tensor {
+    let [n, c, h, w] = x.dims4();
+    let per = c * h * w;
+    let mut rows = Vec::new();
+    let mut dim = 0;
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch.max(1)).min(n);
+        let chunk = Tensor::new(&[end - start, c, h, w], x.data()[start * per..end * per].to_vec())
+            .expect("a slice of whole images");
+        let out = f(&chunk);
+        dim = out.shape()[1];
+        rows.extend_from_slice(out.data());
+    }
+    Tensor::new(&[n, dim], rows).expect("rows of equal width")
+}

@@ -4,6 +4,7 @@ mod block;
 pub mod family;
 pub mod layers;
 mod resnet;
+pub mod summary;
 pub mod store;
 
 pub use family::{Arch, BlockKind, FAMILY, ResNetConfig, STANDARD_WIDTHS, Stem};

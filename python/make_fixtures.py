@@ -1,0 +1,35 @@
+"""Regenerate every parity fixture under tests/fixtures/ from PyTorch/torchvision (pinned in requirements.txt).
+
+    python python/make_fixtures.py          # the committed fixtures (kept under 3 MB)
+    python python/make_fixtures.py --full   # also fixtures-full/: a full-size torchvision resnet34 (not committed)
+
+CI never runs this: the outputs are committed and the Rust tests read them.
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "fixtures"))
+
+import images  # noqa: E402  (first: the others read the images)
+import nets  # noqa: E402
+import ops  # noqa: E402
+import preprocess  # noqa: E402
+import pth_cases  # noqa: E402
+import tiny_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    full = "--full" in sys.argv[1:]
+    out = HERE.parent / "tests" / "fixtures"
+    for module in (images, preprocess, pth_cases, ops, nets, tiny_checkpoint):
+        print(f"== {module.__name__}", flush=True)
+        module.make(out, full=full)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"tests/fixtures: {total / 1e6:.2f} MB")
+    if total >= 3_000_000:
+        sys.exit("fixtures exceed the 3 MB budget")
+
+
+if __name__ == "__main__":
+    main()

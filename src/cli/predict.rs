@@ -1,0 +1,50 @@
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::cpu::Cpu;
+use crate::error::Result;
+use crate::infer;
+use crate::model::Mode;
+
+#[derive(Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Class names: "imagenet" (torchvision's 1000) or a text file with one name per line.
+    #[arg(long)]
+    labels: Option<String>,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    top_k: u64,
+    /// One JSON object per image on stdout.
+    #[arg(long)]
+    json: bool,
+    /// JPEG or PNG files, or directories of them.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+pub fn run(a: PredictArgs) -> Result<()> {
+    let mut model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
+    let labels = infer::labels::load(a.labels.as_deref(), model.config.num_classes)?;
+    let files = infer::collect_images(&a.images)?;
+    let x = infer::load_batch(&files)?;
+    let logits = infer::batched(&x, a.model.batch_size as usize, |b| model.forward(&Cpu, b, Mode::Eval));
+    let k = (a.top_k as usize).min(labels.len());
+    for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {
+        if a.json {
+            let top: Vec<_> = top
+                .iter()
+                .map(|&(c, p)| serde_json::json!({"class": c, "label": labels[c], "probability": p}))
+                .collect();
+            println!("{}", serde_json::json!({"file": file.display().to_string(), "top": top}));
+        } else {
+            println!("{}", file.display());
+            for (c, p) in top {
+                println!("  {:>7.4}  {} ({c})", p, labels[c]);
+            }
+        }
+    }
+    Ok(())
+}

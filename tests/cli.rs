@@ -1,0 +1,132 @@
+//! The `resnet` binary end to end: info's counts, predict and features on the committed images with the
+//! PyTorch-made checkpoint, and one-line errors with exit code 2 on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{Fixture, fixture};
+
+fn resnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_resnet")).args(args).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn info_prints_torchvision_counts() {
+    let o = resnet(&["info", "--arch", "resnet34"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("parameters: 21,797,672"), "{out}");
+    assert!(out.contains("MACs: 3.66 G at 224x224"), "{out}");
+    assert!(out.contains("fp32 size: 83.2 MiB"), "{out}");
+    let o = resnet(&["info", "--arch", "resnet18", "--stem", "cifar", "--classes", "10"]);
+    assert!(stdout(&o).contains("layer4            2          512x4x4"), "{}", stdout(&o));
+}
+
+#[test]
+fn predict_json_agrees_with_torchvision() {
+    let f = Fixture::load("tiny/expected.safetensors");
+    let names: Vec<&str> = f.metadata["files"].split(',').collect();
+    let weights = fixture("tiny/resnet34_w4.pth");
+    let labels = fixture("tiny/labels.txt");
+    let images = fixture("images");
+    let o = resnet(&["predict", "--weights", path(&weights), "--labels", path(&labels), "--top-k", "3", "--json", path(&images)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), names.len());
+    let logits = f.get("logits").data();
+    for (i, (line, name)) in lines.iter().zip(&names).enumerate() {
+        assert!(line["file"].as_str().unwrap().ends_with(name));
+        let row = &logits[i * 10..(i + 1) * 10];
+        let max = row.iter().cloned().fold(f32::MIN, f32::max);
+        let z: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let top = line["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(top[0]["class"], best);
+        for t in top {
+            let c = t["class"].as_u64().unwrap() as usize;
+            let want = ((row[c] - max) as f64).exp() / z;
+            let got = t["probability"].as_f64().unwrap();
+            assert!((got - want).abs() < 5e-3, "{name}: class {c} probability {got} vs torchvision {want}");
+            assert_eq!(t["label"], ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][c]);
+        }
+    }
+    let o = resnet(&["predict", "--weights", path(&weights), path(&fixture("images/cat.png"))]);
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with(path(&fixture("images/cat.png"))));
+    assert_eq!(stdout(&o).lines().count(), 6, "file name plus top-5");
+}
+
+#[test]
+fn features_file_holds_torchvision_features_and_names() {
+    let f = Fixture::load("tiny/expected.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = fixture("tiny/resnet34_w4.pth");
+    for layer in ["avgpool", "layer2"] {
+        let out = dir.path().join(format!("{layer}.safetensors"));
+        let o = resnet(&["features", "--weights", path(&weights), "--layer", layer, "--out", path(&out), path(&fixture("images"))]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = resnet_rs::weights::safetensors::load(&out).unwrap();
+        let files: Vec<std::path::PathBuf> = serde_json::from_str(&got.metadata["files"]).unwrap();
+        let want: Vec<&str> = f.metadata["files"].split(',').collect();
+        assert_eq!(files.len(), want.len());
+        assert!(files.iter().zip(&want).all(|(a, b)| a.ends_with(b)));
+        common::assert_rows_close(layer, &files, &got.tensors["features"], f.get(&format!("features.{layer}")));
+    }
+}
+
+/// Runs the binary, expects exit code 2 and one stderr line that mentions `needle`.
+#[track_caller]
+fn fails_cleanly(args: &[&str], needle: &str) {
+    let o = resnet(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "args {args:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "'{needle}' not in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gives_one_line_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let weights = fixture("tiny/resnet34_w4.pth");
+    let w = path(&weights);
+    let cat = fixture("images/cat.png");
+    let img = path(&cat);
+
+    let missing = d.join("missing.png");
+    fails_cleanly(&["predict", "--weights", w, path(&missing)], "missing.png");
+    let text = d.join("notes.jpg");
+    std::fs::write(&text, "not an image").unwrap();
+    fails_cleanly(&["predict", "--weights", w, path(&text)], "notes.jpg");
+    let truncated = d.join("truncated.png");
+    std::fs::write(&truncated, &std::fs::read(&cat).unwrap()[..5000]).unwrap();
+    fails_cleanly(&["predict", "--weights", w, path(&truncated)], "truncated.png");
+    let empty_dir = d.join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    fails_cleanly(&["features", "--weights", w, "--out", path(&d.join("f.safetensors")), path(&empty_dir)], "empty");
+
+    let bad_weights = d.join("weights.pth");
+    std::fs::write(&bad_weights, &std::fs::read(&weights).unwrap()[..100_000]).unwrap();
+    fails_cleanly(&["predict", "--weights", path(&bad_weights), img], "weights.pth");
+    fails_cleanly(&["predict", "--weights", path(&missing), img], "missing.png");
+    fails_cleanly(&["predict", "--weights", path(&text), img], "notes.jpg");
+    fails_cleanly(&["predict", "--arch", "resnet50", "--weights", w, img], "resnet34_w4.pth");
+    fails_cleanly(&["predict", "--arch", "resnet35", "--weights", w, img], "unknown arch 'resnet35'");
+    fails_cleanly(&["predict", "--weights", w, "--labels", "imagenet", img], "1000 labels but the model has 10");
+    let out = d.join("feats.safetensors");
+    fails_cleanly(&["features", "--weights", w, "--layer", "layer7", "--out", path(&out), img], "unknown layer 'layer7'");
+    assert!(!out.exists(), "nothing is written on failure");
+    fails_cleanly(&["info", "--stem", "tiny"], "unknown stem 'tiny'");
+}
