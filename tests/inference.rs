@@ -81,3 +81,21 @@ fn batch_of_one_matches_batched_forward() {
     let one_by_one = infer::batched(&x, 1, |b| model.forward(&Cpu, b, Mode::Eval));
     assert!(common::rel_err(one_by_one.data(), all.data()) < 1e-6);
 }
+
+#[test]
+fn hostile_shapes_are_refused_before_building_the_network() {
+    use resnet_rs::engine::Tensor;
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = weights::load_state_dict(&fixture("tiny/resnet34_w4.pth")).unwrap();
+    // An empty tensor claiming a 100000-wide stage: building it would need 10^11 parameters.
+    state.insert("layer3.0.conv1.weight".into(), Tensor::new(&[100_000, 0, 3, 3], vec![]).unwrap());
+    let path = dir.path().join("huge.safetensors");
+    weights::safetensors::save(&path, &state, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    let msg = weights::load_model("resnet34".parse().unwrap(), &path).err().unwrap().to_string();
+    assert!(msg.contains("huge.safetensors") && msg.contains("needs"), "{msg}");
+
+    state.insert("layer3.0.conv1.weight".into(), Tensor::new(&[0, 8, 3, 3], vec![]).unwrap());
+    weights::safetensors::save(&path, &state, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    let msg = weights::load_model("resnet34".parse().unwrap(), &path).err().unwrap().to_string();
+    assert!(msg.contains("zero-sized layer"), "{msg}");
+}

@@ -108,3 +108,21 @@ fn state_dict_keys_are_torchvisions() {
     }
     assert!(!sd.contains_key("layer1.0.downsample.0.weight"), "layer1 keeps identity shortcuts in resnet34");
 }
+
+#[test]
+fn frozen_layers_get_no_gradient_and_leave_the_others_unchanged() {
+    let f = Fixture::load("net_resnet34_w8.safetensors");
+    let mut model = build(&f);
+    model.set_trainable(&["conv1.", "bn1.", "layer1.", "layer2."], false);
+    let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
+    let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &f.usizes("target"), 0.0);
+    assert!(model.backward(&Cpu, &dlogits, false).is_none());
+    for p in &model.store.params {
+        if p.trainable {
+            let want = f.get(&format!("grad.{}", p.name));
+            assert_close(&format!("grad {}", p.name), p.grad.as_ref().unwrap(), want, 1e-4);
+        } else {
+            assert!(p.grad.is_none(), "frozen {} got a gradient", p.name);
+        }
+    }
+}

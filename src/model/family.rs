@@ -124,6 +124,9 @@ impl ResNetConfig {
                 .first()
                 .ok_or_else(|| Error::invalid(format!("layer{}.0.conv1.weight has no dimensions", i + 1)))?;
         }
+        if num_classes == 0 || widths.contains(&0) {
+            return Err(Error::invalid(format!("zero-sized layer: {num_classes} classes, widths {widths:?}")));
+        }
         Ok(ResNetConfig { arch, num_classes, stem, widths, zero_init_residual: false })
     }
 }

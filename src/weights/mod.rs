@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::engine::Tensor;
 use crate::error::{Error, Result};
+use crate::model::summary::summarize;
 use crate::model::{Arch, ResNet, ResNetConfig};
 
 /// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
@@ -28,6 +29,16 @@ pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 pub fn load_model(arch: Arch, path: &Path) -> Result<ResNet> {
     let state = load_state_dict(path)?;
     let config = ResNetConfig::infer_from(arch, &state).map_err(|e| e.in_file(path))?;
+    // Shapes come from the file: refuse before allocating a network that the file cannot possibly fill (a
+    // hostile header can claim huge widths with empty tensors).
+    let needed = summarize(&config, 224).params;
+    let present: usize = state.values().map(Tensor::numel).sum();
+    if needed > present {
+        return Err(Error::file(
+            path,
+            format!("{arch} with the widths and classes these shapes imply needs {needed} parameters, the file holds {present} values"),
+        ));
+    }
     let mut model = ResNet::new(config, 0);
     model.load_state_dict(&state).map_err(|e| e.in_file(path))?;
     Ok(model)
