@@ -35,7 +35,7 @@ fn training_step_matches(name: &str) {
     let mut model = build(&f);
     let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
     assert_close("train logits", &logits, f.get("train.logits"), 1e-4);
-    let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &f.usizes("target"), 0.0);
+    let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
     assert_close_slice("loss", &[loss], f.get("train.loss"), 1e-4);
     let dx = model.backward(&Cpu, &dlogits, true).expect("input gradient was requested");
     assert_close("input gradient", &dx, f.get("train.input_grad"), 1e-4);
@@ -115,7 +115,7 @@ fn frozen_layers_get_no_gradient_and_leave_the_others_unchanged() {
     let mut model = build(&f);
     model.set_trainable(&["conv1.", "bn1.", "layer1.", "layer2."], false);
     let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
-    let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &f.usizes("target"), 0.0);
+    let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
     assert!(model.backward(&Cpu, &dlogits, false).is_none());
     for p in &model.store.params {
         if p.trainable {

@@ -97,7 +97,8 @@ pub trait Backend: Send + Sync {
         need_dw: bool,
     ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>);
 
-    /// Mean softmax cross-entropy over the batch with label smoothing ε (PyTorch's `CrossEntropyLoss`), and its
-    /// gradient with respect to the logits.
-    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &[usize], smoothing: f32) -> (f32, Tensor);
+    /// Mean softmax cross-entropy over the batch against target distributions `[N, C]` (one-hot, label-smoothed
+    /// or mixed; see `targets`), as PyTorch's `CrossEntropyLoss` with probability targets, and its gradient with
+    /// respect to the logits.
+    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> (f32, Tensor);
 }

@@ -6,3 +6,13 @@ pub mod tensor;
 
 pub use backend::{Backend, ConvGeom};
 pub use tensor::Tensor;
+
+/// Target distributions for the loss: each label's one-hot row, label-smoothed as PyTorch does,
+/// (1 − ε)·onehot + ε/C. Labels must be below `classes`.
+pub fn one_hot(labels: &[usize], classes: usize, smoothing: f32) -> Tensor {
+    let mut t = vec![smoothing / classes as f32; labels.len() * classes];
+    for (row, &l) in t.chunks_mut(classes.max(1)).zip(labels) {
+        row[l] += 1.0 - smoothing;
+    }
+    Tensor::new(&[labels.len(), classes], t).expect("rows of `classes` values")
+}

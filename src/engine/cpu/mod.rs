@@ -87,7 +87,7 @@ impl Backend for Cpu {
     ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>) {
         linear::backward(x, w, dy, need_dx, need_dw)
     }
-    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &[usize], smoothing: f32) -> (f32, Tensor) {
-        loss::softmax_cross_entropy(logits, targets, smoothing)
+    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> (f32, Tensor) {
+        loss::softmax_cross_entropy(logits, targets)
     }
 }
