@@ -1,10 +1,12 @@
 //! resnet-rs: ResNet-18/34/50/101/152 with torchvision-compatible weights on a small engine of our own.
 
 pub mod cli;
+pub mod data;
 pub mod engine;
 pub mod error;
 pub mod infer;
 pub mod model;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,0 +1,20 @@
+//! Datasets, augmentation and the loader that feeds training.
+//!
+//! A `Dataset` hands out decoded 8-bit RGB images with their labels; a `Pipeline` turns one image into a
+//! normalised `[3, H, W]` tensor (random augmentation drawn from an RNG it is given); the loader
+//! (`loader::Loader`) batches them on worker threads, deterministically for a seed whatever the thread timing.
+
+use image::RgbImage;
+
+use crate::error::Result;
+
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn num_classes(&self) -> usize;
+    fn class_names(&self) -> Vec<String>;
+    /// Image and label of sample `i` (< len). Called from loader worker threads.
+    fn get(&self, i: usize) -> Result<(RgbImage, usize)>;
+}

@@ -1,0 +1,1 @@
+//! Training: optimisers, learning-rate schedules, the loop, monitoring and checkpoints.
