@@ -1,14 +1,20 @@
-//! 2-d convolution as im2col + GEMM, one image at a time.
+//! 2-d convolution as im2col + GEMM.
 //!
-//! For image n: col = im2col(x[n]) is `[C·kh·kw, OH·OW]`, and y[n] = W·col with W viewed as `[O, C·kh·kw]` (the
-//! PyTorch weight layout flattened). Backward reuses the same matrices: dW += dy[n]·colᵀ and dcol = Wᵀ·dy[n],
-//! scattered back by col2im. A 1x1 stride-1 unpadded convolution skips im2col: x[n] already is `[C, H·W]`.
-//! Work is split across images when the batch can feed every thread, otherwise inside each GEMM.
+//! For a group of m images: col = im2col(x[n..n+m]) is `[C·kh·kw, m·OH·OW]`, and y = W·col with W viewed as
+//! `[O, C·kh·kw]` (PyTorch's weight layout flattened). Backward reuses the same matrices: dW += dy·colᵀ and
+//! dcol = Wᵀ·dy, scattered back by col2im. Large feature maps make one image per group; small ones (late stages,
+//! CIFAR-size or digit-size inputs) batch several images into one GEMM, since a GEMM with a handful of columns
+//! runs at memory speed, not compute speed. A lone 1x1 stride-1 unpadded image skips im2col: x[n] already is
+//! `[C, H·W]`. Tasks of whole groups are spread across threads when there are enough; otherwise each GEMM uses
+//! all threads.
 
 use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
 use crate::engine::{ConvGeom, Tensor};
+
+/// Columns a GEMM should have to run near peak; small feature maps are grouped across images to reach it.
+const MIN_COLS: usize = 512;
 
 struct Dims {
     n: usize,
@@ -47,19 +53,22 @@ impl Dims {
     fn chw(&self) -> usize {
         self.c * self.h * self.w
     }
-    /// Images handled per task, and the threads each GEMM may use.
-    fn split(&self) -> (usize, usize) {
+    /// Images per GEMM group, images per parallel task (whole groups), and the threads each GEMM may use.
+    fn plan(&self) -> (usize, usize, usize) {
+        let group = MIN_COLS.div_ceil(self.ohw().max(1)).clamp(1, self.n.max(1));
+        let groups = self.n.div_ceil(group).max(1);
         let threads = rayon::current_num_threads().max(1);
-        if self.n >= threads {
-            (self.n.div_ceil(threads), 1)
+        if groups >= threads {
+            (group, groups.div_ceil(threads) * group, 1)
         } else {
-            (self.n.max(1), threads)
+            (group, groups * group, threads)
         }
     }
 }
 
 /// Row (ci, i, j) of col holds x[ci, oh·sh + i − ph, ow·sw + j − pw] for every output position, 0 in the padding.
-fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
+/// The image's columns start at `offset` in rows of length `ld` (several images share one col matrix).
+fn im2col(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
     let (sh, sw) = d.geom.stride;
     let (ph, pw) = d.geom.padding;
     let ohw = d.ohw();
@@ -67,7 +76,7 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
         let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for i in 0..d.kh {
             for j in 0..d.kw {
-                let row = &mut col[((ci * d.kh + i) * d.kw + j) * ohw..][..ohw];
+                let row = &mut col[((ci * d.kh + i) * d.kw + j) * ld + offset..][..ohw];
                 for oy in 0..d.oh {
                     let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
                     let iy = (oy * sh + i) as isize - ph as isize;
@@ -87,7 +96,7 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
 }
 
 /// The adjoint of im2col: add every col entry back onto the input position it was read from.
-fn col2im(col: &[f32], d: &Dims, dx: &mut [f32]) {
+fn col2im(col: &[f32], d: &Dims, dx: &mut [f32], ld: usize, offset: usize) {
     let (sh, sw) = d.geom.stride;
     let (ph, pw) = d.geom.padding;
     let ohw = d.ohw();
@@ -95,7 +104,7 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32]) {
         let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for i in 0..d.kh {
             for j in 0..d.kw {
-                let row = &col[((ci * d.kh + i) * d.kw + j) * ohw..][..ohw];
+                let row = &col[((ci * d.kh + i) * d.kw + j) * ld + offset..][..ohw];
                 for oy in 0..d.oh {
                     let iy = (oy * sh + i) as isize - ph as isize;
                     if iy < 0 || iy >= d.h as isize {
@@ -116,25 +125,41 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32]) {
 
 pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
     let d = Dims::new(x, w, geom);
-    let (per_task, gemm_threads) = d.split();
-    let (ckk, ohw, chw) = (d.ckk(), d.ohw(), d.chw());
-    let wm = MatRef::new(w.data(), d.o, ckk);
-    let mut y = vec![0.0f32; d.n * d.o * ohw];
+    let (group, per_task, gemm_threads) = d.plan();
+    let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
+    let wm = MatRef::new(w.data(), o, ckk);
+    let mut y = vec![0.0f32; d.n * o * ohw];
     if d.n > 0 && ohw > 0 {
-        y.par_chunks_mut(per_task * d.o * ohw).zip(x.data().par_chunks(per_task * chw)).for_each(|(ys, xs)| {
-            let mut col = if d.pointwise() { Vec::new() } else { vec![0.0f32; ckk * ohw] };
-            for (y_n, x_n) in ys.chunks_mut(d.o * ohw).zip(xs.chunks(chw)) {
-                let cols = if d.pointwise() {
-                    x_n
-                } else {
-                    im2col(x_n, &d, &mut col);
-                    &col
-                };
-                matmul(y_n, wm, MatRef::new(cols, ckk, ohw), false, gemm_threads);
+        y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).for_each(|(ys, xs)| {
+            let mut col = Vec::new();
+            let mut out = Vec::new();
+            for (yg, xg) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)) {
+                let m = xg.len() / chw;
+                if m == 1 && d.pointwise() {
+                    matmul(yg, wm, MatRef::new(xg, ckk, ohw), false, gemm_threads);
+                    continue;
+                }
+                col.resize(ckk * m * ohw, 0.0);
+                for (j, x_n) in xg.chunks(chw).enumerate() {
+                    im2col(x_n, &d, &mut col, m * ohw, j * ohw);
+                }
+                let cols = MatRef::new(&col, ckk, m * ohw);
+                if m == 1 {
+                    matmul(yg, wm, cols, false, gemm_threads);
+                    continue;
+                }
+                out.resize(o * m * ohw, 0.0);
+                matmul(&mut out, wm, cols, false, gemm_threads);
+                // [O, m·OHW] → m images of [O, OHW]
+                for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
+                    for (oc, dst) in y_n.chunks_mut(ohw).enumerate() {
+                        dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
+                    }
+                }
             }
         });
     }
-    Tensor::new(&[d.n, d.o, d.oh, d.ow], y).expect("conv2d output shape matches its data")
+    Tensor::new(&[d.n, o, d.oh, d.ow], y).expect("conv2d output shape matches its data")
 }
 
 pub fn backward(
@@ -147,41 +172,62 @@ pub fn backward(
 ) -> (Option<Tensor>, Option<Tensor>) {
     let d = Dims::new(x, w, geom);
     assert_eq!(dy.shape(), [d.n, d.o, d.oh, d.ow], "conv2d backward: dy has the wrong shape");
-    let (per_task, gemm_threads) = d.split();
-    let (ckk, ohw, chw) = (d.ckk(), d.ohw(), d.chw());
-    let wm = MatRef::new(w.data(), d.o, ckk);
+    let (group, per_task, gemm_threads) = d.plan();
+    let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
+    let wm = MatRef::new(w.data(), o, ckk);
     let mut dx = vec![0.0f32; if need_dx { d.n * chw } else { 0 }];
-    let tasks = d.n.div_ceil(per_task.max(1));
+    let tasks = d.n.div_ceil(per_task);
     let mut dx_parts: Vec<&mut [f32]> = if need_dx { dx.chunks_mut(per_task * chw).collect() } else { Vec::new() };
     dx_parts.resize_with(tasks, || &mut []);
 
     let partial_dws: Vec<Vec<f32>> = dx_parts
         .into_par_iter()
         .enumerate()
-        .map(|(t, dx_part)| {
+        .map(|(t, dx_task)| {
+            let mut dw = vec![0.0f32; if need_dw { o * ckk } else { 0 }];
+            let (mut col, mut dyg) = (Vec::new(), Vec::new());
             let first = t * per_task;
             let last = ((t + 1) * per_task).min(d.n);
-            let mut dw = vec![0.0f32; if need_dw { d.o * ckk } else { 0 }];
-            let mut col = if d.pointwise() { Vec::new() } else { vec![0.0f32; ckk * ohw] };
-            for img in first..last {
-                let x_n = &x.data()[img * chw..(img + 1) * chw];
-                let dy_n = MatRef::new(&dy.data()[img * d.o * ohw..(img + 1) * d.o * ohw], d.o, ohw);
+            for start in (first..last).step_by(group) {
+                let m = group.min(last - start);
+                let xg = &x.data()[start * chw..(start + m) * chw];
+                let dy_src = &dy.data()[start * o * ohw..(start + m) * o * ohw];
+                // dy for the group as [O, m·OHW]; a lone image already has that layout.
+                let dy_g = if m == 1 {
+                    dy_src
+                } else {
+                    dyg.resize(o * m * ohw, 0.0);
+                    for (j, dy_n) in dy_src.chunks(o * ohw).enumerate() {
+                        for (oc, src) in dy_n.chunks(ohw).enumerate() {
+                            dyg[oc * m * ohw + j * ohw..][..ohw].copy_from_slice(src);
+                        }
+                    }
+                    &dyg
+                };
+                let dym = MatRef::new(dy_g, o, m * ohw);
+                let direct = m == 1 && d.pointwise();
                 if need_dw {
-                    let cols = if d.pointwise() {
-                        x_n
+                    let cols = if direct {
+                        xg
                     } else {
-                        im2col(x_n, &d, &mut col);
+                        col.resize(ckk * m * ohw, 0.0);
+                        for (j, x_n) in xg.chunks(chw).enumerate() {
+                            im2col(x_n, &d, &mut col, m * ohw, j * ohw);
+                        }
                         &col
                     };
-                    matmul(&mut dw, dy_n, MatRef::new(cols, ckk, ohw).t(), true, gemm_threads);
+                    matmul(&mut dw, dym, MatRef::new(cols, ckk, m * ohw).t(), true, gemm_threads);
                 }
                 if need_dx {
-                    let dx_n = &mut dx_part[(img - first) * chw..(img - first + 1) * chw];
-                    if d.pointwise() {
-                        matmul(dx_n, wm.t(), dy_n, false, gemm_threads);
+                    let dx_g = &mut dx_task[(start - first) * chw..(start - first + m) * chw];
+                    if direct {
+                        matmul(dx_g, wm.t(), dym, false, gemm_threads);
                     } else {
-                        matmul(&mut col, wm.t(), dy_n, false, gemm_threads);
-                        col2im(&col, &d, dx_n);
+                        col.resize(ckk * m * ohw, 0.0);
+                        matmul(&mut col, wm.t(), dym, false, gemm_threads);
+                        for (j, dx_n) in dx_g.chunks_mut(chw).enumerate() {
+                            col2im(&col, &d, dx_n, m * ohw, j * ohw);
+                        }
                     }
                 }
             }
@@ -191,7 +237,7 @@ pub fn backward(
 
     let dx = need_dx.then(|| Tensor::new(x.shape(), dx).expect("dx has x's shape"));
     let dw = need_dw.then(|| {
-        let mut total = vec![0.0f32; d.o * ckk];
+        let mut total = vec![0.0f32; o * ckk];
         for part in &partial_dws {
             total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
         }
