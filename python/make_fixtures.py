@@ -14,6 +14,7 @@ sys.path.insert(0, str(HERE / "fixtures"))
 import images  # noqa: E402  (first: the others read the images)
 import nets  # noqa: E402
 import ops  # noqa: E402
+import optim  # noqa: E402  (after nets: it checks the net fixture's input)
 import preprocess  # noqa: E402
 import pth_cases  # noqa: E402
 import tiny_checkpoint  # noqa: E402
@@ -22,7 +23,7 @@ import tiny_checkpoint  # noqa: E402
 def main() -> None:
     full = "--full" in sys.argv[1:]
     out = HERE.parent / "tests" / "fixtures"
-    for module in (images, preprocess, pth_cases, ops, nets):
+    for module in (images, preprocess, pth_cases, ops, nets, optim):
         print(f"== {module.__name__}", flush=True)
         module.make(out)
     # --full only adds the uncommitted full-size resnet34 under fixtures-full/.

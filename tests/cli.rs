@@ -130,3 +130,36 @@ fn bad_input_gives_one_line_and_exit_code_2() {
     assert!(!out.exists(), "nothing is written on failure");
     fails_cleanly(&["info", "--stem", "tiny"], "unknown stem 'tiny'");
 }
+
+#[test]
+fn train_json_then_eval_on_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = resnet(&["train", "--arch", "resnet18", "--epochs", "1", "--json", "--out", path(&run)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "one JSON object per epoch, nothing else on stdout");
+    for key in ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s"] {
+        assert!(lines[0][key].is_number(), "{key} in {}", lines[0]);
+    }
+    let top1 = lines[0]["val_top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1));
+
+    let o = resnet(&["eval", "--weights", path(&run.join("best.safetensors")), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!((report["top1"].as_f64().unwrap() - top1).abs() < 1e-9, "eval repeats the run's own validation");
+    let confusion = report["confusion"].as_array().unwrap();
+    assert_eq!(confusion.len(), 10);
+    let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 359, "the 20 % held-out digits");
+    let o = resnet(&["eval", "--weights", path(&run.join("best.safetensors"))]);
+    assert!(stdout(&o).contains("confusion matrix"));
+
+    fails_cleanly(&["train", "--out", path(&run)], "already holds a run");
+    fails_cleanly(&["train", "--recipe", path(&dir.path().join("nope.toml"))], "nope.toml");
+    fails_cleanly(&["train", "--resume", path(&dir.path().join("gone"))], "gone");
+    fails_cleanly(&["train", "--arch", "resnet18", "--freeze-until", "layer9", "--out", path(&dir.path().join("r2"))], "layer9");
+    fails_cleanly(&["train", "--recipe", "cifar10", "--out", path(&dir.path().join("r3"))], "needs --data");
+    fails_cleanly(&["train", "--recipe", "cifar10", "--data", path(&dir.path().join("none")), "--out", path(&dir.path().join("r4"))], "none");
+}

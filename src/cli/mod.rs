@@ -1,9 +1,11 @@
 //! The `resnet` command line: thin subcommands over library calls. Every user-facing failure is an `Error`,
 //! printed as one line by `main` with exit code 2.
 
+mod eval;
 mod features;
 mod info;
 mod predict;
+mod train;
 
 use std::path::PathBuf;
 
@@ -13,7 +15,7 @@ use crate::error::Result;
 use crate::model::Arch;
 
 #[derive(Parser)]
-#[command(name = "resnet", version, about = "ResNet-18/34/50/101/152: inspect, predict and extract features")]
+#[command(name = "resnet", version, about = "ResNet-18/34/50/101/152: train, fine-tune, evaluate, predict and extract features")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +29,10 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Write one feature vector per image (avgpool, fc or a pooled stage) to a safetensors file.
     Features(features::FeaturesArgs),
+    /// Train or fine-tune (default: ResNet-34 on the bundled 8x8 digits).
+    Train(train::TrainCmd),
+    /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's held-out split.
+    Eval(eval::EvalCmd),
 }
 
 /// Architecture and checkpoint, shared by the subcommands that run a network.
@@ -53,5 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Features(a) => features::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

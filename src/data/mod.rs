@@ -2,7 +2,7 @@
 //!
 //! A `Dataset` hands out decoded 8-bit RGB images with their labels; a `Pipeline` turns one image into a
 //! normalised `[3, H, W]` tensor (random augmentation drawn from an RNG it is given); the loader
-//! (`loader::Loader`) batches them on worker threads, deterministically for a seed whatever the thread timing.
+//! (`loader::batches`) batches them on worker threads, deterministically for a seed whatever the thread timing.
 
 use image::RgbImage;
 
@@ -18,3 +18,17 @@ pub trait Dataset: Send + Sync {
     /// Image and label of sample `i` (< len). Called from loader worker threads.
     fn get(&self, i: usize) -> Result<(RgbImage, usize)>;
 }
+
+pub mod digits;
+pub mod folder;
+pub mod loader;
+pub mod split;
+pub mod transforms;
+pub mod cifar;
+pub mod download;
+
+pub use digits::Digits;
+pub use folder::ImageFolder;
+pub use loader::{Batch, LoaderConfig, batches, num_batches};
+pub use split::Subset;
+pub use transforms::{BatchMix, Op, Pipeline, RandomErasing};

@@ -1,1 +1,8 @@
 //! Training: optimisers, learning-rate schedules, the loop, monitoring and checkpoints.
+
+pub mod checkpoint;
+pub mod monitor;
+pub mod optim;
+pub mod recipe;
+pub mod schedule;
+pub mod trainer;

@@ -14,12 +14,15 @@ use crate::model::summary::summarize;
 use crate::model::{Arch, ResNet, ResNetConfig};
 
 /// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
+/// A training checkpoint's optimiser state (`optimizer.*`) is left out: only the network is returned.
 pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
     if bytes.starts_with(b"PK\x03\x04") {
         pth::load_pth_bytes(&bytes, path)
     } else if bytes.len() >= 8 && bytes.get(8) == Some(&b'{') {
-        Ok(safetensors::load_bytes(&bytes, path)?.tensors)
+        let mut tensors = safetensors::load_bytes(&bytes, path)?.tensors;
+        tensors.retain(|k, _| !k.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX));
+        Ok(tensors)
     } else {
         Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"))
     }

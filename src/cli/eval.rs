@@ -1,0 +1,68 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::engine::cpu::Cpu;
+use crate::error::Result;
+use crate::train::recipe::Recipe;
+use crate::train::{checkpoint, trainer};
+
+#[derive(Args)]
+pub struct EvalCmd {
+    /// A checkpoint: a training run's last/best.safetensors (its recipe is used) or any torchvision-format file.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Recipe for the dataset and preprocessing when the checkpoint carries none (default: digits).
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Dataset location, overriding the recipe's.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    arch: Option<String>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: EvalCmd) -> Result<()> {
+    let stored = checkpoint::load(&a.weights).ok().map(|c| c.recipe);
+    let mut r = match (&a.recipe, stored) {
+        (Some(name), _) => Recipe::load(name)?,
+        (None, Some(r)) => r,
+        (None, None) => Recipe::load("digits")?,
+    };
+    if let Some(d) = a.data {
+        r.data = Some(d);
+    }
+    if let Some(arch) = a.arch {
+        r.arch = arch;
+    }
+    let mut model = crate::weights::load_model(r.arch.parse()?, &a.weights)?;
+    let (_, val) = trainer::datasets(&r)?;
+    let classes = val.num_classes();
+    if classes != model.config.num_classes {
+        return Err(crate::Error::file(
+            &a.weights,
+            format!("has {} classes but the dataset has {classes}", model.config.num_classes),
+        ));
+    }
+    let names = val.class_names();
+    let (_, eval_pipe) = trainer::pipelines(&r);
+    let rep = trainer::evaluate(&mut model, &Cpu, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
+    if a.json {
+        println!("{}", serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names}));
+        return Ok(());
+    }
+    println!("top-1 {:.2} %  top-5 {:.2} %  loss {:.4}", rep.top1 * 100.0, rep.top5 * 100.0, rep.loss);
+    println!("per-class accuracy:");
+    for (name, acc) in names.iter().zip(&rep.per_class) {
+        println!("  {name:<20} {:.2} %", acc * 100.0);
+    }
+    println!("confusion matrix (rows: true class, columns: predicted):");
+    for row in &rep.confusion {
+        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+    }
+    Ok(())
+}
