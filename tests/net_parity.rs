@@ -4,35 +4,21 @@
 
 mod common;
 
-use common::{Fixture, assert_close, assert_close_slice, det_init};
+use common::{Fixture, assert_close, assert_close_slice, det_net};
 use resnet_rs::engine::Backend;
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::model::{Arch, Mode, ResNet, ResNetConfig};
-
-fn build(f: &Fixture) -> ResNet {
-    let m = &f.metadata;
-    let arch: Arch = m["arch"].parse().unwrap();
-    let widths: Vec<usize> = m["widths"].split(',').map(|w| w.parse().unwrap()).collect();
-    let config = ResNetConfig {
-        stem: m["stem"].parse().unwrap(),
-        widths: [widths[0], widths[1], widths[2], widths[3]],
-        ..ResNetConfig::new(arch, m["classes"].parse().unwrap())
-    };
-    let mut model = ResNet::new(config, 0);
-    det_init(&mut model);
-    model
-}
+use resnet_rs::model::{Mode, ResNet, ResNetConfig};
 
 fn eval_logits_match(name: &str) {
     let f = Fixture::load(name);
-    let mut model = build(&f);
+    let mut model = det_net(&f);
     let logits = model.forward(&Cpu, f.get("input"), Mode::Eval);
     assert_close("eval logits", &logits, f.get("eval.logits"), 1e-5);
 }
 
 fn training_step_matches(name: &str) {
     let f = Fixture::load(name);
-    let mut model = build(&f);
+    let mut model = det_net(&f);
     let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
     assert_close("train logits", &logits, f.get("train.logits"), 1e-4);
     let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
@@ -112,7 +98,7 @@ fn state_dict_keys_are_torchvisions() {
 #[test]
 fn frozen_layers_get_no_gradient_and_leave_the_others_unchanged() {
     let f = Fixture::load("net_resnet34_w8.safetensors");
-    let mut model = build(&f);
+    let mut model = det_net(&f);
     model.set_trainable(&["conv1.", "bn1.", "layer1.", "layer2."], false);
     let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
     let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));

@@ -12,11 +12,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Fixture, assert_close, assert_close_slice, det_init, rel_err};
+use common::{Fixture, assert_close, assert_close_slice, det_net, rel_err};
 use resnet_rs::engine::cpu::Cpu;
 use resnet_rs::engine::{Backend, Tensor, one_hot};
 use resnet_rs::model::store::Param;
-use resnet_rs::model::{Arch, Mode, ResNet, ResNetConfig};
+use resnet_rs::model::{Mode, ResNet, ResNetConfig};
 use resnet_rs::train::optim::{Optimizer, OptimizerKind, ParamGroup, clip_grad_norm, grad_norm};
 use resnet_rs::train::schedule::Schedule;
 
@@ -26,20 +26,6 @@ const TOL: f64 = 1e-4;
 /// noisy under Adam's normalised update (float32 PyTorch itself misses its float64 AdamW reference by 5.5e-4
 /// on layer2.1.bn1.bias).
 const PER_PARAM_TOL: f64 = 1e-2;
-
-fn build(f: &Fixture) -> ResNet {
-    let m = &f.metadata;
-    let arch: Arch = m["arch"].parse().unwrap();
-    let widths: Vec<usize> = m["widths"].split(',').map(|w| w.parse().unwrap()).collect();
-    let config = ResNetConfig {
-        stem: m["stem"].parse().unwrap(),
-        widths: [widths[0], widths[1], widths[2], widths[3]],
-        ..ResNetConfig::new(arch, m["classes"].parse().unwrap())
-    };
-    let mut model = ResNet::new(config, 0);
-    det_init(&mut model);
-    model
-}
 
 fn meta<T: std::str::FromStr>(f: &Fixture, key: &str) -> T {
     f.metadata.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("fixture metadata lacks {key}"))
@@ -59,7 +45,7 @@ struct Trained {
 /// `steps` × (zero_grad, train-mode forward, mean cross-entropy, backward, step), as optim.py does.
 fn train(f: &Fixture, kind: OptimizerKind, lr: f32, wd: f32, steps: usize) -> Trained {
     let net = Fixture::load("net_resnet34_w8.safetensors");
-    let mut model = build(f);
+    let mut model = det_net(f);
     let groups = vec![ParamGroup { lr_scale: 1.0, weight_decay: wd }; model.store.params.len()];
     let mut opt = Optimizer::new(kind, groups);
     let target = one_hot(&net.usizes("target"), 10, 0.0);
@@ -330,7 +316,7 @@ fn groups_exempt_one_d_parameters_and_scale_the_head() {
 fn frozen_parameters_are_untouched() {
     let f = Fixture::load("optim_sgd.safetensors");
     let net = Fixture::load("net_resnet34_w8.safetensors");
-    let mut model = build(&f);
+    let mut model = det_net(&f);
     let before = model.state_dict();
     model.set_trainable(&["conv1.", "bn1.", "layer1."], false);
     let target = one_hot(&net.usizes("target"), 10, 0.0);

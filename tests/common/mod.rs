@@ -89,6 +89,22 @@ pub fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
     (1..=n as u64).map(|i| value(splitmix_u(seed, i)) as f32).collect()
 }
 
+/// The network a parity fixture describes in its metadata (arch, widths, stem, classes), with det_init weights.
+pub fn det_net(f: &Fixture) -> ResNet {
+    use resnet_rs::model::{Arch, ResNetConfig};
+    let m = &f.metadata;
+    let arch: Arch = m["arch"].parse().unwrap();
+    let widths: Vec<usize> = m["widths"].split(',').map(|w| w.parse().unwrap()).collect();
+    let config = ResNetConfig {
+        stem: m["stem"].parse().unwrap(),
+        widths: [widths[0], widths[1], widths[2], widths[3]],
+        ..ResNetConfig::new(arch, m["classes"].parse().unwrap())
+    };
+    let mut model = ResNet::new(config, 0);
+    det_init(&mut model);
+    model
+}
+
 /// Overwrite every parameter and buffer of `model` with the fixtures' deterministic values.
 pub fn det_init(model: &mut ResNet) {
     let fc_in = model.config.feature_dim();
