@@ -1,6 +1,7 @@
 //! The `resnet` command line: thin subcommands over library calls. Every user-facing failure is an `Error`,
 //! printed as one line by `main` with exit code 2.
 
+mod bench;
 mod eval;
 mod features;
 mod info;
@@ -33,6 +34,8 @@ enum Command {
     Train(train::TrainCmd),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's held-out split.
     Eval(eval::EvalCmd),
+    /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
+    Bench(bench::BenchCmd),
 }
 
 /// Architecture and checkpoint, shared by the subcommands that run a network.
@@ -61,5 +64,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Features(a) => features::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

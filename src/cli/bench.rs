@@ -1,0 +1,116 @@
+use std::time::Instant;
+
+use clap::Args;
+
+use super::parse_arch;
+use crate::engine::cpu::Cpu;
+use crate::engine::{Backend, Tensor, one_hot};
+use crate::error::{Error, Result};
+use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
+use crate::train::optim::{Optimizer, OptimizerKind};
+
+#[derive(Args)]
+pub struct BenchCmd {
+    /// infer (eval-mode forward, ImageNet stem) or train (one SGD-momentum step, CIFAR stem).
+    #[arg(long, default_value = "infer")]
+    workload: String,
+    #[arg(long, default_value = "resnet34", value_parser = parse_arch)]
+    arch: Arch,
+    /// Images per batch (default: 8 for infer, 64 for train).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Input height and width (default: 224 for infer, 32 for train).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Only f32 is implemented on the CPU backend so far.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed runs (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// One JSON line: median_ms, min_ms, max_ms, images_per_s, peak_rss_mib.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB; None where /proc is not available.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(a: BenchCmd) -> Result<()> {
+    if a.dtype != "f32" {
+        return Err(Error::invalid(format!("--dtype {}: only f32 is implemented on the CPU backend", a.dtype)));
+    }
+    let train = match a.workload.as_str() {
+        "infer" => false,
+        "train" => true,
+        other => return Err(Error::invalid(format!("unknown workload '{other}' (expected infer or train)"))),
+    };
+    let batch = a.batch.unwrap_or(if train { 64 } else { 8 }).max(1);
+    let size = a.size.unwrap_or(if train { 32 } else { 224 }).max(8);
+    let runs = a.runs.max(1);
+    let stem = if train { Stem::Cifar } else { Stem::ImageNet };
+    let classes = if train { 10 } else { 1000 };
+    let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
+    // Deterministic, image-like input; the values do not change the work done.
+    let x = Tensor::new(
+        &[batch, 3, size, size],
+        (0..batch * 3 * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect(),
+    )?;
+    let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
+    let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups);
+    let be = Cpu;
+    let mut step = |model: &mut ResNet| {
+        if train {
+            model.store.zero_grad();
+            let logits = model.forward(&be, &x, Mode::Train);
+            let (_, dlogits) = be.softmax_cross_entropy(&logits, &targets);
+            model.backward(&be, &dlogits, false);
+            opt.step(&mut model.store.params, 0.01, None);
+        } else {
+            model.forward(&be, &x, Mode::Eval);
+        }
+    };
+    for _ in 0..a.warmup {
+        step(&mut model);
+    }
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            step(&mut model);
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = if runs % 2 == 1 { times[runs / 2] } else { (times[runs / 2 - 1] + times[runs / 2]) / 2.0 };
+    let ips = batch as f64 * 1000.0 / median;
+    let rss = peak_rss_mib();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": a.dtype,
+                "threads": rayon::current_num_threads(), "median_ms": median, "min_ms": times[0],
+                "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss,
+            })
+        );
+    } else {
+        println!(
+            "{} {} batch {batch} at {size}x{size} ({} threads): median {median:.1} ms, min {:.1}, max {:.1} over {runs} runs; {ips:.1} images/s; peak RSS {}",
+            a.arch,
+            a.workload,
+            rayon::current_num_threads(),
+            times[0],
+            times[runs - 1],
+            rss.map(|r| format!("{r:.0} MiB")).unwrap_or_else(|| "n/a".into())
+        );
+    }
+    Ok(())
+}
