@@ -66,6 +66,13 @@ impl Dims {
     }
 }
 
+/// The output columns whose input column ox·s + k − p lies inside [0, w): everything outside reads padding.
+fn valid_cols(out: usize, s: usize, k: usize, p: usize, w: usize) -> std::ops::Range<usize> {
+    let lo = if p > k { (p - k).div_ceil(s) } else { 0 }.min(out);
+    let hi = if w + p > k { (w + p - k).div_ceil(s) } else { 0 }.clamp(lo, out);
+    lo..hi
+}
+
 /// Row (ci, i, j) of col holds x[ci, oh·sh + i − ph, ow·sw + j − pw] for every output position, 0 in the padding.
 /// The image's columns start at `offset` in rows of length `ld` (several images share one col matrix).
 fn im2col(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
@@ -75,19 +82,25 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
     for ci in 0..d.c {
         let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for i in 0..d.kh {
+            let rows = valid_cols(d.oh, sh, i, ph, d.h);
             for j in 0..d.kw {
                 let row = &mut col[((ci * d.kh + i) * d.kw + j) * ld + offset..][..ohw];
-                for oy in 0..d.oh {
-                    let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
-                    let iy = (oy * sh + i) as isize - ph as isize;
-                    if iy < 0 || iy >= d.h as isize {
+                let cols = valid_cols(d.ow, sw, j, pw, d.w);
+                for (oy, out) in row.chunks_mut(d.ow).enumerate() {
+                    if !rows.contains(&oy) || cols.is_empty() {
                         out.fill(0.0);
                         continue;
                     }
-                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, v) in out.iter_mut().enumerate() {
-                        let ix = (ox * sw + j) as isize - pw as isize;
-                        *v = if ix >= 0 && ix < d.w as isize { src[ix as usize] } else { 0.0 };
+                    let src = &plane[(oy * sh + i - ph) * d.w..][..d.w];
+                    out[..cols.start].fill(0.0);
+                    out[cols.end..].fill(0.0);
+                    let first = cols.start * sw + j - pw;
+                    if sw == 1 {
+                        out[cols.clone()].copy_from_slice(&src[first..first + cols.len()]);
+                    } else {
+                        for (v, &x) in out[cols.clone()].iter_mut().zip(src[first..].iter().step_by(sw)) {
+                            *v = x;
+                        }
                     }
                 }
             }
@@ -103,19 +116,19 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32], ld: usize, offset: usize) {
     for ci in 0..d.c {
         let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for i in 0..d.kh {
+            let rows = valid_cols(d.oh, sh, i, ph, d.h);
             for j in 0..d.kw {
                 let row = &col[((ci * d.kh + i) * d.kw + j) * ld + offset..][..ohw];
-                for oy in 0..d.oh {
-                    let iy = (oy * sh + i) as isize - ph as isize;
-                    if iy < 0 || iy >= d.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, v) in row[oy * d.ow..(oy + 1) * d.ow].iter().enumerate() {
-                        let ix = (ox * sw + j) as isize - pw as isize;
-                        if ix >= 0 && ix < d.w as isize {
-                            dst[ix as usize] += v;
-                        }
+                let cols = valid_cols(d.ow, sw, j, pw, d.w);
+                if cols.is_empty() {
+                    continue;
+                }
+                for oy in rows.clone() {
+                    let dst = &mut plane[(oy * sh + i - ph) * d.w..][..d.w];
+                    let src = &row[oy * d.ow..][cols.clone()];
+                    let first = cols.start * sw + j - pw;
+                    for (&v, t) in src.iter().zip(dst[first..].iter_mut().step_by(sw)) {
+                        *t += v;
                     }
                 }
             }

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# resnet-rs against PyTorch (eager, channels_last, torch.compile, bf16 autocast) and ONNX Runtime, on the CPU.
+#
+#   bash bench/compare.sh [--quick] [--rounds N]
+#
+# For each workload (infer b8 224, infer b1 224, train b64 32) it runs `resnet bench` (ours) and
+# python/bench_torch.py (theirs, every variant in its own process) alternately: ours, theirs, ours, theirs...
+# for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
+# intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
+# its per-round median; the table shows ours against the fastest other variant, then every variant.
+#   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
+# PYTHON selects the interpreter (default python3); it must import torch and torchvision (onnxruntime and
+# onnx for the ORT variant; without them that variant is skipped with a note). Builds
+# target/release/resnet first when it is missing.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3}"
+ROUNDS=2
+RUNS=5
+WARMUP=1
+VARIANTS="all"
+QUICK=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1; ROUNDS=1; RUNS=3; VARIANTS="eager,channels_last,bf16,ort" ;;
+        --rounds)
+            [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
+            ROUNDS="$2"; shift ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare.sh: unknown argument '$1' (expected --quick or --rounds N)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "compare.sh: Python interpreter '$PYTHON' not found; set PYTHON=/path/to/venv/bin/python" >&2
+    exit 2
+fi
+if ! TORCH_VERSION="$("$PYTHON" -c 'import torch, torchvision; print(torch.__version__)' 2>/dev/null)"; then
+    echo "compare.sh: '$PYTHON' cannot import torch and torchvision; install python/requirements.txt into a" \
+         "venv and set PYTHON=/path/to/venv/bin/python" >&2
+    exit 2
+fi
+ORT_VERSION="$("$PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || echo "not installed")"
+
+BIN=target/release/resnet
+if [[ ! -x "$BIN" ]]; then
+    echo "compare.sh: $BIN missing; building it (cargo build --release)" >&2
+    cargo build --release >&2
+fi
+
+export OMP_WAIT_POLICY=PASSIVE RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
+THREADS=2
+
+OUT="$(mktemp -d "${TMPDIR:-/tmp}/resnet-compare.XXXXXX")"
+trap 'rm -rf "$OUT"' EXIT
+
+CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | sed 's/^[^:]*: *//' || true)"
+echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  nproc $(nproc)  cpu '${CPU_MODEL:-unknown}'  torch $TORCH_VERSION" \
+     " onnxruntime $ORT_VERSION  threads $THREADS  rounds $ROUNDS  runs $RUNS (+$WARMUP warm-up)$([[ $QUICK == 1 ]] && echo '  [quick: no compile]')"
+
+WORKLOADS=("infer 8 224" "infer 1 224" "train 64 32")
+start=$SECONDS
+for w in "${WORKLOADS[@]}"; do
+    read -r workload batch size <<<"$w"
+    tag="${workload}_b${batch}_s${size}"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        echo "[$((SECONDS - start))s] $workload b$batch ${size}px round $r/$ROUNDS: ours" >&2
+        if ! "$BIN" bench --workload "$workload" --batch "$batch" --size "$size" --runs "$RUNS" \
+                --warmup "$WARMUP" --json >>"$OUT/$tag.ours.jsonl"; then
+            echo "compare.sh: resnet bench failed ($workload b$batch ${size}px)" >&2
+            exit 1
+        fi
+        echo "[$((SECONDS - start))s] $workload b$batch ${size}px round $r/$ROUNDS: pytorch/ort ($VARIANTS)" >&2
+        if ! "$PYTHON" python/bench_torch.py --workload "$workload" --batch "$batch" --size "$size" \
+                --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" --variant "$VARIANTS" --json \
+                >>"$OUT/$tag.theirs.jsonl"; then
+            echo "compare.sh: python/bench_torch.py failed ($workload b$batch ${size}px)" >&2
+            exit 1
+        fi
+    done
+done
+echo "[$((SECONDS - start))s] done" >&2
+echo
+
+"$PYTHON" - "$OUT" "${WORKLOADS[@]}" <<'EOF'
+import json
+import statistics
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+def load(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip().startswith("{")] if path.exists() else []
+
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+rows, details = [], []
+for w in sys.argv[2:]:
+    workload, batch, size = w.split()
+    tag = f"{workload}_b{batch}_s{size}"
+    name = f"{workload} b{batch} {size}px"
+    ours = load(out / f"{tag}.ours.jsonl")
+    ours_ms = statistics.median(r["median_ms"] for r in ours)
+    ours_rss = max((r["peak_rss_mib"] for r in ours if r.get("peak_rss_mib") is not None), default=None)
+    theirs = {}
+    notes = {}
+    for r in load(out / f"{tag}.theirs.jsonl"):
+        if r.get("skipped"):
+            notes.setdefault(r["variant"], r.get("note", "skipped"))
+        else:
+            theirs.setdefault(r["variant"], []).append(r)
+    agg = {
+        v: (statistics.median(r["median_ms"] for r in rs), max(r["peak_rss_mib"] for r in rs), len(rs))
+        for v, rs in theirs.items()
+    }
+    best = min(agg, key=lambda v: agg[v][0]) if agg else None
+    if best:
+        b_ms, b_rss, _ = agg[best]
+        rss_ratio = ours_rss / b_rss if ours_rss is not None else None
+        rows.append((name, f"{ours_ms:.1f}", f"{b_ms:.1f} ({best})", f"{ours_ms / b_ms:.2f}", fmt(ours_rss, ".0f"),
+                     f"{b_rss:.0f}", fmt(rss_ratio, ".2f")))
+    else:
+        rows.append((name, f"{ours_ms:.1f}", "- (none ran)", "-", fmt(ours_rss, ".0f"), "-", "-"))
+    details.append((name, "ours", f"{ours_ms:.1f}", "1.00", fmt(ours_rss, ".0f"), str(len(ours)), ""))
+    for v in ("eager", "channels_last", "compile", "bf16", "ort"):
+        if v in agg:
+            ms, rss, n = agg[v]
+            details.append((name, v, f"{ms:.1f}", f"{ours_ms / ms:.2f}", f"{rss:.0f}", str(n), notes.get(v, "")))
+        elif v in notes:
+            details.append((name, v, "-", "-", "-", "0", notes[v]))
+
+
+def table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    left = {0, 1} if header[-1] == "note" else {0}
+    if header[-1] == "note":
+        left.add(len(header) - 1)
+
+    def line(r):
+        return "  ".join(str(x).ljust(wd) if i in left else str(x).rjust(wd)
+                         for i, (x, wd) in enumerate(zip(r, widths))).rstrip()
+
+    print(line(header))
+    print(line(["-" * wd for wd in widths]))
+    for r in rows:
+        print(line(r))
+
+
+table(("workload", "ours ms", "best other ms (variant)", "ours/best", "ours RSS MiB", "their RSS MiB", "RSS ratio"),
+      rows)
+print()
+table(("workload", "contender", "median ms", "ours/this", "peak RSS MiB", "rounds", "note"), details)
+EOF
