@@ -113,6 +113,8 @@ fn bad_input_gives_one_line_and_exit_code_2() {
     let truncated = d.join("truncated.png");
     std::fs::write(&truncated, &std::fs::read(&cat).unwrap()[..5000]).unwrap();
     fails_cleanly(&["predict", "--weights", w, path(&truncated)], "truncated.png");
+    let palette = fixture("hostile/bad_palette.png");
+    fails_cleanly(&["predict", "--weights", w, path(&palette)], "bad_palette.png: corrupt image");
     let empty_dir = d.join("empty");
     std::fs::create_dir(&empty_dir).unwrap();
     fails_cleanly(&["features", "--weights", w, "--out", path(&d.join("f.safetensors")), path(&empty_dir)], "empty");

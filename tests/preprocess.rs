@@ -367,3 +367,12 @@ fn content_decides_the_format_and_trailing_bytes_are_ignored() {
     std::fs::write(&padded, jpg).unwrap();
     assert!(load_rgb(&padded).unwrap() == load_rgb(&image_path("coffee.jpg")).unwrap());
 }
+
+/// Found by fuzz/: a PNG whose palette is shorter than its header implies makes the png crate (0.18.1) panic
+/// with a slice index out of range. It must come back as an error naming the file, and print nothing else.
+#[test]
+fn decoder_panic_on_a_malformed_palette_is_an_error() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile/bad_palette.png");
+    let err = resnet_rs::infer::preprocess::load_rgb(&path).err().expect("refused");
+    assert!(err.to_string().contains("bad_palette.png"), "{err}");
+}

@@ -58,7 +58,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
             "JPEG file is truncated (no end-of-image marker after the image data)",
         ));
     }
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| fail("cannot decode image", &e))?;
+    let image = crate::error::catch_parser_panic(|| DynamicImage::from_decoder(decoder))
+        .ok_or_else(|| Error::file(path, "corrupt image (the decoder gave up on it)"))?
+        .map_err(|e| fail("cannot decode image", &e))?;
     Ok(to_rgb_like_pil(image))
 }
 
