@@ -382,3 +382,24 @@ fn not_a_torch_zip() {
     let bytes = out.finish().unwrap().into_inner();
     assert!(refused(&bytes).contains("no data.pkl"));
 }
+
+/// A zip bomb (found by fuzz/): data.pkl deflated from 64 MiB of zeros. Refused from its declared size, before
+/// anything is inflated, with peak memory nowhere near the claim.
+#[test]
+fn zip_bomb_is_refused_before_inflating() {
+    use std::io::Write;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut buf);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        zip.write_all(&zeros).unwrap();
+    }
+    zip.finish().unwrap();
+    let bytes = buf.into_inner();
+    assert!(bytes.len() < 1 << 20, "the bomb is small: {} bytes", bytes.len());
+    let err = resnet_rs::weights::pth::load_pth_bytes(&bytes, std::path::Path::new("bomb.pth")).err().unwrap();
+    let msg = err.to_string();
+    assert!(msg.starts_with("bomb.pth: archive/data.pkl claims 67108864 bytes"), "{msg}");
+}

@@ -43,12 +43,13 @@ fn load(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     let prefix = find_prefix(&zip)?;
     let entry = |name: &str| [prefix.as_slice(), name.as_bytes()].concat();
 
-    if let Some(order) = read_entry(&mut zip, &entry("byteorder"))?
+    if let Some(order) = read_entry(&mut zip, &entry("byteorder"), bytes.len() as u64)?
         && order.trim_ascii() != b"little"
     {
         return Err(Error::invalid("big-endian storages are not supported (byteorder is not \"little\")"));
     }
-    let pkl = read_entry(&mut zip, &entry("data.pkl"))?.ok_or_else(|| Error::invalid("data.pkl is unreadable"))?;
+    let pkl = read_entry(&mut zip, &entry("data.pkl"), bytes.len() as u64)?
+        .ok_or_else(|| Error::invalid("data.pkl is unreadable"))?;
     let pickle = pickle::parse(&pkl)?;
     let tensors = state_dict(&pickle)?;
 
@@ -59,7 +60,7 @@ fn load(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
         let key = &*t.storage.key;
         if !storages.contains_key(key) {
             let name = entry(&format!("data/{key}"));
-            let data = read_entry(&mut zip, &name)?
+            let data = read_entry(&mut zip, &name, bytes.len() as u64)?
                 .ok_or_else(|| Error::invalid(format!("storage data/{key} is missing from the archive")))?;
             storages.insert(key, data);
         }
@@ -98,15 +99,27 @@ fn find_prefix(zip: &Archive) -> Result<Vec<u8>> {
     }
 }
 
-/// An entry's bytes, `None` if absent. The zip reader stops at the entry's declared size and checks its CRC;
-/// the buffer grows with the data actually read, never from the declared size.
-fn read_entry(zip: &mut Archive, name: &[u8]) -> Result<Option<Vec<u8>>> {
+/// How much larger than the whole archive one entry may be once decompressed. torch.save stores entries
+/// uncompressed, and float data barely deflates, so real files stay far below this; a zip bomb does not.
+const MAX_EXPANSION: u64 = 32;
+
+/// An entry's bytes, `None` if absent. The declared uncompressed size is checked against the archive's size
+/// before anything is read, the zip reader stops at that size and checks the CRC, and the buffer grows with the
+/// data actually read.
+fn read_entry(zip: &mut Archive, name: &[u8], archive_len: u64) -> Result<Option<Vec<u8>>> {
     let shown = String::from_utf8_lossy(name);
     // (not `by_name_raw`: that one returns the entry's compressed bytes)
     let Some(index) = zip.index_for_name_raw(name) else { return Ok(None) };
-    let mut file = zip.by_index(index).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    let file = zip.by_index(index).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    let limit = archive_len.saturating_mul(MAX_EXPANSION).max(1 << 20);
+    if file.size() > limit {
+        return Err(Error::invalid(format!(
+            "{shown} claims {} bytes uncompressed, more than {MAX_EXPANSION} times the archive; refusing it (zip bomb?)",
+            file.size()
+        )));
+    }
     let mut data = Vec::new();
-    file.read_to_end(&mut data).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    file.take(limit).read_to_end(&mut data).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
     Ok(Some(data))
 }
 
