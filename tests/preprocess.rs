@@ -373,6 +373,6 @@ fn content_decides_the_format_and_trailing_bytes_are_ignored() {
 #[test]
 fn decoder_panic_on_a_malformed_palette_is_an_error() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile/bad_palette.png");
-    let err = resnet_rs::infer::preprocess::load_rgb(&path).err().expect("refused");
+    let err = resnet_rs::infer::preprocess::load_rgb(&path).expect_err("refused");
     assert!(err.to_string().contains("bad_palette.png"), "{err}");
 }
