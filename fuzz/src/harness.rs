@@ -25,8 +25,8 @@ use resnet_rs::weights::{pth, safetensors};
 pub const MAX_INPUT: usize = 4 << 20;
 /// How many inputs the error-message feedback may add to a target's corpus.
 pub const MAX_ADDED: usize = 512;
-/// Outcome classes sharing their first `COARSE_PREFIX` characters add at most `PER_PREFIX` inputs.
-const COARSE_PREFIX: usize = 64;
+/// Outcome classes with the same coarse class (see `coarse_class`) add at most `PER_PREFIX` inputs.
+const COARSE_WORDS: usize = 4;
 const PER_PREFIX: usize = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,38 +64,50 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A coarse class of the outcome: the message with numbers, quoted text and bracketed lists blanked, so
+    /// A coarse class of the outcome: the message with numbers, quoted text and bracketed parts blanked, so
     /// "byte 17: memo key 3" and "byte 99: memo key 12" are one class while a different check is another.
     pub fn class(&self) -> String {
         let (tag, msg) = match self {
             Outcome::Accepted(m) => ("ok", m),
             Outcome::Rejected(m) => ("err", m),
         };
-        let mut out = String::from(tag);
-        out.push(':');
+        // first pass: drop quoted text and bracketed lists
+        let mut kept = String::new();
         let mut quote = false;
         let mut depth = 0usize;
         for c in msg.chars() {
             match c {
-                '"' | '\'' | '`' => {
-                    quote = !quote;
-                    continue;
-                }
-                _ if quote => continue,
-                '[' | '(' => depth += 1,
-                ']' | ')' => depth = depth.saturating_sub(1),
-                _ if depth > 0 => continue,
-                c if c.is_ascii_digit() => {
-                    if !out.ends_with('#') {
-                        out.push('#');
-                    }
-                }
-                c => out.push(c),
+                '"' | '\'' | '`' => quote = !quote,
+                _ if quote => {}
+                '[' | '(' | '{' => depth += 1,
+                ']' | ')' | '}' => depth = depth.saturating_sub(1),
+                _ if depth > 0 => {}
+                c => kept.push(c),
+            }
+        }
+        // second pass: a word with a digit in it (a number, an offset, a hex CRC, a file name) becomes '#'
+        let mut out = format!("{tag}:");
+        let mut word = String::new();
+        let flush = |word: &mut String, out: &mut String| {
+            if word.chars().any(|c| c.is_ascii_digit()) {
+                out.push('#');
+            } else {
+                out.push_str(word);
+            }
+            word.clear();
+        };
+        for c in kept.chars() {
+            if c.is_alphanumeric() {
+                word.push(c);
+            } else {
+                flush(&mut word, &mut out);
+                out.push(c);
             }
             if out.len() > 160 {
                 break;
             }
         }
+        flush(&mut word, &mut out);
         out
     }
 }
@@ -1086,6 +1098,7 @@ pub struct Fuzzer {
     /// Whether to try resource-exhaustion inputs that need the `fuzz` binary's allocation cap (deflate bombs).
     pub bombs: bool,
     bomb_chunk: Option<Vec<u8>>,
+    max_admit: usize,
     mean_ns: f64,
     slow_bar: Duration,
     /// Inputs that took more than `SLOW` to run, picked only while they have used under a quarter of the time.
@@ -1098,7 +1111,8 @@ pub struct Fuzzer {
 
 /// An input that runs longer than this goes to the slow pool.
 const SLOW: Duration = Duration::from_millis(20);
-/// Largest input the outcome feedback adds (new outcomes are found on small inputs as well).
+/// The outcome feedback adds no input larger than this or than 5/4 of the largest seed, whichever is larger:
+/// new outcomes are found on small inputs as well, and inputs grown large (amplified) are slow to mutate.
 const MAX_ADMIT: usize = 256 << 10;
 /// Slow inputs the time feedback may add.
 const MAX_SLOW: usize = 32;
@@ -1122,6 +1136,7 @@ impl Fuzzer {
             .collect();
         assert!(!corpus.is_empty(), "no seeds for {} (are tests/fixtures there?)", target.name());
         let seeds = corpus.len();
+        let max_admit = corpus.iter().map(|e| e.bytes.len() / 4 * 5).max().unwrap_or(0).max(MAX_ADMIT);
         Fuzzer {
             target,
             corpus,
@@ -1134,6 +1149,7 @@ impl Fuzzer {
             last_parts: None,
             bombs: false,
             bomb_chunk: None,
+            max_admit,
             mean_ns: 0.0,
             slow_bar: Duration::ZERO,
             slow_added: 0,
@@ -1199,10 +1215,10 @@ impl Fuzzer {
         }
         let class = outcome.class();
         // Messages that quote the input (an unknown global's name, a TOML key) would flood the corpus with
-        // one check's variants: at most a few entries per message prefix.
-        let coarse: String = class.chars().take(COARSE_PREFIX).collect();
+        // one check's variants: at most a few entries per coarse class.
+        let coarse = coarse_class(&class);
         if self.added < MAX_ADDED
-            && input.len() <= MAX_ADMIT
+            && input.len() <= self.max_admit
             && self.coarse.get(&coarse).copied().unwrap_or(0) < PER_PREFIX
             && self.seen.insert(class)
         {
@@ -1774,6 +1790,17 @@ impl Fuzzer {
         let trns = self.rng.chance(1, 4).then_some(&trns[..]);
         make_png(w, h, depth, color, interlace, plte, trns, &raw)
     }
+}
+
+/// The gist of an outcome class: its tag and the first words of its last `: `-separated part among the first
+/// 100 characters, which skips the constant context ("fuzz.safetensors: not a valid safetensors file: invalid JSON
+/// in header: ") and the quoted input ("refusing to load global XYZ: ").
+fn coarse_class(class: &str) -> String {
+    let head: String = class.chars().take(100).collect();
+    let tag = head.split(':').next().unwrap_or("");
+    let tail = head.rsplit(": ").next().unwrap_or(&head);
+    let words: Vec<&str> = tail.split_whitespace().take(COARSE_WORDS).collect();
+    format!("{tag}:{}", words.join(" "))
 }
 
 /// Opcode boundaries of a pickle: (start, end, opcode) for each opcode whose length is known, stopping at the

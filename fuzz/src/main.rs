@@ -67,7 +67,13 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// and small requests may go a little further (see `HARD_LIMIT`), recorded as a finding all the same.
 fn reserve(n: usize, zeroed: bool) -> bool {
     let live = LIVE.fetch_add(n, Relaxed) + n;
-    let ceiling = if zeroed { HARD_LIMIT } else if n < SMALL { HEAP_LIMIT + SLACK } else { HEAP_LIMIT };
+    let ceiling = if zeroed {
+        HARD_LIMIT
+    } else if n < SMALL {
+        HEAP_LIMIT + SLACK
+    } else {
+        HEAP_LIMIT
+    };
     if live > HEAP_LIMIT && live <= ceiling {
         OVER.fetch_max(n, Relaxed);
     } else if live > HEAP_LIMIT {
@@ -398,6 +404,7 @@ fn worker(target: Target, millis: u64, seed: u64, cur: &Path, bombs: bool) -> ! 
         slowest.as_millis()
     );
     let _ = std::io::stdout().flush();
+    drop(scratch); // (exit runs no destructors)
     std::process::exit(0);
 }
 
@@ -485,6 +492,15 @@ fn supervise(target: Target, seconds: f64, seed: u64) -> i32 {
             }
         };
         tally.slow += worker_slow;
+        // a worker that died left its scratch directory behind
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            let prefix = format!("resnet-rs-fuzz-{}-", child.id());
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         if finished && status.success() {
             tally.execs += seen_execs;
             continue;

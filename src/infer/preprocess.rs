@@ -51,6 +51,13 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
             format!("image is {width}x{height}, more than the {MAX_PIXELS} pixels we accept"),
         ));
     }
+    // `from_decoder` allocates the whole decode buffer up front and does not consult `limits`: bound it here.
+    if decoder.total_bytes() > 1 << 30 {
+        return Err(Error::file(
+            path,
+            format!("image is {width}x{height} {:?}, more than 1 GiB to decode", decoder.color_type()),
+        ));
+    }
     // zune-jpeg fills in a truncated JPEG with grey where PIL refuses it ("image file is truncated").
     if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(&bytes) {
         return Err(Error::file(

@@ -43,12 +43,14 @@ fn load(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     let prefix = find_prefix(&zip)?;
     let entry = |name: &str| [prefix.as_slice(), name.as_bytes()].concat();
 
-    if let Some(order) = read_entry(&mut zip, &entry("byteorder"), bytes.len() as u64)?
+    // One inflation budget for the whole archive: each entry read spends from it.
+    let mut budget = (bytes.len() as u64).saturating_mul(MAX_EXPANSION).max(1 << 20);
+    if let Some(order) = read_entry(&mut zip, &entry("byteorder"), &mut budget)?
         && order.trim_ascii() != b"little"
     {
         return Err(Error::invalid("big-endian storages are not supported (byteorder is not \"little\")"));
     }
-    let pkl = read_entry(&mut zip, &entry("data.pkl"), bytes.len() as u64)?
+    let pkl = read_entry(&mut zip, &entry("data.pkl"), &mut budget)?
         .ok_or_else(|| Error::invalid("data.pkl is unreadable"))?;
     let pickle = pickle::parse(&pkl)?;
     let tensors = state_dict(&pickle)?;
@@ -60,7 +62,7 @@ fn load(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
         let key = &*t.storage.key;
         if !storages.contains_key(key) {
             let name = entry(&format!("data/{key}"));
-            let data = read_entry(&mut zip, &name, bytes.len() as u64)?
+            let data = read_entry(&mut zip, &name, &mut budget)?
                 .ok_or_else(|| Error::invalid(format!("storage data/{key} is missing from the archive")))?;
             storages.insert(key, data);
         }
@@ -106,20 +108,24 @@ const MAX_EXPANSION: u64 = 32;
 /// An entry's bytes, `None` if absent. The declared uncompressed size is checked against the archive's size
 /// before anything is read, the zip reader stops at that size and checks the CRC, and the buffer grows with the
 /// data actually read.
-fn read_entry(zip: &mut Archive, name: &[u8], archive_len: u64) -> Result<Option<Vec<u8>>> {
+fn read_entry(zip: &mut Archive, name: &[u8], budget: &mut u64) -> Result<Option<Vec<u8>>> {
     let shown = String::from_utf8_lossy(name);
     // (not `by_name_raw`: that one returns the entry's compressed bytes)
     let Some(index) = zip.index_for_name_raw(name) else { return Ok(None) };
     let file = zip.by_index(index).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
-    let limit = archive_len.saturating_mul(MAX_EXPANSION).max(1 << 20);
-    if file.size() > limit {
-        return Err(Error::invalid(format!(
-            "{shown} claims {} bytes uncompressed, more than {MAX_EXPANSION} times the archive; refusing it (zip bomb?)",
-            file.size()
-        )));
+    let too_big = |size: u64| {
+        Error::invalid(format!(
+            "{shown} claims {size} bytes uncompressed, more than {MAX_EXPANSION} times the archive with the entries \
+             read before it; refusing it (zip bomb?)"
+        ))
+    };
+    if file.size() > *budget {
+        return Err(too_big(file.size()));
     }
     let mut data = Vec::new();
-    file.take(limit).read_to_end(&mut data).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    // (the zip reader already stops at the declared size; the budget is the second line)
+    file.take(*budget).read_to_end(&mut data).map_err(|e| Error::invalid(format!("{shown}: {e}")))?;
+    *budget -= data.len() as u64;
     Ok(Some(data))
 }
 
@@ -134,15 +140,25 @@ fn state_dict(p: &Pickle) -> Result<BTreeMap<String, &TensorRef>> {
     };
     let sd = wrapped("state_dict").or_else(|| wrapped("model")).unwrap_or(top);
 
-    // Python semantics first: a repeated key keeps its last value, which may not be a tensor.
-    let mut latest: BTreeMap<&str, Option<&TensorRef>> = BTreeMap::new();
-    for (k, v) in sd {
+    // Python semantics first: a repeated key keeps its last value, which may not be a tensor. A key fetched from
+    // the memo N times is one Rc: collapse those by pointer (O(1) each) before comparing contents, so that string
+    // comparisons only run over distinct key objects, whose total length the pickle's size bounds.
+    let mut last_by_rc: std::collections::HashMap<*const u8, (usize, &str, Option<&TensorRef>)> =
+        std::collections::HashMap::new();
+    for (i, (k, v)) in sd.iter().enumerate() {
         if let Value::Str(k) = k {
-            latest.insert(k, p.tensor(v));
+            last_by_rc.insert(k.as_ptr(), (i, k, p.tensor(v)));
+        }
+    }
+    let mut latest: BTreeMap<&str, (usize, Option<&TensorRef>)> = BTreeMap::new();
+    for (i, k, t) in last_by_rc.into_values() {
+        let slot = latest.entry(k).or_insert((i, t));
+        if slot.0 < i {
+            *slot = (i, t);
         }
     }
     let mut out = BTreeMap::new();
-    for (key, t) in latest {
+    for (key, (_, t)) in latest {
         let Some(t) = t else { continue };
         let name = key.strip_prefix("module.").unwrap_or(key);
         if out.insert(name.to_string(), t).is_some() {
