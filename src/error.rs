@@ -1,5 +1,5 @@
 //! One error type for everything a user can hand us. Every variant renders as a single line that names the
-//! offending file (when there is one) and the problem; the CLI maps all of them to exit code 2.
+//! offending file (when there is one) and the problem; the CLI maps them to exit code 2 (130 for an interrupt).
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,9 @@ pub enum Error {
     /// A bad argument or an inconsistent request (unknown arch, unknown layer, shape mismatch, ...).
     #[error("{0}")]
     Invalid(String),
+    /// Training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint; the CLI exits with 130.
+    #[error("interrupted after step {step}; checkpoint saved, continue with: resnet train --resume {}", run_dir.display())]
+    Interrupted { step: u64, run_dir: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

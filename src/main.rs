@@ -13,8 +13,16 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = resnet_rs::cli::run(cli) {
-        eprintln!("error: {e}");
-        std::process::exit(2);
+    match resnet_rs::cli::run(cli) {
+        Ok(()) => {}
+        // 128 + SIGINT, as shells report a Ctrl-C'd command; the message says how to resume.
+        Err(e @ resnet_rs::error::Error::Interrupted { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
     }
 }

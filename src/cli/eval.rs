@@ -6,7 +6,7 @@ use clap::Args;
 use crate::engine::cpu::Cpu;
 use crate::error::Result;
 use crate::train::recipe::Recipe;
-use crate::train::{checkpoint, trainer};
+use crate::train::{checkpoint, evaluate, setup};
 
 #[derive(Args)]
 pub struct EvalCmd {
@@ -40,7 +40,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
         r.arch = arch;
     }
     let mut model = crate::weights::load_model(r.arch.parse()?, &a.weights)?;
-    let (_, val) = trainer::datasets(&r)?;
+    let (_, val) = setup::datasets(&r)?;
     let classes = val.num_classes();
     if classes != model.config.num_classes {
         return Err(crate::Error::file(
@@ -49,8 +49,8 @@ pub fn run(a: EvalCmd) -> Result<()> {
         ));
     }
     let names = val.class_names();
-    let (_, eval_pipe) = trainer::pipelines(&r);
-    let rep = trainer::evaluate(&mut model, &Cpu, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
+    let (_, eval_pipe) = setup::pipelines(&r);
+    let rep = evaluate::evaluate(&mut model, &Cpu, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
     if a.json {
         println!("{}", serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names}));
         return Ok(());

@@ -1,4 +1,6 @@
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 
@@ -125,6 +127,7 @@ pub fn run(a: TrainCmd) -> Result<()> {
         skip_nonfinite: a.skip_nonfinite,
         max_steps: a.max_steps,
         json: a.json,
+        interrupt: Some(interrupt_flag()?),
     })?;
     if let (false, Some(last)) = (a.json, reports.last()) {
         eprintln!(
@@ -135,6 +138,22 @@ pub fn run(a: TrainCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A flag that Ctrl-C (or SIGTERM from a scheduler) sets: the loop then finishes its step, checkpoints and
+/// stops. A second signal quits at once; the atomic checkpoint writes make even that lose only the current
+/// step's work.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (press Ctrl-C again to quit at once)");
+    })
+    .map_err(|e| Error::invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
+    Ok(flag)
 }
 
 fn download(r: &crate::train::recipe::Recipe) -> Result<()> {

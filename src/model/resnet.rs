@@ -47,6 +47,9 @@ pub struct ResNet {
     fc: Linear,
     /// Record: shape of the pooled feature map.
     pooled_from: Option<[usize; 4]>,
+    /// The first layer (stem or block, in forward order) whose output held a NaN or an infinity during the last
+    /// training-mode forward: what the training loop names when a step goes non-finite.
+    first_nonfinite: Option<String>,
 }
 
 impl ResNet {
@@ -75,7 +78,7 @@ impl ResNet {
             stages.push(blocks);
         }
         let fc = Linear::new(&mut root, "fc", config.feature_dim(), config.num_classes);
-        ResNet { config, store, stem, stem_relu: Relu::default(), maxpool, stages, fc, pooled_from: None }
+        ResNet { config, store, stem, stem_relu: Relu::default(), maxpool, stages, fc, pooled_from: None, first_nonfinite: None }
     }
 
     /// Logits `[N, classes]` for images `[N, 3, H, W]`.
@@ -86,19 +89,29 @@ impl ResNet {
     /// Run up to `tap` and return its output (a feature map for layer1..layer4, a matrix for avgpool and fc).
     pub fn forward_to(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode, tap: Tap) -> Tensor {
         assert_eq!(x.shape().get(1), Some(&3), "input must be [N, 3, H, W]");
-        if mode == Mode::Train {
+        let train = mode == Mode::Train;
+        if train {
             self.store.batches_tracked += 1;
         }
         let s = &mut self.store;
+        let first_nonfinite = &mut self.first_nonfinite;
+        *first_nonfinite = None;
+        let mut watch = |name: &dyn Fn() -> String, h: &Tensor| {
+            if train && first_nonfinite.is_none() && !h.all_finite() {
+                *first_nonfinite = Some(name());
+            }
+        };
         let mut h = self.stem.forward(be, s, x, mode);
+        watch(&|| "conv1".into(), &h);
         h = self.stem_relu.forward(be, h, mode);
         if let Some(pool) = &mut self.maxpool {
             h = pool.forward(be, &h, mode);
         }
         let taps = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4];
-        for (stage, &stage_tap) in self.stages.iter_mut().zip(&taps) {
-            for block in stage.iter_mut() {
+        for (i, (stage, &stage_tap)) in self.stages.iter_mut().zip(&taps).enumerate() {
+            for (b, block) in stage.iter_mut().enumerate() {
                 h = block.forward(be, s, &h, mode);
+                watch(&|| format!("layer{}.{b}", i + 1), &h);
             }
             if tap == stage_tap {
                 return h;
@@ -111,7 +124,15 @@ impl ResNet {
         if tap == Tap::AvgPool {
             return pooled;
         }
-        self.fc.forward(be, s, &pooled, mode)
+        let logits = self.fc.forward(be, s, &pooled, mode);
+        watch(&|| "fc".into(), &logits);
+        logits
+    }
+
+    /// The first layer whose output went non-finite in the last training-mode forward (`conv1` for the stem,
+    /// `layerI.B` for a block, `fc`), if any.
+    pub fn first_nonfinite_output(&self) -> Option<&str> {
+        self.first_nonfinite.as_deref()
     }
 
     /// Backpropagate the gradient of the loss with respect to the logits of the last training-mode forward,

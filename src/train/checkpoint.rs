@@ -1,6 +1,7 @@
 //! Training checkpoints: one safetensors file holding the network under torchvision's keys (so it loads into
 //! PyTorch or `resnet predict` as is), the optimiser state under `optimizer.*`, and in the metadata the recipe
-//! and the loop's position. Written atomically: a crash leaves the previous checkpoint intact.
+//! and the loop's position, plus a checksum verified on load. Written atomically: a crash leaves the previous
+//! checkpoint intact.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,8 +45,6 @@ pub fn save(path: &Path, model: &ResNet, opt: &Optimizer, recipe: &Recipe, pos: 
     for (k, v) in state {
         tensors.insert(format!("{OPTIMIZER_PREFIX}{k}"), v);
     }
-    let counts =
-        model.batch_norm_names().into_iter().map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked)).collect();
     let metadata = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("arch".to_string(), recipe.arch.clone()),
@@ -53,11 +52,14 @@ pub fn save(path: &Path, model: &ResNet, opt: &Optimizer, recipe: &Recipe, pos: 
         ("position".to_string(), serde_json::to_string(pos).map_err(Error::invalid)?),
         ("optimizer_steps".to_string(), steps.to_string()),
     ]);
-    weights::safetensors::save(path, &tensors, &counts, &metadata)
+    weights::safetensors::save(path, &tensors, &weights::batch_counts(model), &metadata)
 }
 
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let loaded = weights::safetensors::load(path)?;
+    if !loaded.checksum_verified {
+        return Err(Error::file(path, "not a resnet-rs training checkpoint (no checksum)"));
+    }
     let meta = |key: &str| {
         loaded.metadata.get(key).ok_or_else(|| Error::file(path, format!("not a training checkpoint (no '{key}' metadata)")))
     };

@@ -1,8 +1,10 @@
 //! Training: optimisers, learning-rate schedules, the loop, monitoring and checkpoints.
 
 pub mod checkpoint;
+pub mod evaluate;
 pub mod monitor;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
+pub mod setup;
 pub mod trainer;

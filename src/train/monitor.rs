@@ -1,5 +1,5 @@
 //! Gradient monitoring: global and per-parameter gradient norms, weight norms and update/weight ratios, and the
-//! non-finite guard that names the first layer (in forward order) whose gradient blew up.
+//! non-finite guard's names for where a gradient or a weight blew up.
 
 use serde::Serialize;
 
@@ -47,9 +47,10 @@ pub fn grad_norms(params: &[Param]) -> Vec<f64> {
     params.iter().map(|p| p.grad.as_ref().map(|g| norm(g.data())).unwrap_or(0.0)).collect()
 }
 
-/// The first parameter, in forward order, whose gradient holds a NaN or an infinity, as a layer name.
-pub fn first_nonfinite(params: &[Param]) -> Option<String> {
-    params.iter().find(|p| p.grad.as_ref().is_some_and(|g| !g.all_finite())).map(|p| layer_name(&p.name))
+/// The layer where backward first produced a non-finite gradient: the last one in forward order, since
+/// backward runs from the head down and everything below a blow-up inherits it.
+pub fn last_nonfinite_grad(params: &[Param]) -> Option<String> {
+    params.iter().rev().find(|p| p.grad.as_ref().is_some_and(|g| !g.all_finite())).map(|p| layer_name(&p.name))
 }
 
 /// The first parameter whose value is not finite (a blown-up weight, or one a user's checkpoint carried in).

@@ -49,12 +49,12 @@ pub fn load_model(arch: Arch, path: &Path) -> Result<ResNet> {
 
 /// Save the network's state_dict as safetensors under torchvision's keys, `num_batches_tracked` included.
 pub fn save_model(model: &ResNet, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
-    let counts = model
-        .batch_norm_names()
-        .into_iter()
-        .map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked))
-        .collect();
-    safetensors::save(path, &model.state_dict(), &counts, metadata)
+    safetensors::save(path, &model.state_dict(), &batch_counts(model), metadata)
+}
+
+/// One `<bn>.num_batches_tracked` per BN layer, as torchvision's state_dict has them (an i64 scalar each).
+pub fn batch_counts(model: &ResNet) -> BTreeMap<String, i64> {
+    model.batch_norm_names().into_iter().map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked)).collect()
 }
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.

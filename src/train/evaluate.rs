@@ -1,0 +1,57 @@
+//! Evaluation on a held-out set: loss, top-1/top-5, per-class accuracy and the confusion matrix.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::data::Dataset;
+use crate::data::loader::{self, LoaderConfig};
+use crate::data::transforms::Pipeline;
+use crate::engine::{Backend, Tensor};
+use crate::error::Result;
+use crate::model::{Mode, ResNet};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<f64>,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Top-1/top-5 hits of a batch.
+pub fn hits(logits: &Tensor, labels: &[usize]) -> (usize, usize) {
+    let c = logits.shape()[1];
+    let (mut top1, mut top5) = (0, 0);
+    for (row, &l) in logits.data().chunks(c).zip(labels) {
+        let better = row.iter().filter(|&&v| v > row[l]).count();
+        top1 += (better == 0) as usize;
+        top5 += (better < 5) as usize;
+    }
+    (top1, top5)
+}
+
+pub fn evaluate(model: &mut ResNet, be: &dyn Backend, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>, batch: usize, workers: usize) -> Result<EvalReport> {
+    let classes = model.config.num_classes;
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0 };
+    let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    for b in loader::batches(ds, pipe, None, &cfg, 0, 0) {
+        let b = b?;
+        let logits = model.forward(be, &b.images, Mode::Eval);
+        let (loss, _) = be.softmax_cross_entropy(&logits, &b.targets);
+        let (h1, h5) = hits(&logits, &b.labels);
+        loss_sum += loss as f64 * b.labels.len() as f64;
+        (top1, top5, n) = (top1 + h1, top5 + h5, n + b.labels.len());
+        for (row, &l) in logits.data().chunks(classes).zip(&b.labels) {
+            let pred = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+            confusion[l][pred] += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    let per_class = confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect();
+    Ok(EvalReport { loss: loss_sum / n, top1: top1 as f64 / n, top5: top5 as f64 / n, per_class, confusion })
+}
+
