@@ -165,3 +165,69 @@ fn train_json_then_eval_on_digits() {
     fails_cleanly(&["train", "--recipe", "cifar10", "--out", path(&dir.path().join("r3"))], "needs --data");
     fails_cleanly(&["train", "--recipe", "cifar10", "--data", path(&dir.path().join("none")), "--out", path(&dir.path().join("r4"))], "none");
 }
+
+/// The three resource bombs of the hardening issue, end to end: each is refused before the claimed memory is
+/// allocated (the test would take gigabytes or minutes otherwise), with one line and exit code 2.
+#[test]
+fn resource_bombs_are_refused_before_allocating() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cat = fixture("images/cat.png");
+    let img = path(&cat);
+    let tiny = fixture("tiny/resnet34_w4.pth");
+
+    // A safetensors header claiming a 10^15-byte tensor, with 16 bytes of data behind it.
+    let header = r#"{"fc.weight":{"dtype":"F32","shape":[250000000000000],"data_offsets":[0,1000000000000000]}}"#;
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(header.as_bytes());
+    st.extend_from_slice(&[0u8; 16]);
+    let huge = d.join("huge.safetensors");
+    std::fs::write(&huge, st).unwrap();
+    fails_cleanly(&["predict", "--weights", path(&huge), img], "huge.safetensors: not a valid safetensors file");
+
+    // A PNG whose header claims 2^31-1 x 2^31-1 pixels (the largest PNG allows).
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        let mut h = crc32fast::Hasher::new();
+        h.update(kind);
+        h.update(data);
+        c.extend_from_slice(&h.finalize().to_be_bytes());
+        c
+    };
+    let side = (i32::MAX as u32).to_be_bytes();
+    let ihdr = [&side[..], &side[..], &[8, 2, 0, 0, 0]].concat();
+    let png = [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IEND", &[])].concat();
+    let giant = d.join("giant.png");
+    std::fs::write(&giant, png).unwrap();
+    fails_cleanly(&["predict", "--weights", path(&tiny), path(&giant)], "giant.png: not a readable JPEG/PNG image: Memory limit");
+
+    // The PyTorch checkpoint re-zipped with its storage replaced by 256 MiB of deflated zeros (~250 KiB).
+    let mut src = zip::ZipArchive::new(std::fs::File::open(&tiny).unwrap()).unwrap();
+    let bomb = d.join("bomb.pth");
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&bomb).unwrap());
+    for i in 0..src.len() {
+        let mut entry = src.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        if name.ends_with("/data/0") {
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .large_file(false);
+            out.start_file(name, opts).unwrap();
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..256 {
+                out.write_all(&zeros).unwrap();
+            }
+        } else {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            out.start_file(name, zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+            out.write_all(&bytes).unwrap();
+        }
+    }
+    out.finish().unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 2 << 20);
+    fails_cleanly(&["predict", "--weights", path(&bomb), img], "bomb.pth: resnet34_w4/data/0 claims 268435456 bytes");
+}

@@ -736,7 +736,25 @@ fn synthetic_safetensors() -> Vec<(String, Vec<u8>)> {
         ),
         ("gen/st-empty".into(), build("{}", &[])),
         ("gen/st-u8".into(), build(r#"{"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#, &[1, 2, 3])),
+        ("gen/st-checksummed".into(), checksummed_safetensors()),
     ]
+}
+
+/// A file as our own writer makes it, with the CRC-32 in its metadata, so that mutations reach the checksum
+/// verification (files from PyTorch carry none).
+fn checksummed_safetensors() -> Vec<u8> {
+    use resnet_rs::engine::Tensor;
+    let path = std::env::temp_dir().join(format!("resnet-fuzz-seed-{}.safetensors", std::process::id()));
+    let tensors = std::collections::BTreeMap::from([
+        ("conv.weight".to_string(), Tensor::new(&[2, 1, 1, 2], vec![0.5, -1.0, 2.0, 3.5]).expect("4 values")),
+        ("fc.bias".to_string(), Tensor::new(&[3], vec![1.0, 2.0, 3.0]).expect("3 values")),
+    ]);
+    let counts = std::collections::BTreeMap::from([("bn.num_batches_tracked".to_string(), 7i64)]);
+    let meta = std::collections::BTreeMap::from([("format".to_string(), "resnet-rs-train/1".to_string())]);
+    safetensors::save(&path, &tensors, &counts, &meta).expect("temp dir is writable");
+    let bytes = std::fs::read(&path).expect("just written");
+    let _ = std::fs::remove_file(&path);
+    bytes
 }
 
 fn synthetic_images() -> Vec<(String, Vec<u8>)> {
