@@ -1,6 +1,7 @@
 //! The whole network: stem, four stages of blocks, global average pool, fully connected head.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::block::Block;
 use super::family::{ResNetConfig, Stem};
@@ -90,18 +91,22 @@ impl ResNet {
             self.store.batches_tracked += 1;
         }
         let s = &mut self.store;
-        let mut h = self.stem.forward(be, s, x, mode);
-        h = self.stem_relu.forward(be, h, mode);
+        let mut h = match mode {
+            // The stem's record needs its own copy of the caller's input.
+            Mode::Train => self.stem_relu.forward_train(be, self.stem.forward_train(be, s, &Arc::new(x.clone()))),
+            Mode::Eval => Arc::new(self.stem.forward_eval(be, s, x, None, true)),
+        };
         if let Some(pool) = &mut self.maxpool {
-            h = pool.forward(be, &h, mode);
+            h = Arc::new(pool.forward(be, &h, mode));
         }
         let taps = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4];
         for (stage, &stage_tap) in self.stages.iter_mut().zip(&taps) {
             for block in stage.iter_mut() {
-                h = block.forward(be, s, &h, mode);
+                h = block.forward(be, s, h, mode);
             }
             if tap == stage_tap {
-                return h;
+                // A copy only in training mode, where the block's record shares the map.
+                return Arc::unwrap_or_clone(h);
             }
         }
         if mode == Mode::Train {
@@ -111,7 +116,7 @@ impl ResNet {
         if tap == Tap::AvgPool {
             return pooled;
         }
-        self.fc.forward(be, s, &pooled, mode)
+        self.fc.forward(be, s, pooled, mode)
     }
 
     /// Backpropagate the gradient of the loss with respect to the logits of the last training-mode forward,
