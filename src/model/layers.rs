@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::store::{BufferId, Init, ParamId, Path, Store};
-use crate::engine::{Backend, ConvGeom, Tensor};
+use crate::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -99,13 +99,8 @@ impl BatchNorm2d {
     pub fn forward_eval(&self, be: &dyn Backend, s: &Store, x: Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
         let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
         let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
-        let y = be.batch_norm_eval(x, gamma, beta, mean, var, BN_EPS);
-        match (residual, relu) {
-            (Some(r), true) => be.add_relu(y, r),
-            (Some(r), false) => be.add(y, r),
-            (None, true) => be.relu(y),
-            (None, false) => y,
-        }
+        let (scale, shift) = batch_norm_affine(gamma, beta, mean, var, BN_EPS);
+        be.affine_act(x, &scale, &shift, residual, relu)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor) -> Tensor {

@@ -36,16 +36,8 @@ impl Backend for Cpu {
     fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
         norm::forward_train(x, gamma, beta, eps)
     }
-    fn batch_norm_eval(
-        &self,
-        x: Tensor,
-        gamma: &[f32],
-        beta: &[f32],
-        mean: &[f32],
-        var: &[f32],
-        eps: f32,
-    ) -> Tensor {
-        norm::forward_eval(x, gamma, beta, mean, var, eps)
+    fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor {
+        norm::affine_act(x, scale, shift, residual, relu)
     }
     fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
         norm::backward(dy, x_hat, invstd, gamma)
