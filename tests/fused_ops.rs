@@ -19,7 +19,8 @@ fn random(rng: &mut Xoshiro256PlusPlus, shape: &[usize]) -> Tensor {
 /// cancellation put many of them); NaN anywhere makes it NaN, which fails every `<=` below.
 fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(1.0)).fold(0.0, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) })
+    let errs = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(1.0));
+    errs.fold(0.0, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) })
 }
 
 #[test]
@@ -53,7 +54,11 @@ fn affine_act_matches_unfused_ops_and_f64_batch_norm() {
         let as_f64 = |t: &Tensor| t.data().iter().map(|&v| v as f64).collect::<Vec<_>>();
         let cases = [
             (Cpu.affine_act(x.clone(), &scale, &shift, None, true), Cpu.relu(bn.clone()), "bn + relu"),
-            (Cpu.affine_act(x.clone(), &scale, &shift, Some(&residual), false), Cpu.add(bn.clone(), &residual), "bn + add"),
+            (
+                Cpu.affine_act(x.clone(), &scale, &shift, Some(&residual), false),
+                Cpu.add(bn.clone(), &residual),
+                "bn + add",
+            ),
             (
                 Cpu.affine_act(x.clone(), &scale, &shift, Some(&residual), true),
                 Cpu.add_relu(bn.clone(), &residual),

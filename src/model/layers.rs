@@ -96,7 +96,14 @@ impl BatchNorm2d {
     }
 
     /// relu?(bn(x) + residual?) with the running statistics, in place on x.
-    pub fn forward_eval(&self, be: &dyn Backend, s: &Store, x: Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
+    pub fn forward_eval(
+        &self,
+        be: &dyn Backend,
+        s: &Store,
+        x: Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
         let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
         let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
         let (scale, shift) = batch_norm_affine(gamma, beta, mean, var, BN_EPS);
@@ -147,7 +154,14 @@ impl ConvBn {
     }
 
     /// relu?(bn(conv(x)) + residual?): the activation and the residual join of inference, fused into batch norm.
-    pub fn forward_eval(&self, be: &dyn Backend, s: &Store, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
+    pub fn forward_eval(
+        &self,
+        be: &dyn Backend,
+        s: &Store,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
         let y = self.conv.forward_eval(be, s, x);
         self.bn.forward_eval(be, s, y, residual, relu)
     }
