@@ -7,11 +7,12 @@
 # python/bench_torch.py (theirs, every variant in its own process) alternately: ours, theirs, ours, theirs...
 # for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
 # intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
-# its per-round median; the table shows ours against the fastest other variant, then every variant.
+# its per-round median; the table shows ours against the fastest other f32 variant (the same arithmetic as
+# ours), bf16 on its own row (n/a for ours, which has no bf16 yet), then every variant.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
 # PYTHON selects the interpreter (default python3); it must import torch and torchvision (onnxruntime and
 # onnx for the ORT variant; without them that variant is skipped with a note). Builds
-# target/release/resnet first when it is missing.
+# $CARGO_TARGET_DIR/release/resnet (default target/) first when it is missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --rounds)
             [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
             ROUNDS="$2"; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1' (expected --quick or --rounds N)" >&2; exit 2 ;;
     esac
     shift
@@ -45,7 +46,7 @@ if ! TORCH_VERSION="$("$PYTHON" -c 'import torch, torchvision; print(torch.__ver
 fi
 ORT_VERSION="$("$PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || echo "not installed")"
 
-BIN=target/release/resnet
+BIN="${CARGO_TARGET_DIR:-target}/release/resnet"
 if [[ ! -x "$BIN" ]]; then
     echo "compare.sh: $BIN missing; building it (cargo build --release)" >&2
     cargo build --release >&2
@@ -120,22 +121,32 @@ for w in sys.argv[2:]:
         else:
             theirs.setdefault(r["variant"], []).append(r)
     agg = {
-        v: (statistics.median(r["median_ms"] for r in rs), max(r["peak_rss_mib"] for r in rs), len(rs))
+        v: (statistics.median(r["median_ms"] for r in rs), max(r["peak_rss_mib"] for r in rs), len(rs), rs[0].get("dtype", "f32"))
         for v, rs in theirs.items()
     }
-    best = min(agg, key=lambda v: agg[v][0]) if agg else None
-    if best:
-        b_ms, b_rss, _ = agg[best]
-        rss_ratio = ours_rss / b_rss if ours_rss is not None else None
-        rows.append((name, f"{ours_ms:.1f}", f"{b_ms:.1f} ({best})", f"{ours_ms / b_ms:.2f}", fmt(ours_rss, ".0f"),
-                     f"{b_rss:.0f}", fmt(rss_ratio, ".2f")))
-    else:
-        rows.append((name, f"{ours_ms:.1f}", "- (none ran)", "-", fmt(ours_rss, ".0f"), "-", "-"))
+    ours_dtype = ours[0].get("dtype", "f32")
+    # One row per dtype: ours is compared only with variants doing the same arithmetic.
+    for dtype in [ours_dtype] + sorted({a[3] for a in agg.values()} - {ours_dtype}):
+        label = name if dtype == ours_dtype else f"{name} {dtype}"
+        same = {v: a for v, a in agg.items() if a[3] == dtype}
+        best = min(same, key=lambda v: same[v][0]) if same else None
+        if dtype != ours_dtype:
+            b_ms, b_rss, _, _ = same[best]
+            rows.append((label, "n/a", f"{b_ms:.1f} ({best})", "n/a", "n/a", f"{b_rss:.0f}", "n/a"))
+        elif best:
+            b_ms, b_rss, _, _ = same[best]
+            rss_ratio = ours_rss / b_rss if ours_rss is not None else None
+            rows.append((label, f"{ours_ms:.1f}", f"{b_ms:.1f} ({best})", f"{ours_ms / b_ms:.2f}", fmt(ours_rss, ".0f"),
+                         f"{b_rss:.0f}", fmt(rss_ratio, ".2f")))
+        else:
+            rows.append((label, f"{ours_ms:.1f}", "- (none ran)", "-", fmt(ours_rss, ".0f"), "-", "-"))
     details.append((name, "ours", f"{ours_ms:.1f}", "1.00", fmt(ours_rss, ".0f"), str(len(ours)), ""))
     for v in ("eager", "channels_last", "compile", "bf16", "ort"):
         if v in agg:
-            ms, rss, n = agg[v]
-            details.append((name, v, f"{ms:.1f}", f"{ours_ms / ms:.2f}", f"{rss:.0f}", str(n), notes.get(v, "")))
+            ms, rss, n, dtype = agg[v]
+            ratio = f"{ours_ms / ms:.2f}" if dtype == ours_dtype else "n/a"
+            note = notes.get(v, "") or ("" if dtype == ours_dtype else f"{dtype}; ours is {ours_dtype} only")
+            details.append((name, v, f"{ms:.1f}", ratio, f"{rss:.0f}", str(n), note))
         elif v in notes:
             details.append((name, v, "-", "-", "-", "0", notes[v]))
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::{Fixture, assert_close, assert_close_slice};
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::engine::{Backend, ConvGeom, Tensor};
+use resnet_rs::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
 
 const TOL: f64 = 1e-5;
 
@@ -62,14 +62,14 @@ fn batch_norm_training_matches_pytorch_including_running_stats() {
 fn batch_norm_eval_matches_pytorch() {
     let f = ops();
     let k = |s: &str| format!("bn_eval.{s}");
-    let y = Cpu.batch_norm_eval(
-        f.get(&k("x")).clone(),
+    let (scale, shift) = batch_norm_affine(
         f.get(&k("weight")).data(),
         f.get(&k("bias")).data(),
         f.get(&k("running_mean")).data(),
         f.get(&k("running_var")).data(),
         resnet_rs::model::layers::BN_EPS,
     );
+    let y = Cpu.affine_act(f.get(&k("x")).clone(), &scale, &shift, None, false);
     assert_close("bn eval y", &y, f.get(&k("y")), TOL);
 }
 

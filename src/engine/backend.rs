@@ -27,6 +27,13 @@ impl ConvGeom {
     }
 }
 
+/// Eval-mode batch norm as the per-channel affine map it is: scale = γ/√(var+ε), shift = β − mean·scale.
+pub fn batch_norm_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma.iter().zip(var).map(|(&g, &v)| g / (v + eps).sqrt()).collect();
+    let shift = beta.iter().zip(mean).zip(&scale).map(|((&b, &m), &s)| b - m * s).collect();
+    (scale, shift)
+}
+
 /// What training-mode batch norm returns: the output, plus what its backward and the running-stat update need.
 pub struct BatchNormTrain {
     pub y: Tensor,
@@ -63,9 +70,9 @@ pub trait Backend: Send + Sync {
 
     /// Batch norm with the batch's own statistics (training mode).
     fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain;
-    /// Batch norm with given statistics (eval mode), in place.
-    fn batch_norm_eval(&self, x: Tensor, gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32)
-    -> Tensor;
+    /// relu?(x·scale + shift + residual?) with one scale and shift per channel, in place on x, in one pass:
+    /// eval-mode batch norm (see `batch_norm_affine`) with the ReLU and the residual join that follow it.
+    fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor;
     fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads;
 
     /// max(x, 0), in place.

@@ -4,7 +4,7 @@ pub mod backend;
 pub mod cpu;
 pub mod tensor;
 
-pub use backend::{Backend, ConvGeom};
+pub use backend::{Backend, ConvGeom, batch_norm_affine};
 pub use tensor::Tensor;
 
 /// Target distributions for the loss: each label's one-hot row, label-smoothed as PyTorch does,

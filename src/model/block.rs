@@ -4,6 +4,8 @@
 //! (with the stride), 1x1 for Bottleneck. The shortcut is the identity, or a strided 1x1 conv + BN
 //! (`downsample`) whenever the stride or the channel count changes.
 
+use std::sync::Arc;
+
 use super::family::BlockKind;
 use super::layers::{ConvBn, Mode, Relu};
 use super::store::{Path, Store};
@@ -14,8 +16,9 @@ pub struct Block {
     /// One ReLU after every unit but the last.
     relus: Vec<Relu>,
     downsample: Option<ConvBn>,
-    /// Record: the block's output, whose sign masks the final ReLU's gradient.
-    output: Option<Tensor>,
+    /// Record: the block's output, whose sign masks the final ReLU's gradient (shared with the next block's
+    /// convolutions, which record it as their input).
+    output: Option<Arc<Tensor>>,
 }
 
 impl Block {
@@ -48,33 +51,48 @@ impl Block {
         Block { units, relus: (0..last).map(|_| Relu::default()).collect(), downsample, output: None }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: &Tensor, mode: Mode) -> Tensor {
-        let shortcut = match &mut self.downsample {
-            Some(ds) => ds.forward(be, s, x, mode),
-            None => x.clone(),
-        };
-        let mut h = self.units[0].forward(be, s, x, mode);
+    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: Arc<Tensor>, mode: Mode) -> Arc<Tensor> {
+        match mode {
+            Mode::Train => self.forward_train(be, s, &x),
+            Mode::Eval => Arc::new(self.forward_eval(be, s, &x)),
+        }
+    }
+
+    fn forward_train(&mut self, be: &dyn Backend, s: &mut Store, x: &Arc<Tensor>) -> Arc<Tensor> {
+        let projected = self.downsample.as_mut().map(|ds| ds.forward_train(be, s, x));
+        let mut h = self.units[0].forward_train(be, s, x);
         for (unit, relu) in self.units[1..].iter_mut().zip(&mut self.relus) {
-            h = relu.forward(be, h, mode);
-            h = unit.forward(be, s, &h, mode);
+            let a = relu.forward_train(be, h);
+            h = unit.forward_train(be, s, &a);
         }
-        let out = be.add_relu(h, &shortcut);
-        if mode == Mode::Train {
-            self.output = Some(out.clone());
-        }
+        let out = Arc::new(be.add_relu(h, projected.as_ref().unwrap_or(x)));
+        self.output = Some(Arc::clone(&out));
         out
+    }
+
+    fn forward_eval(&self, be: &dyn Backend, s: &Store, x: &Tensor) -> Tensor {
+        let projected = self.downsample.as_ref().map(|ds| ds.forward_eval(be, s, x, None, false));
+        let shortcut = projected.as_ref().unwrap_or(x);
+        let (last, inner) = self.units.split_last().expect("a block has at least two units");
+        let mut h: Option<Tensor> = None;
+        for unit in inner {
+            h = Some(unit.forward_eval(be, s, h.as_ref().unwrap_or(x), None, true));
+        }
+        last.forward_eval(be, s, h.as_ref().unwrap_or(x), Some(shortcut), true)
     }
 
     /// Gradient with respect to the block input.
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: Tensor) -> Tensor {
         let out = self.output.take().expect("backward called without a training-mode forward");
         let d = be.relu_backward(dy, &out);
-        let mut g = d.clone();
-        for i in (0..self.units.len()).rev() {
+        // The next block's backward has run, so this was the output's last holder: free it before the units'
+        // backward allocates.
+        drop(out);
+        let last = self.units.len() - 1;
+        let mut g = self.units[last].backward(be, s, &d, true).expect("dx was requested");
+        for i in (0..last).rev() {
+            g = self.relus[i].backward(be, g);
             g = self.units[i].backward(be, s, &g, true).expect("dx was requested");
-            if i > 0 {
-                g = self.relus[i - 1].backward(be, g);
-            }
         }
         let d_shortcut = match &mut self.downsample {
             Some(ds) => ds.backward(be, s, &d, true).expect("dx was requested"),

@@ -1,8 +1,14 @@
 //! The network's layers. Each keeps, in training mode, exactly what its backward needs (its "record"), and gives
-//! it up when backward runs, so a second backward without a forward is a bug that shows.
+//! it up when backward runs, so a second backward without a forward is a bug that shows. An activation that
+//! several records need (a ReLU's output is also the next convolution's input) is one `Arc<Tensor>` they share.
+//!
+//! Inference has no records and no separate ReLU: `ConvBn::forward_eval` applies batch norm, the residual add
+//! and the ReLU in one pass over the convolution's output.
+
+use std::sync::Arc;
 
 use super::store::{BufferId, Init, ParamId, Path, Store};
-use crate::engine::{Backend, ConvGeom, Tensor};
+use crate::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -19,7 +25,7 @@ pub struct Conv2d {
     pub weight: ParamId,
     pub geom: ConvGeom,
     /// Record: the input, for the weight gradient.
-    input: Option<Tensor>,
+    input: Option<Arc<Tensor>>,
 }
 
 impl Conv2d {
@@ -28,10 +34,12 @@ impl Conv2d {
         Conv2d { weight, geom: ConvGeom::square(stride, pad), input: None }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, s: &Store, x: &Tensor, mode: Mode) -> Tensor {
-        if mode == Mode::Train {
-            self.input = Some(x.clone());
-        }
+    pub fn forward_train(&mut self, be: &dyn Backend, s: &Store, x: &Arc<Tensor>) -> Tensor {
+        self.input = Some(Arc::clone(x));
+        be.conv2d(x, s.value(self.weight), self.geom)
+    }
+
+    pub fn forward_eval(&self, be: &dyn Backend, s: &Store, x: &Tensor) -> Tensor {
         be.conv2d(x, s.value(self.weight), self.geom)
     }
 
@@ -71,28 +79,35 @@ impl BatchNorm2d {
         }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: Tensor, mode: Mode) -> Tensor {
+    pub fn forward_train(&mut self, be: &dyn Backend, s: &mut Store, x: Tensor) -> Tensor {
         let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
-        match mode {
-            Mode::Eval => {
-                let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
-                be.batch_norm_eval(x, gamma, beta, mean, var, BN_EPS)
-            }
-            Mode::Train => {
-                let [n, _, h, w] = x.dims4();
-                let out = be.batch_norm_train(&x, gamma, beta, BN_EPS);
-                // PyTorch updates the running variance with the unbiased estimate (divide by M − 1).
-                let m = (n * h * w) as f32;
-                let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-                let k = BN_MOMENTUM;
-                let rm = s.buffer_mut(self.running_mean).data_mut();
-                rm.iter_mut().zip(&out.mean).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v);
-                let rv = s.buffer_mut(self.running_var).data_mut();
-                rv.iter_mut().zip(&out.var).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v * unbias);
-                self.record = Some((out.x_hat, out.invstd));
-                out.y
-            }
-        }
+        let [n, _, h, w] = x.dims4();
+        let out = be.batch_norm_train(&x, gamma, beta, BN_EPS);
+        // PyTorch updates the running variance with the unbiased estimate (divide by M − 1).
+        let m = (n * h * w) as f32;
+        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+        let k = BN_MOMENTUM;
+        let rm = s.buffer_mut(self.running_mean).data_mut();
+        rm.iter_mut().zip(&out.mean).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v);
+        let rv = s.buffer_mut(self.running_var).data_mut();
+        rv.iter_mut().zip(&out.var).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v * unbias);
+        self.record = Some((out.x_hat, out.invstd));
+        out.y
+    }
+
+    /// relu?(bn(x) + residual?) with the running statistics, in place on x.
+    pub fn forward_eval(
+        &self,
+        be: &dyn Backend,
+        s: &Store,
+        x: Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
+        let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
+        let (scale, shift) = batch_norm_affine(gamma, beta, mean, var, BN_EPS);
+        be.affine_act(x, &scale, &shift, residual, relu)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor) -> Tensor {
@@ -133,9 +148,22 @@ impl ConvBn {
         }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, s: &mut Store, x: &Tensor, mode: Mode) -> Tensor {
-        let y = self.conv.forward(be, s, x, mode);
-        self.bn.forward(be, s, y, mode)
+    pub fn forward_train(&mut self, be: &dyn Backend, s: &mut Store, x: &Arc<Tensor>) -> Tensor {
+        let y = self.conv.forward_train(be, s, x);
+        self.bn.forward_train(be, s, y)
+    }
+
+    /// relu?(bn(conv(x)) + residual?): the activation and the residual join of inference, fused into batch norm.
+    pub fn forward_eval(
+        &self,
+        be: &dyn Backend,
+        s: &Store,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        let y = self.conv.forward_eval(be, s, x);
+        self.bn.forward_eval(be, s, y, residual, relu)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
@@ -144,18 +172,17 @@ impl ConvBn {
     }
 }
 
-/// ReLU whose record is its own output (the gradient passes where the output is positive).
+/// Training's ReLU, whose record is its own output (the gradient passes where the output is positive), shared
+/// with the layer that reads it.
 #[derive(Default)]
 pub struct Relu {
-    output: Option<Tensor>,
+    output: Option<Arc<Tensor>>,
 }
 
 impl Relu {
-    pub fn forward(&mut self, be: &dyn Backend, x: Tensor, mode: Mode) -> Tensor {
-        let y = be.relu(x);
-        if mode == Mode::Train {
-            self.output = Some(y.clone());
-        }
+    pub fn forward_train(&mut self, be: &dyn Backend, x: Tensor) -> Arc<Tensor> {
+        let y = Arc::new(be.relu(x));
+        self.output = Some(Arc::clone(&y));
         y
     }
 
@@ -202,11 +229,12 @@ impl Linear {
         }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, s: &Store, x: &Tensor, mode: Mode) -> Tensor {
+    pub fn forward(&mut self, be: &dyn Backend, s: &Store, x: Tensor, mode: Mode) -> Tensor {
+        let y = be.linear(&x, s.value(self.weight), s.value(self.bias).data());
         if mode == Mode::Train {
-            self.input = Some(x.clone());
+            self.input = Some(x);
         }
-        be.linear(x, s.value(self.weight), s.value(self.bias).data())
+        y
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {

@@ -1,6 +1,7 @@
 //! The whole network: stem, four stages of blocks, global average pool, fully connected head.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::block::Block;
 use super::family::{ResNetConfig, Stem};
@@ -101,20 +102,24 @@ impl ResNet {
                 *first_nonfinite = Some(name());
             }
         };
-        let mut h = self.stem.forward(be, s, x, mode);
+        let mut h = match mode {
+            // The stem's record needs its own copy of the caller's input.
+            Mode::Train => self.stem_relu.forward_train(be, self.stem.forward_train(be, s, &Arc::new(x.clone()))),
+            Mode::Eval => Arc::new(self.stem.forward_eval(be, s, x, None, true)),
+        };
         watch(&|| "conv1".into(), &h);
-        h = self.stem_relu.forward(be, h, mode);
         if let Some(pool) = &mut self.maxpool {
-            h = pool.forward(be, &h, mode);
+            h = Arc::new(pool.forward(be, &h, mode));
         }
         let taps = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4];
         for (i, (stage, &stage_tap)) in self.stages.iter_mut().zip(&taps).enumerate() {
             for (b, block) in stage.iter_mut().enumerate() {
-                h = block.forward(be, s, &h, mode);
+                h = block.forward(be, s, h, mode);
                 watch(&|| format!("layer{}.{b}", i + 1), &h);
             }
             if tap == stage_tap {
-                return h;
+                // A copy only in training mode, where the block's record shares the map.
+                return Arc::unwrap_or_clone(h);
             }
         }
         if mode == Mode::Train {
@@ -124,7 +129,7 @@ impl ResNet {
         if tap == Tap::AvgPool {
             return pooled;
         }
-        let logits = self.fc.forward(be, s, &pooled, mode);
+        let logits = self.fc.forward(be, s, pooled, mode);
         watch(&|| "fc".into(), &logits);
         logits
     }

@@ -2,12 +2,13 @@
 
 use rayon::prelude::*;
 
+use super::relu1;
 use crate::engine::Tensor;
 
 const CHUNK: usize = 1 << 14;
 
 pub fn relu(mut x: Tensor) -> Tensor {
-    x.data_mut().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    x.data_mut().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = relu1(*v)));
     x
 }
 
@@ -28,7 +29,7 @@ pub fn add(mut a: Tensor, b: &Tensor, then_relu: bool) -> Tensor {
     a.data_mut().par_chunks_mut(CHUNK).zip(b.data().par_chunks(CHUNK)).for_each(|(a, b)| {
         a.iter_mut().zip(b).for_each(|(a, &b)| {
             let s = *a + b;
-            *a = if then_relu { s.max(0.0) } else { s };
+            *a = if then_relu { relu1(s) } else { s };
         })
     });
     a

@@ -11,6 +11,13 @@ mod pool;
 use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 use super::Tensor;
 
+/// max(v, 0) as PyTorch computes it: a NaN stays NaN (`f32::max` would turn it into 0 and hide a blow-up
+/// from the numeric guard), and the select vectorises like `max` does.
+#[inline(always)]
+pub(crate) fn relu1(v: f32) -> f32 {
+    if v < 0.0 { 0.0 } else { v }
+}
+
 /// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS` sets their number).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -36,16 +43,8 @@ impl Backend for Cpu {
     fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
         norm::forward_train(x, gamma, beta, eps)
     }
-    fn batch_norm_eval(
-        &self,
-        x: Tensor,
-        gamma: &[f32],
-        beta: &[f32],
-        mean: &[f32],
-        var: &[f32],
-        eps: f32,
-    ) -> Tensor {
-        norm::forward_eval(x, gamma, beta, mean, var, eps)
+    fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor {
+        norm::affine_act(x, scale, shift, residual, relu)
     }
     fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
         norm::backward(dy, x_hat, invstd, gamma)

@@ -55,27 +55,40 @@ pub fn forward_train(x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> Batch
     }
 }
 
-pub fn forward_eval(
-    mut x: Tensor,
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-    eps: f32,
-) -> Tensor {
+/// Values per parallel task: whole planes, enough of them that rayon's per-task cost stays small on the
+/// 7x7 maps of the last stage.
+const CHUNK: usize = 1 << 14;
+
+pub fn affine_act(mut x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor {
     let [_, c, h, w] = x.dims4();
-    assert!(gamma.len() == c && mean.len() == c, "batch norm: {c} channels but {} parameters", gamma.len());
-    let hw = h * w;
-    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / (var[ch] + eps).sqrt()).collect();
-    if hw > 0 {
-        x.data_mut().par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
-            let ch = p % c;
-            for v in plane {
-                *v = (*v - mean[ch]) * scale[ch] + beta[ch];
-            }
-        });
+    assert!(scale.len() == c && shift.len() == c, "affine: {c} channels but {} scales", scale.len());
+    if let Some(r) = residual {
+        assert_eq!(r.shape(), x.shape(), "affine: residual and input differ in shape");
     }
+    let hw = h * w;
+    if hw == 0 {
+        return x;
+    }
+    let planes = CHUNK.div_ceil(hw);
+    let residual = residual.map(Tensor::data);
+    x.data_mut().par_chunks_mut(planes * hw).enumerate().for_each(|(t, xs)| {
+        for (i, y) in xs.chunks_mut(hw).enumerate() {
+            let p = t * planes + i;
+            let (a, b) = (scale[p % c], shift[p % c]);
+            let r = residual.map(|r| &r[p * hw..(p + 1) * hw]);
+            if relu { affine_plane::<true>(y, r, a, b) } else { affine_plane::<false>(y, r, a, b) }
+        }
+    });
     x
+}
+
+/// One plane, with the ReLU decided at compile time so that each variant's loop vectorises.
+fn affine_plane<const RELU: bool>(y: &mut [f32], residual: Option<&[f32]>, a: f32, b: f32) {
+    let act = |s: f32| if RELU { super::relu1(s) } else { s };
+    match residual {
+        Some(r) => y.iter_mut().zip(r).for_each(|(v, &r)| *v = act(*v * a + b + r)),
+        None => y.iter_mut().for_each(|v| *v = act(*v * a + b)),
+    }
 }
 
 /// With M = N·H·W: dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
