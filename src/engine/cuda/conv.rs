@@ -238,7 +238,7 @@ impl ConvPlan {
         }
 
         let key = (shape, dev.allow_tf32);
-        let (algo, workspace) = match cache.0.get(&key) {
+        let (algo, searched) = match cache.0.get(&key) {
             Some(&hit) => hit,
             None => {
                 let chosen = find_algorithm(dev, &x, &w, &conv, &y, shape)?;
@@ -246,6 +246,13 @@ impl ConvPlan {
                 chosen
             }
         };
+        // The search reports the workspace of its own trial; ask again for these descriptors and keep the larger.
+        // SAFETY: the handle and all four descriptors are live and fully set; `algo` came from cuDNN.
+        let asked = unsafe {
+            dnn::get_convolution_forward_workspace_size(dev.dnn.raw(), x.0, w.0, conv.0, y.0, algo)
+        }
+        .map_err(cuda_err("sizing a convolution workspace"))?;
+        let workspace = searched.max(asked);
         Ok(ConvPlan {
             shape,
             x,

@@ -198,6 +198,10 @@ impl CudaResNet {
 
     /// Eval-mode logits `[N, classes]` for images `[N, 3, H, W]` with N ≤ the batch given at construction.
     pub fn forward(&mut self, images: &Tensor) -> Result<Tensor> {
+        guarded("forward", || self.run(images))
+    }
+
+    fn run(&mut self, images: &Tensor) -> Result<Tensor> {
         let n = match images.shape() {
             &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
             s => {
@@ -269,6 +273,10 @@ impl CudaResNet {
     /// Copy the device's parameters and BN buffers into `model` (for checkpoints), which must have this
     /// executor's configuration.
     pub fn download_into(&self, model: &mut ResNet) -> Result<()> {
+        guarded("download", || self.download(model))
+    }
+
+    fn download(&self, model: &mut ResNet) -> Result<()> {
         if model.config != self.config {
             return Err(Error::invalid(
                 "CUDA: download_into needs a model of the executor's configuration",
