@@ -2,6 +2,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod tensor;
 
 pub use backend::{Backend, ConvGeom, batch_norm_affine};

@@ -1,0 +1,596 @@
+//! `CudaResNet`: the whole network resident on one device, run as a fixed list of steps.
+
+use std::collections::HashMap;
+
+use super::conv::{AlgoCache, ConvPlan, ConvShape};
+use super::device::{Buf, Device, guarded};
+use super::kernels::Kernels;
+use super::linear;
+use super::norm::Norm;
+use crate::engine::{ConvGeom, Tensor};
+use crate::error::{Error, Result};
+use crate::model::{BlockKind, ResNet, ResNetConfig, Stem};
+
+/// Activation slots: the block input, the shortcut and one unit's output are live at once, so three suffice
+/// (see `Builder::block`).
+const SLOTS: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Slot {
+    Input,
+    Act(usize),
+}
+
+/// One step of the network, independent of the batch size.
+enum Node {
+    Conv {
+        weight: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        src: Slot,
+        dst: Slot,
+    },
+    /// BN of `dst` in place, plus the residual and the ReLU when asked.
+    Norm {
+        norm: usize,
+        dst: Slot,
+        residual: Option<Slot>,
+        relu: bool,
+    },
+    MaxPool {
+        src: Slot,
+        dst: Slot,
+    },
+    AvgPool {
+        src: Slot,
+    },
+    Fc,
+}
+
+/// The steps bound to one batch size: a convolution plan per convolution node and each node's input dims.
+struct Plan {
+    convs: Vec<ConvPlan>,
+    dims: Vec<[usize; 4]>,
+    /// Largest activation written to an `Act` slot, in floats.
+    activation: usize,
+    /// Largest convolution workspace, in bytes.
+    workspace: usize,
+}
+
+/// Construction options beyond the device index.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CudaOptions {
+    /// Let cuDNN and cuBLAS use TF32 tensor cores for fp32 (faster on Ampere and later, about 1e-3 relative error).
+    /// Off by default, and off for every parity test.
+    pub allow_tf32: bool,
+}
+
+pub struct CudaResNet {
+    config: ResNetConfig,
+    /// Parameters then buffers, in the store's order, as device copies; `names[i]`/`shapes[i]` describe `tensors[i]`.
+    tensors: Vec<Buf<f32>>,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    norms: Vec<Norm>,
+    nodes: Vec<Node>,
+    fc: (usize, usize),
+    plans: HashMap<usize, Plan>,
+    algos: AlgoCache,
+    input: Buf<f32>,
+    acts: Vec<Buf<f32>>,
+    features: Buf<f32>,
+    logits: Buf<f32>,
+    workspace: Buf<u8>,
+    batch: usize,
+    hw: (usize, usize),
+    kernels: Kernels,
+    /// Last, so that every buffer and plan above is released while the device's handles still exist.
+    dev: Device,
+}
+
+impl CudaResNet {
+    /// Upload `model` to device `device` (TF32 off) for batches of up to `batch` images of `h`×`w`.
+    pub fn new(
+        model: &ResNet,
+        device: usize,
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<CudaResNet> {
+        Self::with_options(model, device, batch, h, w, CudaOptions::default())
+    }
+
+    pub fn with_options(
+        model: &ResNet,
+        device: usize,
+        batch: usize,
+        h: usize,
+        w: usize,
+        options: CudaOptions,
+    ) -> Result<CudaResNet> {
+        if batch == 0 || h == 0 || w == 0 {
+            return Err(Error::invalid(format!(
+                "CUDA: empty input shape: batch {batch}, {h}x{w}"
+            )));
+        }
+        // The graph is checked against the model before the device is touched, so a model this executor does not
+        // describe fails the same way on every machine.
+        let mut b = Builder::new(model);
+        b.network()?;
+        let Builder {
+            nodes,
+            norms: norm_specs,
+            used,
+            fc,
+            ..
+        } = b;
+        let unused: Vec<&str> = model
+            .store
+            .params
+            .iter()
+            .map(|p| p.name.as_str())
+            .chain(model.store.buffers.iter().map(|b| b.name.as_str()))
+            .enumerate()
+            .filter(|(i, _)| !used[*i])
+            .map(|(_, n)| n)
+            .collect();
+        if !unused.is_empty() {
+            return Err(Error::invalid(format!(
+                "CUDA: the executor does not know model tensors {unused:?}"
+            )));
+        }
+
+        let dev = Device::open(device, options.allow_tf32)?;
+        guarded("uploading the network", || {
+            let kernels = Kernels::load(&dev)?;
+            let store = &model.store;
+            let values = store
+                .params
+                .iter()
+                .map(|p| (&p.name, &p.value))
+                .chain(store.buffers.iter().map(|b| (&b.name, &b.value)));
+            let (mut tensors, mut names, mut shapes) = (Vec::new(), Vec::new(), Vec::new());
+            for (name, value) in values {
+                tensors.push(dev.upload(value.data())?);
+                names.push(name.clone());
+                shapes.push(value.shape().to_vec());
+            }
+            let norms = norm_specs
+                .iter()
+                .map(|&(t, c)| Norm::new(&dev, t, c))
+                .collect::<Result<Vec<_>>>()?;
+            for norm in &norms {
+                norm.fold(&dev, &kernels, &tensors)?;
+            }
+            let classes = model.config.num_classes;
+            let features = dev.zeros(batch * model.config.feature_dim())?;
+            let logits = dev.zeros(batch * classes)?;
+            let mut exec = CudaResNet {
+                config: model.config,
+                tensors,
+                names,
+                shapes,
+                norms,
+                nodes,
+                fc,
+                plans: HashMap::new(),
+                algos: AlgoCache::default(),
+                input: dev.zeros(batch * 3 * h * w)?,
+                acts: Vec::new(),
+                features,
+                logits,
+                workspace: dev.zeros(0)?,
+                batch,
+                hw: (h, w),
+                kernels,
+                dev,
+            };
+            exec.ensure_plan(batch)?;
+            Ok(exec)
+        })
+    }
+
+    /// The device, for logs: "NVIDIA H100 80GB HBM3 (cuda:0, sm_90)".
+    pub fn device_name(&self) -> String {
+        self.dev.describe()
+    }
+
+    /// Eval-mode logits `[N, classes]` for images `[N, 3, H, W]` with N ≤ the batch given at construction.
+    pub fn forward(&mut self, images: &Tensor) -> Result<Tensor> {
+        guarded("forward", || self.run(images))
+    }
+
+    fn run(&mut self, images: &Tensor) -> Result<Tensor> {
+        let n = match images.shape() {
+            &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
+            s => {
+                return Err(Error::invalid(format!(
+                    "CUDA: input {s:?} does not fit this executor ([1..={}, 3, {}, {}])",
+                    self.batch, self.hw.0, self.hw.1
+                )));
+            }
+        };
+        self.ensure_plan(n)?;
+        self.dev.write(&mut self.input, images.data())?;
+        let plan = self
+            .plans
+            .get(&n)
+            .ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+        let slot = |s: Slot| match s {
+            Slot::Input => &self.input,
+            Slot::Act(i) => &self.acts[i],
+        };
+        let (dev, k) = (&self.dev, &self.kernels);
+        let mut convs = plan.convs.iter();
+        for (node, &dims) in self.nodes.iter().zip(&plan.dims) {
+            match *node {
+                Node::Conv {
+                    weight, src, dst, ..
+                } => {
+                    let conv = convs.next().ok_or_else(|| {
+                        Error::invalid("CUDA: plan has fewer convolutions than the graph")
+                    })?;
+                    conv.forward(
+                        dev,
+                        slot(src),
+                        &self.tensors[weight],
+                        slot(dst),
+                        &self.workspace,
+                    )?;
+                }
+                Node::Norm {
+                    norm,
+                    dst,
+                    residual,
+                    relu,
+                } => {
+                    self.norms[norm].apply(
+                        dev,
+                        k,
+                        slot(dst),
+                        slot(dst),
+                        residual.map(slot),
+                        dims,
+                        relu,
+                    )?;
+                }
+                Node::MaxPool { src, dst } => {
+                    k.max_pool(dev, slot(src), slot(dst), dims, pool_out(dims))?
+                }
+                Node::AvgPool { src } => k.avg_pool(dev, slot(src), &self.features, dims)?,
+                Node::Fc => {
+                    let (fin, fout) = (self.config.feature_dim(), self.config.num_classes);
+                    let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
+                    linear::forward(dev, k, &self.features, w, b, &self.logits, n, fin, fout)?;
+                }
+            }
+        }
+        let classes = self.config.num_classes;
+        Tensor::new(&[n, classes], self.dev.read(&self.logits, n * classes)?)
+    }
+
+    /// Copy the device's parameters and BN buffers into `model` (for checkpoints), which must have this
+    /// executor's configuration.
+    pub fn download_into(&self, model: &mut ResNet) -> Result<()> {
+        guarded("download", || self.download(model))
+    }
+
+    fn download(&self, model: &mut ResNet) -> Result<()> {
+        if model.config != self.config {
+            return Err(Error::invalid(
+                "CUDA: download_into needs a model of the executor's configuration",
+            ));
+        }
+        let store = &mut model.store;
+        let slots = store
+            .params
+            .iter_mut()
+            .map(|p| (&p.name, &mut p.value))
+            .chain(store.buffers.iter_mut().map(|b| (&b.name, &mut b.value)));
+        for ((name, value), i) in slots.zip(0..) {
+            if self.names.get(i) != Some(name) || self.shapes[i] != value.shape() {
+                return Err(Error::invalid(format!(
+                    "CUDA: model tensor {name} does not match the executor's"
+                )));
+            }
+            *value = Tensor::new(
+                &self.shapes[i],
+                self.dev.read(&self.tensors[i], value.numel())?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Build the plan for batch size `n` once, growing the shared activation and workspace buffers if it needs more.
+    fn ensure_plan(&mut self, n: usize) -> Result<()> {
+        if self.plans.contains_key(&n) {
+            return Ok(());
+        }
+        let plan = build_plan(
+            &self.dev,
+            &mut self.algos,
+            &self.nodes,
+            [n, 3, self.hw.0, self.hw.1],
+        )?;
+        if self.acts.first().is_none_or(|a| a.len < plan.activation) {
+            self.acts = (0..SLOTS)
+                .map(|_| self.dev.zeros(plan.activation))
+                .collect::<Result<_>>()?;
+        }
+        if self.workspace.len < plan.workspace {
+            self.workspace = self.dev.zeros(plan.workspace)?;
+        }
+        self.plans.insert(n, plan);
+        Ok(())
+    }
+}
+
+/// Output size of the stem's 3x3/2 max-pool with padding 1.
+fn pool_out(dims: [usize; 4]) -> (usize, usize) {
+    ConvGeom::square(2, 1).output_hw(dims[2], dims[3], 3, 3)
+}
+
+fn build_plan(
+    dev: &Device,
+    algos: &mut AlgoCache,
+    nodes: &[Node],
+    input: [usize; 4],
+) -> Result<Plan> {
+    let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
+    let mut plan = Plan {
+        convs: Vec::new(),
+        dims: Vec::new(),
+        activation: 0,
+        workspace: 0,
+    };
+    let get = |m: &HashMap<Slot, [usize; 4]>, s: Slot| {
+        m.get(&s)
+            .copied()
+            .ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
+    };
+    for node in nodes {
+        let (dims, out) = match *node {
+            Node::Conv {
+                out_channels,
+                kernel,
+                stride,
+                src,
+                dst,
+                ..
+            } => {
+                let x = get(&slot_dims, src)?;
+                let shape = ConvShape {
+                    x,
+                    out_channels,
+                    kernel,
+                    stride,
+                    pad: kernel / 2,
+                };
+                let conv = ConvPlan::new(dev, algos, shape)?;
+                plan.workspace = plan.workspace.max(conv.workspace);
+                plan.convs.push(conv);
+                (x, Some((dst, shape.y())))
+            }
+            Node::Norm { dst, .. } => (get(&slot_dims, dst)?, None),
+            Node::MaxPool { src, dst } => {
+                let x = get(&slot_dims, src)?;
+                let (oh, ow) = pool_out(x);
+                (x, Some((dst, [x[0], x[1], oh, ow])))
+            }
+            Node::AvgPool { src } => (get(&slot_dims, src)?, None),
+            Node::Fc => ([input[0], 0, 1, 1], None),
+        };
+        if let Some((dst, y)) = out {
+            plan.activation = plan.activation.max(y.iter().product());
+            slot_dims.insert(dst, y);
+        }
+        plan.dims.push(dims);
+    }
+    Ok(plan)
+}
+
+/// Walks the model's configuration as `ResNet::new` does, emitting nodes and checking every tensor it names
+/// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
+struct Builder<'a> {
+    model: &'a ResNet,
+    index: HashMap<&'a str, (usize, &'a [usize])>,
+    used: Vec<bool>,
+    nodes: Vec<Node>,
+    /// Per BN layer: tensor indices of weight, bias, running mean, running variance; channels.
+    norms: Vec<([usize; 4], usize)>,
+    fc: (usize, usize),
+}
+
+impl<'a> Builder<'a> {
+    fn new(model: &'a ResNet) -> Self {
+        let s = &model.store;
+        let entries = s
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.shape()))
+            .chain(s.buffers.iter().map(|b| (b.name.as_str(), b.value.shape())));
+        let index: HashMap<_, _> = entries
+            .enumerate()
+            .map(|(i, (name, shape))| (name, (i, shape)))
+            .collect();
+        let used = vec![false; index.len()];
+        Builder {
+            model,
+            index,
+            used,
+            nodes: Vec::new(),
+            norms: Vec::new(),
+            fc: (0, 0),
+        }
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        match self.index.get(name) {
+            Some(&(i, s)) if s == shape => {
+                self.used[i] = true;
+                Ok(i)
+            }
+            Some((_, s)) => Err(Error::invalid(format!(
+                "CUDA: {name} is {s:?}, the executor expects {shape:?}"
+            ))),
+            None => Err(Error::invalid(format!(
+                "CUDA: the model has no tensor {name}"
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bn(
+        &mut self,
+        conv: &str,
+        bn: &str,
+        (cin, cout, kernel, stride): (usize, usize, usize, usize),
+        (src, dst): (Slot, Slot),
+        residual: Option<Slot>,
+        relu: bool,
+    ) -> Result<()> {
+        let weight = self.tensor(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
+        self.nodes.push(Node::Conv {
+            weight,
+            out_channels: cout,
+            kernel,
+            stride,
+            src,
+            dst,
+        });
+        let mut t = [0; 4];
+        for (slot, leaf) in t
+            .iter_mut()
+            .zip(["weight", "bias", "running_mean", "running_var"])
+        {
+            *slot = self.tensor(&format!("{bn}.{leaf}"), &[cout])?;
+        }
+        self.norms.push((t, cout));
+        self.nodes.push(Node::Norm {
+            norm: self.norms.len() - 1,
+            dst,
+            residual,
+            relu,
+        });
+        Ok(())
+    }
+
+    fn network(&mut self) -> Result<()> {
+        let cfg = self.model.config;
+        let c0 = cfg.widths[0];
+        let mut cur = match cfg.stem {
+            Stem::ImageNet => {
+                self.conv_bn(
+                    "conv1",
+                    "bn1",
+                    (3, c0, 7, 2),
+                    (Slot::Input, Slot::Act(0)),
+                    None,
+                    true,
+                )?;
+                self.nodes.push(Node::MaxPool {
+                    src: Slot::Act(0),
+                    dst: Slot::Act(1),
+                });
+                1
+            }
+            Stem::Cifar => {
+                self.conv_bn(
+                    "conv1",
+                    "bn1",
+                    (3, c0, 3, 1),
+                    (Slot::Input, Slot::Act(0)),
+                    None,
+                    true,
+                )?;
+                0
+            }
+        };
+        let kind = cfg.arch.block;
+        let mut cin = c0;
+        for (i, (&width, &depth)) in cfg.widths.iter().zip(&cfg.arch.layers).enumerate() {
+            for b in 0..depth {
+                let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                cur = self.block(
+                    &format!("layer{}.{b}", i + 1),
+                    kind,
+                    cin,
+                    width,
+                    stride,
+                    cur,
+                )?;
+                cin = width * kind.expansion();
+            }
+        }
+        self.nodes.push(Node::AvgPool {
+            src: Slot::Act(cur),
+        });
+        let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
+        self.fc = (
+            self.tensor("fc.weight", &[classes, fin])?,
+            self.tensor("fc.bias", &[classes])?,
+        );
+        self.nodes.push(Node::Fc);
+        Ok(())
+    }
+
+    /// One residual block reading slot `cur`; returns the slot holding its output. Live at any time: the
+    /// residual (the input or the shortcut's output), the unit's input and the unit's output, so a free slot is
+    /// always left among three.
+    fn block(
+        &mut self,
+        prefix: &str,
+        kind: BlockKind,
+        cin: usize,
+        width: usize,
+        stride: usize,
+        cur: usize,
+    ) -> Result<usize> {
+        let free = |busy: &[usize]| {
+            (0..SLOTS)
+                .find(|s| !busy.contains(s))
+                .ok_or_else(|| Error::invalid("CUDA: out of activation slots"))
+        };
+        let cout = width * kind.expansion();
+        let res = if stride != 1 || cin != cout {
+            let d = free(&[cur])?;
+            let ds = format!("{prefix}.downsample");
+            self.conv_bn(
+                &format!("{ds}.0"),
+                &format!("{ds}.1"),
+                (cin, cout, 1, stride),
+                (Slot::Act(cur), Slot::Act(d)),
+                None,
+                false,
+            )?;
+            d
+        } else {
+            cur
+        };
+        let specs: Vec<(usize, usize, usize, usize)> = match kind {
+            BlockKind::Basic => vec![(cin, width, 3, stride), (width, width, 3, 1)],
+            BlockKind::Bottleneck => vec![
+                (cin, width, 1, 1),
+                (width, width, 3, stride),
+                (width, cout, 1, 1),
+            ],
+        };
+        let mut src = cur;
+        for (u, &spec) in specs.iter().enumerate() {
+            let last = u + 1 == specs.len();
+            let dst = free(&[res, src])?;
+            let residual = last.then_some(Slot::Act(res));
+            self.conv_bn(
+                &format!("{prefix}.conv{}", u + 1),
+                &format!("{prefix}.bn{}", u + 1),
+                spec,
+                (Slot::Act(src), Slot::Act(dst)),
+                residual,
+                true,
+            )?;
+            src = dst;
+        }
+        Ok(src)
+    }
+}

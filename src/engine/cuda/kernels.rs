@@ -1,0 +1,302 @@
+//! The small kernels cuDNN and cuBLAS do not cover, compiled once per executor with NVRTC: batch-norm folding, the
+//! fused scale/shift + residual + ReLU that follows every convolution, max-pool 3x3/2, global average pool, and the
+//! linear layer's bias.
+//!
+//! Every kernel takes raw device addresses (`u64`, the width of a device pointer) and element counts, and guards
+//! every access by those counts; the launch wrappers check the counts against the buffers' lengths first, which is
+//! the invariant each `unsafe` launch relies on.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use super::device::{Buf, Device, cuda_err};
+use crate::error::{Error, Result};
+
+const SOURCE: &str = r#"
+// Eval-mode batch norm as y = x*scale + shift: scale = gamma / sqrt(var + eps), shift = beta - mean*scale.
+extern "C" __global__ void bn_fold(const float* gamma, const float* beta, const float* mean, const float* var,
+                                   float eps, float* scale, float* shift, int channels) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < channels) {
+        float s = gamma[c] / sqrtf(var[c] + eps);
+        scale[c] = s;
+        shift[c] = beta[c] - mean[c] * s;
+    }
+}
+
+// y = x*scale[c] + shift[c] (+ res), then ReLU if asked; y may be x (in place). A null res means no residual.
+// ReLU lets NaN through (NaN < 0 is false), so a numeric guard downstream still sees it.
+extern "C" __global__ void scale_shift_act(float* y, const float* x, const float* res, const float* scale,
+                                           const float* shift, long long total, long long plane, int channels,
+                                           int relu) {
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) {
+        int c = (int)((i / plane) % channels);
+        float v = x[i] * scale[c] + shift[c];
+        if (res) v += res[i];
+        if (relu && v < 0.0f) v = 0.0f;
+        y[i] = v;
+    }
+}
+
+// 3x3 max-pool, stride 2, padding 1 with -inf padding (the ImageNet stem's); NaN wins, as in PyTorch.
+extern "C" __global__ void max_pool_3x3s2(const float* x, float* y, long long planes, int h, int w, int oh, int ow) {
+    long long total = planes * oh * ow;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) {
+        int ox = (int)(i % ow);
+        int oy = (int)((i / ow) % oh);
+        const float* p = x + (i / ((long long)ow * oh)) * h * w;
+        float m = -__int_as_float(0x7f800000);
+        for (int ky = 0; ky < 3; ++ky) {
+            int iy = oy * 2 - 1 + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < 3; ++kx) {
+                int ix = ox * 2 - 1 + kx;
+                if (ix < 0 || ix >= w) continue;
+                float v = p[iy * w + ix];
+                if (v > m || v != v) m = v;
+            }
+        }
+        y[i] = m;
+    }
+}
+
+// Mean of each plane: one warp per plane. The warp index is uniform within a warp, so a warp exits as a whole and
+// the shuffles always see 32 active lanes.
+extern "C" __global__ void global_avg_pool(const float* x, float* y, int planes, int plane) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (warp >= planes) return;
+    const float* p = x + (long long)warp * plane;
+    float s = 0.0f;
+    for (int i = lane; i < plane; i += 32) s += p[i];
+    for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+    if (lane == 0) y[warp] = s / (float)plane;
+}
+
+// y[r, j] += b[j] for a row-major [rows, cols] matrix.
+extern "C" __global__ void add_bias(float* y, const float* b, int rows, int cols) {
+    long long total = (long long)rows * cols;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) y[i] += b[i % cols];
+}
+"#;
+
+const THREADS: u32 = 256;
+
+/// A grid-stride launch over `total` items: enough blocks to cover them, capped (the kernels loop).
+fn grid(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i32_of(v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(format!("CUDA: size {v} is too large for a kernel argument")))
+}
+
+fn check(what: &str, ok: bool) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("CUDA: buffer too small for {what}")))
+    }
+}
+
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    bn_fold: CudaFunction,
+    scale_shift_act: CudaFunction,
+    max_pool: CudaFunction,
+    avg_pool: CudaFunction,
+    add_bias: CudaFunction,
+}
+
+impl Kernels {
+    pub fn load(dev: &Device) -> Result<Kernels> {
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
+            .map_err(cuda_err("compiling the kernels with NVRTC"))?;
+        let module = dev
+            .ctx
+            .load_module(ptx)
+            .map_err(cuda_err("loading the kernels"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(cuda_err("finding a kernel"))
+        };
+        Ok(Kernels {
+            bn_fold: f("bn_fold")?,
+            scale_shift_act: f("scale_shift_act")?,
+            max_pool: f("max_pool_3x3s2")?,
+            avg_pool: f("global_avg_pool")?,
+            add_bias: f("add_bias")?,
+            _module: module,
+        })
+    }
+
+    /// scale/shift of `channels` channels from gamma, beta, running mean and variance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_fold(
+        &self,
+        dev: &Device,
+        [gamma, beta, mean, var]: [&Buf<f32>; 4],
+        eps: f32,
+        scale: &Buf<f32>,
+        shift: &Buf<f32>,
+        channels: usize,
+    ) -> Result<()> {
+        check(
+            "bn_fold",
+            [gamma, beta, mean, var, scale, shift]
+                .iter()
+                .all(|b| b.len >= channels),
+        )?;
+        let c = i32_of(channels)?;
+        let mut b = dev.stream.launch_builder(&self.bn_fold);
+        b.arg(&gamma.ptr)
+            .arg(&beta.ptr)
+            .arg(&mean.ptr)
+            .arg(&var.ptr)
+            .arg(&eps)
+            .arg(&scale.ptr)
+            .arg(&shift.ptr)
+            .arg(&c);
+        // SAFETY: the argument list matches bn_fold's signature (six float* as u64, float, int); every thread
+        // touches index < channels, and all six buffers hold at least `channels` floats (checked above).
+        unsafe { b.launch(grid(channels)) }
+            .map(drop)
+            .map_err(cuda_err("bn_fold"))
+    }
+
+    /// y = act(x·scale + shift + res) over an NCHW tensor of `dims`; `y` may be `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scale_shift_act(
+        &self,
+        dev: &Device,
+        y: &Buf<f32>,
+        x: &Buf<f32>,
+        res: Option<&Buf<f32>>,
+        scale: &Buf<f32>,
+        shift: &Buf<f32>,
+        dims: [usize; 4],
+        relu: bool,
+    ) -> Result<()> {
+        let [_, c, h, w] = dims;
+        let total: usize = dims.iter().product();
+        let fits = y.len >= total && x.len >= total && res.is_none_or(|r| r.len >= total);
+        check(
+            "scale_shift_act",
+            fits && scale.len >= c && shift.len >= c && c > 0 && h * w > 0,
+        )?;
+        let (total_i, plane, channels, relu) =
+            (total as i64, (h * w) as i64, i32_of(c)?, i32::from(relu));
+        let res_ptr: u64 = res.map_or(0, |r| r.ptr);
+        let mut b = dev.stream.launch_builder(&self.scale_shift_act);
+        b.arg(&y.ptr)
+            .arg(&x.ptr)
+            .arg(&res_ptr)
+            .arg(&scale.ptr)
+            .arg(&shift.ptr);
+        b.arg(&total_i).arg(&plane).arg(&channels).arg(&relu);
+        // SAFETY: arguments match scale_shift_act's signature (five float* as u64, two long long, two int); indices
+        // stay below `total`, which y, x and res (when not null) hold, and channel indices below `c`, which scale
+        // and shift hold (checked above). y == x is allowed: each thread reads then writes its own element.
+        unsafe { b.launch(grid(total)) }
+            .map(drop)
+            .map_err(cuda_err("scale_shift_act"))
+    }
+
+    /// 3x3/2 max-pool with padding 1 of `x` (`dims`) into `y`, which gets `out_hw`.
+    pub fn max_pool(
+        &self,
+        dev: &Device,
+        x: &Buf<f32>,
+        y: &Buf<f32>,
+        dims: [usize; 4],
+        out_hw: (usize, usize),
+    ) -> Result<()> {
+        let [n, c, h, w] = dims;
+        let (oh, ow) = out_hw;
+        check(
+            "max_pool",
+            x.len >= n * c * h * w && y.len >= n * c * oh * ow && oh > 0 && ow > 0,
+        )?;
+        let planes = (n * c) as i64;
+        let (h, w, oh, ow) = (i32_of(h)?, i32_of(w)?, i32_of(oh)?, i32_of(ow)?);
+        let mut b = dev.stream.launch_builder(&self.max_pool);
+        b.arg(&x.ptr)
+            .arg(&y.ptr)
+            .arg(&planes)
+            .arg(&h)
+            .arg(&w)
+            .arg(&oh)
+            .arg(&ow);
+        // SAFETY: arguments match max_pool_3x3s2 (two float* as u64, long long, four int); outputs are indexed
+        // below planes·oh·ow and inputs below planes·h·w (window clipped to the plane), both checked above.
+        unsafe { b.launch(grid(n * c * out_hw.0 * out_hw.1)) }
+            .map(drop)
+            .map_err(cuda_err("max_pool"))
+    }
+
+    /// Plane means of `x` (`dims`) into `y` as `[N, C]`.
+    pub fn avg_pool(
+        &self,
+        dev: &Device,
+        x: &Buf<f32>,
+        y: &Buf<f32>,
+        dims: [usize; 4],
+    ) -> Result<()> {
+        let [n, c, h, w] = dims;
+        check(
+            "avg_pool",
+            x.len >= n * c * h * w && y.len >= n * c && h * w > 0,
+        )?;
+        let (planes, plane) = (i32_of(n * c)?, i32_of(h * w)?);
+        let warps_per_block = (THREADS / 32) as usize;
+        let blocks = u32::try_from((n * c).div_ceil(warps_per_block).max(1))
+            .map_err(|_| Error::invalid("CUDA: too many planes for avg_pool"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = dev.stream.launch_builder(&self.avg_pool);
+        b.arg(&x.ptr).arg(&y.ptr).arg(&planes).arg(&plane);
+        // SAFETY: arguments match global_avg_pool (two float* as u64, two int); a warp handles plane < planes,
+        // reading planes·plane floats of x and writing planes floats of y, both checked above. THREADS is a
+        // multiple of 32, so no warp straddles a block.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(cuda_err("avg_pool"))
+    }
+
+    /// y[r, :] += bias for a row-major `[rows, cols]` y.
+    pub fn add_bias(
+        &self,
+        dev: &Device,
+        y: &Buf<f32>,
+        bias: &Buf<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check(
+            "add_bias",
+            y.len >= rows * cols && bias.len >= cols && cols > 0,
+        )?;
+        let (r, c) = (i32_of(rows)?, i32_of(cols)?);
+        let mut b = dev.stream.launch_builder(&self.add_bias);
+        b.arg(&y.ptr).arg(&bias.ptr).arg(&r).arg(&c);
+        // SAFETY: arguments match add_bias (two float* as u64, two int); indices stay below rows·cols in y and
+        // below cols in bias, both checked above.
+        unsafe { b.launch(grid(rows * cols)) }
+            .map(drop)
+            .map_err(cuda_err("add_bias"))
+    }
+}

@@ -1,0 +1,48 @@
+//! The CUDA path (feature `cuda`): ResNet inference resident on one NVIDIA GPU, with cuDNN convolutions, cuBLAS
+//! for the classifier and a few NVRTC-compiled kernels.
+//!
+//! # API
+//!
+//! ```ignore
+//! use resnet_rs::engine::cuda::CudaResNet;
+//! let mut gpu = CudaResNet::new(&model, 0, batch, 224, 224)?; // device cuda:0, up to `batch` images of 224²
+//! let logits = gpu.forward(&images)?;                         // host [N, 3, 224, 224] in, host [N, classes] out
+//! gpu.download_into(&mut model)?;                             // device weights back into the model
+//! ```
+//!
+//! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true })` lets cuDNN and cuBLAS use TF32. Every failure
+//! is an `Error` with one line: no driver (libcuda missing), no device or a wrong index, a missing cuDNN, cuBLAS or
+//! NVRTC (with the pip packages and LD_LIBRARY_PATH to fix it), a library too old for a function we call.
+//!
+//! # Design
+//!
+//! - **An executor, not a `Backend`.** The engine's `Tensor` is a host `Vec<f32>` and the `Backend` trait passes
+//!   host tensors, so a per-op CUDA backend would copy every activation to the device and back on every op. Like
+//!   llm.c, `CudaResNet` instead knows the fixed ResNet graph: it reads the block structure from the model's
+//!   configuration (checking every tensor name and shape against the store, and that no tensor is left over),
+//!   uploads parameters and BN buffers once, and runs the whole forward on the device. Only the images go in and
+//!   the logits come out.
+//! - **What is cached.** Per batch size, a plan: cuDNN descriptors and the algorithm of every convolution. The
+//!   algorithm comes from cuDNN's timed search (`cudnnFindConvolutionForwardAlgorithm`), run once per distinct
+//!   convolution shape and kept in a map by shape, so the stages' repeated blocks and later batch sizes reuse it.
+//!   Activations live in three slots sized for the largest layer at the largest batch (a block needs its input or
+//!   shortcut, a unit's input and a unit's output at once), plus one workspace grown to the largest algorithm's
+//!   need; nothing is allocated per forward. BN is folded into a per-channel scale and shift at upload.
+//! - **Fusion.** After each convolution one kernel applies the folded BN, the residual add and the ReLU.
+//! - **Layout.** NCHW, the layout of the engine's tensors and of PyTorch checkpoints, so nothing is transposed on
+//!   the way in or out (NHWC for tensor cores is a later step).
+//! - **Precision.** fp32. TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
+//!   `DEFAULT_MATH` would allow TF32 on Ampere and later) and algorithms reporting tensor-op math are skipped;
+//!   cuBLAS keeps `CUBLAS_DEFAULT_MATH`. `CudaOptions::allow_tf32` switches both.
+//! - **Loading.** `cudarc` with dynamic loading: the binary builds without a CUDA toolkit and finds libcuda,
+//!   libcudnn.so.9, libcublas and libnvrtc (.so.13 or .so.12) at run time. One stream carries all work, so stream
+//!   order is program order.
+
+mod conv;
+mod device;
+mod executor;
+mod kernels;
+mod linear;
+mod norm;
+
+pub use executor::{CudaOptions, CudaResNet};

@@ -1,0 +1,56 @@
+//! Eval-mode batch norm as a per-channel affine map folded from the stored statistics, applied by the fused
+//! scale/shift (+ residual) (+ ReLU) kernel right after each convolution, so BN, the residual join and the ReLU
+//! cost one pass over the activation.
+
+use super::device::{Buf, Device};
+use super::kernels::Kernels;
+use crate::error::Result;
+use crate::model::layers::BN_EPS;
+
+/// One BN layer: indices of its weight, bias, running mean and running variance in the executor's tensor table,
+/// and the folded scale and shift.
+pub struct Norm {
+    pub tensors: [usize; 4],
+    pub channels: usize,
+    scale: Buf<f32>,
+    shift: Buf<f32>,
+}
+
+impl Norm {
+    pub fn new(dev: &Device, tensors: [usize; 4], channels: usize) -> Result<Norm> {
+        Ok(Norm {
+            tensors,
+            channels,
+            scale: dev.zeros(channels)?,
+            shift: dev.zeros(channels)?,
+        })
+    }
+
+    /// Recompute scale and shift from the current weight, bias and running statistics.
+    pub fn fold(&self, dev: &Device, kernels: &Kernels, table: &[Buf<f32>]) -> Result<()> {
+        let [g, b, m, v] = self.tensors.map(|i| &table[i]);
+        kernels.bn_fold(
+            dev,
+            [g, b, m, v],
+            BN_EPS,
+            &self.scale,
+            &self.shift,
+            self.channels,
+        )
+    }
+
+    /// y = act(x·scale + shift + res) over `dims`, in place when `y` is `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &self,
+        dev: &Device,
+        kernels: &Kernels,
+        y: &Buf<f32>,
+        x: &Buf<f32>,
+        res: Option<&Buf<f32>>,
+        dims: [usize; 4],
+        relu: bool,
+    ) -> Result<()> {
+        kernels.scale_shift_act(dev, y, x, res, &self.scale, &self.shift, dims, relu)
+    }
+}

@@ -1,0 +1,137 @@
+//! The CUDA executor against the CPU engine (and torchvision's stored logits) on the reduced-width parity networks
+//! and a full-width ResNet-50, TF32 off, relative error ≤ 1e-4 failing on NaN. These need a GPU and are ignored
+//! by default: `cargo test --release --features cuda --test cuda -- --ignored` on a GPU machine (bench/gpu.sh).
+//! The setup-error test runs everywhere: without a device it must get a one-line error, not a panic.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::path::Path;
+
+use common::{Fixture, assert_close, det_net, rel_err};
+use resnet_rs::engine::Tensor;
+use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::engine::cuda::{CudaOptions, CudaResNet};
+use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem};
+
+/// Fixtures next to the working directory first: the test binary is built on one machine and run from a copy of
+/// the repository on the GPU machine, where the build's CARGO_MANIFEST_DIR does not exist.
+fn load(rel: &str) -> Fixture {
+    let local = Path::new("tests/fixtures").join(rel);
+    let path = if local.exists() { local } else { common::fixture(rel) };
+    let l = resnet_rs::weights::safetensors::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    Fixture { tensors: l.tensors, metadata: l.metadata }
+}
+
+fn gpu(model: &ResNet, batch: usize, h: usize, w: usize) -> CudaResNet {
+    let g = CudaResNet::new(model, 0, batch, h, w).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("device: {}", g.device_name());
+    g
+}
+
+fn eval_matches_cpu_and_torchvision(name: &str) {
+    let f = load(name);
+    let mut model = det_net(&f);
+    let x = f.get("input");
+    let [n, _, h, w] = x.dims4();
+    let got = gpu(&model, n, h, w).forward(x).unwrap_or_else(|e| panic!("{e}"));
+    let cpu = model.forward(&Cpu, x, Mode::Eval);
+    assert_close("device vs CPU logits", &got, &cpu, 1e-4);
+    assert_close("device vs torchvision logits", &got, f.get("eval.logits"), 1e-4);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet34_reduced_eval_matches_cpu() {
+    eval_matches_cpu_and_torchvision("net_resnet34_w8.safetensors");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet34_reduced_cifar_stem_eval_matches_cpu() {
+    eval_matches_cpu_and_torchvision("net_resnet34_w8_cifar.safetensors");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet50_reduced_cifar_stem_eval_matches_cpu() {
+    eval_matches_cpu_and_torchvision("net_resnet50_w4_cifar.safetensors");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet50_full_width_224_eval_matches_cpu() {
+    let mut model = ResNet::new(ResNetConfig::new("resnet50".parse().unwrap(), 1000), 7);
+    let (n, h, w) = (2, 224, 224);
+    let data = (0..n * 3 * h * w).map(|i| ((i as f32) * 0.618).sin()).collect();
+    let x = Tensor::new(&[n, 3, h, w], data).unwrap();
+    let got = gpu(&model, n, h, w).forward(&x).unwrap_or_else(|e| panic!("{e}"));
+    assert_close("device vs CPU logits", &got, &model.forward(&Cpu, &x, Mode::Eval), 1e-4);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn smaller_batches_and_repeated_calls_reuse_the_executor() {
+    let f = load("net_resnet34_w8.safetensors");
+    let mut model = det_net(&f);
+    let x = f.get("input");
+    let [n, c, h, w] = x.dims4();
+    let mut g = gpu(&model, n + 3, h, w);
+    let cpu = model.forward(&Cpu, x, Mode::Eval);
+    let first = g.forward(x).unwrap();
+    assert_close("full batch", &first, &cpu, 1e-4);
+    let one = Tensor::new(&[1, c, h, w], x.data()[..c * h * w].to_vec()).unwrap();
+    let got = g.forward(&one).unwrap();
+    let classes = cpu.shape()[1];
+    let e = rel_err(got.data(), &cpu.data()[..classes]);
+    assert!(e <= 1e-4, "batch of one: relative error {e:.3e}");
+    assert_eq!(g.forward(x).unwrap(), first, "a repeated forward gives the same logits");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn download_into_returns_the_uploaded_weights() {
+    let f = load("net_resnet50_w4_cifar.safetensors");
+    let model = det_net(&f);
+    let g = gpu(&model, 1, 32, 32);
+    let mut other = ResNet::new(model.config, 99);
+    g.download_into(&mut other).unwrap();
+    assert_eq!(other.state_dict(), model.state_dict());
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn tf32_option_runs_and_stays_close() {
+    let f = load("net_resnet34_w8.safetensors");
+    let mut model = det_net(&f);
+    let x = f.get("input");
+    let [n, _, h, w] = x.dims4();
+    let mut g = CudaResNet::with_options(&model, 0, n, h, w, CudaOptions { allow_tf32: true }).unwrap();
+    let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu, x, Mode::Eval).data());
+    assert!(e <= 1e-2, "TF32 logits: relative error {e:.3e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn a_wrong_input_shape_is_a_one_line_error() {
+    let f = load("net_resnet34_w8_cifar.safetensors");
+    let model = det_net(&f);
+    let mut g = gpu(&model, 2, 32, 32);
+    for shape in [[3, 3, 32, 32], [1, 3, 64, 64], [1, 1, 32, 32]] {
+        let err = g.forward(&Tensor::zeros(&shape)).unwrap_err().to_string();
+        assert!(err.starts_with("CUDA: input") && !err.contains('\n'), "{err}");
+    }
+}
+
+/// Runs without ignore: on a machine without libcuda (or without that device) setup must fail with one line.
+#[test]
+fn setup_without_the_device_is_a_one_line_error() {
+    let config = ResNetConfig { stem: Stem::Cifar, widths: [4, 8, 16, 32], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
+    let model = ResNet::new(config, 0);
+    let err = match CudaResNet::new(&model, 4096, 1, 32, 32) {
+        Ok(_) => panic!("cuda:4096 cannot exist"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("CUDA: ") && !err.contains('\n'), "{err}");
+    eprintln!("{err}");
+}
