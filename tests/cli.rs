@@ -231,3 +231,18 @@ fn resource_bombs_are_refused_before_allocating() {
     assert!(std::fs::metadata(&bomb).unwrap().len() < 2 << 20);
     fails_cleanly(&["predict", "--weights", path(&bomb), img], "bomb.pth: resnet34_w4/data/0 claims 268435456 bytes");
 }
+
+#[test]
+fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
+    let weights = fixture("tiny/resnet34_w4.pth");
+    let cat = fixture("images/cat.png");
+    let on_cpu = resnet(&["predict", "--weights", path(&weights), "--json", path(&cat)]);
+    let auto = resnet(&["predict", "--weights", path(&weights), "--json", "--device", "auto", path(&cat)]);
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    if cfg!(not(feature = "cuda")) {
+        assert_eq!(stdout(&auto), stdout(&on_cpu), "auto without the cuda feature is the CPU");
+        fails_cleanly(&["predict", "--weights", path(&weights), "--device", "cuda:1", path(&cat)], "--features cuda");
+    }
+    fails_cleanly(&["predict", "--weights", path(&weights), "--device", "tpu", path(&cat)], "unknown device 'tpu'");
+    fails_cleanly(&["bench", "--workload", "train", "--device", "cuda"], "CPU only so far");
+}

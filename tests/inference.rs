@@ -78,7 +78,7 @@ fn batch_of_one_matches_batched_forward() {
     let mut model = weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();
     let x = infer::load_batch(&files).unwrap();
     let all = model.forward(&Cpu, &x, Mode::Eval);
-    let one_by_one = infer::batched(&x, 1, |b| model.forward(&Cpu, b, Mode::Eval));
+    let one_by_one = infer::batched(&x, 1, |b| Ok(model.forward(&Cpu, b, Mode::Eval))).unwrap();
     assert!(common::rel_err(one_by_one.data(), all.data()) < 1e-6);
 }
 

@@ -7,6 +7,7 @@ use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor, one_hot};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
+use crate::infer::runner::{DeviceSpec, Runner};
 use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
@@ -22,7 +23,7 @@ pub struct BenchCmd {
     /// Input height and width (default: 224 for infer, 32 for train).
     #[arg(long)]
     size: Option<usize>,
-    /// Only f32 is implemented on the CPU backend so far.
+    /// Only f32 is implemented so far.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Timed runs (after `--warmup` untimed ones).
@@ -30,6 +31,9 @@ pub struct BenchCmd {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// cpu, cuda, cuda:N or auto; the CUDA path (feature `cuda`) runs the infer workload only so far.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// One JSON line: median_ms, min_ms, max_ms, images_per_s, peak_rss_mib.
     #[arg(long)]
     json: bool,
@@ -55,39 +59,48 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let batch = a.batch.unwrap_or(if train { 64 } else { 8 }).max(1);
     let size = a.size.unwrap_or(if train { 32 } else { 224 }).max(8);
     let runs = a.runs.max(1);
+    let mut device = "cpu".to_string();
     let stem = if train { Stem::Cifar } else { Stem::ImageNet };
     let classes = if train { 10 } else { 1000 };
+    if train && a.device != DeviceSpec::Cpu {
+        return Err(Error::invalid("--workload train runs on the CPU only so far (use --device cpu)"));
+    }
     let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
     // Deterministic, image-like input; the values do not change the work done.
     let x = Tensor::new(
         &[batch, 3, size, size],
         (0..batch * 3 * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect(),
     )?;
-    let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
-    let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups);
-    let be = Cpu;
-    let mut step = |model: &mut ResNet| {
-        if train {
+    let mut step: Box<dyn FnMut() -> Result<()>> = if train {
+        let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
+        let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups);
+        let x = &x;
+        Box::new(move || {
+            let be = Cpu;
             model.store.zero_grad();
-            let logits = model.forward(&be, &x, Mode::Train);
+            let logits = model.forward(&be, x, Mode::Train);
             let (_, dlogits) = be.softmax_cross_entropy(&logits, &targets);
             model.backward(&be, &dlogits, false);
             opt.step(&mut model.store.params, 0.01, None);
-        } else {
-            model.forward(&be, &x, Mode::Eval);
-        }
+            Ok(())
+        })
+    } else {
+        let mut runner = Runner::new(model, a.device, batch, size, size)?;
+        device = runner.describe();
+        let x = &x;
+        Box::new(move || runner.forward(x).map(drop))
     };
     for _ in 0..a.warmup {
-        step(&mut model);
+        step()?;
     }
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            step(&mut model);
-            t.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(step);
     times.sort_by(f64::total_cmp);
     let median = if runs % 2 == 1 { times[runs / 2] } else { (times[runs / 2 - 1] + times[runs / 2]) / 2.0 };
     let ips = batch as f64 * 1000.0 / median;
@@ -97,13 +110,13 @@ pub fn run(a: BenchCmd) -> Result<()> {
             "{}",
             serde_json::json!({
                 "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": a.dtype,
-                "threads": rayon::current_num_threads(), "median_ms": median, "min_ms": times[0],
+                "threads": rayon::current_num_threads(), "device": device, "median_ms": median, "min_ms": times[0],
                 "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss,
             })
         );
     } else {
         println!(
-            "{} {} batch {batch} at {size}x{size} ({} threads): median {median:.1} ms, min {:.1}, max {:.1} over {runs} runs; {ips:.1} images/s; peak RSS {}",
+            "{} {} batch {batch} at {size}x{size} on {device} ({} threads): median {median:.1} ms, min {:.1}, max {:.1} over {runs} runs; {ips:.1} images/s; peak RSS {}",
             a.arch,
             a.workload,
             rayon::current_num_threads(),

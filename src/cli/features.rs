@@ -29,7 +29,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let mut model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
     let files = infer::collect_images(&a.images)?;
     let x = infer::load_batch(&files)?;
-    let feats = infer::batched(&x, a.model.batch_size as usize, |b| infer::features(&mut model, &Cpu, b, tap));
+    let feats = infer::batched(&x, a.model.batch_size as usize, |b| Ok(infer::features(&mut model, &Cpu, b, tap)))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let metadata = BTreeMap::from([
         ("files".to_string(), serde_json::to_string(&names).map_err(Error::invalid)?),

@@ -3,10 +3,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::ModelArgs;
-use crate::engine::cpu::Cpu;
 use crate::error::Result;
 use crate::infer;
-use crate::model::Mode;
+use crate::infer::runner::{DeviceSpec, Runner};
 
 #[derive(Args)]
 pub struct PredictArgs {
@@ -20,17 +19,23 @@ pub struct PredictArgs {
     /// One JSON object per image on stdout.
     #[arg(long)]
     json: bool,
+    /// Where to run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature and finds one).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// JPEG or PNG files, or directories of them.
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
-    let mut model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
+    let model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
     let labels = infer::labels::load(a.labels.as_deref(), model.config.num_classes)?;
     let files = infer::collect_images(&a.images)?;
     let x = infer::load_batch(&files)?;
-    let logits = infer::batched(&x, a.model.batch_size as usize, |b| model.forward(&Cpu, b, Mode::Eval));
+    let [_, _, h, w] = x.dims4();
+    let batch = a.model.batch_size as usize;
+    let mut runner = Runner::new(model, a.device, batch, h, w)?;
+    let logits = infer::batched(&x, batch, |b| runner.forward(b))?;
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {
         if a.json {

@@ -2,6 +2,7 @@
 
 pub mod labels;
 pub mod preprocess;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 
@@ -92,7 +93,7 @@ pub fn features(model: &mut ResNet, be: &dyn Backend, x: &Tensor, tap: Tap) -> T
 }
 
 /// Run `f` over `x` in batches of `batch` images and concatenate the resulting `[n, D]` rows.
-pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Tensor) -> Tensor {
+pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let [n, c, h, w] = x.dims4();
     let per = c * h * w;
     let mut rows = Vec::new();
@@ -101,9 +102,9 @@ pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Tensor) -
         let end = (start + batch.max(1)).min(n);
         let chunk = Tensor::new(&[end - start, c, h, w], x.data()[start * per..end * per].to_vec())
             .expect("a slice of whole images");
-        let out = f(&chunk);
+        let out = f(&chunk)?;
         dim = out.shape()[1];
         rows.extend_from_slice(out.data());
     }
-    Tensor::new(&[n, dim], rows).expect("rows of equal width")
+    Ok(Tensor::new(&[n, dim], rows).expect("rows of equal width"))
 }

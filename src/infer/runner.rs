@@ -1,0 +1,82 @@
+//! Where inference runs: `--device cpu|cuda[:N]|auto`. The CPU engine is always there; the CUDA executor only in
+//! builds with the `cuda` feature, and `auto` falls back to the CPU when no usable GPU is found.
+
+use crate::engine::Tensor;
+use crate::engine::cpu::Cpu;
+use crate::error::{Error, Result};
+use crate::model::{Mode, ResNet};
+
+/// A parsed `--device` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    /// The first GPU when this build can use one, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DeviceSpec> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "auto" => Ok(DeviceSpec::Auto),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| Error::invalid(format!("unknown device '{s}' (expected cpu, cuda, cuda:N or auto)"))),
+        }
+    }
+}
+
+/// A network ready to run eval-mode forwards on its device.
+pub enum Runner {
+    Cpu(Box<ResNet>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::engine::cuda::CudaResNet>),
+}
+
+impl Runner {
+    /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`.
+    pub fn new(model: ResNet, device: DeviceSpec, batch: usize, h: usize, w: usize) -> Result<Runner> {
+        match device {
+            DeviceSpec::Cpu => Ok(Runner::Cpu(Box::new(model))),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(i) => Ok(Runner::Cuda(Box::new(crate::engine::cuda::CudaResNet::new(&model, i, batch, h, w)?))),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Auto => match crate::engine::cuda::CudaResNet::new(&model, 0, batch, h, w) {
+                Ok(gpu) => Ok(Runner::Cuda(Box::new(gpu))),
+                Err(_) => Ok(Runner::Cpu(Box::new(model))),
+            },
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => {
+                let _ = (batch, h, w);
+                Err(Error::invalid(
+                    "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
+                ))
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Auto => Ok(Runner::Cpu(Box::new(model))),
+        }
+    }
+
+    /// "cpu", or the GPU's name.
+    pub fn describe(&self) -> String {
+        match self {
+            Runner::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(gpu) => gpu.device_name(),
+        }
+    }
+
+    /// Logits `[N, classes]` for images `[N, 3, H, W]`.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Runner::Cpu(model) => Ok(model.forward(&Cpu, x, Mode::Eval)),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(gpu) => gpu.forward(x),
+        }
+    }
+}
