@@ -1,0 +1,576 @@
+//! Winograd F(4x4, 3x3) for 3x3 convolutions with stride 1 and padding 1.
+//!
+//! Each 4x4 block of outputs ("tile") is computed from the 6x6 input patch around it as
+//! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d Bᵀᵀ) ] A, with the matrices of Lavin & Gray (2015) for the points 0, ±1, ±2, ∞.
+//! Summing over input channels turns the element-wise product into 36 independent GEMMs, one per position ξ
+//! of the 6x6 transformed tile: M[ξ] (O×T) = U[ξ] (O×C) · V[ξ] (C×T), where U = G g Gᵀ is the transformed
+//! weight and V = Bᵀ d B the transformed input of T tiles. That is 36 multiplies per 16 outputs instead of 144:
+//! 4x fewer than direct convolution. F(4,3) rather than F(2,3) (2.25x) because ResNet's 3x3 layers are
+//! compute-bound and the larger tile halves the multiplies again; F(6,3) would save more but its transforms
+//! lose too many bits in f32 to keep the crate's 1e-5 parity with PyTorch.
+//!
+//! Tiles are numbered image-major, then tile row, then tile column. Work is cut into blocks of whole tile rows
+//! (possibly spanning images) so that one block's V ([36][C][Tb]) and M ([36][O][Tb]) stay near the L2 cache
+//! while giving each GEMM enough columns; blocks run in parallel, each GEMM on one thread, unless there are
+//! fewer blocks than threads, in which case the GEMMs split across the pool instead. Partial tiles (H or W not
+//! multiples of 4) read zeros beyond the padded input and drop their outputs beyond the image.
+//!
+//! Backward data is the same convolution of dY with the kernel rotated 180° and in/out channels swapped.
+//! Backward filter follows the chain rule through the same algebra: dM[ξ] = A dY Aᵀ per output tile,
+//! dU[ξ] = Σ_t dM[ξ] · V[ξ]ᵀ (a GEMM over tiles), dW = Gᵀ dU G — exact in real arithmetic.
+//!
+//! The input and output transforms run in f32 and are written lane-wise over runs of tiles, so they
+//! vectorise; the weight transforms (once per call, O·C tiles) run in f64 so that U and dW are rounded once.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::matmul::{MatRef, matmul};
+
+/// Transformed-tile positions: 6x6.
+const XI: usize = 36;
+
+/// Whether a convolution is one this module computes: 3x3 kernel, stride 1, padding 1.
+pub fn applies(kh: usize, kw: usize, stride: (usize, usize), padding: (usize, usize)) -> bool {
+    kh == 3 && kw == 3 && stride == (1, 1) && padding == (1, 1)
+}
+
+/// Bᵀ applied to a 6-vector (the input transform along one axis).
+#[inline(always)]
+fn bt(d: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        d[3] + d[4] - 4.0 * (d[1] + d[2]),
+        d[4] - d[3] + 4.0 * (d[1] - d[2]),
+        d[4] - d[2] + 2.0 * (d[3] - d[1]),
+        d[4] - d[2] + 2.0 * (d[1] - d[3]),
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+/// Aᵀ applied to a 6-vector (the output transform along one axis).
+#[inline(always)]
+fn at(m: [f32; 6]) -> [f32; 4] {
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [m[0] + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m[5]]
+}
+
+/// A applied to a 4-vector: the adjoint of `at`, used to carry dY back to the transformed domain.
+#[inline(always)]
+fn a(y: [f32; 4]) -> [f32; 6] {
+    let (e, o) = (y[0] + y[2], y[1] + y[3]);
+    let (e4, o4) = (y[0] + 4.0 * y[2], 2.0 * y[1] + 8.0 * y[3]);
+    [y[0], e + o, e - o, e4 + o4, e4 - o4, y[3]]
+}
+
+/// G applied to a 3-vector (the weight transform along one axis), in f64.
+#[inline(always)]
+fn g(k: [f64; 3]) -> [f64; 6] {
+    [
+        k[0] / 4.0,
+        -(k[0] + k[1] + k[2]) / 6.0,
+        -(k[0] - k[1] + k[2]) / 6.0,
+        (k[0] + 2.0 * k[1] + 4.0 * k[2]) / 24.0,
+        (k[0] - 2.0 * k[1] + 4.0 * k[2]) / 24.0,
+        k[2],
+    ]
+}
+
+/// Gᵀ applied to a 6-vector: the adjoint of `g`, carrying dU back to dW.
+#[inline(always)]
+fn gt(u: [f64; 6]) -> [f64; 3] {
+    [
+        u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
+        (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
+        (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+    ]
+}
+
+/// Tiles a block aims for, unless `RESNET_WINOGRAD_TILES` (read once, for tuning) says otherwise.
+fn block_tiles(c: usize, o: usize) -> usize {
+    static OVERRIDE: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *OVERRIDE.get_or_init(|| std::env::var("RESNET_WINOGRAD_TILES").ok().and_then(|v| v.parse().ok()));
+    // V and M of one block together in about 1 MiB (the L2 of one core), but never so few tiles that the
+    // GEMMs degenerate into matrix-vector products.
+    forced.unwrap_or_else(|| ((1 << 20) / (XI * 4 * (c + o).max(1))).clamp(64, 512))
+}
+
+/// How one convolution is cut into tile-row blocks and spread over threads.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    n: usize,
+    c: usize,
+    o: usize,
+    h: usize,
+    w: usize,
+    /// Tile rows and columns per image.
+    th: usize,
+    tw: usize,
+    /// Tile rows per block (the last block may have fewer).
+    rows: usize,
+    blocks: usize,
+    gemm_threads: usize,
+}
+
+impl Plan {
+    fn new(n: usize, c: usize, o: usize, h: usize, w: usize) -> Plan {
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let total = (n * th).max(1);
+        let threads = rayon::current_num_threads().max(1);
+        let mut rows = (block_tiles(c, o) / tw.max(1)).clamp(1, total);
+        let mut blocks = total.div_ceil(rows);
+        let gemm_threads = if blocks >= threads {
+            // Round the block count up to a multiple of the thread count so no thread idles at the end.
+            rows = total.div_ceil(blocks.div_ceil(threads) * threads);
+            blocks = total.div_ceil(rows);
+            1
+        } else {
+            threads
+        };
+        Plan { n, c, o, h, w, th, tw, rows, blocks, gemm_threads }
+    }
+    /// Global tile rows [first, end) of block b.
+    fn block_rows(&self, b: usize) -> (usize, usize) {
+        (b * self.rows, ((b + 1) * self.rows).min(self.n * self.th))
+    }
+}
+
+/// U = G g Gᵀ for every (out, in) channel pair of a `[O, C, 3, 3]` weight, laid out `[36][O][C]`.
+/// `rotate` transforms the kernel rotated 180° with in/out swapped (`[C, O, 3, 3]` semantics), for dX.
+fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
+    let (rows, cols) = if rotate { (c, o) } else { (o, c) };
+    let pairs = rows * cols;
+    let mut u = vec![0.0f32; XI * pairs];
+    const CHUNK: usize = 256;
+    // The 36 planes of U split into the same pair ranges, so each task owns one range in every plane.
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(CHUNK)).map(|_| Vec::with_capacity(XI)).collect();
+    for plane in u.chunks_mut(pairs.max(1)) {
+        for (t, part) in plane.chunks_mut(CHUNK).enumerate() {
+            tasks[t].push(part);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(t, mut planes)| {
+        for i in 0..planes[0].len() {
+            let pair = t * CHUNK + i;
+            let (r, s) = (pair / cols, pair % cols);
+            // Output channel r, input channel s of the effective kernel.
+            let k: [f64; 9] = std::array::from_fn(|j| {
+                let (src, jj) = if rotate { (s * c + r, 8 - j) } else { (r * c + s, j) };
+                wt[src * 9 + jj] as f64
+            });
+            let cols3: [[f64; 6]; 3] = std::array::from_fn(|x| g([k[x], k[3 + x], k[6 + x]]));
+            for y in 0..6 {
+                let row = g([cols3[0][y], cols3[1][y], cols3[2][y]]);
+                for (x, v) in row.iter().enumerate() {
+                    planes[y * 6 + x][i] = *v as f32;
+                }
+            }
+        }
+    });
+    u
+}
+
+/// dW = Gᵀ dU G for every pair, from dU laid out `[36][O][C]` to dW `[O, C, 3, 3]`.
+fn inverse_transform_weights(du: &[f32], pairs: usize) -> Vec<f32> {
+    let mut dw = vec![0.0f32; pairs * 9];
+    dw.par_chunks_mut(9 * 256).enumerate().for_each(|(t, out)| {
+        for (i, k) in out.chunks_mut(9).enumerate() {
+            let pair = t * 256 + i;
+            let d: [f64; 36] = std::array::from_fn(|xi| du[xi * pairs + pair] as f64);
+            let rows: [[f64; 3]; 6] = std::array::from_fn(|y| gt(std::array::from_fn(|x| d[y * 6 + x])));
+            for x in 0..3 {
+                let col = gt(std::array::from_fn(|y| rows[y][x]));
+                for y in 0..3 {
+                    k[y * 3 + x] = col[y] as f32;
+                }
+            }
+        }
+    });
+    dw
+}
+
+/// Six rows of length `len`, `stride` apart, starting at `start`: the destinations of one transform row.
+fn six_rows(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f32]; 6] {
+    let mut out: [&mut [f32]; 6] = Default::default();
+    let mut rest = &mut v[start..];
+    for (r, slot) in out.iter_mut().enumerate() {
+        let tail = std::mem::take(&mut rest);
+        if r < 5 {
+            let (head, tail) = tail.split_at_mut(stride);
+            *slot = &mut head[..len];
+            rest = tail;
+        } else {
+            *slot = &mut tail[..len];
+        }
+    }
+    out
+}
+
+/// Splits `src` (one image row) into the four column phases of its padded version: phase m, entry k is
+/// padded column 4k + m, i.e. input column 4k + m − `pad`, or 0 outside the row. Each phase has `len` entries.
+/// Tile tx then reads its padded columns 4tx..4tx+5 as phase entries (tx, tx, tx, tx, tx+1, tx+1): contiguous
+/// over tx, which is what lets the column transform vectorise.
+fn split_phases(src: Option<&[f32]>, pad: usize, dst: &mut [f32], len: usize) {
+    for (m, ph) in dst.chunks_mut(len).take(4).enumerate() {
+        let Some(src) = src else {
+            ph.fill(0.0);
+            continue;
+        };
+        // k is valid when 0 <= 4k + m - pad < src.len()
+        let lo = pad.saturating_sub(m).div_ceil(4).min(len);
+        let hi = if src.len() + pad > m { (src.len() + pad - m).div_ceil(4) } else { 0 }.clamp(lo, len);
+        ph[..lo].fill(0.0);
+        ph[hi..].fill(0.0);
+        if lo < hi {
+            let first = 4 * lo + m - pad;
+            for (d, s) in ph[lo..hi].iter_mut().zip(src[first..].iter().step_by(4)) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first tile.
+fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
+    let (tw, hw) = (p.tw, p.h * p.w);
+    let tb = (g1 - g0) * tw;
+    let len = tw + 1;
+    let mut ph = vec![0.0f32; 6 * 4 * len];
+    let mut z = vec![0.0f32; 6 * 4 * len];
+    for c in 0..p.c {
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            let plane = &x[(n * p.c + c) * hw..][..hw];
+            for (i, rowph) in ph.chunks_mut(4 * len).enumerate() {
+                // padded row 4ty + i is input row 4ty + i − 1
+                let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
+                split_phases(r.map(|r| &plane[r * p.w..][..p.w]), 1, rowph, len);
+            }
+            // Along the rows: z[ξy] = Σ_i Bᵀ[ξy][i] · padded row i, every phase at once.
+            {
+                let s: [&[f32]; 6] = std::array::from_fn(|i| &ph[i * 4 * len..][..4 * len]);
+                let zs = six_rows(&mut z, 0, 4 * len, 4 * len);
+                let [z0, z1, z2, z3, z4, z5] = zs;
+                for k in 0..4 * len {
+                    let r = bt([s[0][k], s[1][k], s[2][k], s[3][k], s[4][k], s[5][k]]);
+                    (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+                }
+            }
+            // Along the columns, tile by tile: V[ξy·6 + ξx] = Σ_j Bᵀ[ξx][j] · z[ξy] at column 4tx + j.
+            let base = (g - g0) * tw;
+            for y in 0..6 {
+                let zr = &z[y * 4 * len..][..4 * len];
+                let s: [&[f32]; 6] = [
+                    &zr[..tw],
+                    &zr[len..][..tw],
+                    &zr[2 * len..][..tw],
+                    &zr[3 * len..][..tw],
+                    &zr[1..][..tw],
+                    &zr[len + 1..][..tw],
+                ];
+                let [v0, v1, v2, v3, v4, v5] = six_rows(v, (y * 6 * p.c + c) * tb + base, p.c * tb, tw);
+                for k in 0..tw {
+                    let r = bt([s[0][k], s[1][k], s[2][k], s[3][k], s[4][k], s[5][k]]);
+                    (v0[k], v1[k], v2[k], v3[k], v4[k], v5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+                }
+            }
+        }
+    }
+}
+
+/// dM[ξ][o][t] = (A dY Aᵀ)[ξ] for the output tiles of global tile rows [g0, g1) of `dy` (`[N, O, H, W]`).
+fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f32]) {
+    let (tw, hw) = (p.tw, p.h * p.w);
+    let tb = (g1 - g0) * tw;
+    let len = tw;
+    let mut ph = vec![0.0f32; 4 * 4 * len];
+    let mut z = vec![0.0f32; 6 * 4 * len];
+    for o in 0..p.o {
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            let plane = &dy[(n * p.o + o) * hw..][..hw];
+            for (i, rowph) in ph.chunks_mut(4 * len).enumerate() {
+                let r = Some(4 * ty + i).filter(|&r| r < p.h);
+                split_phases(r.map(|r| &plane[r * p.w..][..p.w]), 0, rowph, len);
+            }
+            {
+                let s: [&[f32]; 4] = std::array::from_fn(|i| &ph[i * 4 * len..][..4 * len]);
+                let [z0, z1, z2, z3, z4, z5] = six_rows(&mut z, 0, 4 * len, 4 * len);
+                for k in 0..4 * len {
+                    let r = a([s[0][k], s[1][k], s[2][k], s[3][k]]);
+                    (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+                }
+            }
+            let base = (g - g0) * tw;
+            for y in 0..6 {
+                let zr = &z[y * 4 * len..][..4 * len];
+                let s: [&[f32]; 4] = std::array::from_fn(|m| &zr[m * len..][..tw]);
+                let [d0, d1, d2, d3, d4, d5] = six_rows(dm, (y * 6 * p.o + o) * tb + base, p.o * tb, tw);
+                for k in 0..tw {
+                    let r = a([s[0][k], s[1][k], s[2][k], s[3][k]]);
+                    (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+                }
+            }
+        }
+    }
+}
+
+/// Y = Aᵀ M A for the tiles of global tile rows [g0, g1), written into `out`: for each image the block touches
+/// (in order) and each output channel, the rows of that plane the block covers.
+fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [f32]]) {
+    let tw = p.tw;
+    let tb = (g1 - g0) * tw;
+    let n0 = g0 / p.th;
+    let mut s = vec![0.0f32; 6 * 4 * tw];
+    let mut q = vec![0.0f32; 4 * 4 * tw];
+    for o in 0..p.o {
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            // The first tile row of image n inside this block: the output slice starts at its first pixel row.
+            let first_ty = g0.max(n * p.th) - n * p.th;
+            let base = (g - g0) * tw;
+            // Along the columns: s[ξy][jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
+            for y in 0..6 {
+                let src: [&[f32]; 6] = std::array::from_fn(|x| &m[((y * 6 + x) * p.o + o) * tb + base..][..tw]);
+                let sr = &mut s[y * 4 * tw..][..4 * tw];
+                let (s0, rest) = sr.split_at_mut(tw);
+                let (s1, rest) = rest.split_at_mut(tw);
+                let (s2, s3) = rest.split_at_mut(tw);
+                for k in 0..tw {
+                    let r = at([src[0][k], src[1][k], src[2][k], src[3][k], src[4][k], src[5][k]]);
+                    (s0[k], s1[k], s2[k], s3[k]) = (r[0], r[1], r[2], r[3]);
+                }
+            }
+            // Along the rows: q[iy][jx] = Σ_ξy Aᵀ[iy][ξy] s[ξy][jx]
+            for jx in 0..4 {
+                let src: [&[f32]; 6] = std::array::from_fn(|y| &s[(y * 4 + jx) * tw..][..tw]);
+                for k in 0..tw {
+                    let r = at([src[0][k], src[1][k], src[2][k], src[3][k], src[4][k], src[5][k]]);
+                    for (iy, v) in r.iter().enumerate() {
+                        q[(iy * 4 + jx) * tw + k] = *v;
+                    }
+                }
+            }
+            let dst = &mut out[(n - n0) * p.o + o];
+            for iy in 0..4 {
+                let row = 4 * ty + iy;
+                if row >= p.h {
+                    break;
+                }
+                let drow = &mut dst[(row - 4 * first_ty) * p.w..][..p.w];
+                for jx in 0..4.min(p.w) {
+                    let src = &q[(iy * 4 + jx) * tw..][..tw];
+                    for (d, v) in drow[jx..].iter_mut().step_by(4).zip(src) {
+                        *d = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// For each block, the output rows it writes: per image it touches and per output channel, one slice.
+fn split_output<'a>(y: &'a mut [f32], p: &Plan) -> Vec<Vec<&'a mut [f32]>> {
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..p.blocks).map(|_| Vec::new()).collect();
+    let hw = p.h * p.w;
+    for (pi, plane) in y.chunks_mut(hw.max(1)).enumerate() {
+        let n = pi / p.o;
+        let mut rest = plane;
+        let mut g = n * p.th;
+        while g < (n + 1) * p.th {
+            let b = g / p.rows;
+            let end = ((b + 1) * p.rows).min((n + 1) * p.th);
+            let pixel_rows = (4 * (end - n * p.th)).min(p.h) - (4 * (g - n * p.th)).min(p.h);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(pixel_rows * p.w);
+            parts[b].push(head);
+            rest = tail;
+            g = end;
+        }
+    }
+    parts
+}
+
+/// The 36 GEMMs of one block: M[ξ] = U[ξ] · V[ξ].
+fn multiply(u: &[f32], v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
+    let (oc, ct, ot) = (p.o * p.c, p.c * tb, p.o * tb);
+    for xi in 0..XI {
+        let um = MatRef::new(&u[xi * oc..][..oc], p.o, p.c);
+        let vm = MatRef::new(&v[xi * ct..][..ct], p.c, tb);
+        matmul(&mut m[xi * ot..][..ot], um, vm, false, p.gemm_threads);
+    }
+}
+
+/// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the transformed weight u.
+fn forward_transformed(x: &[f32], u: &[f32], p: &Plan) -> Vec<f32> {
+    let mut y = vec![0.0f32; p.n * p.o * p.h * p.w];
+    if y.is_empty() {
+        return y;
+    }
+    let parts = split_output(&mut y, p);
+    let run = |b: usize, mut out: Vec<&mut [f32]>, v: &mut Vec<f32>, m: &mut Vec<f32>| {
+        let (g0, g1) = p.block_rows(b);
+        let tb = (g1 - g0) * p.tw;
+        v.resize(XI * p.c * tb, 0.0);
+        m.resize(XI * p.o * tb, 0.0);
+        input_transform(x, p, g0, g1, v);
+        multiply(u, v, m, p, tb);
+        output_transform(m, p, g0, g1, &mut out);
+    };
+    if p.gemm_threads > 1 {
+        let (mut v, mut m) = (Vec::new(), Vec::new());
+        for (b, out) in parts.into_iter().enumerate() {
+            run(b, out, &mut v, &mut m);
+        }
+    } else {
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each_init(|| (Vec::new(), Vec::new()), |(v, m), (b, out)| run(b, out, v, m));
+    }
+    y
+}
+
+/// y = conv2d(x, w) with a 3x3 kernel, stride 1, padding 1. x is `[n, c, h, w]`, wt `[o, c, 3, 3]`.
+pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    let u = transform_weights(wt, o, c, false);
+    forward_transformed(x, &u, &Plan::new(n, c, o, h, w))
+}
+
+/// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
+/// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`.
+pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    let u = transform_weights(wt, o, c, true);
+    forward_transformed(dy, &u, &Plan::new(n, o, c, h, w))
+}
+
+/// dW (`[o, c, 3, 3]`) for y = conv2d(x, w), from x (`[n, c, h, w]`) and dy (`[n, o, h, w]`).
+pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    let p = Plan::new(n, c, o, h, w);
+    let pairs = o * c;
+    if n * h * w == 0 || pairs == 0 {
+        return vec![0.0; pairs * 9];
+    }
+    let threads = if p.gemm_threads > 1 { 1 } else { rayon::current_num_threads().max(1) };
+    let per_task = p.blocks.div_ceil(threads);
+    let partials: Vec<Vec<f32>> = (0..p.blocks.div_ceil(per_task))
+        .into_par_iter()
+        .map(|t| {
+            let mut du = vec![0.0f32; XI * pairs];
+            let (mut v, mut dm) = (Vec::new(), Vec::new());
+            for b in t * per_task..((t + 1) * per_task).min(p.blocks) {
+                let (g0, g1) = p.block_rows(b);
+                let tb = (g1 - g0) * p.tw;
+                v.resize(XI * c * tb, 0.0);
+                dm.resize(XI * o * tb, 0.0);
+                input_transform(x, &p, g0, g1, &mut v);
+                output_grad_transform(dy, &p, g0, g1, &mut dm);
+                for xi in 0..XI {
+                    let dmm = MatRef::new(&dm[xi * o * tb..][..o * tb], o, tb);
+                    let vm = MatRef::new(&v[xi * c * tb..][..c * tb], c, tb);
+                    matmul(&mut du[xi * pairs..][..pairs], dmm, vm.t(), true, p.gemm_threads);
+                }
+            }
+            du
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut du = parts.next().expect("at least one task");
+    for part in parts {
+        du.iter_mut().zip(&part).for_each(|(t, s)| *t += s);
+    }
+    inverse_transform_weights(&du, pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct 3x3/s1/p1 correlation in f64, with its gradients for `dy`: (y, dx, dw).
+    #[allow(clippy::type_complexity)]
+    fn naive(
+        x: &[f32],
+        wt: &[f32],
+        dy: &[f32],
+        (n, c, h, w, o): (usize, usize, usize, usize, usize),
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx, mut dw) = (vec![0.0f64; n * o * h * w], vec![0.0f64; x.len()], vec![0.0f64; wt.len()]);
+        for b in 0..n {
+            for oc in 0..o {
+                for i in 0..h {
+                    for j in 0..w {
+                        let yi = ((b * o + oc) * h + i) * w + j;
+                        for ic in 0..c {
+                            for ki in 0..3 {
+                                for kj in 0..3 {
+                                    let (r, q) = ((i + ki).wrapping_sub(1), (j + kj).wrapping_sub(1));
+                                    if r < h && q < w {
+                                        let (xi, wi) = (((b * c + ic) * h + r) * w + q, ((oc * c + ic) * 3 + ki) * 3 + kj);
+                                        y[yi] += x[xi] as f64 * wt[wi] as f64;
+                                        dx[xi] += dy[yi] as f64 * wt[wi] as f64;
+                                        dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
+
+    fn rel(a: &[f32], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_dimensional_transforms_compute_a_correlation() {
+        // y = Aᵀ[(G g) ⊙ (Bᵀ d)] must equal y_i = Σ_k d_{i+k} g_k for every basis pair.
+        for di in 0..6 {
+            for gk in 0..3 {
+                let mut d = [0.0f32; 6];
+                d[di] = 1.0;
+                let mut k = [0.0f64; 3];
+                k[gk] = 1.0;
+                let (u, v) = (g(k), bt(d));
+                let y = at(std::array::from_fn(|i| u[i] as f32 * v[i]));
+                for (i, yi) in y.iter().enumerate() {
+                    let want = if i + gk == di { 1.0 } else { 0.0 };
+                    assert!((yi - want).abs() < 1e-6, "d{di} g{gk} y{i}: {yi} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_and_gradients_match_direct_convolution() {
+        let shapes = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 5, 5, 7, 3), (3, 7, 13, 14, 6), (2, 4, 7, 7, 9)];
+        for (seed, &(n, c, h, w, o)) in shapes.iter().enumerate() {
+            let x = values(n * c * h * w, seed as u64 + 1);
+            let wt = values(o * c * 9, seed as u64 + 100);
+            let dy = values(n * o * h * w, seed as u64 + 200);
+            let (want_y, want_dx, want_dw) = naive(&x, &wt, &dy, (n, c, h, w, o));
+            let e = rel(&forward(&x, &wt, n, c, h, w, o), &want_y);
+            assert!(e < 1e-5, "{:?} forward: {e:.2e}", (n, c, h, w, o));
+            let e = rel(&backward_data(&dy, &wt, n, c, h, w, o), &want_dx);
+            assert!(e < 1e-5, "{:?} dx: {e:.2e}", (n, c, h, w, o));
+            let e = rel(&backward_filter(&x, &dy, n, c, h, w, o), &want_dw);
+            assert!(e < 1e-5, "{:?} dw: {e:.2e}", (n, c, h, w, o));
+        }
+    }
+}
