@@ -64,28 +64,18 @@ fn a(y: [f32; 4]) -> [f32; 6] {
     [y[0], e + o, e - o, e4 + o4, e4 - o4, y[3]]
 }
 
-/// G applied to a 3-vector (the weight transform along one axis), in f64.
-#[inline(always)]
-fn g(k: [f64; 3]) -> [f64; 6] {
-    [
-        k[0] / 4.0,
-        -(k[0] + k[1] + k[2]) / 6.0,
-        -(k[0] - k[1] + k[2]) / 6.0,
-        (k[0] + 2.0 * k[1] + 4.0 * k[2]) / 24.0,
-        (k[0] - 2.0 * k[1] + 4.0 * k[2]) / 24.0,
-        k[2],
-    ]
-}
+/// G, the weight transform along one axis. 1/6, 1/12 and 1/24 are rounded once, in f64.
+const G: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
-/// Gᵀ applied to a 6-vector: the adjoint of `g`, carrying dU back to dW.
-#[inline(always)]
-fn gt(u: [f64; 6]) -> [f64; 3] {
-    [
-        u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
-        (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
-        (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
-    ]
-}
+/// Kernel pairs one weight-transform task handles, lane-wise.
+const PAIRS: usize = 64;
 
 /// Tiles a block aims for, unless `RESNET_WINOGRAD_TILES` (read once, for tuning) says otherwise.
 fn block_tiles(c: usize, o: usize) -> usize {
@@ -138,32 +128,45 @@ impl Plan {
 
 /// U = G g Gᵀ for every (out, in) channel pair of a `[O, C, 3, 3]` weight, laid out `[36][O][C]`.
 /// `rotate` transforms the kernel rotated 180° with in/out swapped (`[C, O, 3, 3]` semantics), for dX.
+/// f64 inside, so each U entry is rounded once; lane-wise over `PAIRS` pairs so it vectorises and writes
+/// each of the 36 planes contiguously.
 fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
     let (rows, cols) = if rotate { (c, o) } else { (o, c) };
     let pairs = rows * cols;
     let mut u = vec![0.0f32; XI * pairs];
-    const CHUNK: usize = 256;
     // The 36 planes of U split into the same pair ranges, so each task owns one range in every plane.
-    let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(CHUNK)).map(|_| Vec::with_capacity(XI)).collect();
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(PAIRS)).map(|_| Vec::with_capacity(XI)).collect();
     for plane in u.chunks_mut(pairs.max(1)) {
-        for (t, part) in plane.chunks_mut(CHUNK).enumerate() {
+        for (t, part) in plane.chunks_mut(PAIRS).enumerate() {
             tasks[t].push(part);
         }
     }
     tasks.into_par_iter().enumerate().for_each(|(t, mut planes)| {
-        for i in 0..planes[0].len() {
-            let pair = t * CHUNK + i;
+        let lanes = planes[0].len();
+        let mut k = [[0.0f64; PAIRS]; 9];
+        for i in 0..lanes {
+            let pair = t * PAIRS + i;
             let (r, s) = (pair / cols, pair % cols);
-            // Output channel r, input channel s of the effective kernel.
-            let k: [f64; 9] = std::array::from_fn(|j| {
-                let (src, jj) = if rotate { (s * c + r, 8 - j) } else { (r * c + s, j) };
-                wt[src * 9 + jj] as f64
-            });
-            let cols3: [[f64; 6]; 3] = std::array::from_fn(|x| g([k[x], k[3 + x], k[6 + x]]));
-            for y in 0..6 {
-                let row = g([cols3[0][y], cols3[1][y], cols3[2][y]]);
-                for (x, v) in row.iter().enumerate() {
-                    planes[y * 6 + x][i] = *v as f32;
+            // output channel r, input channel s of the effective kernel
+            let (src, flip) = if rotate { (s * c + r, true) } else { (r * c + s, false) };
+            for (j, kj) in wt[src * 9..][..9].iter().enumerate() {
+                k[if flip { 8 - j } else { j }][i] = *kj as f64;
+            }
+        }
+        // rows first: h[y][x] = Σ_a G[y][a] k[a][x]
+        let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+        for (gy, hy) in G.iter().zip(h.iter_mut()) {
+            for (x, hyx) in hy.iter_mut().enumerate() {
+                for i in 0..PAIRS {
+                    hyx[i] = gy[0] * k[x][i] + gy[1] * k[3 + x][i] + gy[2] * k[6 + x][i];
+                }
+            }
+        }
+        for (y, hy) in h.iter().enumerate() {
+            for (x, gx) in G.iter().enumerate() {
+                let dst = &mut planes[y * 6 + x][..lanes];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = (gx[0] * hy[0][i] + gx[1] * hy[1][i] + gx[2] * hy[2][i]) as f32;
                 }
             }
         }
@@ -171,32 +174,100 @@ fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
     u
 }
 
-/// dW = Gᵀ dU G for every pair, from dU laid out `[36][O][C]` to dW `[O, C, 3, 3]`.
+/// dW = Gᵀ dU G for every pair, from dU laid out `[36][O][C]` to dW `[O, C, 3, 3]`; f64 inside, lane-wise.
 fn inverse_transform_weights(du: &[f32], pairs: usize) -> Vec<f32> {
     let mut dw = vec![0.0f32; pairs * 9];
-    dw.par_chunks_mut(9 * 256).enumerate().for_each(|(t, out)| {
-        for (i, k) in out.chunks_mut(9).enumerate() {
-            let pair = t * 256 + i;
-            let d: [f64; 36] = std::array::from_fn(|xi| du[xi * pairs + pair] as f64);
-            let rows: [[f64; 3]; 6] = std::array::from_fn(|y| gt(std::array::from_fn(|x| d[y * 6 + x])));
-            for x in 0..3 {
-                let col = gt(std::array::from_fn(|y| rows[y][x]));
-                for y in 0..3 {
-                    k[y * 3 + x] = col[y] as f32;
+    dw.par_chunks_mut(9 * PAIRS).enumerate().for_each(|(t, out)| {
+        let (first, lanes) = (t * PAIRS, out.len() / 9);
+        // along x: h[y][b] = Σ_x G[x][b] dU[y·6 + x]
+        let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+        for (y, hy) in h.iter_mut().enumerate() {
+            for (x, gx) in G.iter().enumerate() {
+                let src = &du[(y * 6 + x) * pairs + first..][..lanes];
+                for (b, hyb) in hy.iter_mut().enumerate() {
+                    for (acc, v) in hyb.iter_mut().zip(src) {
+                        *acc += gx[b] * *v as f64;
+                    }
                 }
+            }
+        }
+        // along y: dW[a][b] = Σ_y G[y][a] h[y][b]
+        let mut k = [[0.0f64; PAIRS]; 9];
+        for (gy, hy) in G.iter().zip(&h) {
+            for (a, ka) in k.chunks_mut(3).enumerate() {
+                for (b, kab) in ka.iter_mut().enumerate() {
+                    for (acc, v) in kab.iter_mut().zip(&hy[b]) {
+                        *acc += gy[a] * v;
+                    }
+                }
+            }
+        }
+        for (i, kern) in out.chunks_mut(9).enumerate() {
+            for (j, v) in kern.iter_mut().enumerate() {
+                *v = k[j][i] as f32;
             }
         }
     });
     dw
 }
 
-/// Six rows of length `len`, `stride` apart, starting at `start`: the destinations of one transform row.
-fn six_rows(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f32]; 6] {
-    let mut out: [&mut [f32]; 6] = Default::default();
+/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
+/// run as the best the CPU supports. The transforms are lane-wise loops that LLVM vectorises; built for the
+/// x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the same in
+/// every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and the CPU
+                    // was just checked to have them.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// Copies image row `src` into `row` (4·(tiles + 1) entries) shifted right by `pad`, zeros around it, so that
+/// tile tx's columns are `row[4tx..4tx + 6]` wherever the tile lies.
+#[inline(always)]
+fn padded_row(src: Option<&[f32]>, pad: usize, row: &mut [f32]) {
+    let Some(src) = src else {
+        row.fill(0.0);
+        return;
+    };
+    let used = src.len().min(row.len() - pad);
+    row[..pad].fill(0.0);
+    row[pad..pad + used].copy_from_slice(&src[..used]);
+    row[pad + used..].fill(0.0);
+}
+
+/// `K` output rows of length `len`, `stride` apart, from `start`: where one transform pass writes.
+#[inline(always)]
+fn rows_mut<const K: usize>(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f32]; K] {
+    let mut out: [&mut [f32]; K] = std::array::from_fn(|_| Default::default());
     let mut rest = &mut v[start..];
     for (r, slot) in out.iter_mut().enumerate() {
         let tail = std::mem::take(&mut rest);
-        if r < 5 {
+        if r + 1 < K {
             let (head, tail) = tail.split_at_mut(stride);
             *slot = &mut head[..len];
             rest = tail;
@@ -207,151 +278,124 @@ fn six_rows(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f3
     out
 }
 
-/// Splits `src` (one image row) into the four column phases of its padded version: phase m, entry k is
-/// padded column 4k + m, i.e. input column 4k + m − `pad`, or 0 outside the row. Each phase has `len` entries.
-/// Tile tx then reads its padded columns 4tx..4tx+5 as phase entries (tx, tx, tx, tx, tx+1, tx+1): contiguous
-/// over tx, which is what lets the column transform vectorise.
-fn split_phases(src: Option<&[f32]>, pad: usize, dst: &mut [f32], len: usize) {
-    for (m, ph) in dst.chunks_mut(len).take(4).enumerate() {
-        let Some(src) = src else {
-            ph.fill(0.0);
-            continue;
-        };
-        // k is valid when 0 <= 4k + m - pad < src.len()
-        let lo = pad.saturating_sub(m).div_ceil(4).min(len);
-        let hi = if src.len() + pad > m { (src.len() + pad - m).div_ceil(4) } else { 0 }.clamp(lo, len);
-        ph[..lo].fill(0.0);
-        ph[hi..].fill(0.0);
-        if lo < hi {
-            let first = 4 * lo + m - pad;
-            for (d, s) in ph[lo..hi].iter_mut().zip(src[first..].iter().step_by(4)) {
-                *d = *s;
-            }
+/// `K` input rows of length `len`, `stride` apart, from `start`.
+#[inline(always)]
+fn rows<const K: usize>(v: &[f32], start: usize, stride: usize, len: usize) -> [&[f32]; K] {
+    std::array::from_fn(|r| &v[start + r * stride..][..len])
+}
+
+/// One pass of a 1-d transform `f` (K inputs, R outputs per lane) over `len` lanes.
+#[inline(always)]
+fn pass<const K: usize, const R: usize>(src: [&[f32]; K], dst: [&mut [f32]; R], f: impl Fn([f32; K]) -> [f32; R]) {
+    let len = dst.iter().map(|d| d.len()).min().unwrap_or(0);
+    let src: [&[f32]; K] = std::array::from_fn(|j| &src[j][..len]);
+    let mut dst = dst;
+    for t in 0..len {
+        let r = f(std::array::from_fn(|j| src[j][t]));
+        for (d, v) in dst.iter_mut().zip(r) {
+            d[t] = v;
         }
     }
 }
 
-/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first tile.
+multiversion! {
+/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first
+/// tile. The 6x6 patches are gathered lane-major (d[i·6 + j][t]) so that both transform passes run over all the
+/// block's tiles at once: long vectors however narrow the image.
 fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
     let (tw, hw) = (p.tw, p.h * p.w);
     let tb = (g1 - g0) * tw;
-    let len = tw + 1;
-    let mut ph = vec![0.0f32; 6 * 4 * len];
-    let mut z = vec![0.0f32; 6 * 4 * len];
+    let mut d = vec![0.0f32; XI * tb];
+    let mut e = vec![0.0f32; XI * tb];
+    let mut row = vec![0.0f32; 4 * (tw + 1)];
     for c in 0..p.c {
         for g in g0..g1 {
             let (n, ty) = (g / p.th, g % p.th);
             let plane = &x[(n * p.c + c) * hw..][..hw];
-            for (i, rowph) in ph.chunks_mut(4 * len).enumerate() {
+            let base = (g - g0) * tw;
+            for i in 0..6 {
                 // padded row 4ty + i is input row 4ty + i − 1
                 let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
-                split_phases(r.map(|r| &plane[r * p.w..][..p.w]), 1, rowph, len);
-            }
-            // Along the rows: z[ξy] = Σ_i Bᵀ[ξy][i] · padded row i, every phase at once.
-            {
-                let s: [&[f32]; 6] = std::array::from_fn(|i| &ph[i * 4 * len..][..4 * len]);
-                let zs = six_rows(&mut z, 0, 4 * len, 4 * len);
-                let [z0, z1, z2, z3, z4, z5] = zs;
-                for k in 0..4 * len {
-                    let r = bt([s[0][k], s[1][k], s[2][k], s[3][k], s[4][k], s[5][k]]);
-                    (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
-                }
-            }
-            // Along the columns, tile by tile: V[ξy·6 + ξx] = Σ_j Bᵀ[ξx][j] · z[ξy] at column 4tx + j.
-            let base = (g - g0) * tw;
-            for y in 0..6 {
-                let zr = &z[y * 4 * len..][..4 * len];
-                let s: [&[f32]; 6] = [
-                    &zr[..tw],
-                    &zr[len..][..tw],
-                    &zr[2 * len..][..tw],
-                    &zr[3 * len..][..tw],
-                    &zr[1..][..tw],
-                    &zr[len + 1..][..tw],
-                ];
-                let [v0, v1, v2, v3, v4, v5] = six_rows(v, (y * 6 * p.c + c) * tb + base, p.c * tb, tw);
-                for k in 0..tw {
-                    let r = bt([s[0][k], s[1][k], s[2][k], s[3][k], s[4][k], s[5][k]]);
-                    (v0[k], v1[k], v2[k], v3[k], v4[k], v5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 1, &mut row);
+                let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb + base, tb, tw);
+                for (k, q) in row.windows(6).step_by(4).take(tw).enumerate() {
+                    (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (q[0], q[1], q[2], q[3], q[4], q[5]);
                 }
             }
         }
+        // along the columns: e[i·6 + ξx] = Σ_j Bᵀ[ξx][j] d[i·6 + j]
+        for i in 0..6 {
+            pass(rows::<6>(&d, i * 6 * tb, tb, tb), rows_mut::<6>(&mut e, i * 6 * tb, tb, tb), bt);
+        }
+        // along the rows: V[ξy·6 + ξx] = Σ_i Bᵀ[ξy][i] e[i·6 + ξx]
+        for x in 0..6 {
+            let dst = rows_mut::<6>(v, x * p.c * tb + c * tb, 6 * p.c * tb, tb);
+            pass(rows::<6>(&e, x * tb, 6 * tb, tb), dst, bt);
+        }
     }
 }
+}
 
-/// dM[ξ][o][t] = (A dY Aᵀ)[ξ] for the output tiles of global tile rows [g0, g1) of `dy` (`[N, O, H, W]`).
+multiversion! {
+/// dM[ξ][o][t] = (A dY Aᵀ)[ξ] for the output tiles of global tile rows [g0, g1) of `dy` (`[N, O, H, W]`),
+/// gathered lane-major like `input_transform`.
 fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f32]) {
     let (tw, hw) = (p.tw, p.h * p.w);
     let tb = (g1 - g0) * tw;
-    let len = tw;
-    let mut ph = vec![0.0f32; 4 * 4 * len];
-    let mut z = vec![0.0f32; 6 * 4 * len];
+    let mut d = vec![0.0f32; 16 * tb];
+    let mut e = vec![0.0f32; 4 * 6 * tb];
+    let mut row = vec![0.0f32; 4 * tw];
     for o in 0..p.o {
         for g in g0..g1 {
             let (n, ty) = (g / p.th, g % p.th);
             let plane = &dy[(n * p.o + o) * hw..][..hw];
-            for (i, rowph) in ph.chunks_mut(4 * len).enumerate() {
-                let r = Some(4 * ty + i).filter(|&r| r < p.h);
-                split_phases(r.map(|r| &plane[r * p.w..][..p.w]), 0, rowph, len);
-            }
-            {
-                let s: [&[f32]; 4] = std::array::from_fn(|i| &ph[i * 4 * len..][..4 * len]);
-                let [z0, z1, z2, z3, z4, z5] = six_rows(&mut z, 0, 4 * len, 4 * len);
-                for k in 0..4 * len {
-                    let r = a([s[0][k], s[1][k], s[2][k], s[3][k]]);
-                    (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
-                }
-            }
             let base = (g - g0) * tw;
-            for y in 0..6 {
-                let zr = &z[y * 4 * len..][..4 * len];
-                let s: [&[f32]; 4] = std::array::from_fn(|m| &zr[m * len..][..tw]);
-                let [d0, d1, d2, d3, d4, d5] = six_rows(dm, (y * 6 * p.o + o) * tb + base, p.o * tb, tw);
-                for k in 0..tw {
-                    let r = a([s[0][k], s[1][k], s[2][k], s[3][k]]);
-                    (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+            for i in 0..4 {
+                let r = Some(4 * ty + i).filter(|&r| r < p.h);
+                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 0, &mut row);
+                let [d0, d1, d2, d3] = rows_mut::<4>(&mut d, i * 4 * tb + base, tb, tw);
+                for (k, q) in row.chunks_exact(4).enumerate() {
+                    (d0[k], d1[k], d2[k], d3[k]) = (q[0], q[1], q[2], q[3]);
                 }
             }
         }
+        // along the columns: e[i·6 + ξx] = Σ_j A[ξx][j] d[i·4 + j]
+        for i in 0..4 {
+            pass(rows::<4>(&d, i * 4 * tb, tb, tb), rows_mut::<6>(&mut e, i * 6 * tb, tb, tb), a);
+        }
+        // along the rows: dM[ξy·6 + ξx] = Σ_i A[ξy][i] e[i·6 + ξx]
+        for x in 0..6 {
+            let dst = rows_mut::<6>(dm, x * p.o * tb + o * tb, 6 * p.o * tb, tb);
+            pass(rows::<4>(&e, x * tb, 6 * tb, tb), dst, a);
+        }
     }
 }
+}
 
+multiversion! {
 /// Y = Aᵀ M A for the tiles of global tile rows [g0, g1), written into `out`: for each image the block touches
-/// (in order) and each output channel, the rows of that plane the block covers.
+/// (in order) and each output channel, the rows of that plane the block covers. Both passes run over all the
+/// block's tiles at once; only the final scatter goes tile row by tile row.
 fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [f32]]) {
     let tw = p.tw;
     let tb = (g1 - g0) * tw;
     let n0 = g0 / p.th;
-    let mut s = vec![0.0f32; 6 * 4 * tw];
-    let mut q = vec![0.0f32; 4 * 4 * tw];
+    let mut s = vec![0.0f32; 6 * 4 * tb];
+    let mut q = vec![0.0f32; 16 * tb];
     for o in 0..p.o {
+        // along the columns: s[ξy·4 + jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
+        for y in 0..6 {
+            pass(rows::<6>(m, (y * 6 * p.o + o) * tb, p.o * tb, tb), rows_mut::<4>(&mut s, y * 4 * tb, tb, tb), at);
+        }
+        // along the rows: q[iy·4 + jx] = Σ_ξy Aᵀ[iy][ξy] s[ξy·4 + jx]
+        for jx in 0..4 {
+            pass(rows::<6>(&s, jx * tb, 4 * tb, tb), rows_mut::<4>(&mut q, jx * tb, 4 * tb, tb), at);
+        }
         for g in g0..g1 {
             let (n, ty) = (g / p.th, g % p.th);
-            // The first tile row of image n inside this block: the output slice starts at its first pixel row.
+            // the first tile row of image n inside this block: the output slice starts at its first pixel row
             let first_ty = g0.max(n * p.th) - n * p.th;
             let base = (g - g0) * tw;
-            // Along the columns: s[ξy][jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
-            for y in 0..6 {
-                let src: [&[f32]; 6] = std::array::from_fn(|x| &m[((y * 6 + x) * p.o + o) * tb + base..][..tw]);
-                let sr = &mut s[y * 4 * tw..][..4 * tw];
-                let (s0, rest) = sr.split_at_mut(tw);
-                let (s1, rest) = rest.split_at_mut(tw);
-                let (s2, s3) = rest.split_at_mut(tw);
-                for k in 0..tw {
-                    let r = at([src[0][k], src[1][k], src[2][k], src[3][k], src[4][k], src[5][k]]);
-                    (s0[k], s1[k], s2[k], s3[k]) = (r[0], r[1], r[2], r[3]);
-                }
-            }
-            // Along the rows: q[iy][jx] = Σ_ξy Aᵀ[iy][ξy] s[ξy][jx]
-            for jx in 0..4 {
-                let src: [&[f32]; 6] = std::array::from_fn(|y| &s[(y * 4 + jx) * tw..][..tw]);
-                for k in 0..tw {
-                    let r = at([src[0][k], src[1][k], src[2][k], src[3][k], src[4][k], src[5][k]]);
-                    for (iy, v) in r.iter().enumerate() {
-                        q[(iy * 4 + jx) * tw + k] = *v;
-                    }
-                }
-            }
             let dst = &mut out[(n - n0) * p.o + o];
             for iy in 0..4 {
                 let row = 4 * ty + iy;
@@ -359,15 +403,19 @@ fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [
                     break;
                 }
                 let drow = &mut dst[(row - 4 * first_ty) * p.w..][..p.w];
-                for jx in 0..4.min(p.w) {
-                    let src = &q[(iy * 4 + jx) * tw..][..tw];
-                    for (d, v) in drow[jx..].iter_mut().step_by(4).zip(src) {
-                        *d = *v;
-                    }
+                let qs = rows::<4>(&q, iy * 4 * tb + base, tb, tw);
+                let mut groups = drow.chunks_exact_mut(4);
+                for (k, d) in groups.by_ref().enumerate() {
+                    d.copy_from_slice(&[qs[0][k], qs[1][k], qs[2][k], qs[3][k]]);
+                }
+                // a partial last tile
+                for (jx, d) in groups.into_remainder().iter_mut().enumerate() {
+                    *d = qs[jx][p.w / 4];
                 }
             }
         }
     }
+}
 }
 
 /// For each block, the output rows it writes: per image it touches and per output channel, one slice.
@@ -547,7 +595,8 @@ mod tests {
                 d[di] = 1.0;
                 let mut k = [0.0f64; 3];
                 k[gk] = 1.0;
-                let (u, v) = (g(k), bt(d));
+                let u: [f64; 6] = std::array::from_fn(|r| (0..3).map(|j| G[r][j] * k[j]).sum());
+                let v = bt(d);
                 let y = at(std::array::from_fn(|i| u[i] as f32 * v[i]));
                 for (i, yi) in y.iter().enumerate() {
                     let want = if i + gk == di { 1.0 } else { 0.0 };
@@ -571,6 +620,56 @@ mod tests {
             assert!(e < 1e-5, "{:?} dx: {e:.2e}", (n, c, h, w, o));
             let e = rel(&backward_filter(&x, &dy, n, c, h, w, o), &want_dw);
             assert!(e < 1e-5, "{:?} dw: {e:.2e}", (n, c, h, w, o));
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Where one forward's time goes, block by block on one thread: `--ignored --nocapture timing`.
+    #[test]
+    #[ignore]
+    fn parts() {
+        let shapes = [(8usize, 512usize, 7usize), (8, 256, 14), (8, 128, 28), (8, 64, 56), (64, 64, 32), (64, 256, 8), (64, 512, 4)];
+        let only: Option<usize> = std::env::var("SHAPE").ok().and_then(|v| v.parse().ok());
+        for (i, &(n, c, h)) in shapes.iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let w = vec![0.5f32; c * c * 9];
+            let x = vec![0.25f32; n * c * h * h];
+            let mut p = Plan::new(n, c, c, h, h);
+            p.gemm_threads = 1;
+            let t = Instant::now();
+            let u = transform_weights(&w, c, c, false);
+            let tu = t.elapsed();
+            let mut y = vec![0.0f32; n * c * h * h];
+            let parts = split_output(&mut y, &p);
+            let (mut v, mut m) = (Vec::new(), Vec::new());
+            let mut times = [Duration::ZERO; 3];
+            for (b, mut out) in parts.into_iter().enumerate() {
+                let (g0, g1) = p.block_rows(b);
+                let tb = (g1 - g0) * p.tw;
+                v.resize(XI * p.c * tb, 0.0);
+                m.resize(XI * p.o * tb, 0.0);
+                let t = Instant::now();
+                input_transform(&x, &p, g0, g1, &mut v);
+                times[0] += t.elapsed();
+                let t = Instant::now();
+                multiply(&u, &v, &mut m, &p, tb);
+                times[1] += t.elapsed();
+                let t = Instant::now();
+                output_transform(&m, &p, g0, g1, &mut out);
+                times[2] += t.elapsed();
+            }
+            let flops = 2.0 * 36.0 * (c * c * n * p.th * p.tw) as f64;
+            println!(
+                "{n} {c} {h}: rows {} blocks {}: U {tu:.2?} input {:.2?} gemm {:.2?} ({:.0} GFLOP/s) output {:.2?}",
+                p.rows, p.blocks, times[0], times[1], flops / times[1].as_secs_f64() / 1e9, times[2]
+            );
         }
     }
 }
