@@ -171,7 +171,12 @@ fn timing_per_shape() {
         t.sort_by(f64::total_cmp);
         t[3]
     };
-    for (n, c, h) in shapes {
+    // CONV_SHAPE=i times only shapes[i] (for perf record)
+    let only: Option<usize> = std::env::var("CONV_SHAPE").ok().and_then(|v| v.parse().ok());
+    for (i, &(n, c, h)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
         let x = Tensor::new(&[n, c, h, h], values(n * c * h * h, 1)).unwrap();
         let w = Tensor::new(&[c, c, 3, 3], values(c * c * 9, 2)).unwrap();
         let dy = Tensor::new(&[n, c, h, h], values(n * c * h * h, 3)).unwrap();

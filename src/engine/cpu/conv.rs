@@ -181,7 +181,7 @@ pub fn resolve(algo: ConvAlgo, x: [usize; 4], wt: [usize; 4], geom: ConvGeom) ->
 
 /// Below this many 4x4 output tiles Winograd's transformed weights (4x the kernel) cost more to build and
 /// stream than the multiplies they save.
-const AUTO_MIN_TILES: usize = 32;
+const AUTO_MIN_TILES: usize = 48;
 
 pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
     forward_with(x, w, geom, default_algo())

@@ -31,6 +31,41 @@ use super::matmul::{MatRef, matmul};
 /// Transformed-tile positions: 6x6.
 const XI: usize = 36;
 
+/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
+/// run as the best the CPU supports. The transforms are lane-wise loops that LLVM vectorises; built for the
+/// x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the same in
+/// every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and the CPU
+                    // was just checked to have them.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
 /// Whether a convolution is one this module computes: 3x3 kernel, stride 1, padding 1.
 pub fn applies(kh: usize, kw: usize, stride: (usize, usize), padding: (usize, usize)) -> bool {
     kh == 3 && kw == 3 && stride == (1, 1) && padding == (1, 1)
@@ -126,14 +161,48 @@ impl Plan {
     }
 }
 
+multiversion! {
+/// Pairs t·PAIRS.. of `transform_weights`, into their slice of each of the 36 planes.
+fn weight_task(wt: &[f32], c: usize, cols: usize, rotate: bool, t: usize, planes: &mut [&mut [f32]]) {
+    let lanes = planes[0].len();
+    let mut k = [[0.0f64; PAIRS]; 9];
+    for i in 0..lanes {
+        let pair = t * PAIRS + i;
+        let (r, s) = (pair / cols, pair % cols);
+        // output channel r, input channel s of the effective kernel
+        let (src, flip) = if rotate { (s * c + r, true) } else { (r * c + s, false) };
+        for (j, kj) in wt[src * 9..][..9].iter().enumerate() {
+            k[if flip { 8 - j } else { j }][i] = *kj as f64;
+        }
+    }
+    // rows first: h[y][x] = Σ_a G[y][a] k[a][x]
+    let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+    for (gy, hy) in G.iter().zip(h.iter_mut()) {
+        for (x, hyx) in hy.iter_mut().enumerate() {
+            for i in 0..PAIRS {
+                hyx[i] = gy[0] * k[x][i] + gy[1] * k[3 + x][i] + gy[2] * k[6 + x][i];
+            }
+        }
+    }
+    for (y, hy) in h.iter().enumerate() {
+        for (x, gx) in G.iter().enumerate() {
+            let dst = &mut planes[y * 6 + x][..lanes];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = (gx[0] * hy[0][i] + gx[1] * hy[1][i] + gx[2] * hy[2][i]) as f32;
+            }
+        }
+    }
+}
+}
+
 /// U = G g Gᵀ for every (out, in) channel pair of a `[O, C, 3, 3]` weight, laid out `[36][O][C]`.
 /// `rotate` transforms the kernel rotated 180° with in/out swapped (`[C, O, 3, 3]` semantics), for dX.
 /// f64 inside, so each U entry is rounded once; lane-wise over `PAIRS` pairs so it vectorises and writes
 /// each of the 36 planes contiguously.
-fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
+fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool, u: &mut [f32]) {
     let (rows, cols) = if rotate { (c, o) } else { (o, c) };
     let pairs = rows * cols;
-    let mut u = vec![0.0f32; XI * pairs];
+    assert_eq!(u.len(), XI * pairs, "U has 36 planes of O·C");
     // The 36 planes of U split into the same pair ranges, so each task owns one range in every plane.
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(PAIRS)).map(|_| Vec::with_capacity(XI)).collect();
     for plane in u.chunks_mut(pairs.max(1)) {
@@ -141,109 +210,66 @@ fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool) -> Vec<f32> {
             tasks[t].push(part);
         }
     }
-    tasks.into_par_iter().enumerate().for_each(|(t, mut planes)| {
-        let lanes = planes[0].len();
-        let mut k = [[0.0f64; PAIRS]; 9];
-        for i in 0..lanes {
-            let pair = t * PAIRS + i;
-            let (r, s) = (pair / cols, pair % cols);
-            // output channel r, input channel s of the effective kernel
-            let (src, flip) = if rotate { (s * c + r, true) } else { (r * c + s, false) };
-            for (j, kj) in wt[src * 9..][..9].iter().enumerate() {
-                k[if flip { 8 - j } else { j }][i] = *kj as f64;
-            }
-        }
-        // rows first: h[y][x] = Σ_a G[y][a] k[a][x]
-        let mut h = [[[0.0f64; PAIRS]; 3]; 6];
-        for (gy, hy) in G.iter().zip(h.iter_mut()) {
-            for (x, hyx) in hy.iter_mut().enumerate() {
-                for i in 0..PAIRS {
-                    hyx[i] = gy[0] * k[x][i] + gy[1] * k[3 + x][i] + gy[2] * k[6 + x][i];
+    tasks.into_par_iter().enumerate().for_each(|(t, mut planes)| weight_task(wt, c, cols, rotate, t, &mut planes));
+}
+
+thread_local! {
+    /// U (or the dU partials) kept from one call to the next on the calling thread. At 512x512 channels U is
+    /// 37 MB, and faulting in that many fresh pages costs more than the transform that fills them.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` entries of this thread's scratch (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    // Taken out rather than borrowed, so a nested call (rayon may run another task on this thread while it
+    // waits) just allocates its own.
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    buf.resize(len, 0.0);
+    let r = f(&mut buf);
+    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    r
+}
+
+multiversion! {
+/// Pairs t·PAIRS.. of `inverse_transform_weights`.
+fn inverse_task(du: &[f32], pairs: usize, t: usize, out: &mut [f32]) {
+    let (first, lanes) = (t * PAIRS, out.len() / 9);
+    // along x: h[y][b] = Σ_x G[x][b] dU[y·6 + x]
+    let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+    for (y, hy) in h.iter_mut().enumerate() {
+        for (x, gx) in G.iter().enumerate() {
+            let src = &du[(y * 6 + x) * pairs + first..][..lanes];
+            for (b, hyb) in hy.iter_mut().enumerate() {
+                for (acc, v) in hyb.iter_mut().zip(src) {
+                    *acc += gx[b] * *v as f64;
                 }
             }
         }
-        for (y, hy) in h.iter().enumerate() {
-            for (x, gx) in G.iter().enumerate() {
-                let dst = &mut planes[y * 6 + x][..lanes];
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = (gx[0] * hy[0][i] + gx[1] * hy[1][i] + gx[2] * hy[2][i]) as f32;
+    }
+    // along y: dW[a][b] = Σ_y G[y][a] h[y][b]
+    let mut k = [[0.0f64; PAIRS]; 9];
+    for (gy, hy) in G.iter().zip(&h) {
+        for (a, ka) in k.chunks_mut(3).enumerate() {
+            for (b, kab) in ka.iter_mut().enumerate() {
+                for (acc, v) in kab.iter_mut().zip(&hy[b]) {
+                    *acc += gy[a] * v;
                 }
             }
         }
-    });
-    u
+    }
+    for (i, kern) in out.chunks_mut(9).enumerate() {
+        for (j, v) in kern.iter_mut().enumerate() {
+            *v = k[j][i] as f32;
+        }
+    }
+}
 }
 
 /// dW = Gᵀ dU G for every pair, from dU laid out `[36][O][C]` to dW `[O, C, 3, 3]`; f64 inside, lane-wise.
 fn inverse_transform_weights(du: &[f32], pairs: usize) -> Vec<f32> {
     let mut dw = vec![0.0f32; pairs * 9];
-    dw.par_chunks_mut(9 * PAIRS).enumerate().for_each(|(t, out)| {
-        let (first, lanes) = (t * PAIRS, out.len() / 9);
-        // along x: h[y][b] = Σ_x G[x][b] dU[y·6 + x]
-        let mut h = [[[0.0f64; PAIRS]; 3]; 6];
-        for (y, hy) in h.iter_mut().enumerate() {
-            for (x, gx) in G.iter().enumerate() {
-                let src = &du[(y * 6 + x) * pairs + first..][..lanes];
-                for (b, hyb) in hy.iter_mut().enumerate() {
-                    for (acc, v) in hyb.iter_mut().zip(src) {
-                        *acc += gx[b] * *v as f64;
-                    }
-                }
-            }
-        }
-        // along y: dW[a][b] = Σ_y G[y][a] h[y][b]
-        let mut k = [[0.0f64; PAIRS]; 9];
-        for (gy, hy) in G.iter().zip(&h) {
-            for (a, ka) in k.chunks_mut(3).enumerate() {
-                for (b, kab) in ka.iter_mut().enumerate() {
-                    for (acc, v) in kab.iter_mut().zip(&hy[b]) {
-                        *acc += gy[a] * v;
-                    }
-                }
-            }
-        }
-        for (i, kern) in out.chunks_mut(9).enumerate() {
-            for (j, v) in kern.iter_mut().enumerate() {
-                *v = k[j][i] as f32;
-            }
-        }
-    });
+    dw.par_chunks_mut(9 * PAIRS).enumerate().for_each(|(t, out)| inverse_task(du, pairs, t, out));
     dw
-}
-
-/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
-/// run as the best the CPU supports. The transforms are lane-wise loops that LLVM vectorises; built for the
-/// x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the same in
-/// every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
-macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and the CPU
-                    // was just checked to have them.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above, for AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            generic($($arg),*)
-        }
-    };
 }
 
 /// Copies image row `src` into `row` (4·(tiles + 1) entries) shifted right by `pad`, zeros around it, so that
@@ -481,15 +507,19 @@ fn forward_transformed(x: &[f32], u: &[f32], p: &Plan) -> Vec<f32> {
 
 /// y = conv2d(x, w) with a 3x3 kernel, stride 1, padding 1. x is `[n, c, h, w]`, wt `[o, c, 3, 3]`.
 pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
-    let u = transform_weights(wt, o, c, false);
-    forward_transformed(x, &u, &Plan::new(n, c, o, h, w))
+    with_scratch(XI * o * c, |u| {
+        transform_weights(wt, o, c, false, u);
+        forward_transformed(x, u, &Plan::new(n, c, o, h, w))
+    })
 }
 
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
 /// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`.
 pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
-    let u = transform_weights(wt, o, c, true);
-    forward_transformed(dy, &u, &Plan::new(n, o, c, h, w))
+    with_scratch(XI * o * c, |u| {
+        transform_weights(wt, o, c, true, u);
+        forward_transformed(dy, u, &Plan::new(n, o, c, h, w))
+    })
 }
 
 /// dW (`[o, c, 3, 3]`) for y = conv2d(x, w), from x (`[n, c, h, w]`) and dy (`[n, o, h, w]`).
@@ -501,12 +531,11 @@ pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: u
     }
     let threads = if p.gemm_threads > 1 { 1 } else { rayon::current_num_threads().max(1) };
     let per_task = p.blocks.div_ceil(threads);
-    let partials: Vec<Vec<f32>> = (0..p.blocks.div_ceil(per_task))
-        .into_par_iter()
-        .map(|t| {
-            let mut du = vec![0.0f32; XI * pairs];
+    let tasks = p.blocks.div_ceil(per_task);
+    with_scratch(tasks * XI * pairs, |partials| {
+        partials.par_chunks_mut(XI * pairs).enumerate().for_each(|(t, du)| {
             let (mut v, mut dm) = (Vec::new(), Vec::new());
-            for b in t * per_task..((t + 1) * per_task).min(p.blocks) {
+            for (i, b) in (t * per_task..((t + 1) * per_task).min(p.blocks)).enumerate() {
                 let (g0, g1) = p.block_rows(b);
                 let tb = (g1 - g0) * p.tw;
                 v.resize(XI * c * tb, 0.0);
@@ -516,18 +545,17 @@ pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: u
                 for xi in 0..XI {
                     let dmm = MatRef::new(&dm[xi * o * tb..][..o * tb], o, tb);
                     let vm = MatRef::new(&v[xi * c * tb..][..c * tb], c, tb);
-                    matmul(&mut du[xi * pairs..][..pairs], dmm, vm.t(), true, p.gemm_threads);
+                    // the first block overwrites whatever the scratch held
+                    matmul(&mut du[xi * pairs..][..pairs], dmm, vm.t(), i > 0, p.gemm_threads);
                 }
             }
-            du
-        })
-        .collect();
-    let mut parts = partials.into_iter();
-    let mut du = parts.next().expect("at least one task");
-    for part in parts {
-        du.iter_mut().zip(&part).for_each(|(t, s)| *t += s);
-    }
-    inverse_transform_weights(&du, pairs)
+        });
+        let (du, rest) = partials.split_at_mut(XI * pairs);
+        for part in rest.chunks(XI * pairs) {
+            du.iter_mut().zip(part).for_each(|(t, s)| *t += s);
+        }
+        inverse_transform_weights(du, pairs)
+    })
 }
 
 #[cfg(test)]
@@ -644,7 +672,8 @@ mod timing {
             let mut p = Plan::new(n, c, c, h, h);
             p.gemm_threads = 1;
             let t = Instant::now();
-            let u = transform_weights(&w, c, c, false);
+            let mut u = vec![0.0f32; XI * c * c];
+            transform_weights(&w, c, c, false, &mut u);
             let tu = t.elapsed();
             let mut y = vec![0.0f32; n * c * h * h];
             let parts = split_output(&mut y, &p);
