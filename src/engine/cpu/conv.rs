@@ -165,15 +165,15 @@ fn default_algo() -> ConvAlgo {
 
 /// What `algo` resolves to for input `[n, c, h, w]` and weight `[o, c, kh, kw]`: `Im2col` or `Winograd`.
 pub fn resolve(algo: ConvAlgo, x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> ConvAlgo {
-    let [n, _, h, w] = x;
-    let [_, _, kh, kw] = wt;
+    let [n, c, h, w] = x;
+    let [o, _, kh, kw] = wt;
     if !winograd::applies(kh, kw, geom.stride, geom.padding) {
         return ConvAlgo::Im2col;
     }
     match algo {
         ConvAlgo::Auto => {
             let tiles = n * h.div_ceil(4) * w.div_ceil(4);
-            if tiles >= AUTO_MIN_TILES { ConvAlgo::Winograd } else { ConvAlgo::Im2col }
+            if tiles >= AUTO_MIN_TILES && c.min(o) >= AUTO_MIN_CHANNELS { ConvAlgo::Winograd } else { ConvAlgo::Im2col }
         }
         chosen => chosen,
     }
@@ -182,6 +182,13 @@ pub fn resolve(algo: ConvAlgo, x: [usize; 4], wt: [usize; 4], geom: ConvGeom) ->
 /// Below this many 4x4 output tiles Winograd's transformed weights (4x the kernel) cost more to build and
 /// stream than the multiplies they save.
 const AUTO_MIN_TILES: usize = 48;
+
+/// With fewer input or output channels the GEMMs are tiny and the transforms, which scale with C + O rather
+/// than C·O, cost about as much as im2col's whole product (measured: a 3-channel stem runs 1.6x slower, 8
+/// channels break even forward). Winograd's ~8x larger rounding error then buys nothing, and narrow networks
+/// can be ill-conditioned enough to show it: tests/net_parity's reduced ResNet-50 (4..32 channels) gets an
+/// input gradient 1.3e-2 from PyTorch's with its 8-channel layers on Winograd, 1.2e-5 on im2col.
+const AUTO_MIN_CHANNELS: usize = 16;
 
 pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
     forward_with(x, w, geom, default_algo())

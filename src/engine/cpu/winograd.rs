@@ -166,8 +166,7 @@ multiversion! {
 fn weight_task(wt: &[f32], c: usize, cols: usize, rotate: bool, t: usize, planes: &mut [&mut [f32]]) {
     let lanes = planes[0].len();
     let mut k = [[0.0f64; PAIRS]; 9];
-    for i in 0..lanes {
-        let pair = t * PAIRS + i;
+    for (i, pair) in (t * PAIRS..t * PAIRS + lanes).enumerate() {
         let (r, s) = (pair / cols, pair % cols);
         // output channel r, input channel s of the effective kernel
         let (src, flip) = if rotate { (s * c + r, true) } else { (r * c + s, false) };
