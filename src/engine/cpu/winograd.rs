@@ -343,9 +343,13 @@ fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
                 let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
                 padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 1, &mut row);
                 let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb + base, tb, tw);
-                for (k, q) in row.windows(6).step_by(4).take(tw).enumerate() {
-                    (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (q[0], q[1], q[2], q[3], q[4], q[5]);
+                // tile k's columns 0..4 are padded columns 4k..4k+4; its columns 4 and 5 are tile k+1's 0 and 1
+                for (k, q) in row.chunks_exact(4).take(tw).enumerate() {
+                    (d0[k], d1[k], d2[k], d3[k]) = (q[0], q[1], q[2], q[3]);
                 }
+                d4[..tw - 1].copy_from_slice(&d0[1..]);
+                d5[..tw - 1].copy_from_slice(&d1[1..]);
+                (d4[tw - 1], d5[tw - 1]) = (row[4 * tw], row[4 * tw + 1]);
             }
         }
         // along the columns: e[i·6 + ξx] = Σ_j Bᵀ[ξx][j] d[i·6 + j]
