@@ -6,8 +6,10 @@
 //! of the 6x6 transformed tile: M[ξ] (O×T) = U[ξ] (O×C) · V[ξ] (C×T), where U = G g Gᵀ is the transformed
 //! weight and V = Bᵀ d B the transformed input of T tiles. That is 36 multiplies per 16 outputs instead of 144:
 //! 4x fewer than direct convolution. F(4,3) rather than F(2,3) (2.25x) because ResNet's 3x3 layers are
-//! compute-bound and the larger tile halves the multiplies again; F(6,3) would save more but its transforms
-//! lose too many bits in f32 to keep the crate's 1e-5 parity with PyTorch.
+//! compute-bound and the larger tile halves the multiplies again; F(6,3) would save more, but its larger
+//! transform coefficients cost more bits in f32, and F(4,3) already measures ~8x im2col's rounding error
+//! (1e-6 relative, tests/conv_algos.rs). The cost that does not shrink is U: 36/9 = 4x the kernel, rebuilt every
+//! call, which is why `conv` keeps im2col for shapes with few tiles (late layers at small batch).
 //!
 //! Tiles are numbered image-major, then tile row, then tile column. Work is cut into blocks of whole tile rows
 //! (possibly spanning images) so that one block's V ([36][C][Tb]) and M ([36][O][Tb]) stay near the L2 cache
