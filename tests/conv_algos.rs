@@ -131,6 +131,7 @@ fn auto_uses_winograd_only_where_it_applies_and_pays() {
     assert_eq!(pick([1, 512, 7, 7], [512, 512, 3, 3], s1), ConvAlgo::Im2col);
     assert_eq!(pick([8, 512, 7, 7], [512, 512, 3, 3], s1), ConvAlgo::Im2col);
     assert_eq!(pick([1, 256, 14, 14], [256, 256, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([1, 128, 28, 28], [128, 128, 3, 3], s1), ConvAlgo::Im2col);
     assert_eq!(pick([1, 64, 56, 56], [64, 64, 3, 3], s1), ConvAlgo::Winograd);
     // too few channels: a CIFAR stem, and a narrow layer
     assert_eq!(pick([64, 3, 32, 32], [64, 3, 3, 3], s1), ConvAlgo::Im2col);
