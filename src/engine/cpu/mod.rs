@@ -1,4 +1,4 @@
-//! The CPU backend: im2col + `gemm` for convolutions and the linear head, rayon for everything else.
+//! The CPU backend: Winograd or im2col + `gemm` for convolutions and the linear head, rayon for everything else.
 
 mod conv;
 mod elementwise;
@@ -7,6 +7,9 @@ mod loss;
 pub mod matmul;
 mod norm;
 mod pool;
+mod winograd;
+
+pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
 
 use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 use super::Tensor;

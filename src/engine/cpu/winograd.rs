@@ -1,0 +1,709 @@
+//! Winograd F(4x4, 3x3) for 3x3 convolutions with stride 1 and padding 1.
+//!
+//! Each 4x4 block of outputs ("tile") is computed from the 6x6 input patch around it as
+//! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d Bᵀᵀ) ] A, with the matrices of Lavin & Gray (2015) for the points 0, ±1, ±2, ∞.
+//! Summing over input channels turns the element-wise product into 36 independent GEMMs, one per position ξ
+//! of the 6x6 transformed tile: M[ξ] (O×T) = U[ξ] (O×C) · V[ξ] (C×T), where U = G g Gᵀ is the transformed
+//! weight and V = Bᵀ d B the transformed input of T tiles. That is 36 multiplies per 16 outputs instead of 144:
+//! 4x fewer than direct convolution. F(4,3) rather than F(2,3) (2.25x) because ResNet's 3x3 layers are
+//! compute-bound and the larger tile halves the multiplies again; F(6,3) would save more, but its larger
+//! transform coefficients cost more bits in f32, and F(4,3) already measures ~8x im2col's rounding error
+//! (1e-6 relative, tests/conv_algos.rs). The cost that does not shrink is U: 36/9 = 4x the kernel, rebuilt every
+//! call, which is why `conv` keeps im2col for shapes with few tiles (late layers at small batch).
+//!
+//! Tiles are numbered image-major, then tile row, then tile column. Work is cut into blocks of whole tile rows
+//! (possibly spanning images) so that one block's V ([36][C][Tb]) and M ([36][O][Tb]) stay near the L2 cache
+//! while giving each GEMM enough columns; blocks run in parallel, each GEMM on one thread, unless there are
+//! fewer blocks than threads, in which case the GEMMs split across the pool instead. Partial tiles (H or W not
+//! multiples of 4) read zeros beyond the padded input and drop their outputs beyond the image.
+//!
+//! Backward data is the same convolution of dY with the kernel rotated 180° and in/out channels swapped.
+//! Backward filter follows the chain rule through the same algebra: dM[ξ] = A dY Aᵀ per output tile,
+//! dU[ξ] = Σ_t dM[ξ] · V[ξ]ᵀ (a GEMM over tiles), dW = Gᵀ dU G — exact in real arithmetic.
+//!
+//! The input and output transforms run in f32 and are written lane-wise over runs of tiles, so they
+//! vectorise; the weight transforms (once per call, O·C tiles) run in f64 so that U and dW are rounded once.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::matmul::{MatRef, matmul};
+
+/// Transformed-tile positions: 6x6.
+const XI: usize = 36;
+
+/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
+/// run as the best the CPU supports. The transforms are lane-wise loops that LLVM vectorises; built for the
+/// x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the same in
+/// every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and the CPU
+                    // was just checked to have them.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// Whether a convolution is one this module computes: 3x3 kernel, stride 1, padding 1.
+pub fn applies(kh: usize, kw: usize, stride: (usize, usize), padding: (usize, usize)) -> bool {
+    kh == 3 && kw == 3 && stride == (1, 1) && padding == (1, 1)
+}
+
+/// Bᵀ applied to a 6-vector (the input transform along one axis).
+#[inline(always)]
+fn bt(d: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        d[3] + d[4] - 4.0 * (d[1] + d[2]),
+        d[4] - d[3] + 4.0 * (d[1] - d[2]),
+        d[4] - d[2] + 2.0 * (d[3] - d[1]),
+        d[4] - d[2] + 2.0 * (d[1] - d[3]),
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+/// Aᵀ applied to a 6-vector (the output transform along one axis).
+#[inline(always)]
+fn at(m: [f32; 6]) -> [f32; 4] {
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [m[0] + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m[5]]
+}
+
+/// A applied to a 4-vector: the adjoint of `at`, used to carry dY back to the transformed domain.
+#[inline(always)]
+fn a(y: [f32; 4]) -> [f32; 6] {
+    let (e, o) = (y[0] + y[2], y[1] + y[3]);
+    let (e4, o4) = (y[0] + 4.0 * y[2], 2.0 * y[1] + 8.0 * y[3]);
+    [y[0], e + o, e - o, e4 + o4, e4 - o4, y[3]]
+}
+
+/// G, the weight transform along one axis. 1/6, 1/12 and 1/24 are rounded once, in f64.
+const G: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Kernel pairs one weight-transform task handles, lane-wise.
+const PAIRS: usize = 64;
+
+/// Tiles a block aims for, unless `RESNET_WINOGRAD_TILES` (read once, for tuning) says otherwise.
+fn block_tiles(c: usize, o: usize) -> usize {
+    static OVERRIDE: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *OVERRIDE.get_or_init(|| std::env::var("RESNET_WINOGRAD_TILES").ok().and_then(|v| v.parse().ok()));
+    // V and M of one block together in about 1 MiB (the L2 of one core), but never so few tiles that the
+    // GEMMs degenerate into matrix-vector products.
+    forced.unwrap_or_else(|| ((1 << 20) / (XI * 4 * (c + o).max(1))).clamp(64, 512))
+}
+
+/// How one convolution is cut into tile-row blocks and spread over threads.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    n: usize,
+    c: usize,
+    o: usize,
+    h: usize,
+    w: usize,
+    /// Tile rows and columns per image.
+    th: usize,
+    tw: usize,
+    /// Tile rows per block (the last block may have fewer).
+    rows: usize,
+    blocks: usize,
+    gemm_threads: usize,
+}
+
+impl Plan {
+    fn new(n: usize, c: usize, o: usize, h: usize, w: usize) -> Plan {
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let total = (n * th).max(1);
+        let threads = rayon::current_num_threads().max(1);
+        let mut rows = (block_tiles(c, o) / tw.max(1)).clamp(1, total);
+        let mut blocks = total.div_ceil(rows);
+        let gemm_threads = if blocks >= threads {
+            // Round the block count up to a multiple of the thread count so no thread idles at the end.
+            rows = total.div_ceil(blocks.div_ceil(threads) * threads);
+            blocks = total.div_ceil(rows);
+            1
+        } else {
+            threads
+        };
+        Plan { n, c, o, h, w, th, tw, rows, blocks, gemm_threads }
+    }
+    /// Global tile rows [first, end) of block b.
+    fn block_rows(&self, b: usize) -> (usize, usize) {
+        (b * self.rows, ((b + 1) * self.rows).min(self.n * self.th))
+    }
+}
+
+multiversion! {
+/// Pairs t·PAIRS.. of `transform_weights`, into their slice of each of the 36 planes.
+fn weight_task(wt: &[f32], c: usize, cols: usize, rotate: bool, t: usize, planes: &mut [&mut [f32]]) {
+    let lanes = planes[0].len();
+    let mut k = [[0.0f64; PAIRS]; 9];
+    for (i, pair) in (t * PAIRS..t * PAIRS + lanes).enumerate() {
+        let (r, s) = (pair / cols, pair % cols);
+        // output channel r, input channel s of the effective kernel
+        let (src, flip) = if rotate { (s * c + r, true) } else { (r * c + s, false) };
+        for (j, kj) in wt[src * 9..][..9].iter().enumerate() {
+            k[if flip { 8 - j } else { j }][i] = *kj as f64;
+        }
+    }
+    // rows first: h[y][x] = Σ_a G[y][a] k[a][x]
+    let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+    for (gy, hy) in G.iter().zip(h.iter_mut()) {
+        for (x, hyx) in hy.iter_mut().enumerate() {
+            for i in 0..PAIRS {
+                hyx[i] = gy[0] * k[x][i] + gy[1] * k[3 + x][i] + gy[2] * k[6 + x][i];
+            }
+        }
+    }
+    for (y, hy) in h.iter().enumerate() {
+        for (x, gx) in G.iter().enumerate() {
+            let dst = &mut planes[y * 6 + x][..lanes];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = (gx[0] * hy[0][i] + gx[1] * hy[1][i] + gx[2] * hy[2][i]) as f32;
+            }
+        }
+    }
+}
+}
+
+/// U = G g Gᵀ for every (out, in) channel pair of a `[O, C, 3, 3]` weight, laid out `[36][O][C]`.
+/// `rotate` transforms the kernel rotated 180° with in/out swapped (`[C, O, 3, 3]` semantics), for dX.
+/// f64 inside, so each U entry is rounded once; lane-wise over `PAIRS` pairs so it vectorises and writes
+/// each of the 36 planes contiguously.
+fn transform_weights(wt: &[f32], o: usize, c: usize, rotate: bool, u: &mut [f32]) {
+    let (rows, cols) = if rotate { (c, o) } else { (o, c) };
+    let pairs = rows * cols;
+    assert_eq!(u.len(), XI * pairs, "U has 36 planes of O·C");
+    // The 36 planes of U split into the same pair ranges, so each task owns one range in every plane.
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..pairs.div_ceil(PAIRS)).map(|_| Vec::with_capacity(XI)).collect();
+    for plane in u.chunks_mut(pairs.max(1)) {
+        for (t, part) in plane.chunks_mut(PAIRS).enumerate() {
+            tasks[t].push(part);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(t, mut planes)| weight_task(wt, c, cols, rotate, t, &mut planes));
+}
+
+thread_local! {
+    /// U (or the dU partials) kept from one call to the next on the calling thread. At 512x512 channels U is
+    /// 37 MB, and faulting in that many fresh pages costs more than the transform that fills them.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` entries of this thread's scratch (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    // Taken out rather than borrowed, so a nested call (rayon may run another task on this thread while it
+    // waits) just allocates its own.
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    buf.resize(len, 0.0);
+    let r = f(&mut buf);
+    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    r
+}
+
+multiversion! {
+/// Pairs t·PAIRS.. of `inverse_transform_weights`.
+fn inverse_task(du: &[f32], pairs: usize, t: usize, out: &mut [f32]) {
+    let (first, lanes) = (t * PAIRS, out.len() / 9);
+    // along x: h[y][b] = Σ_x G[x][b] dU[y·6 + x]
+    let mut h = [[[0.0f64; PAIRS]; 3]; 6];
+    for (y, hy) in h.iter_mut().enumerate() {
+        for (x, gx) in G.iter().enumerate() {
+            let src = &du[(y * 6 + x) * pairs + first..][..lanes];
+            for (b, hyb) in hy.iter_mut().enumerate() {
+                for (acc, v) in hyb.iter_mut().zip(src) {
+                    *acc += gx[b] * *v as f64;
+                }
+            }
+        }
+    }
+    // along y: dW[a][b] = Σ_y G[y][a] h[y][b]
+    let mut k = [[0.0f64; PAIRS]; 9];
+    for (gy, hy) in G.iter().zip(&h) {
+        for (a, ka) in k.chunks_mut(3).enumerate() {
+            for (b, kab) in ka.iter_mut().enumerate() {
+                for (acc, v) in kab.iter_mut().zip(&hy[b]) {
+                    *acc += gy[a] * v;
+                }
+            }
+        }
+    }
+    for (i, kern) in out.chunks_mut(9).enumerate() {
+        for (j, v) in kern.iter_mut().enumerate() {
+            *v = k[j][i] as f32;
+        }
+    }
+}
+}
+
+/// dW = Gᵀ dU G for every pair, from dU laid out `[36][O][C]` to dW `[O, C, 3, 3]`; f64 inside, lane-wise.
+fn inverse_transform_weights(du: &[f32], pairs: usize) -> Vec<f32> {
+    let mut dw = vec![0.0f32; pairs * 9];
+    dw.par_chunks_mut(9 * PAIRS).enumerate().for_each(|(t, out)| inverse_task(du, pairs, t, out));
+    dw
+}
+
+/// Copies image row `src` into `row` (4·(tiles + 1) entries) shifted right by `pad`, zeros around it, so that
+/// tile tx's columns are `row[4tx..4tx + 6]` wherever the tile lies.
+#[inline(always)]
+fn padded_row(src: Option<&[f32]>, pad: usize, row: &mut [f32]) {
+    let Some(src) = src else {
+        row.fill(0.0);
+        return;
+    };
+    let used = src.len().min(row.len() - pad);
+    row[..pad].fill(0.0);
+    row[pad..pad + used].copy_from_slice(&src[..used]);
+    row[pad + used..].fill(0.0);
+}
+
+/// `K` output rows of length `len`, `stride` apart, from `start`: where one transform pass writes.
+#[inline(always)]
+fn rows_mut<const K: usize>(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f32]; K] {
+    let mut out: [&mut [f32]; K] = std::array::from_fn(|_| Default::default());
+    let mut rest = &mut v[start..];
+    for (r, slot) in out.iter_mut().enumerate() {
+        let tail = std::mem::take(&mut rest);
+        if r + 1 < K {
+            let (head, tail) = tail.split_at_mut(stride);
+            *slot = &mut head[..len];
+            rest = tail;
+        } else {
+            *slot = &mut tail[..len];
+        }
+    }
+    out
+}
+
+/// `K` input rows of length `len`, `stride` apart, from `start`.
+#[inline(always)]
+fn rows<const K: usize>(v: &[f32], start: usize, stride: usize, len: usize) -> [&[f32]; K] {
+    std::array::from_fn(|r| &v[start + r * stride..][..len])
+}
+
+/// One pass of a 1-d transform `f` (K inputs, R outputs per lane) over `len` lanes.
+#[inline(always)]
+fn pass<const K: usize, const R: usize>(src: [&[f32]; K], dst: [&mut [f32]; R], f: impl Fn([f32; K]) -> [f32; R]) {
+    let len = dst.iter().map(|d| d.len()).min().unwrap_or(0);
+    let src: [&[f32]; K] = std::array::from_fn(|j| &src[j][..len]);
+    let mut dst = dst;
+    for t in 0..len {
+        let r = f(std::array::from_fn(|j| src[j][t]));
+        for (d, v) in dst.iter_mut().zip(r) {
+            d[t] = v;
+        }
+    }
+}
+
+multiversion! {
+/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first
+/// tile. The 6x6 patches are gathered lane-major (d[i·6 + j][t]) so that both transform passes run over all the
+/// block's tiles at once: long vectors however narrow the image.
+fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
+    let (tw, hw) = (p.tw, p.h * p.w);
+    let tb = (g1 - g0) * tw;
+    let mut d = vec![0.0f32; XI * tb];
+    let mut e = vec![0.0f32; XI * tb];
+    let mut row = vec![0.0f32; 4 * (tw + 1)];
+    for c in 0..p.c {
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            let plane = &x[(n * p.c + c) * hw..][..hw];
+            let base = (g - g0) * tw;
+            for i in 0..6 {
+                // padded row 4ty + i is input row 4ty + i − 1
+                let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
+                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 1, &mut row);
+                let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb + base, tb, tw);
+                // tile k's columns 0..4 are padded columns 4k..4k+4; its columns 4 and 5 are tile k+1's 0 and 1
+                for (k, q) in row.chunks_exact(4).take(tw).enumerate() {
+                    (d0[k], d1[k], d2[k], d3[k]) = (q[0], q[1], q[2], q[3]);
+                }
+                d4[..tw - 1].copy_from_slice(&d0[1..]);
+                d5[..tw - 1].copy_from_slice(&d1[1..]);
+                (d4[tw - 1], d5[tw - 1]) = (row[4 * tw], row[4 * tw + 1]);
+            }
+        }
+        // along the columns: e[i·6 + ξx] = Σ_j Bᵀ[ξx][j] d[i·6 + j]
+        for i in 0..6 {
+            pass(rows::<6>(&d, i * 6 * tb, tb, tb), rows_mut::<6>(&mut e, i * 6 * tb, tb, tb), bt);
+        }
+        // along the rows: V[ξy·6 + ξx] = Σ_i Bᵀ[ξy][i] e[i·6 + ξx]
+        for x in 0..6 {
+            let dst = rows_mut::<6>(v, x * p.c * tb + c * tb, 6 * p.c * tb, tb);
+            pass(rows::<6>(&e, x * tb, 6 * tb, tb), dst, bt);
+        }
+    }
+}
+}
+
+multiversion! {
+/// dM[ξ][o][t] = (A dY Aᵀ)[ξ] for the output tiles of global tile rows [g0, g1) of `dy` (`[N, O, H, W]`),
+/// gathered lane-major like `input_transform`.
+fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f32]) {
+    let (tw, hw) = (p.tw, p.h * p.w);
+    let tb = (g1 - g0) * tw;
+    let mut d = vec![0.0f32; 16 * tb];
+    let mut e = vec![0.0f32; 4 * 6 * tb];
+    let mut row = vec![0.0f32; 4 * tw];
+    for o in 0..p.o {
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            let plane = &dy[(n * p.o + o) * hw..][..hw];
+            let base = (g - g0) * tw;
+            for i in 0..4 {
+                let r = Some(4 * ty + i).filter(|&r| r < p.h);
+                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 0, &mut row);
+                let [d0, d1, d2, d3] = rows_mut::<4>(&mut d, i * 4 * tb + base, tb, tw);
+                for (k, q) in row.chunks_exact(4).enumerate() {
+                    (d0[k], d1[k], d2[k], d3[k]) = (q[0], q[1], q[2], q[3]);
+                }
+            }
+        }
+        // along the columns: e[i·6 + ξx] = Σ_j A[ξx][j] d[i·4 + j]
+        for i in 0..4 {
+            pass(rows::<4>(&d, i * 4 * tb, tb, tb), rows_mut::<6>(&mut e, i * 6 * tb, tb, tb), a);
+        }
+        // along the rows: dM[ξy·6 + ξx] = Σ_i A[ξy][i] e[i·6 + ξx]
+        for x in 0..6 {
+            let dst = rows_mut::<6>(dm, x * p.o * tb + o * tb, 6 * p.o * tb, tb);
+            pass(rows::<4>(&e, x * tb, 6 * tb, tb), dst, a);
+        }
+    }
+}
+}
+
+multiversion! {
+/// Y = Aᵀ M A for the tiles of global tile rows [g0, g1), written into `out`: for each image the block touches
+/// (in order) and each output channel, the rows of that plane the block covers. Both passes run over all the
+/// block's tiles at once; only the final scatter goes tile row by tile row.
+fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [f32]]) {
+    let tw = p.tw;
+    let tb = (g1 - g0) * tw;
+    let n0 = g0 / p.th;
+    let mut s = vec![0.0f32; 6 * 4 * tb];
+    let mut q = vec![0.0f32; 16 * tb];
+    for o in 0..p.o {
+        // along the columns: s[ξy·4 + jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
+        for y in 0..6 {
+            pass(rows::<6>(m, (y * 6 * p.o + o) * tb, p.o * tb, tb), rows_mut::<4>(&mut s, y * 4 * tb, tb, tb), at);
+        }
+        // along the rows: q[iy·4 + jx] = Σ_ξy Aᵀ[iy][ξy] s[ξy·4 + jx]
+        for jx in 0..4 {
+            pass(rows::<6>(&s, jx * tb, 4 * tb, tb), rows_mut::<4>(&mut q, jx * tb, 4 * tb, tb), at);
+        }
+        for g in g0..g1 {
+            let (n, ty) = (g / p.th, g % p.th);
+            // the first tile row of image n inside this block: the output slice starts at its first pixel row
+            let first_ty = g0.max(n * p.th) - n * p.th;
+            let base = (g - g0) * tw;
+            let dst = &mut out[(n - n0) * p.o + o];
+            for iy in 0..4 {
+                let row = 4 * ty + iy;
+                if row >= p.h {
+                    break;
+                }
+                let drow = &mut dst[(row - 4 * first_ty) * p.w..][..p.w];
+                let qs = rows::<4>(&q, iy * 4 * tb + base, tb, tw);
+                let mut groups = drow.chunks_exact_mut(4);
+                for (k, d) in groups.by_ref().enumerate() {
+                    d.copy_from_slice(&[qs[0][k], qs[1][k], qs[2][k], qs[3][k]]);
+                }
+                // a partial last tile
+                for (jx, d) in groups.into_remainder().iter_mut().enumerate() {
+                    *d = qs[jx][p.w / 4];
+                }
+            }
+        }
+    }
+}
+}
+
+/// For each block, the output rows it writes: per image it touches and per output channel, one slice.
+fn split_output<'a>(y: &'a mut [f32], p: &Plan) -> Vec<Vec<&'a mut [f32]>> {
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..p.blocks).map(|_| Vec::new()).collect();
+    let hw = p.h * p.w;
+    for (pi, plane) in y.chunks_mut(hw.max(1)).enumerate() {
+        let n = pi / p.o;
+        let mut rest = plane;
+        let mut g = n * p.th;
+        while g < (n + 1) * p.th {
+            let b = g / p.rows;
+            let end = ((b + 1) * p.rows).min((n + 1) * p.th);
+            let pixel_rows = (4 * (end - n * p.th)).min(p.h) - (4 * (g - n * p.th)).min(p.h);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(pixel_rows * p.w);
+            parts[b].push(head);
+            rest = tail;
+            g = end;
+        }
+    }
+    parts
+}
+
+/// The 36 GEMMs of one block: M[ξ] = U[ξ] · V[ξ].
+fn multiply(u: &[f32], v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
+    let (oc, ct, ot) = (p.o * p.c, p.c * tb, p.o * tb);
+    for xi in 0..XI {
+        let um = MatRef::new(&u[xi * oc..][..oc], p.o, p.c);
+        let vm = MatRef::new(&v[xi * ct..][..ct], p.c, tb);
+        matmul(&mut m[xi * ot..][..ot], um, vm, false, p.gemm_threads);
+    }
+}
+
+/// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the transformed weight u.
+fn forward_transformed(x: &[f32], u: &[f32], p: &Plan) -> Vec<f32> {
+    let mut y = vec![0.0f32; p.n * p.o * p.h * p.w];
+    if y.is_empty() {
+        return y;
+    }
+    let parts = split_output(&mut y, p);
+    let run = |b: usize, mut out: Vec<&mut [f32]>, v: &mut Vec<f32>, m: &mut Vec<f32>| {
+        let (g0, g1) = p.block_rows(b);
+        let tb = (g1 - g0) * p.tw;
+        v.resize(XI * p.c * tb, 0.0);
+        m.resize(XI * p.o * tb, 0.0);
+        input_transform(x, p, g0, g1, v);
+        multiply(u, v, m, p, tb);
+        output_transform(m, p, g0, g1, &mut out);
+    };
+    if p.gemm_threads > 1 {
+        let (mut v, mut m) = (Vec::new(), Vec::new());
+        for (b, out) in parts.into_iter().enumerate() {
+            run(b, out, &mut v, &mut m);
+        }
+    } else {
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each_init(|| (Vec::new(), Vec::new()), |(v, m), (b, out)| run(b, out, v, m));
+    }
+    y
+}
+
+/// y = conv2d(x, w) with a 3x3 kernel, stride 1, padding 1. x is `[n, c, h, w]`, wt `[o, c, 3, 3]`.
+pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    with_scratch(XI * o * c, |u| {
+        transform_weights(wt, o, c, false, u);
+        forward_transformed(x, u, &Plan::new(n, c, o, h, w))
+    })
+}
+
+/// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
+/// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`.
+pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    with_scratch(XI * o * c, |u| {
+        transform_weights(wt, o, c, true, u);
+        forward_transformed(dy, u, &Plan::new(n, o, c, h, w))
+    })
+}
+
+/// dW (`[o, c, 3, 3]`) for y = conv2d(x, w), from x (`[n, c, h, w]`) and dy (`[n, o, h, w]`).
+pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    let p = Plan::new(n, c, o, h, w);
+    let pairs = o * c;
+    if n * h * w == 0 || pairs == 0 {
+        return vec![0.0; pairs * 9];
+    }
+    let threads = if p.gemm_threads > 1 { 1 } else { rayon::current_num_threads().max(1) };
+    let per_task = p.blocks.div_ceil(threads);
+    let tasks = p.blocks.div_ceil(per_task);
+    with_scratch(tasks * XI * pairs, |partials| {
+        partials.par_chunks_mut(XI * pairs).enumerate().for_each(|(t, du)| {
+            let (mut v, mut dm) = (Vec::new(), Vec::new());
+            for (i, b) in (t * per_task..((t + 1) * per_task).min(p.blocks)).enumerate() {
+                let (g0, g1) = p.block_rows(b);
+                let tb = (g1 - g0) * p.tw;
+                v.resize(XI * c * tb, 0.0);
+                dm.resize(XI * o * tb, 0.0);
+                input_transform(x, &p, g0, g1, &mut v);
+                output_grad_transform(dy, &p, g0, g1, &mut dm);
+                for xi in 0..XI {
+                    let dmm = MatRef::new(&dm[xi * o * tb..][..o * tb], o, tb);
+                    let vm = MatRef::new(&v[xi * c * tb..][..c * tb], c, tb);
+                    // the first block overwrites whatever the scratch held
+                    matmul(&mut du[xi * pairs..][..pairs], dmm, vm.t(), i > 0, p.gemm_threads);
+                }
+            }
+        });
+        let (du, rest) = partials.split_at_mut(XI * pairs);
+        for part in rest.chunks(XI * pairs) {
+            du.iter_mut().zip(part).for_each(|(t, s)| *t += s);
+        }
+        inverse_transform_weights(du, pairs)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct 3x3/s1/p1 correlation in f64, with its gradients for `dy`: (y, dx, dw).
+    #[allow(clippy::type_complexity)]
+    fn naive(
+        x: &[f32],
+        wt: &[f32],
+        dy: &[f32],
+        (n, c, h, w, o): (usize, usize, usize, usize, usize),
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx, mut dw) = (vec![0.0f64; n * o * h * w], vec![0.0f64; x.len()], vec![0.0f64; wt.len()]);
+        for b in 0..n {
+            for oc in 0..o {
+                for i in 0..h {
+                    for j in 0..w {
+                        let yi = ((b * o + oc) * h + i) * w + j;
+                        for ic in 0..c {
+                            for ki in 0..3 {
+                                for kj in 0..3 {
+                                    let (r, q) = ((i + ki).wrapping_sub(1), (j + kj).wrapping_sub(1));
+                                    if r < h && q < w {
+                                        let (xi, wi) = (((b * c + ic) * h + r) * w + q, ((oc * c + ic) * 3 + ki) * 3 + kj);
+                                        y[yi] += x[xi] as f64 * wt[wi] as f64;
+                                        dx[xi] += dy[yi] as f64 * wt[wi] as f64;
+                                        dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
+
+    fn rel(a: &[f32], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_dimensional_transforms_compute_a_correlation() {
+        // y = Aᵀ[(G g) ⊙ (Bᵀ d)] must equal y_i = Σ_k d_{i+k} g_k for every basis pair.
+        for di in 0..6 {
+            for gk in 0..3 {
+                let mut d = [0.0f32; 6];
+                d[di] = 1.0;
+                let mut k = [0.0f64; 3];
+                k[gk] = 1.0;
+                let u: [f64; 6] = std::array::from_fn(|r| (0..3).map(|j| G[r][j] * k[j]).sum());
+                let v = bt(d);
+                let y = at(std::array::from_fn(|i| u[i] as f32 * v[i]));
+                for (i, yi) in y.iter().enumerate() {
+                    let want = if i + gk == di { 1.0 } else { 0.0 };
+                    assert!((yi - want).abs() < 1e-6, "d{di} g{gk} y{i}: {yi} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_and_gradients_match_direct_convolution() {
+        let shapes = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 5, 5, 7, 3), (3, 7, 13, 14, 6), (2, 4, 7, 7, 9)];
+        for (seed, &(n, c, h, w, o)) in shapes.iter().enumerate() {
+            let x = values(n * c * h * w, seed as u64 + 1);
+            let wt = values(o * c * 9, seed as u64 + 100);
+            let dy = values(n * o * h * w, seed as u64 + 200);
+            let (want_y, want_dx, want_dw) = naive(&x, &wt, &dy, (n, c, h, w, o));
+            let e = rel(&forward(&x, &wt, n, c, h, w, o), &want_y);
+            assert!(e < 1e-5, "{:?} forward: {e:.2e}", (n, c, h, w, o));
+            let e = rel(&backward_data(&dy, &wt, n, c, h, w, o), &want_dx);
+            assert!(e < 1e-5, "{:?} dx: {e:.2e}", (n, c, h, w, o));
+            let e = rel(&backward_filter(&x, &dy, n, c, h, w, o), &want_dw);
+            assert!(e < 1e-5, "{:?} dw: {e:.2e}", (n, c, h, w, o));
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Where one forward's time goes, block by block on one thread: `--ignored --nocapture timing`.
+    #[test]
+    #[ignore]
+    fn parts() {
+        let shapes = [(8usize, 512usize, 7usize), (8, 256, 14), (8, 128, 28), (8, 64, 56), (64, 64, 32), (64, 256, 8), (64, 512, 4)];
+        let only: Option<usize> = std::env::var("SHAPE").ok().and_then(|v| v.parse().ok());
+        for (i, &(n, c, h)) in shapes.iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let w = vec![0.5f32; c * c * 9];
+            let x = vec![0.25f32; n * c * h * h];
+            let mut p = Plan::new(n, c, c, h, h);
+            p.gemm_threads = 1;
+            let t = Instant::now();
+            let mut u = vec![0.0f32; XI * c * c];
+            transform_weights(&w, c, c, false, &mut u);
+            let tu = t.elapsed();
+            let mut y = vec![0.0f32; n * c * h * h];
+            let parts = split_output(&mut y, &p);
+            let (mut v, mut m) = (Vec::new(), Vec::new());
+            let mut times = [Duration::ZERO; 3];
+            for (b, mut out) in parts.into_iter().enumerate() {
+                let (g0, g1) = p.block_rows(b);
+                let tb = (g1 - g0) * p.tw;
+                v.resize(XI * p.c * tb, 0.0);
+                m.resize(XI * p.o * tb, 0.0);
+                let t = Instant::now();
+                input_transform(&x, &p, g0, g1, &mut v);
+                times[0] += t.elapsed();
+                let t = Instant::now();
+                multiply(&u, &v, &mut m, &p, tb);
+                times[1] += t.elapsed();
+                let t = Instant::now();
+                output_transform(&m, &p, g0, g1, &mut out);
+                times[2] += t.elapsed();
+            }
+            let flops = 2.0 * 36.0 * (c * c * n * p.th * p.tw) as f64;
+            println!(
+                "{n} {c} {h}: rows {} blocks {}: U {tu:.2?} input {:.2?} gemm {:.2?} ({:.0} GFLOP/s) output {:.2?}",
+                p.rows, p.blocks, times[0], times[1], flops / times[1].as_secs_f64() / 1e9, times[2]
+            );
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Winograd and im2col against each other, against a direct f64 convolution and against the PyTorch fixtures,
+//! forward and both gradients; and the per-shape choice `ConvAlgo::Auto` makes.
+
+mod common;
+
+use common::{Fixture, rel_err};
+use resnet_rs::engine::cpu::{ConvAlgo, conv_algo, conv2d_backward_with, conv2d_with};
+use resnet_rs::engine::{ConvGeom, Tensor};
+
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Direct correlation in f64 with its gradients for `dy`: (y, dx, dw), for a k×k kernel, stride 1, padding p.
+fn naive(x: &Tensor, w: &Tensor, dy: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let [n, c, h, wi] = x.dims4();
+    let [o, _, k, _] = w.dims4();
+    let (oh, ow) = (h + 2 * p + 1 - k, wi + 2 * p + 1 - k);
+    let (xd, wd) = (x.data(), w.data());
+    let (mut y, mut dx, mut dw) = (vec![0.0f64; n * o * oh * ow], vec![0.0f64; xd.len()], vec![0.0f64; wd.len()]);
+    for b in 0..n {
+        for oc in 0..o {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let yi = ((b * o + oc) * oh + i) * ow + j;
+                    for ic in 0..c {
+                        for ki in 0..k {
+                            for kj in 0..k {
+                                let (r, q) = ((i + ki).wrapping_sub(p), (j + kj).wrapping_sub(p));
+                                if r < h && q < wi {
+                                    let xi = ((b * c + ic) * h + r) * wi + q;
+                                    let wj = ((oc * c + ic) * k + ki) * k + kj;
+                                    y[yi] += xd[xi] as f64 * wd[wj] as f64;
+                                    dx[xi] += dy[yi] as f64 * wd[wj] as f64;
+                                    dw[wj] += dy[yi] as f64 * xd[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (f(y), f(dx), f(dw))
+}
+
+/// y, dx, dw by one algorithm.
+fn run(x: &Tensor, w: &Tensor, dy: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> [Vec<f32>; 3] {
+    let y = conv2d_with(x, w, geom, algo);
+    let (dx, dw) = conv2d_backward_with(x, w, dy, geom, true, true, algo);
+    let (dx_only, none) = conv2d_backward_with(x, w, dy, geom, true, false, algo);
+    assert!(none.is_none());
+    let (dx, dx_only) = (dx.expect("asked for dx"), dx_only.expect("asked for dx"));
+    assert_eq!(dx.data(), dx_only.data(), "dx must not depend on whether dw is computed");
+    [y.into_data(), dx.into_data(), dw.expect("asked for dw").into_data()]
+}
+
+#[test]
+fn winograd_matches_im2col_and_direct_f64_on_odd_shapes() {
+    let geom = ConvGeom::square(1, 1);
+    // (n, c, h, w, o): odd sizes, partial tiles, channel counts that are multiples of nothing
+    let shapes = [
+        (1, 1, 1, 1, 1),
+        (1, 3, 2, 2, 5),
+        (2, 5, 3, 3, 7),
+        (1, 7, 5, 5, 3),
+        (3, 6, 7, 7, 11),
+        (2, 13, 13, 13, 9),
+        (1, 17, 14, 14, 19),
+        (2, 3, 5, 14, 4),
+        (4, 9, 13, 2, 6),
+        (1, 33, 14, 7, 31),
+        (4, 8, 16, 16, 8),
+        (4, 3, 32, 32, 4),
+    ];
+    for (seed, &(n, c, h, w, o)) in shapes.iter().enumerate() {
+        let s = seed as u64 * 3;
+        let x = Tensor::new(&[n, c, h, w], values(n * c * h * w, s + 1)).unwrap();
+        let wt = Tensor::new(&[o, c, 3, 3], values(o * c * 9, s + 2)).unwrap();
+        let dy = Tensor::new(&[n, o, h, w], values(n * o * h * w, s + 3)).unwrap();
+        let want = naive(&x, &wt, dy.data(), 1);
+        let wino = run(&x, &wt, &dy, geom, ConvAlgo::Winograd);
+        let im2col = run(&x, &wt, &dy, geom, ConvAlgo::Im2col);
+        for (i, name) in ["y", "dx", "dw"].iter().enumerate() {
+            let want_i = [&want.0, &want.1, &want.2][i];
+            let (ew, ei) = (rel_err(&wino[i], want_i), rel_err(&im2col[i], want_i));
+            let between = rel_err(&wino[i], &im2col[i]);
+            // measured: Winograd F(4,3) 7e-8..1.3e-6 on these, im2col up to 3.8e-7
+            assert!(ew < 2e-6 && ei < 1e-6 && between < 2e-6, "{:?} {name}: winograd {ew:.2e}, im2col {ei:.2e}, apart {between:.2e}", (n, c, h, w, o));
+        }
+    }
+}
+
+#[test]
+fn both_algorithms_match_the_pytorch_fixtures() {
+    let f = Fixture::load("ops.safetensors");
+    for i in 0..8 {
+        let k = |s: &str| format!("conv{i}.{s}");
+        let g = f.usizes(&k("geom"));
+        let geom = ConvGeom { stride: (g[0], g[1]), padding: (g[2], g[3]) };
+        let (x, w, dy) = (f.get(&k("x")), f.get(&k("w")), f.get(&k("dy")));
+        let want = [f.get(&k("y")), f.get(&k("dx")), f.get(&k("dw"))];
+        for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+            let got = run(x, w, dy, geom, algo);
+            let used = conv_algo(algo, x.dims4(), w.dims4(), geom);
+            let errs: Vec<f64> = (0..3).map(|j| rel_err(&got[j], want[j].data())).collect();
+            println!("conv{i} {algo:?} (ran {used:?}): y {:.2e} dx {:.2e} dw {:.2e}", errs[0], errs[1], errs[2]);
+            assert!(errs.iter().all(|&e| e <= 1e-5), "conv{i} {algo:?}: {errs:?}");
+        }
+    }
+}
+
+#[test]
+fn auto_uses_winograd_only_where_it_applies_and_pays() {
+    let s1 = ConvGeom::square(1, 1);
+    let pick = |x: [usize; 4], w: [usize; 4], g: ConvGeom| conv_algo(ConvAlgo::Auto, x, w, g);
+    // ResNet-34's 3x3 layers at batch 8, 224x224, and the CIFAR training step
+    assert_eq!(pick([8, 64, 56, 56], [64, 64, 3, 3], s1), ConvAlgo::Winograd);
+    assert_eq!(pick([8, 256, 14, 14], [256, 256, 3, 3], s1), ConvAlgo::Winograd);
+    assert_eq!(pick([64, 512, 4, 4], [512, 512, 3, 3], s1), ConvAlgo::Winograd);
+    // too few tiles to pay for streaming 512x512 transformed weights (36 floats per pair)
+    assert_eq!(pick([1, 512, 7, 7], [512, 512, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([8, 512, 7, 7], [512, 512, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([1, 256, 14, 14], [256, 256, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([1, 128, 28, 28], [128, 128, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([1, 64, 56, 56], [64, 64, 3, 3], s1), ConvAlgo::Winograd);
+    // too few channels: a CIFAR stem, and a narrow layer
+    assert_eq!(pick([64, 3, 32, 32], [64, 3, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([64, 8, 32, 32], [8, 8, 3, 3], s1), ConvAlgo::Im2col);
+    assert_eq!(pick([64, 64, 32, 32], [16, 64, 3, 3], s1), ConvAlgo::Winograd);
+    // shapes Winograd does not compute, whatever is asked
+    for algo in [ConvAlgo::Auto, ConvAlgo::Winograd] {
+        assert_eq!(conv_algo(algo, [8, 64, 56, 56], [64, 64, 3, 3], ConvGeom::square(2, 1)), ConvAlgo::Im2col);
+        assert_eq!(conv_algo(algo, [8, 64, 56, 56], [64, 64, 3, 3], ConvGeom::square(1, 0)), ConvAlgo::Im2col);
+        assert_eq!(conv_algo(algo, [8, 64, 56, 56], [64, 64, 1, 1], ConvGeom::square(1, 0)), ConvAlgo::Im2col);
+        assert_eq!(conv_algo(algo, [8, 3, 224, 224], [64, 3, 7, 7], ConvGeom::square(2, 3)), ConvAlgo::Im2col);
+    }
+    assert_eq!(conv_algo(ConvAlgo::Im2col, [8, 64, 56, 56], [64, 64, 3, 3], s1), ConvAlgo::Im2col);
+}
+
+/// Per-shape timings of both algorithms (ResNet-34 layers at the bench workloads), to tune `Auto`:
+/// `cargo test --release --test conv_algos -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing_per_shape() {
+    use std::time::Instant;
+    let geom = ConvGeom::square(1, 1);
+    let shapes = [
+        (8, 64, 56),
+        (8, 128, 28),
+        (8, 256, 14),
+        (8, 512, 7),
+        (1, 64, 56),
+        (1, 128, 28),
+        (1, 256, 14),
+        (1, 512, 7),
+        (2, 512, 7),
+        (4, 512, 7),
+        (64, 64, 32),
+        (64, 128, 16),
+        (64, 256, 8),
+        (64, 512, 4),
+        (64, 3, 32),
+        (64, 8, 32),
+        (64, 16, 32),
+        (8, 16, 56),
+        (4, 4, 32),
+    ];
+    let median = |f: &mut dyn FnMut()| {
+        let mut t: Vec<f64> = (0..7)
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[3]
+    };
+    // CONV_SHAPE=i times only shapes[i] (for perf record)
+    let only: Option<usize> = std::env::var("CONV_SHAPE").ok().and_then(|v| v.parse().ok());
+    for (i, &(n, c, h)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let x = Tensor::new(&[n, c, h, h], values(n * c * h * h, 1)).unwrap();
+        // a 3-channel input is a stem: 3 → 64
+        let o = if c == 3 { 64 } else { c };
+        let w = Tensor::new(&[o, c, 3, 3], values(o * c * 9, 2)).unwrap();
+        let dy = Tensor::new(&[n, o, h, h], values(n * o * h * h, 3)).unwrap();
+        let mut line = format!("n{n:<3} c{c:<4} o{o:<4} {h:>2}x{h:<3}");
+        for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+            let fw = median(&mut || drop(conv2d_with(&x, &w, geom, algo)));
+            let dx = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, false, algo)));
+            let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, true, algo)));
+            line += &format!(" | {algo:?}: fwd {fw:7.2} dx {dx:7.2} dw {:7.2} ms", both - dx);
+        }
+        println!("{line}");
+    }
+}
