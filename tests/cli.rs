@@ -155,6 +155,10 @@ fn train_json_then_eval_on_digits() {
     assert_eq!(confusion.len(), 10);
     let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 359, "the 20 % held-out digits");
+    if cfg!(not(feature = "cuda")) {
+        let auto = resnet(&["eval", "--weights", path(&run.join("best.safetensors")), "--json", "--device", "auto"]);
+        assert_eq!(stdout(&auto), stdout(&o), "--device auto is the CPU in a build without the cuda feature");
+    }
     let o = resnet(&["eval", "--weights", path(&run.join("best.safetensors"))]);
     assert!(stdout(&o).contains("confusion matrix"));
 

@@ -3,8 +3,8 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::engine::cpu::Cpu;
 use crate::error::Result;
+use crate::infer::runner::{DeviceSpec, Runner};
 use crate::train::recipe::Recipe;
 use crate::train::{checkpoint, evaluate, setup};
 
@@ -21,6 +21,9 @@ pub struct EvalCmd {
     data: Option<PathBuf>,
     #[arg(long)]
     arch: Option<String>,
+    /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -39,7 +42,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
     if let Some(arch) = a.arch {
         r.arch = arch;
     }
-    let mut model = crate::weights::load_model(r.arch.parse()?, &a.weights)?;
+    let model = crate::weights::load_model(r.arch.parse()?, &a.weights)?;
     let (_, val) = setup::datasets(&r)?;
     let classes = val.num_classes();
     if classes != model.config.num_classes {
@@ -50,7 +53,9 @@ pub fn run(a: EvalCmd) -> Result<()> {
     }
     let names = val.class_names();
     let (_, eval_pipe) = setup::pipelines(&r);
-    let rep = evaluate::evaluate(&mut model, &Cpu, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
+    let size = r.image_size as usize;
+    let mut runner = Runner::new(model, a.device, r.batch_size, size, size)?;
+    let rep = evaluate::evaluate_with(&mut |x| runner.forward(x), classes, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
     if a.json {
         println!("{}", serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names}));
         return Ok(());

@@ -33,14 +33,29 @@ pub fn hits(logits: &Tensor, labels: &[usize]) -> (usize, usize) {
     (top1, top5)
 }
 
+/// Evaluate the CPU engine's `model` in eval mode.
 pub fn evaluate(model: &mut ResNet, be: &dyn Backend, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>, batch: usize, workers: usize) -> Result<EvalReport> {
     let classes = model.config.num_classes;
+    evaluate_with(&mut |x| Ok(model.forward(be, x, Mode::Eval)), classes, ds, pipe, batch, workers)
+}
+
+/// Evaluate whatever `forward` runs (the CPU engine, or `infer::runner::Runner` on a GPU): images in, logits
+/// over `classes` out.
+pub fn evaluate_with(
+    forward: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    classes: usize,
+    ds: Arc<dyn Dataset>,
+    pipe: Arc<Pipeline>,
+    batch: usize,
+    workers: usize,
+) -> Result<EvalReport> {
+    let be = crate::engine::cpu::Cpu;
     let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0 };
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
     let mut confusion = vec![vec![0u64; classes]; classes];
     for b in loader::batches(ds, pipe, None, &cfg, 0, 0) {
         let b = b?;
-        let logits = model.forward(be, &b.images, Mode::Eval);
+        let logits = forward(&b.images)?;
         let (loss, _) = be.softmax_cross_entropy(&logits, &b.targets);
         let (h1, h5) = hits(&logits, &b.labels);
         loss_sum += loss as f64 * b.labels.len() as f64;
