@@ -1,0 +1,80 @@
+//! Per-shape timings of both convolution algorithms (ResNet-34's 3x3 layers at the bench workloads, and a few
+//! narrow ones): what `ConvAlgo::Auto`'s thresholds in src/engine/cpu/conv.rs were tuned on.
+//!
+//!   cargo bench --bench conv_algos            (CONV_SHAPE=i times only shapes[i], e.g. under `perf record`)
+//!
+//! Medians of 7 runs each, in ms, on the threads rayon is given (RAYON_NUM_THREADS).
+
+use std::time::Instant;
+
+use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with};
+use resnet_rs::engine::{ConvGeom, Tensor};
+
+/// Deterministic values in [-1, 1) (xorshift), so runs time the same data.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn main() {
+    let geom = ConvGeom::square(1, 1);
+    let shapes = [
+        (8, 64, 56),
+        (8, 128, 28),
+        (8, 256, 14),
+        (8, 512, 7),
+        (1, 64, 56),
+        (1, 128, 28),
+        (1, 256, 14),
+        (1, 512, 7),
+        (2, 512, 7),
+        (4, 512, 7),
+        (64, 64, 32),
+        (64, 128, 16),
+        (64, 256, 8),
+        (64, 512, 4),
+        (64, 3, 32),
+        (64, 8, 32),
+        (64, 16, 32),
+        (8, 16, 56),
+        (4, 4, 32),
+    ];
+    let median = |f: &mut dyn FnMut()| {
+        let mut t: Vec<f64> = (0..7)
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[3]
+    };
+    // CONV_SHAPE=i times only shapes[i] (for perf record)
+    let only: Option<usize> = std::env::var("CONV_SHAPE").ok().and_then(|v| v.parse().ok());
+    for (i, &(n, c, h)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let x = Tensor::new(&[n, c, h, h], values(n * c * h * h, 1)).expect("shape matches data");
+        // a 3-channel input is a stem: 3 → 64
+        let o = if c == 3 { 64 } else { c };
+        let w = Tensor::new(&[o, c, 3, 3], values(o * c * 9, 2)).expect("shape matches data");
+        let dy = Tensor::new(&[n, o, h, h], values(n * o * h * h, 3)).expect("shape matches data");
+        let mut line = format!("n{n:<3} c{c:<4} o{o:<4} {h:>2}x{h:<3}");
+        for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+            let fw = median(&mut || drop(conv2d_with(&x, &w, geom, algo)));
+            let dx = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, false, algo)));
+            let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, true, algo)));
+            line += &format!(" | {algo:?}: fwd {fw:7.2} dx {dx:7.2} dw {:7.2} ms", both - dx);
+        }
+        println!("{line}");
+    }
+}
