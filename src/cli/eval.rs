@@ -30,10 +30,11 @@ pub struct EvalCmd {
 }
 
 pub fn run(a: EvalCmd) -> Result<()> {
-    let stored = checkpoint::load(&a.weights).ok().map(|c| c.recipe);
-    let mut r = match (&a.recipe, stored) {
+    // A training checkpoint carries its recipe and the network; any other weights file holds the network only.
+    let checkpoint = checkpoint::load(&a.weights).ok();
+    let mut r = match (&a.recipe, &checkpoint) {
         (Some(name), _) => Recipe::load(name)?,
-        (None, Some(r)) => r,
+        (None, Some(c)) => c.recipe.clone(),
         (None, None) => Recipe::load("digits")?,
     };
     if let Some(d) = a.data {
@@ -42,7 +43,11 @@ pub fn run(a: EvalCmd) -> Result<()> {
     if let Some(arch) = a.arch {
         r.arch = arch;
     }
-    let model = crate::weights::load_model(r.arch.parse()?, &a.weights)?;
+    let arch = r.arch.parse()?;
+    let model = match &checkpoint {
+        Some(c) => crate::weights::model_from_state(arch, &c.model, &a.weights)?,
+        None => crate::weights::load_model(arch, &a.weights)?,
+    };
     let (_, val) = setup::datasets(&r)?;
     let classes = val.num_classes();
     if classes != model.config.num_classes {

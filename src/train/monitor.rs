@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::model::store::Param;
+use crate::model::store::{Buffer, Param};
 
 #[derive(Serialize)]
 pub struct LayerStats {
@@ -56,6 +56,11 @@ pub fn last_nonfinite_grad(params: &[Param]) -> Option<String> {
 /// The first parameter whose value is not finite (a blown-up weight, or one a user's checkpoint carried in).
 pub fn first_nonfinite_weight(params: &[Param]) -> Option<String> {
     params.iter().find(|p| !p.value.all_finite()).map(|p| layer_name(&p.name))
+}
+
+/// The first BN running statistic holding a NaN or an infinity (`bn1.running_var`, say).
+pub fn first_nonfinite_buffer(buffers: &[Buffer]) -> Option<String> {
+    buffers.iter().find(|b| !b.value.all_finite()).map(|b| b.name.clone())
 }
 
 fn layer_name(param: &str) -> String {

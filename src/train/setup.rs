@@ -115,7 +115,7 @@ pub fn build_model(r: &Recipe, classes: usize, init: Option<&Path>) -> Result<Re
         return Ok(ResNet::new(config, r.seed));
     };
     let mut state = crate::weights::load_state_dict(path)?;
-    let found = ResNetConfig::infer_from(arch, &state).map_err(|e| e.in_file(path))?;
+    let found = crate::weights::config_from_state(arch, &state, path)?;
     let config = ResNetConfig { num_classes: classes, ..found };
     let mut model = ResNet::new(config, r.seed);
     if found.num_classes != classes {

@@ -99,17 +99,6 @@ fn drop_partial_line(path: &Path) -> Result<()> {
     f.set_len(keep as u64).map_err(|e| Error::file(path, e))
 }
 
-/// Temporary files of checkpoints whose writer was killed before the rename.
-fn remove_stale_temporaries(run_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(run_dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".safetensors.tmp-") {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
 /// The network, the optimiser and where the run stands: everything a step changes and a checkpoint holds.
 pub struct Trainer {
     pub model: ResNet,
@@ -126,11 +115,15 @@ impl Trainer {
     /// Build the network and optimiser for `recipe` (from `init` when fine-tuning) over a training set with
     /// `classes` classes and `steps_per_epoch` batches per epoch.
     pub fn new(args: &TrainArgs, recipe: Recipe, classes: usize, steps_per_epoch: u64) -> Result<Trainer> {
-        let mut model = setup::build_model(&recipe, classes, if args.resume { None } else { args.init.as_deref() })?;
+        // A resumed run takes its weights from the checkpoint (`restore`), not from `--weights`.
+        let init = if args.resume { None } else { args.init.as_deref() };
+        let mut model = setup::build_model(&recipe, classes, init)?;
         if let Some(until) = &args.freeze_until {
             model.set_trainable(&setup::freeze_prefixes(until)?, false);
         }
-        if let (Some(path), Some(layer)) = (&args.init, nonfinite_state(&model)) {
+        if let Some(path) = init
+            && let Some(layer) = nonfinite_state(&model)
+        {
             return Err(Error::file(path, format!("weights of {layer} are not finite")));
         }
         let groups =
@@ -175,7 +168,7 @@ impl Trainer {
         let bad = !loss.is_finite()
             || self.model.first_nonfinite_output().is_some()
             || monitor::last_nonfinite_grad(params).is_some()
-            || self.model.store.buffers.iter().any(|b| !b.value.all_finite());
+            || monitor::first_nonfinite_buffer(&self.model.store.buffers).is_some();
         let outcome = if bad {
             if !self.skip_nonfinite {
                 return Err(Error::invalid(format!(
@@ -224,8 +217,8 @@ impl Trainer {
             format!("weights of {layer} are not finite")
         } else if let Some(layer) = output {
             format!("non-finite output, first in {layer}")
-        } else if let Some(b) = store.buffers.iter().find(|b| !b.value.all_finite()) {
-            format!("{} overflowed", b.name)
+        } else if let Some(buffer) = monitor::first_nonfinite_buffer(&store.buffers) {
+            format!("{buffer} overflowed")
         } else if let Some(layer) = monitor::last_nonfinite_grad(&store.params) {
             format!("non-finite gradient, first in {layer}")
         } else {
@@ -244,9 +237,7 @@ impl Trainer {
 
 /// The first parameter or buffer (in forward order) holding a NaN or an infinity, as a layer name.
 fn nonfinite_state(model: &ResNet) -> Option<String> {
-    monitor::first_nonfinite_weight(&model.store.params).or_else(|| {
-        model.store.buffers.iter().find(|b| !b.value.all_finite()).map(|b| b.name.clone())
-    })
+    monitor::first_nonfinite_weight(&model.store.params).or_else(|| monitor::first_nonfinite_buffer(&model.store.buffers))
 }
 
 fn interrupted(flag: &Option<Arc<AtomicBool>>) -> bool {
@@ -261,7 +252,7 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
     if !args.resume && last_path.exists() {
         return Err(Error::file(&args.run_dir, "already holds a run; pass --resume to continue it or choose another --out"));
     }
-    remove_stale_temporaries(&args.run_dir);
+    crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
 
     let (train_ds, val_ds) = setup::datasets(&recipe)?;
     if train_ds.is_empty() {

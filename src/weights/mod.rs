@@ -30,10 +30,21 @@ pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 
 /// Build `arch` with the classes, stem and widths the file's shapes imply, and load its weights strictly.
 pub fn load_model(arch: Arch, path: &Path) -> Result<ResNet> {
-    let state = load_state_dict(path)?;
-    let config = ResNetConfig::infer_from(arch, &state).map_err(|e| e.in_file(path))?;
-    // Shapes come from the file: refuse before allocating a network that the file cannot possibly fill (a
-    // hostile header can claim huge widths with empty tensors).
+    model_from_state(arch, &load_state_dict(path)?, path)
+}
+
+/// `load_model` for a state_dict already read from `path` (a training checkpoint's, say).
+pub fn model_from_state(arch: Arch, state: &BTreeMap<String, Tensor>, path: &Path) -> Result<ResNet> {
+    let mut model = ResNet::new(config_from_state(arch, state, path)?, 0);
+    model.load_state_dict(state).map_err(|e| e.in_file(path))?;
+    Ok(model)
+}
+
+/// The configuration (classes, stem, widths) that `state`'s shapes imply for `arch`. Shapes come from the file:
+/// a network the file cannot possibly fill is refused before it is allocated (a hostile header can claim huge
+/// widths with empty tensors).
+pub fn config_from_state(arch: Arch, state: &BTreeMap<String, Tensor>, path: &Path) -> Result<ResNetConfig> {
+    let config = ResNetConfig::infer_from(arch, state).map_err(|e| e.in_file(path))?;
     let needed = summarize(&config, 224).params;
     let present: usize = state.values().map(Tensor::numel).sum();
     if needed > present {
@@ -42,9 +53,7 @@ pub fn load_model(arch: Arch, path: &Path) -> Result<ResNet> {
             format!("{arch} with the widths and classes these shapes imply needs {needed} parameters, the file holds {present} values"),
         ));
     }
-    let mut model = ResNet::new(config, 0);
-    model.load_state_dict(&state).map_err(|e| e.in_file(path))?;
-    Ok(model)
+    Ok(config)
 }
 
 /// Save the network's state_dict as safetensors under torchvision's keys, `num_batches_tracked` included.
@@ -61,7 +70,7 @@ pub fn batch_counts(model: &ResNet) -> BTreeMap<String, i64> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -72,4 +81,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         Error::file(path, format!("cannot write: {e}"))
     })
+}
+
+/// `write_atomic`'s temporary name for a file `name`, less the writer's process id.
+fn temporary_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// Remove the temporaries of `names` in `dir` that `write_atomic` left when its writer was killed before the
+/// rename.
+pub fn remove_stale_temporaries(dir: &Path, names: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefixes: Vec<String> = names.iter().map(|n| temporary_prefix(n)).collect();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
