@@ -100,7 +100,6 @@ pub fn run(a: BenchCmd) -> Result<()> {
         step()?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    drop(step);
     times.sort_by(f64::total_cmp);
     let median = if runs % 2 == 1 { times[runs / 2] } else { (times[runs / 2 - 1] + times[runs / 2]) / 2.0 };
     let ips = batch as f64 * 1000.0 / median;

@@ -124,7 +124,8 @@ impl Entry<'_> {
             Entry::I64(_) => &[],
         }
     }
-    fn data(&self) -> Data<'_> {
+    /// What `checksum` reads; `View::data` below is the same as bytes for the writer.
+    fn payload(&self) -> Data<'_> {
         match self {
             Entry::F32(t) => Data::F32(t.data()),
             Entry::I64(b) => Data::Bytes(b),
@@ -173,7 +174,7 @@ pub fn save(
         .chain(int_scalars.iter().map(|(k, v)| (k.clone(), Entry::I64(v.to_le_bytes()))))
         .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let crc = checksum(entries.iter().map(|(k, e)| (k.as_str(), e.dtype(), e.shape(), e.data())));
+    let crc = checksum(entries.iter().map(|(k, e)| (k.as_str(), e.dtype(), e.shape(), e.payload())));
     let mut meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     meta.insert(CHECKSUM_KEY.to_string(), crc.to_string());
     let bytes = ::safetensors::serialize(entries.iter().map(|(k, e)| (k.as_str(), e)), Some(meta))
