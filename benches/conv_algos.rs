@@ -7,21 +7,12 @@
 
 use std::time::Instant;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::values;
 use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with};
 use resnet_rs::engine::{ConvGeom, Tensor};
-
-/// Deterministic values in [-1, 1) (xorshift), so runs time the same data.
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 fn main() {
     let geom = ConvGeom::square(1, 1);

@@ -3,21 +3,10 @@
 
 mod common;
 
-use common::{Fixture, rel_err};
+use common::{Fixture, rel_err, values};
 use resnet_rs::engine::cpu::{ConvAlgo, conv_algo, conv2d_backward_with, conv2d_with};
 use resnet_rs::engine::{ConvGeom, Tensor};
 
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 /// Direct correlation in f64 with its gradients for `dy`: (y, dx, dw), for a k×k kernel, stride 1, padding p.
 fn naive(x: &Tensor, w: &Tensor, dy: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {

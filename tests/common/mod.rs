@@ -66,6 +66,20 @@ fn splitmix_u(seed: u64, i: u64) -> f64 {
     (z >> 40) as f64 / (1u64 << 24) as f64
 }
 
+/// Arbitrary deterministic values in [-1, 1) (xorshift), for tests and benches that need data but no PyTorch
+/// counterpart.
+pub fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// The value python/fixtures/common.py's `det_init` gives tensor `name` of `shape`.
 pub fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
     let seed = fnv1a64(name);
