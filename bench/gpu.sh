@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The CUDA checks (tests/cuda.rs, ignored ones included) on a GPU machine, from a test binary built elsewhere:
+# The GPU checks and benchmarks on a lent GPU machine, from binaries built elsewhere (no Rust there):
 #
-#   build machine:  cargo test --release --features cuda --test cuda --no-run
-#                   (prints "Executable tests/cuda.rs (TARGET/release/deps/cuda-HASH)")
-#                   mkdir -p target/gpu && strip -o target/gpu/cuda-tests TARGET/release/deps/cuda-HASH
-#                   (stripped: about 2 MB instead of 60 with line tables)
-#   GPU machine:    bash bench/gpu.sh [target/gpu/cuda-tests]      (from a copy of the repository, carrying target/gpu)
+#   build machine:  CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda --bin resnet --tests
+#                   mkdir -p target/gpu && strip -o target/gpu/resnet target/cuda/release/resnet
+#                   strip -o target/gpu/cuda-tests target/cuda/release/deps/cuda-HASH   (the newest such file)
+#                   (stripped: a few MB instead of 60 with line tables)
+#   GPU machine:    bash bench/gpu.sh [tests|bench|all]    (from a copy of the repository, carrying target/gpu)
 #
-# No CUDA toolkit is needed: the binary loads libcuda from the driver and cuDNN, cuBLAS and NVRTC from NVIDIA's
+# `tests` runs tests/cuda.rs with the ignored GPU tests; `bench` runs issue 5's workloads G1 (inference b256
+# 224²), G2 (CIFAR-stem training b512 32²) and G3 (training b256 224²) in our binary and in PyTorch
+# (python/bench_torch_gpu.py, with the python3 that has torch) and prints ours/PyTorch images/s per precision.
+# No CUDA toolkit is needed: the binaries load libcuda from the driver and cuDNN, cuBLAS and NVRTC from NVIDIA's
 # PyPI wheels (nvidia-cudnn-cu13, nvidia-cublas, nvidia-cuda-nvrtc), found through the Python environment that has
-# them (PYTHON, else python3, else a search) and put on LD_LIBRARY_PATH. Prints a summary; exits non-zero when a
-# test fails.
+# them (PYTHON, else python3, else a search) and put on LD_LIBRARY_PATH. Logs go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BIN="${1:-target/gpu/cuda-tests}"
-[[ -x "$BIN" ]] || { echo "gpu.sh: no test binary at $BIN (see the top of bench/gpu.sh)" >&2; exit 2; }
-
+WHAT="${1:-all}"
+BIN=target/gpu
+OUTDIR="${OUT:-$(mktemp -d)}"
 nvidia_dir() {
     local py
     for py in "${PYTHON:-}" python3 python; do
@@ -37,13 +39,55 @@ else
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-LOG="$(mktemp)"
-"$BIN" --include-ignored --test-threads=1 2>&1 | tee "$LOG"
-STATUS=${PIPESTATUS[0]}
+echo "cuDNN: $(ls "$NV"/cudnn/lib/libcudnn.so.* 2>/dev/null | head -n 1 | xargs -r basename)"
+STATUS=0
 
-echo
-echo "== CUDA summary =="
-grep -E '^test .* (ok|FAILED|ignored)$' "$LOG" | sed 's/^test /  /'
-grep -E '^test result:' "$LOG" || echo "  the test binary did not finish (exit $STATUS)"
-rm -f "$LOG"
+if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
+    [[ -x "$BIN/cuda-tests" ]] || { echo "gpu.sh: no test binary at $BIN/cuda-tests (see the top of bench/gpu.sh)" >&2; exit 2; }
+    LOG="$OUTDIR/cuda-tests.log"
+    timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads=1 2>&1 | tee "$LOG"
+    STATUS=${PIPESTATUS[0]}
+    echo
+    echo "== CUDA tests =="
+    grep -E '^test .* (ok|FAILED|ignored)$' "$LOG" | sed 's/^test /  /'
+    grep -E '^test result:' "$LOG" || echo "  the test binary did not finish (exit $STATUS)"
+fi
+
+if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
+    [[ -x "$BIN/resnet" ]] || { echo "gpu.sh: no resnet binary at $BIN/resnet (see the top of bench/gpu.sh)" >&2; exit 2; }
+    RES="$OUTDIR/gpu-bench.jsonl"
+    : >"$RES"
+    ours() { # workload-id workload batch size dtype
+        local line
+        line=$(timeout 90 "$BIN/resnet" bench --device cuda --workload "$2" --batch "$3" --size "$4" --dtype "$5" \
+            --runs 20 --warmup 3 --json 2>&1 | tail -n 1)
+        echo "ours $1 $5: $line"
+        [[ "$line" == "{"* ]] && echo "{\"side\": \"ours\", \"id\": \"$1\", \"precision\": \"$5\", \"r\": $line}" >>"$RES"
+    }
+    for dt in f32 tf32; do
+        ours G1 infer 256 224 $dt
+        ours G2 train 512 32 $dt
+        ours G3 train 256 224 $dt
+    done
+    PY="${PYTHON:-python3}"
+    timeout 200 "$PY" python/bench_torch_gpu.py 2>&1 | while read -r line; do
+        echo "torch: $line"
+        [[ "$line" == "{"* ]] && echo "{\"side\": \"torch\", \"r\": $line}" >>"$RES"
+    done
+    "$PY" - "$RES" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ours = {(r["id"], {"f32": "fp32"}.get(r["precision"], r["precision"])): r["r"] for r in rows if r["side"] == "ours"}
+torch = {(r["r"]["workload"], r["r"]["precision"]): r["r"] for r in rows if r["side"] == "torch"}
+print("\n== GPU bench: images/s, ours / PyTorch (same card, same call) ==")
+print(f"{'workload':10} {'precision':9} {'ours':>9} {'PyTorch':>9} {'ratio':>6} {'our setup s':>11} {'torch setup s':>13}")
+for key in sorted(set(ours) | set(torch)):
+    o, t = ours.get(key), torch.get(key)
+    oi = o["images_per_s"] if o else None
+    ti = t["images_per_s"] if t else None
+    ratio = f"{oi / ti:.2f}" if oi and ti else "-"
+    print(f"{key[0]:10} {key[1]:9} {oi or 0:9.0f} {ti or 0:9.0f} {ratio:>6} "
+          f"{(o or {}).get('setup_ms', 0) / 1000:11.1f} {(t or {}).get('setup_s', 0):13.1f}")
+PYEOF
+fi
 exit "$STATUS"

@@ -39,20 +39,38 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`.
+    /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`, in plain fp32.
     pub fn new(model: ResNet, device: DeviceSpec, batch: usize, h: usize, w: usize) -> Result<Runner> {
+        Runner::with_tf32(model, device, batch, h, w, false)
+    }
+
+    /// As `new`; `allow_tf32` lets a GPU use TF32 tensor cores for fp32 convolutions and matrix products
+    /// (PyTorch's default for convolutions). The CPU ignores it.
+    pub fn with_tf32(
+        model: ResNet,
+        device: DeviceSpec,
+        batch: usize,
+        h: usize,
+        w: usize,
+        allow_tf32: bool,
+    ) -> Result<Runner> {
+        #[cfg(feature = "cuda")]
+        let gpu = |i| {
+            let options = crate::engine::cuda::CudaOptions { allow_tf32 };
+            crate::engine::cuda::CudaResNet::with_options(&model, i, batch, h, w, options)
+        };
         match device {
             DeviceSpec::Cpu => Ok(Runner::Cpu(Box::new(model))),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(i) => Ok(Runner::Cuda(Box::new(crate::engine::cuda::CudaResNet::new(&model, i, batch, h, w)?))),
+            DeviceSpec::Cuda(i) => Ok(Runner::Cuda(Box::new(gpu(i)?))),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Auto => match crate::engine::cuda::CudaResNet::new(&model, 0, batch, h, w) {
+            DeviceSpec::Auto => match gpu(0) {
                 Ok(gpu) => Ok(Runner::Cuda(Box::new(gpu))),
                 Err(_) => Ok(Runner::Cpu(Box::new(model))),
             },
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => {
-                let _ = (batch, h, w);
+                let _ = (batch, h, w, allow_tf32);
                 Err(Error::invalid(
                     "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
                 ))
@@ -77,6 +95,22 @@ impl Runner {
             Runner::Cpu(model) => Ok(model.forward(&Cpu, x, Mode::Eval)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.forward(x),
+        }
+    }
+
+    /// One eval forward of `x` per call, for timing. On a GPU `x` is uploaded once and each call runs the network
+    /// on the device copy and waits for it, as PyTorch's GPU benchmarks time batches already on the device.
+    pub fn timed_forward<'a>(&'a mut self, x: &'a Tensor) -> Result<Box<dyn FnMut() -> Result<()> + 'a>> {
+        match self {
+            Runner::Cpu(model) => Ok(Box::new(move || {
+                model.forward(&Cpu, x, Mode::Eval);
+                Ok(())
+            })),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(gpu) => {
+                let n = gpu.stage(x)?;
+                Ok(Box::new(move || gpu.run_staged(n)))
+            }
         }
     }
 }

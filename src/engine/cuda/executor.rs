@@ -198,10 +198,16 @@ impl CudaResNet {
 
     /// Eval-mode logits `[N, classes]` for images `[N, 3, H, W]` with N ≤ the batch given at construction.
     pub fn forward(&mut self, images: &Tensor) -> Result<Tensor> {
-        guarded("forward", || self.run(images))
+        guarded("forward", || {
+            let n = self.stage(images)?;
+            self.run(n)?;
+            let classes = self.config.num_classes;
+            Tensor::new(&[n, classes], self.dev.read(&self.logits, n * classes)?)
+        })
     }
 
-    fn run(&mut self, images: &Tensor) -> Result<Tensor> {
+    /// Copy `images` to the device, where `run_staged` reads them; returns the batch size.
+    pub fn stage(&mut self, images: &Tensor) -> Result<usize> {
         let n = match images.shape() {
             &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
             s => {
@@ -213,6 +219,24 @@ impl CudaResNet {
         };
         self.ensure_plan(n)?;
         self.dev.write(&mut self.input, images.data())?;
+        Ok(n)
+    }
+
+    /// The forward over the `n` images last staged, waiting for the device to finish: what a benchmark times,
+    /// as PyTorch's GPU benchmarks time batches already on the device.
+    pub fn run_staged(&mut self, n: usize) -> Result<()> {
+        guarded("forward", || {
+            self.run(n)?;
+            self.dev.stream.synchronize().map_err(super::device::cuda_err("waiting for the device"))
+        })
+    }
+
+    /// Enqueue the forward over the `n` staged images; the logits land in `self.logits`.
+    fn run(&mut self, n: usize) -> Result<()> {
+        if !(1..=self.batch).contains(&n) {
+            return Err(Error::invalid(format!("CUDA: batch {n} outside this executor's 1..={}", self.batch)));
+        }
+        self.ensure_plan(n)?;
         let plan = self
             .plans
             .get(&n)
@@ -266,8 +290,7 @@ impl CudaResNet {
                 }
             }
         }
-        let classes = self.config.num_classes;
-        Tensor::new(&[n, classes], self.dev.read(&self.logits, n * classes)?)
+        Ok(())
     }
 
     /// Copy the device's parameters and BN buffers into `model` (for checkpoints), which must have this
