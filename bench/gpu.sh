@@ -45,7 +45,7 @@ STATUS=0
 if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
     [[ -x "$BIN/cuda-tests" ]] || { echo "gpu.sh: no test binary at $BIN/cuda-tests (see the top of bench/gpu.sh)" >&2; exit 2; }
     LOG="$OUTDIR/cuda-tests.log"
-    timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads=1 2>&1 | tee "$LOG"
+    timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
     STATUS=${PIPESTATUS[0]}
     echo
     echo "== CUDA tests =="
@@ -64,7 +64,7 @@ if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
         echo "ours $1 $5: $line"
         [[ "$line" == "{"* ]] && echo "{\"side\": \"ours\", \"id\": \"$1\", \"precision\": \"$5\", \"r\": $line}" >>"$RES"
     }
-    for dt in f32 tf32; do
+    for dt in f32 tf32 bf16; do
         ours G1 infer 256 224 $dt
         ours G2 train 512 32 $dt
         ours G3 train 256 224 $dt

@@ -106,9 +106,48 @@ fn tf32_option_runs_and_stays_close() {
     let mut model = det_net(&f);
     let x = f.get("input");
     let [n, _, h, w] = x.dims4();
-    let mut g = CudaResNet::with_options(&model, 0, n, h, w, CudaOptions { allow_tf32: true }).unwrap();
+    let mut g = CudaResNet::with_options(&model, 0, n, h, w, CudaOptions { allow_tf32: true, bf16: false }).unwrap();
     let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu, x, Mode::Eval).data());
     assert!(e <= 1e-2, "TF32 logits: relative error {e:.3e}");
+}
+
+/// bf16 logits against the CPU's fp32: the relative error, and how many rows keep their top-1 class.
+fn bf16_vs_f32(model: &mut ResNet, x: &Tensor) -> (f64, usize) {
+    let [n, _, h, w] = x.dims4();
+    let options = CudaOptions { allow_tf32: false, bf16: true };
+    let got = CudaResNet::with_options(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
+    let want = model.forward(&Cpu, x, Mode::Eval);
+    let classes = want.shape()[1];
+    let top1 = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+    let same = got.data().chunks(classes).zip(want.data().chunks(classes)).filter(|(a, b)| top1(a) == top1(b)).count();
+    (rel_err(got.data(), want.data()), same)
+}
+
+/// bf16 rounds every activation and weight to 8 significant bits (relative step 2^-8), so through ~35 layers the
+/// logits move by about a percent; 5e-2 catches a wrong layout or channel mapping (errors near 1) with margin.
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn bf16_stays_close_to_f32_on_the_parity_networks() {
+    // w8 widths take the 16-byte vector path of the fused kernel; the ResNet-50 w4 (4-channel stages) the scalar one.
+    for name in ["net_resnet34_w8.safetensors", "net_resnet34_w8_cifar.safetensors", "net_resnet50_w4_cifar.safetensors"] {
+        let f = load(name);
+        let mut model = det_net(&f);
+        let (e, same) = bf16_vs_f32(&mut model, f.get("input"));
+        eprintln!("{name}: bf16 vs f32 logits relative error {e:.3e}, top-1 equal in {same} of {} rows", f.get("input").dims4()[0]);
+        assert!(e <= 5e-2, "{name}: bf16 relative error {e:.3e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn bf16_full_width_resnet34_224_keeps_top1() {
+    let mut model = ResNet::new(ResNetConfig::new("resnet34".parse().unwrap(), 1000), 7);
+    let (n, h, w) = (4, 224, 224);
+    let data = (0..n * 3 * h * w).map(|i| ((i as f32) * 0.618).sin()).collect();
+    let x = Tensor::new(&[n, 3, h, w], data).unwrap();
+    let (e, same) = bf16_vs_f32(&mut model, &x);
+    eprintln!("resnet34 224: bf16 vs f32 logits relative error {e:.3e}, top-1 equal in {same} of {n} rows");
+    assert!(e <= 5e-2, "bf16 relative error {e:.3e}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor, one_hot};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
-use crate::infer::runner::{DeviceSpec, Runner};
+use crate::infer::runner::{DeviceSpec, Precision, Runner};
 use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
@@ -23,9 +23,9 @@ pub struct BenchCmd {
     /// Input height and width (default: 224 for infer, 32 for train).
     #[arg(long)]
     size: Option<usize>,
-    /// f32, or tf32 on a GPU (fp32 with TF32 tensor-core convolutions, PyTorch's GPU default).
+    /// f32; on a GPU also tf32 (TF32 tensor-core convolutions, PyTorch's GPU default) and bf16 (autocast-like).
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Precision,
     /// Timed runs (after `--warmup` untimed ones).
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -48,12 +48,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: BenchCmd) -> Result<()> {
-    let allow_tf32 = match (a.dtype.as_str(), a.device) {
-        ("f32", _) => false,
-        ("tf32", DeviceSpec::Cuda(_)) => true,
-        ("tf32", _) => return Err(Error::invalid("--dtype tf32 needs --device cuda")),
-        (other, _) => return Err(Error::invalid(format!("--dtype {other}: only f32 (and tf32 on a GPU) is implemented"))),
-    };
+
     let train = match a.workload.as_str() {
         "infer" => false,
         "train" => true,
@@ -65,6 +60,9 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let mut device = "cpu".to_string();
     let stem = if train { Stem::Cifar } else { Stem::ImageNet };
     let classes = if train { 10 } else { 1000 };
+    if train && a.dtype != Precision::F32 {
+        return Err(Error::invalid(format!("--workload train runs in f32 only so far, not {:?}", a.dtype)));
+    }
     if train && a.device != DeviceSpec::Cpu {
         return Err(Error::invalid("--workload train runs on the CPU only so far (use --device cpu)"));
     }
@@ -91,7 +89,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
             Ok(())
         })
     } else {
-        let runner = runner.insert(Runner::with_tf32(model, a.device, batch, size, size, allow_tf32)?);
+        let runner = runner.insert(Runner::with_precision(model, a.device, batch, size, size, a.dtype)?);
         device = runner.describe();
         runner.timed_forward(&x)?
     };
@@ -114,7 +112,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": a.dtype,
+                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": format!("{:?}", a.dtype).to_lowercase(),
                 "threads": rayon::current_num_threads(), "device": device, "median_ms": median, "min_ms": times[0],
                 "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss, "setup_ms": setup_ms,
             })

@@ -31,6 +31,29 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+/// The arithmetic a GPU runs a forward in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE fp32 throughout (the parity tests' setting).
+    F32,
+    /// fp32 storage, TF32 tensor-core convolutions and matrix products (PyTorch's default for convolutions).
+    Tf32,
+    /// bf16 NHWC activations and convolution operands with fp32 accumulation (PyTorch's bf16 autocast).
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::invalid(format!("unknown dtype '{s}' (expected f32, tf32 or bf16)"))),
+        }
+    }
+}
+
 /// A network ready to run eval-mode forwards on its device.
 pub enum Runner {
     Cpu(Box<ResNet>),
@@ -41,22 +64,27 @@ pub enum Runner {
 impl Runner {
     /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`, in plain fp32.
     pub fn new(model: ResNet, device: DeviceSpec, batch: usize, h: usize, w: usize) -> Result<Runner> {
-        Runner::with_tf32(model, device, batch, h, w, false)
+        Runner::with_precision(model, device, batch, h, w, Precision::F32)
     }
 
-    /// As `new`; `allow_tf32` lets a GPU use TF32 tensor cores for fp32 convolutions and matrix products
-    /// (PyTorch's default for convolutions). The CPU ignores it.
-    pub fn with_tf32(
+    /// As `new`, in `precision`; the CPU runs fp32 only.
+    pub fn with_precision(
         model: ResNet,
         device: DeviceSpec,
         batch: usize,
         h: usize,
         w: usize,
-        allow_tf32: bool,
+        precision: Precision,
     ) -> Result<Runner> {
+        if precision != Precision::F32 && device == DeviceSpec::Cpu {
+            return Err(Error::invalid(format!("{precision:?} inference needs a GPU (--device cuda); the CPU runs f32")));
+        }
         #[cfg(feature = "cuda")]
         let gpu = |i| {
-            let options = crate::engine::cuda::CudaOptions { allow_tf32 };
+            let options = crate::engine::cuda::CudaOptions {
+                allow_tf32: precision == Precision::Tf32,
+                bf16: precision == Precision::Bf16,
+            };
             crate::engine::cuda::CudaResNet::with_options(&model, i, batch, h, w, options)
         };
         match device {
@@ -70,7 +98,7 @@ impl Runner {
             },
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => {
-                let _ = (batch, h, w, allow_tf32);
+                let _ = (batch, h, w);
                 Err(Error::invalid(
                     "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
                 ))

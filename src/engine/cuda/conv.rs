@@ -78,8 +78,39 @@ fn int(v: usize) -> Result<c_int> {
         .map_err(|_| Error::invalid(format!("CUDA: dimension {v} is too large for cuDNN")))
 }
 
-/// NCHW fp32 tensor descriptor (the layout of the engine's `Tensor`).
-fn tensor_desc(dims: [usize; 4]) -> Result<TensorDesc> {
+/// How activations and weights are stored on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// fp32 NCHW (weights OIHW): the layout of the engine's `Tensor` and of PyTorch checkpoints.
+    F32Nchw,
+    /// bf16 NHWC (weights OHWI), fp32 accumulation: what tensor cores want, PyTorch's autocast + channels-last.
+    Bf16Nhwc,
+}
+
+impl Storage {
+    fn data_type(self) -> sys::cudnnDataType_t {
+        match self {
+            Storage::F32Nchw => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            Storage::Bf16Nhwc => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        }
+    }
+    fn format(self) -> sys::cudnnTensorFormat_t {
+        match self {
+            Storage::F32Nchw => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            Storage::Bf16Nhwc => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+        }
+    }
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Storage::F32Nchw => 4,
+            Storage::Bf16Nhwc => 2,
+        }
+    }
+}
+
+/// Tensor descriptor of logical dims `[N, C, H, W]` in `storage`'s type and layout.
+fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
     let d = TensorDesc(
         dnn::create_tensor_descriptor().map_err(cuda_err("creating a tensor descriptor"))?,
     );
@@ -88,8 +119,8 @@ fn tensor_desc(dims: [usize; 4]) -> Result<TensorDesc> {
     unsafe {
         dnn::set_tensor4d_descriptor(
             d.0,
-            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            storage.format(),
+            storage.data_type(),
             dims,
         )
     }
@@ -156,13 +187,14 @@ fn fwd_algo(v: u32) -> Option<sys::cudnnConvolutionFwdAlgo_t> {
     })
 }
 
-/// Chosen forward algorithms and their workspace sizes, by shape and TF32 permission.
+/// Chosen forward algorithms and their workspace sizes, by shape, TF32 permission and storage.
 #[derive(Default)]
-pub struct AlgoCache(HashMap<(ConvShape, bool), (sys::cudnnConvolutionFwdAlgo_t, usize)>);
+pub struct AlgoCache(HashMap<(ConvShape, bool, Storage), (sys::cudnnConvolutionFwdAlgo_t, usize)>);
 
 /// A forward convolution ready to run: descriptors, algorithm, workspace size.
 pub struct ConvPlan {
     pub shape: ConvShape,
+    storage: Storage,
     x: TensorDesc,
     w: FilterDesc,
     conv: ConvDesc,
@@ -173,20 +205,21 @@ pub struct ConvPlan {
 }
 
 impl ConvPlan {
-    pub fn new(dev: &Device, cache: &mut AlgoCache, shape: ConvShape) -> Result<ConvPlan> {
+    pub fn new(dev: &Device, cache: &mut AlgoCache, shape: ConvShape, storage: Storage) -> Result<ConvPlan> {
         let [_, c, _, _] = shape.x;
         let k = int(shape.kernel)?;
-        let x = tensor_desc(shape.x)?;
-        let y = tensor_desc(shape.y())?;
+        let x = tensor_desc(shape.x, storage)?;
+        let y = tensor_desc(shape.y(), storage)?;
         let w = FilterDesc(
             dnn::create_filter_descriptor().map_err(cuda_err("creating a filter descriptor"))?,
         );
-        // SAFETY: `w` is a live descriptor; the call only stores the dimensions (PyTorch's [O, C, kh, kw]).
+        // SAFETY: `w` is a live descriptor; the call only stores the logical dimensions [O, C, kh, kw] (stored
+        // OIHW for NCHW, OHWI for NHWC).
         unsafe {
             dnn::set_filter4d_descriptor(
                 w.0,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                storage.data_type(),
+                storage.format(),
                 [int(shape.out_channels)?, int(c)?, k, k],
             )
         }
@@ -196,13 +229,15 @@ impl ConvPlan {
                 .map_err(cuda_err("creating a convolution descriptor"))?,
         );
         let (pad, stride) = (int(shape.pad)?, int(shape.stride)?);
-        let math = if dev.allow_tf32 {
+        let math = if storage == Storage::Bf16Nhwc {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        } else if dev.allow_tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         };
         // SAFETY: `conv` is a live descriptor; these calls only store parameters. Cross-correlation is what
-        // PyTorch calls convolution; fp32 accumulation.
+        // PyTorch calls convolution; fp32 accumulation for both storages.
         unsafe {
             dnn::set_convolution2d_descriptor(
                 conv.0,
@@ -237,11 +272,12 @@ impl ConvPlan {
             )));
         }
 
-        let key = (shape, dev.allow_tf32);
+        let key = (shape, dev.allow_tf32, storage);
         let (algo, searched) = match cache.0.get(&key) {
             Some(&hit) => hit,
             None => {
-                let chosen = find_algorithm(dev, &x, &w, &conv, &y, shape)?;
+                let tensor_ops = dev.allow_tf32 || storage == Storage::Bf16Nhwc;
+                let chosen = find_algorithm(dev, &x, &w, &conv, &y, shape, tensor_ops)?;
                 cache.0.insert(key, chosen);
                 chosen
             }
@@ -255,6 +291,7 @@ impl ConvPlan {
         let workspace = searched.max(asked);
         Ok(ConvPlan {
             shape,
+            storage,
             x,
             w,
             conv,
@@ -264,18 +301,26 @@ impl ConvPlan {
         })
     }
 
-    /// y = conv(x, w), enqueued on the device's stream. The buffer lengths are checked here, which is what makes
-    /// the cuDNN call sound: it reads x·C·H·W and O·C·k·k floats and writes N·O·OH·OW, within those buffers.
-    pub fn forward(
+    /// y = conv(x, w), enqueued on the device's stream, with buffers of the plan's storage (`f32`, or `u16` holding
+    /// bf16 bits). The element size and buffer lengths are checked here, which is what makes the cuDNN call sound:
+    /// it reads N·C·H·W and O·C·k·k values and writes N·O·OH·OW, within those buffers.
+    pub fn forward<T>(
         &self,
         dev: &Device,
-        x: &Buf<f32>,
-        w: &Buf<f32>,
-        y: &Buf<f32>,
+        x: &Buf<T>,
+        w: &Buf<T>,
+        y: &Buf<T>,
         workspace: &Buf<u8>,
     ) -> Result<()> {
         let need_x: usize = self.shape.x.iter().product();
         let need_y: usize = self.shape.y().iter().product();
+        if std::mem::size_of::<T>() != self.storage.bytes() {
+            return Err(Error::invalid(format!(
+                "CUDA: {}-byte buffers given to a {:?} convolution",
+                std::mem::size_of::<T>(),
+                self.storage
+            )));
+        }
         if x.len < need_x
             || w.len < self.shape.weight_len()
             || y.len < need_y
@@ -287,10 +332,10 @@ impl ConvPlan {
             )));
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: descriptors are live and describe fp32 NCHW tensors whose sizes were checked against the buffers
-        // above; x, w and y do not overlap (distinct allocations; the executor never passes the same slot for x and
+        // SAFETY: descriptors are live and describe tensors of the plan's storage, whose element size and counts
+        // were checked against the buffers above; x, w and y do not overlap (distinct allocations; the executor never passes the same slot for x and
         // y); the workspace holds at least the bytes cuDNN asked for; alpha/beta are host f32s as cuDNN expects for
-        // float data; everything is enqueued on the handle's stream, which owns all these buffers.
+        // float and bf16 data; everything is enqueued on the handle's stream, which owns all these buffers.
         unsafe {
             dnn::convolution_forward(
                 dev.dnn.raw(),
@@ -326,6 +371,7 @@ fn find_algorithm(
     conv: &ConvDesc,
     y: &TensorDesc,
     shape: ConvShape,
+    tensor_ops: bool,
 ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
     const REQUESTED: usize = 8; // CUDNN_CONVOLUTION_FWD_ALGO_COUNT
     let mut perf = [FwdPerf::default(); REQUESTED];
@@ -355,7 +401,7 @@ fn find_algorithm(
     ];
     perf[..returned]
         .iter()
-        .filter(|p| p.status == SUCCESS && (dev.allow_tf32 || !tensor_op.contains(&p.math_type)))
+        .filter(|p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
         .find_map(|p| fwd_algo(p.algo).map(|a| (a, p.memory)))
         .ok_or_else(|| {
             Error::invalid(format!(

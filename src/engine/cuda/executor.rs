@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::conv::{AlgoCache, ConvPlan, ConvShape};
+use super::conv::{AlgoCache, ConvPlan, ConvShape, Storage};
 use super::device::{Buf, Device, guarded};
 use super::kernels::Kernels;
 use super::linear;
@@ -64,6 +64,27 @@ pub struct CudaOptions {
     /// Let cuDNN and cuBLAS use TF32 tensor cores for fp32 (faster on Ampere and later, about 1e-3 relative error).
     /// Off by default, and off for every parity test.
     pub allow_tf32: bool,
+    /// Run the convolutions on bf16 NHWC activations and weights with fp32 accumulation (PyTorch's autocast on
+    /// channels-last tensors); BN, residual and ReLU compute in fp32 and round to bf16, pooling and the classifier
+    /// stay fp32. The fp32 weights stay the master copy (`download_into`).
+    pub bf16: bool,
+}
+
+/// The bf16 copies the `bf16` option runs on: conv weights (OHWI), the staged images and the activation slots
+/// (NHWC), as bf16 bit patterns.
+struct Half {
+    weights: HashMap<usize, Buf<u16>>,
+    input: Buf<u16>,
+    acts: Vec<Buf<u16>>,
+}
+
+impl Half {
+    fn slot(&self, s: Slot) -> &Buf<u16> {
+        match s {
+            Slot::Input => &self.input,
+            Slot::Act(i) => &self.acts[i],
+        }
+    }
 }
 
 pub struct CudaResNet {
@@ -79,6 +100,7 @@ pub struct CudaResNet {
     algos: AlgoCache,
     input: Buf<f32>,
     acts: Vec<Buf<f32>>,
+    half: Option<Half>,
     features: Buf<f32>,
     logits: Buf<f32>,
     workspace: Buf<u8>,
@@ -163,6 +185,21 @@ impl CudaResNet {
             for norm in &norms {
                 norm.fold(&dev, &kernels, &tensors)?;
             }
+            let half = if options.bf16 {
+                let mut weights = HashMap::new();
+                for node in &nodes {
+                    if let Node::Conv { weight, .. } = *node {
+                        let [o, i, kh, kw] = <[usize; 4]>::try_from(shapes[weight].as_slice())
+                            .map_err(|_| Error::invalid("CUDA: a convolution weight is not 4-D"))?;
+                        let bits = dev.zeros(o * i * kh * kw)?;
+                        kernels.to_bf16_nhwc(&dev, &tensors[weight], &bits, o, i, kh * kw)?;
+                        weights.insert(weight, bits);
+                    }
+                }
+                Some(Half { weights, input: dev.zeros(batch * 3 * h * w)?, acts: Vec::new() })
+            } else {
+                None
+            };
             let classes = model.config.num_classes;
             let features = dev.zeros(batch * model.config.feature_dim())?;
             let logits = dev.zeros(batch * classes)?;
@@ -178,6 +215,7 @@ impl CudaResNet {
                 algos: AlgoCache::default(),
                 input: dev.zeros(batch * 3 * h * w)?,
                 acts: Vec::new(),
+                half,
                 features,
                 logits,
                 workspace: dev.zeros(0)?,
@@ -246,6 +284,10 @@ impl CudaResNet {
             Slot::Act(i) => &self.acts[i],
         };
         let (dev, k) = (&self.dev, &self.kernels);
+        if let Some(half) = &self.half {
+            let [_, c, h, w] = plan.dims.first().copied().unwrap_or_default();
+            k.to_bf16_nhwc(dev, &self.input, &half.input, n, c, h * w)?;
+        }
         let mut convs = plan.convs.iter();
         for (node, &dims) in self.nodes.iter().zip(&plan.dims) {
             match *node {
@@ -255,13 +297,13 @@ impl CudaResNet {
                     let conv = convs.next().ok_or_else(|| {
                         Error::invalid("CUDA: plan has fewer convolutions than the graph")
                     })?;
-                    conv.forward(
-                        dev,
-                        slot(src),
-                        &self.tensors[weight],
-                        slot(dst),
-                        &self.workspace,
-                    )?;
+                    match &self.half {
+                        None => conv.forward(dev, slot(src), &self.tensors[weight], slot(dst), &self.workspace)?,
+                        Some(half) => {
+                            let w = half.weights.get(&weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                            conv.forward(dev, half.slot(src), w, half.slot(dst), &self.workspace)?
+                        }
+                    }
                 }
                 Node::Norm {
                     norm,
@@ -269,20 +311,25 @@ impl CudaResNet {
                     residual,
                     relu,
                 } => {
-                    self.norms[norm].apply(
-                        dev,
-                        k,
-                        slot(dst),
-                        slot(dst),
-                        residual.map(slot),
-                        dims,
-                        relu,
-                    )?;
+                    let bn = &self.norms[norm];
+                    match &self.half {
+                        None => bn.apply(dev, k, slot(dst), slot(dst), residual.map(slot), dims, relu)?,
+                        Some(half) => {
+                            let (y, res) = (half.slot(dst), residual.map(|r| half.slot(r)));
+                            bn.apply_bf16(dev, k, y, y, res, dims, relu)?
+                        }
+                    }
                 }
-                Node::MaxPool { src, dst } => {
-                    k.max_pool(dev, slot(src), slot(dst), dims, pool_out(dims))?
-                }
-                Node::AvgPool { src } => k.avg_pool(dev, slot(src), &self.features, dims)?,
+                Node::MaxPool { src, dst } => match &self.half {
+                    None => k.max_pool(dev, slot(src), slot(dst), dims, pool_out(dims))?,
+                    Some(half) => {
+                        k.max_pool_bf16(dev, half.slot(src), half.slot(dst), dims, pool_out(dims))?
+                    }
+                },
+                Node::AvgPool { src } => match &self.half {
+                    None => k.avg_pool(dev, slot(src), &self.features, dims)?,
+                    Some(half) => k.avg_pool_bf16(dev, half.slot(src), &self.features, dims)?,
+                },
                 Node::Fc => {
                     let (fin, fout) = (self.config.feature_dim(), self.config.num_classes);
                     let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
@@ -330,16 +377,22 @@ impl CudaResNet {
         if self.plans.contains_key(&n) {
             return Ok(());
         }
+        let storage = if self.half.is_some() { Storage::Bf16Nhwc } else { Storage::F32Nchw };
         let plan = build_plan(
             &self.dev,
             &mut self.algos,
             &self.nodes,
             [n, 3, self.hw.0, self.hw.1],
+            storage,
         )?;
-        if self.acts.first().is_none_or(|a| a.len < plan.activation) {
-            self.acts = (0..SLOTS)
-                .map(|_| self.dev.zeros(plan.activation))
-                .collect::<Result<_>>()?;
+        match &mut self.half {
+            None if self.acts.first().is_none_or(|a| a.len < plan.activation) => {
+                self.acts = (0..SLOTS).map(|_| self.dev.zeros(plan.activation)).collect::<Result<_>>()?;
+            }
+            Some(half) if half.acts.first().is_none_or(|a| a.len < plan.activation) => {
+                half.acts = (0..SLOTS).map(|_| self.dev.zeros(plan.activation)).collect::<Result<_>>()?;
+            }
+            _ => {}
         }
         if self.workspace.len < plan.workspace {
             self.workspace = self.dev.zeros(plan.workspace)?;
@@ -359,6 +412,7 @@ fn build_plan(
     algos: &mut AlgoCache,
     nodes: &[Node],
     input: [usize; 4],
+    storage: Storage,
 ) -> Result<Plan> {
     let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
     let mut plan = Plan {
@@ -390,7 +444,7 @@ fn build_plan(
                     stride,
                     pad: kernel / 2,
                 };
-                let conv = ConvPlan::new(dev, algos, shape)?;
+                let conv = ConvPlan::new(dev, algos, shape, storage)?;
                 plan.workspace = plan.workspace.max(conv.workspace);
                 plan.convs.push(conv);
                 (x, Some((dst, shape.y())))

@@ -1,6 +1,9 @@
 //! The small kernels cuDNN and cuBLAS do not cover, compiled once per executor with NVRTC: batch-norm folding, the
 //! fused scale/shift + residual + ReLU that follows every convolution, max-pool 3x3/2, global average pool, and the
-//! linear layer's bias.
+//! linear layer's bias; for bf16 storage, the same on NHWC bf16 tensors plus the fp32 NCHW → bf16 NHWC conversion.
+//!
+//! bf16 values travel as `unsigned short` bit patterns (`u16` buffers on the host side) and are converted by bit
+//! operations, so the source needs no CUDA header and compiles with any NVRTC; arithmetic is fp32.
 //!
 //! Every kernel takes raw device addresses (`u64`, the width of a device pointer) and element counts, and guards
 //! every access by those counts; the launch wrappers check the counts against the buffers' lengths first, which is
@@ -76,6 +79,109 @@ extern "C" __global__ void global_avg_pool(const float* x, float* y, int planes,
     if (lane == 0) y[warp] = s / (float)plane;
 }
 
+typedef unsigned short bf16;
+__device__ __forceinline__ float bf16_to_f32(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
+// Round to nearest even, NaN kept a (quiet) NaN: the rounding PyTorch's .to(torch.bfloat16) does.
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+// fp32 [N, C, HW] → bf16 [N, HW, C]: images, and conv weights OIHW → OHWI (N = O, C = I, HW = kh·kw).
+extern "C" __global__ void to_bf16_nhwc(const float* x, bf16* y, long long n, int c, int hw) {
+    long long total = n * c * hw;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) {
+        int ch = (int)(i % c);
+        long long p = i / c;
+        int s = (int)(p % hw);
+        long long b = p / hw;
+        y[i] = f32_to_bf16(x[(b * c + ch) * hw + s]);
+    }
+}
+
+// bf16 NHWC y = act(x*scale[c] + shift[c] (+ res)), fp32 arithmetic; y may be x. With `vec8` (C % 8 == 0 and
+// 16-byte aligned buffers) each thread moves 8 values per 16-byte access; otherwise one value.
+extern "C" __global__ void scale_shift_act_bf16(bf16* y, const bf16* x, const bf16* res, const float* scale,
+                                                const float* shift, long long total, int channels, int relu,
+                                                int vec8) {
+    long long step = (long long)gridDim.x * blockDim.x;
+    long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (vec8) {
+        for (long long g = first; g < total / 8; g += step) {
+            uint4 xv = ((const uint4*)x)[g];
+            uint4 rv = res ? ((const uint4*)res)[g] : make_uint4(0, 0, 0, 0);
+            int c0 = (int)((g * 8) % channels);
+            unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
+            unsigned int rs[4] = {rv.x, rv.y, rv.z, rv.w};
+            unsigned int out[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                float v[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    int c = c0 + 2 * k + h;
+                    float a = bf16_to_f32((bf16)(xs[k] >> (16 * h))) * scale[c] + shift[c];
+                    if (res) a += bf16_to_f32((bf16)(rs[k] >> (16 * h)));
+                    if (relu && a < 0.0f) a = 0.0f;
+                    v[h] = a;
+                }
+                out[k] = (unsigned int)f32_to_bf16(v[0]) | ((unsigned int)f32_to_bf16(v[1]) << 16);
+            }
+            ((uint4*)y)[g] = make_uint4(out[0], out[1], out[2], out[3]);
+        }
+        return;
+    }
+    for (long long i = first; i < total; i += step) {
+        int c = (int)(i % channels);
+        float v = bf16_to_f32(x[i]) * scale[c] + shift[c];
+        if (res) v += bf16_to_f32(res[i]);
+        if (relu && v < 0.0f) v = 0.0f;
+        y[i] = f32_to_bf16(v);
+    }
+}
+
+// 3x3/2 max-pool with padding 1 on bf16 NHWC; NaN wins, as in PyTorch.
+extern "C" __global__ void max_pool_3x3s2_bf16(const bf16* x, bf16* y, long long n, int c, int h, int w, int oh,
+                                               int ow) {
+    long long total = n * oh * ow * c;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) {
+        int ch = (int)(i % c);
+        long long p = i / c;
+        int ox = (int)(p % ow);
+        int oy = (int)((p / ow) % oh);
+        long long b = p / ((long long)ow * oh);
+        float m = -__int_as_float(0x7f800000);
+        for (int ky = 0; ky < 3; ++ky) {
+            int iy = oy * 2 - 1 + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < 3; ++kx) {
+                int ix = ox * 2 - 1 + kx;
+                if (ix < 0 || ix >= w) continue;
+                float v = bf16_to_f32(x[((b * h + iy) * w + ix) * c + ch]);
+                if (v > m || v != v) m = v;
+            }
+        }
+        y[i] = f32_to_bf16(m);
+    }
+}
+
+// fp32 [N, C] means of bf16 NHWC planes: one thread per (n, c), neighbouring threads reading neighbouring channels.
+extern "C" __global__ void global_avg_pool_bf16(const bf16* x, float* y, long long n, int c, int hw) {
+    long long total = n * c;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += step) {
+        int ch = (int)(i % c);
+        const bf16* p = x + (i / c) * hw * c + ch;
+        float s = 0.0f;
+        for (int k = 0; k < hw; ++k) s += bf16_to_f32(p[(long long)k * c]);
+        y[i] = s / (float)hw;
+    }
+}
+
 // y[r, j] += b[j] for a row-major [rows, cols] matrix.
 extern "C" __global__ void add_bias(float* y, const float* b, int rows, int cols) {
     long long total = (long long)rows * cols;
@@ -116,6 +222,10 @@ pub struct Kernels {
     max_pool: CudaFunction,
     avg_pool: CudaFunction,
     add_bias: CudaFunction,
+    to_bf16_nhwc: CudaFunction,
+    scale_shift_act_bf16: CudaFunction,
+    max_pool_bf16: CudaFunction,
+    avg_pool_bf16: CudaFunction,
 }
 
 impl Kernels {
@@ -137,6 +247,10 @@ impl Kernels {
             max_pool: f("max_pool_3x3s2")?,
             avg_pool: f("global_avg_pool")?,
             add_bias: f("add_bias")?,
+            to_bf16_nhwc: f("to_bf16_nhwc")?,
+            scale_shift_act_bf16: f("scale_shift_act_bf16")?,
+            max_pool_bf16: f("max_pool_3x3s2_bf16")?,
+            avg_pool_bf16: f("global_avg_pool_bf16")?,
             _module: module,
         })
     }
@@ -298,5 +412,84 @@ impl Kernels {
         unsafe { b.launch(grid(rows * cols)) }
             .map(drop)
             .map_err(cuda_err("add_bias"))
+    }
+
+    /// fp32 `[n, c, hw]` → bf16 bits `[n, hw, c]` (NCHW images to NHWC; OIHW weights to OHWI).
+    pub fn to_bf16_nhwc(&self, dev: &Device, x: &Buf<f32>, y: &Buf<u16>, n: usize, c: usize, hw: usize) -> Result<()> {
+        let total = n * c * hw;
+        check("to_bf16_nhwc", x.len >= total && y.len >= total && c > 0 && hw > 0)?;
+        let (n_i, c_i, hw_i) = (n as i64, i32_of(c)?, i32_of(hw)?);
+        let mut b = dev.stream.launch_builder(&self.to_bf16_nhwc);
+        b.arg(&x.ptr).arg(&y.ptr).arg(&n_i).arg(&c_i).arg(&hw_i);
+        // SAFETY: arguments match to_bf16_nhwc (float*, bf16* as u64, long long, two int); every index is below
+        // n·c·hw in both buffers (checked above).
+        unsafe { b.launch(grid(total)) }.map(drop).map_err(cuda_err("to_bf16_nhwc"))
+    }
+
+    /// y = act(x·scale + shift + res) over a bf16 NHWC tensor of logical `dims` `[N, C, H, W]`; `y` may be `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scale_shift_act_bf16(
+        &self,
+        dev: &Device,
+        y: &Buf<u16>,
+        x: &Buf<u16>,
+        res: Option<&Buf<u16>>,
+        scale: &Buf<f32>,
+        shift: &Buf<f32>,
+        dims: [usize; 4],
+        relu: bool,
+    ) -> Result<()> {
+        let c = dims[1];
+        let total: usize = dims.iter().product();
+        let fits = y.len >= total && x.len >= total && res.is_none_or(|r| r.len >= total);
+        check("scale_shift_act_bf16", fits && scale.len >= c && shift.len >= c && c > 0)?;
+        // 16-byte accesses need every buffer 16-byte aligned (cudaMalloc gives 256) and whole channel groups.
+        let aligned = [Some(y), Some(x), res].iter().flatten().all(|b| b.ptr % 16 == 0);
+        let vec8 = c % 8 == 0 && aligned;
+        let (total_i, channels, relu, vec8_i) = (total as i64, i32_of(c)?, i32::from(relu), i32::from(vec8));
+        let res_ptr: u64 = res.map_or(0, |r| r.ptr);
+        let mut b = dev.stream.launch_builder(&self.scale_shift_act_bf16);
+        b.arg(&y.ptr).arg(&x.ptr).arg(&res_ptr).arg(&scale.ptr).arg(&shift.ptr);
+        b.arg(&total_i).arg(&channels).arg(&relu).arg(&vec8_i);
+        // SAFETY: arguments match scale_shift_act_bf16 (three bf16* and two float* as u64, long long, three int);
+        // element indices stay below `total` (the vector path covers total/8 groups of 8, exact since C % 8 == 0
+        // makes total a multiple of 8), which y, x and res hold, channel indices below `c`, which scale and shift
+        // hold (checked above); 16-byte accesses only on 16-byte aligned buffers. y == x is allowed: each thread
+        // reads then writes its own elements.
+        unsafe { b.launch(grid(if vec8 { total / 8 } else { total })) }
+            .map(drop)
+            .map_err(cuda_err("scale_shift_act_bf16"))
+    }
+
+    /// 3x3/2 max-pool with padding 1 of bf16 NHWC `x` (logical `dims`) into `y`, which gets `out_hw`.
+    pub fn max_pool_bf16(
+        &self,
+        dev: &Device,
+        x: &Buf<u16>,
+        y: &Buf<u16>,
+        dims: [usize; 4],
+        out_hw: (usize, usize),
+    ) -> Result<()> {
+        let [n, c, h, w] = dims;
+        let (oh, ow) = out_hw;
+        check("max_pool_bf16", x.len >= n * c * h * w && y.len >= n * c * oh * ow && oh > 0 && ow > 0 && c > 0)?;
+        let (n_i, c_i, h, w, oh, ow) = (n as i64, i32_of(c)?, i32_of(h)?, i32_of(w)?, i32_of(oh)?, i32_of(ow)?);
+        let mut b = dev.stream.launch_builder(&self.max_pool_bf16);
+        b.arg(&x.ptr).arg(&y.ptr).arg(&n_i).arg(&c_i).arg(&h).arg(&w).arg(&oh).arg(&ow);
+        // SAFETY: arguments match max_pool_3x3s2_bf16 (two bf16* as u64, long long, five int); outputs are indexed
+        // below n·oh·ow·c and inputs below n·h·w·c (window clipped to the image), both checked above.
+        unsafe { b.launch(grid(n * c * out_hw.0 * out_hw.1)) }.map(drop).map_err(cuda_err("max_pool_bf16"))
+    }
+
+    /// Channel means of bf16 NHWC `x` (logical `dims`) into fp32 `y` as `[N, C]`.
+    pub fn avg_pool_bf16(&self, dev: &Device, x: &Buf<u16>, y: &Buf<f32>, dims: [usize; 4]) -> Result<()> {
+        let [n, c, h, w] = dims;
+        check("avg_pool_bf16", x.len >= n * c * h * w && y.len >= n * c && h * w > 0 && c > 0)?;
+        let (n_i, c_i, hw) = (n as i64, i32_of(c)?, i32_of(h * w)?);
+        let mut b = dev.stream.launch_builder(&self.avg_pool_bf16);
+        b.arg(&x.ptr).arg(&y.ptr).arg(&n_i).arg(&c_i).arg(&hw);
+        // SAFETY: arguments match global_avg_pool_bf16 (bf16*, float* as u64, long long, two int); thread i < n·c
+        // reads x[(i / c)·hw·c + k·c + i % c] < n·hw·c and writes y[i], both checked above.
+        unsafe { b.launch(grid(n * c)) }.map(drop).map_err(cuda_err("avg_pool_bf16"))
     }
 }

@@ -10,8 +10,9 @@
 //! gpu.download_into(&mut model)?;                             // device weights back into the model
 //! ```
 //!
-//! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true })` lets cuDNN and cuBLAS use TF32. Every failure
-//! is an `Error` with one line: no driver (libcuda missing), no device or a wrong index, a missing cuDNN, cuBLAS or
+//! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true, bf16: false })` lets cuDNN and cuBLAS use TF32;
+//! `bf16: true` runs the network on bf16 NHWC activations (see Precision below). Every failure is an `Error` with
+//! one line: no driver (libcuda missing), no device or a wrong index, a missing cuDNN, cuBLAS or
 //! NVRTC (with the pip packages and LD_LIBRARY_PATH to fix it), a library too old for a function we call.
 //!
 //! # Design
@@ -29,9 +30,12 @@
 //!   shortcut, a unit's input and a unit's output at once), plus one workspace grown to the largest algorithm's
 //!   need; nothing is allocated per forward. BN is folded into a per-channel scale and shift at upload.
 //! - **Fusion.** After each convolution one kernel applies the folded BN, the residual add and the ReLU.
-//! - **Layout.** NCHW, the layout of the engine's tensors and of PyTorch checkpoints, so nothing is transposed on
-//!   the way in or out (NHWC for tensor cores is a later step).
-//! - **Precision.** fp32. TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
+//! - **Layout.** fp32 runs NCHW, the layout of the engine's tensors and of PyTorch checkpoints, so nothing is
+//!   transposed on the way in or out. bf16 runs NHWC (tensor cores want channels innermost): one kernel converts the
+//!   staged fp32 NCHW images to bf16 NHWC, and the conv weights are converted to bf16 OHWI once at upload.
+//! - **Precision.** fp32 by default, or bf16 as PyTorch's autocast does it: convolution operands in bf16 with fp32
+//!   accumulation, BN + residual + ReLU computed in fp32 from bf16 inputs and rounded once, global pooling and the
+//!   classifier in fp32, fp32 master weights. In fp32, TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
 //!   `DEFAULT_MATH` would allow TF32 on Ampere and later) and algorithms reporting tensor-op math are skipped;
 //!   cuBLAS keeps `CUBLAS_DEFAULT_MATH`. `CudaOptions::allow_tf32` switches both.
 //! - **Loading.** `cudarc` with dynamic loading: the binary builds without a CUDA toolkit and finds libcuda,

@@ -53,4 +53,19 @@ impl Norm {
     ) -> Result<()> {
         kernels.scale_shift_act(dev, y, x, res, &self.scale, &self.shift, dims, relu)
     }
+
+    /// As `apply`, on bf16 NHWC tensors of logical `dims`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_bf16(
+        &self,
+        dev: &Device,
+        kernels: &Kernels,
+        y: &Buf<u16>,
+        x: &Buf<u16>,
+        res: Option<&Buf<u16>>,
+        dims: [usize; 4],
+        relu: bool,
+    ) -> Result<()> {
+        kernels.scale_shift_act_bf16(dev, y, x, res, &self.scale, &self.shift, dims, relu)
+    }
 }
