@@ -248,5 +248,7 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
         fails_cleanly(&["predict", "--weights", path(&weights), "--device", "cuda:1", path(&cat)], "--features cuda");
     }
     fails_cleanly(&["predict", "--weights", path(&weights), "--device", "tpu", path(&cat)], "unknown device 'tpu'");
+    fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "bf16", path(&cat)], "--dtype bf16 needs a GPU");
+    fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
     fails_cleanly(&["bench", "--workload", "train", "--device", "cuda"], "CPU only so far");
 }

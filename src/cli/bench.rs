@@ -61,7 +61,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let stem = if train { Stem::Cifar } else { Stem::ImageNet };
     let classes = if train { 10 } else { 1000 };
     if train && a.dtype != Precision::F32 {
-        return Err(Error::invalid(format!("--workload train runs in f32 only so far, not {:?}", a.dtype)));
+        return Err(Error::invalid(format!("--workload train runs in f32 only so far, not {}", a.dtype)));
     }
     if train && a.device != DeviceSpec::Cpu {
         return Err(Error::invalid("--workload train runs on the CPU only so far (use --device cpu)"));
@@ -112,7 +112,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": format!("{:?}", a.dtype).to_lowercase(),
+                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": a.dtype.to_string(),
                 "threads": rayon::current_num_threads(), "device": device, "median_ms": median, "min_ms": times[0],
                 "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss, "setup_ms": setup_ms,
             })

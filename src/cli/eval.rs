@@ -4,7 +4,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::error::Result;
-use crate::infer::runner::{DeviceSpec, Runner};
+use crate::infer::runner::{DeviceSpec, Precision, Runner};
 use crate::train::recipe::Recipe;
 use crate::train::{checkpoint, evaluate, setup};
 
@@ -24,6 +24,9 @@ pub struct EvalCmd {
     /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// f32; on a GPU also tf32 (TF32 tensor-core convolutions) or bf16 (bf16 activations, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -59,7 +62,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
     let names = val.class_names();
     let (_, eval_pipe) = setup::pipelines(&r);
     let size = r.image_size as usize;
-    let mut runner = Runner::new(model, a.device, r.batch_size, size, size)?;
+    let mut runner = Runner::with_precision(model, a.device, r.batch_size, size, size, a.dtype)?;
     let rep = evaluate::evaluate_with(&mut |x| runner.forward(x), classes, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
     if a.json {
         println!("{}", serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names}));

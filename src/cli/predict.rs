@@ -5,7 +5,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::error::Result;
 use crate::infer;
-use crate::infer::runner::{DeviceSpec, Runner};
+use crate::infer::runner::{DeviceSpec, Precision, Runner};
 
 #[derive(Args)]
 pub struct PredictArgs {
@@ -22,6 +22,9 @@ pub struct PredictArgs {
     /// Where to run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature and finds one).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// f32; on a GPU also tf32 (TF32 tensor-core convolutions) or bf16 (bf16 activations, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// JPEG or PNG files, or directories of them.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -34,7 +37,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let x = infer::load_batch(&files)?;
     let [_, _, h, w] = x.dims4();
     let batch = a.model.batch_size as usize;
-    let mut runner = Runner::new(model, a.device, batch, h, w)?;
+    let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;
     let logits = infer::batched(&x, batch, |b| runner.forward(b))?;
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {

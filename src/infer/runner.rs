@@ -54,6 +54,16 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// A network ready to run eval-mode forwards on its device.
 pub enum Runner {
     Cpu(Box<ResNet>),
@@ -77,7 +87,7 @@ impl Runner {
         precision: Precision,
     ) -> Result<Runner> {
         if precision != Precision::F32 && device == DeviceSpec::Cpu {
-            return Err(Error::invalid(format!("{precision:?} inference needs a GPU (--device cuda); the CPU runs f32")));
+            return Err(Error::invalid(format!("--dtype {precision} needs a GPU (--device cuda); the CPU runs f32")));
         }
         #[cfg(feature = "cuda")]
         let gpu = |i| {
