@@ -12,7 +12,7 @@ use common::{Fixture, assert_close, det_net, rel_err};
 use resnet_rs::engine::Tensor;
 use resnet_rs::engine::cpu::Cpu;
 use resnet_rs::engine::cuda::{CudaOptions, CudaResNet};
-use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem};
+use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem, Tap};
 
 /// Fixtures next to the working directory first: the test binary is built on one machine and run from a copy of
 /// the repository on the GPU machine, where the build's CARGO_MANIFEST_DIR does not exist.
@@ -109,6 +109,24 @@ fn tf32_option_runs_and_stays_close() {
     let mut g = CudaResNet::with_options(&model, 0, n, h, w, CudaOptions { allow_tf32: true, bf16: false }).unwrap();
     let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu, x, Mode::Eval).data());
     assert!(e <= 1e-2, "TF32 logits: relative error {e:.3e}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn features_at_every_tap_match_cpu() {
+    for name in ["net_resnet34_w8.safetensors", "net_resnet50_w4_cifar.safetensors"] {
+        let f = load(name);
+        let mut model = det_net(&f);
+        let x = f.get("input");
+        let [n, _, h, w] = x.dims4();
+        let mut g = gpu(&model, n, h, w);
+        for tap in [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4, Tap::AvgPool, Tap::Fc] {
+            let want = resnet_rs::infer::features(&mut model, &Cpu, x, tap);
+            let got = g.features(x, tap).unwrap_or_else(|e| panic!("{e}"));
+            assert_close(&format!("{name} {tap:?}"), &got, &want, 1e-4);
+        }
+        assert_close("logits after features", &g.forward(x).unwrap(), f.get("eval.logits"), 1e-4);
+    }
 }
 
 /// bf16 logits against the CPU's fp32: the relative error, and how many rows keep their top-1 class.

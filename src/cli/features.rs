@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::ModelArgs;
-use crate::engine::cpu::Cpu;
 use crate::error::{Error, Result};
 use crate::infer;
+use crate::infer::runner::{DeviceSpec, Precision, Runner};
 use crate::model::Tap;
 
 #[derive(Args)]
@@ -19,6 +19,12 @@ pub struct FeaturesArgs {
     /// Output .safetensors: "features" [N, D] f32, file names in the metadata ("files", a JSON array).
     #[arg(long)]
     out: PathBuf,
+    /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// f32; on a GPU also tf32 (TF32 tensor-core convolutions) or bf16 (bf16 activations, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// JPEG or PNG files, or directories of them.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -26,10 +32,13 @@ pub struct FeaturesArgs {
 
 pub fn run(a: FeaturesArgs) -> Result<()> {
     let tap: Tap = a.layer.parse()?;
-    let mut model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
+    let model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
     let files = infer::collect_images(&a.images)?;
     let x = infer::load_batch(&files)?;
-    let feats = infer::batched(&x, a.model.batch_size as usize, |b| Ok(infer::features(&mut model, &Cpu, b, tap)))?;
+    let [_, _, h, w] = x.dims4();
+    let batch = a.model.batch_size as usize;
+    let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;
+    let feats = infer::batched(&x, batch, |b| runner.features(b, tap))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let metadata = BTreeMap::from([
         ("files".to_string(), serde_json::to_string(&names).map_err(Error::invalid)?),

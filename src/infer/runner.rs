@@ -4,7 +4,7 @@
 use crate::engine::Tensor;
 use crate::engine::cpu::Cpu;
 use crate::error::{Error, Result};
-use crate::model::{Mode, ResNet};
+use crate::model::{Mode, ResNet, Tap};
 
 /// A parsed `--device` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +133,15 @@ impl Runner {
             Runner::Cpu(model) => Ok(model.forward(&Cpu, x, Mode::Eval)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.forward(x),
+        }
+    }
+
+    /// `[N, D]` features at `tap`, as `infer::features` computes them on the CPU.
+    pub fn features(&mut self, x: &Tensor, tap: Tap) -> Result<Tensor> {
+        match self {
+            Runner::Cpu(model) => Ok(crate::infer::features(model, &Cpu, x, tap)),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(gpu) => gpu.features(x, tap),
         }
     }
 

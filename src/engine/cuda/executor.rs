@@ -9,7 +9,7 @@ use super::linear;
 use super::norm::Norm;
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
-use crate::model::{BlockKind, ResNet, ResNetConfig, Stem};
+use crate::model::{BlockKind, ResNet, ResNetConfig, Stem, Tap};
 
 /// Activation slots: the block input, the shortcut and one unit's output are live at once, so three suffice
 /// (see `Builder::block`).
@@ -42,8 +42,11 @@ enum Node {
         src: Slot,
         dst: Slot,
     },
+    /// Global average pool of `src` into the features buffer. `Tap::AvgPool` feeds the classifier and always
+    /// runs; a stage tap (`Tap::Layer1..4`, after that stage's last block) runs only when `features` asks for it.
     AvgPool {
         src: Slot,
+        tap: Tap,
     },
     Fc,
 }
@@ -201,7 +204,9 @@ impl CudaResNet {
                 None
             };
             let classes = model.config.num_classes;
-            let features = dev.zeros(batch * model.config.feature_dim())?;
+            // The widest pooled output: the classifier's input, or a wider stage for custom widths.
+            let widest = model.config.widths.iter().map(|w| w * model.config.arch.block.expansion()).max();
+            let features = dev.zeros(batch * widest.unwrap_or(0).max(model.config.feature_dim()))?;
             let logits = dev.zeros(batch * classes)?;
             let mut exec = CudaResNet {
                 config: model.config,
@@ -236,11 +241,17 @@ impl CudaResNet {
 
     /// Eval-mode logits `[N, classes]` for images `[N, 3, H, W]` with N ≤ the batch given at construction.
     pub fn forward(&mut self, images: &Tensor) -> Result<Tensor> {
+        self.features(images, Tap::Fc)
+    }
+
+    /// What `infer::features` computes on the CPU: `[N, D]` at `tap` (stage outputs averaged over space, the
+    /// pooled features, or the logits), running the network only as far as the tap.
+    pub fn features(&mut self, images: &Tensor, tap: Tap) -> Result<Tensor> {
         guarded("forward", || {
             let n = self.stage(images)?;
-            self.run(n)?;
-            let classes = self.config.num_classes;
-            Tensor::new(&[n, classes], self.dev.read(&self.logits, n * classes)?)
+            let width = self.run(n, tap)?;
+            let out = if tap == Tap::Fc { &self.logits } else { &self.features };
+            Tensor::new(&[n, width], self.dev.read(out, n * width)?)
         })
     }
 
@@ -264,13 +275,14 @@ impl CudaResNet {
     /// as PyTorch's GPU benchmarks time batches already on the device.
     pub fn run_staged(&mut self, n: usize) -> Result<()> {
         guarded("forward", || {
-            self.run(n)?;
+            self.run(n, Tap::Fc)?;
             self.dev.stream.synchronize().map_err(super::device::cuda_err("waiting for the device"))
         })
     }
 
-    /// Enqueue the forward over the `n` staged images; the logits land in `self.logits`.
-    fn run(&mut self, n: usize) -> Result<()> {
+    /// Enqueue the forward over the `n` staged images as far as `until`; returns the output's width. The logits
+    /// land in `self.logits`, any other tap in `self.features`.
+    fn run(&mut self, n: usize, until: Tap) -> Result<usize> {
         if !(1..=self.batch).contains(&n) {
             return Err(Error::invalid(format!("CUDA: batch {n} outside this executor's 1..={}", self.batch)));
         }
@@ -326,10 +338,18 @@ impl CudaResNet {
                         k.max_pool_bf16(dev, half.slot(src), half.slot(dst), dims, pool_out(dims))?
                     }
                 },
-                Node::AvgPool { src } => match &self.half {
-                    None => k.avg_pool(dev, slot(src), &self.features, dims)?,
-                    Some(half) => k.avg_pool_bf16(dev, half.slot(src), &self.features, dims)?,
-                },
+                Node::AvgPool { src, tap } => {
+                    if tap != until && tap != Tap::AvgPool {
+                        continue;
+                    }
+                    match &self.half {
+                        None => k.avg_pool(dev, slot(src), &self.features, dims)?,
+                        Some(half) => k.avg_pool_bf16(dev, half.slot(src), &self.features, dims)?,
+                    }
+                    if tap == until {
+                        return Ok(dims[1]);
+                    }
+                }
                 Node::Fc => {
                     let (fin, fout) = (self.config.feature_dim(), self.config.num_classes);
                     let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
@@ -337,7 +357,7 @@ impl CudaResNet {
                 }
             }
         }
-        Ok(())
+        Ok(self.config.num_classes)
     }
 
     /// Copy the device's parameters and BN buffers into `model` (for checkpoints), which must have this
@@ -455,7 +475,7 @@ fn build_plan(
                 let (oh, ow) = pool_out(x);
                 (x, Some((dst, [x[0], x[1], oh, ow])))
             }
-            Node::AvgPool { src } => (get(&slot_dims, src)?, None),
+            Node::AvgPool { src, .. } => (get(&slot_dims, src)?, None),
             Node::Fc => ([input[0], 0, 1, 1], None),
         };
         if let Some((dst, y)) = out {
@@ -599,9 +619,12 @@ impl<'a> Builder<'a> {
                 )?;
                 cin = width * kind.expansion();
             }
+            let tap = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4][i];
+            self.nodes.push(Node::AvgPool { src: Slot::Act(cur), tap });
         }
         self.nodes.push(Node::AvgPool {
             src: Slot::Act(cur),
+            tap: Tap::AvgPool,
         });
         let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
         self.fc = (
