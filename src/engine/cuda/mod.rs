@@ -44,5 +44,7 @@ mod executor;
 mod kernels;
 mod linear;
 mod norm;
+mod train;
 
 pub use executor::{CudaOptions, CudaResNet};
+pub use train::{CudaTrainer, TrainOptimizer};
