@@ -84,6 +84,36 @@ fn pick(dev: &Device, perf: &[Perf], returned: c_int) -> Option<(u32, usize)> {
         .map(|p| (p.algo, p.memory))
 }
 
+/// The algorithm of one backward pass for `shape`: cached, or found by cuDNN's timed search (`find` fills up to
+/// `count` results and the number returned) and then cached; with the workspace these descriptors need for it
+/// (`size`), which may exceed the search's own report.
+fn choose<A: Copy>(
+    dev: &Device,
+    cache: &mut HashMap<(ConvShape, bool), (A, usize)>,
+    (shape, count, pass): (ConvShape, usize, &str),
+    algo_of: fn(u32) -> Option<A>,
+    find: impl FnOnce(&mut [Perf], &mut c_int) -> sys::cudnnStatus_t,
+    size: impl FnOnce(A, &mut usize) -> sys::cudnnStatus_t,
+) -> Result<(A, usize)> {
+    let key = (shape, dev.allow_tf32);
+    let (algo, searched) = match cache.get(&key) {
+        Some(&hit) => hit,
+        None => {
+            let mut perf = [Perf::default(); 8];
+            let mut returned: c_int = 0;
+            find(&mut perf[..count], &mut returned).result().map_err(cuda_err("searching convolution algorithms"))?;
+            let chosen = pick(dev, &perf[..count], returned)
+                .and_then(|(a, m)| Some((algo_of(a)?, m)))
+                .ok_or_else(|| Error::invalid(format!("CUDA: cuDNN has no usable {pass} algorithm for {shape:?}")))?;
+            cache.insert(key, chosen);
+            chosen
+        }
+    };
+    let mut asked = 0usize;
+    size(algo, &mut asked).result().map_err(cuda_err("sizing a convolution workspace"))?;
+    Ok((algo, searched.max(asked)))
+}
+
 /// One training convolution at one batch size: forward plan and both backward algorithms.
 pub struct TrainConv {
     fwd: ConvPlan,
@@ -97,103 +127,37 @@ pub struct TrainConv {
 impl TrainConv {
     pub fn new(dev: &Device, algos: &mut TrainAlgos, shape: ConvShape, need_dx: bool) -> Result<TrainConv> {
         let fwd = ConvPlan::new(dev, &mut algos.forward, shape)?;
-        let key = (shape, dev.allow_tf32);
-        let no_algo = |pass: &str| Error::invalid(format!("CUDA: cuDNN has no usable {pass} algorithm for {shape:?}"));
+        let (h, x, w, conv, y) = (dev.dnn.raw(), fwd.x.0, fwd.w.0, fwd.conv.0, fwd.y.0);
         let data = if need_dx {
-            let (algo, searched) = match algos.data.get(&key) {
-                Some(&hit) => hit,
-                None => {
-                    let mut perf = [Perf::default(); 6]; // CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
-                    let mut returned: c_int = 0;
-                    // SAFETY: the handle and the plan's descriptors are live and fully set (w, dy = the forward's
-                    // y, the convolution, dx = the forward's x, in the order cudnnFindConvolutionBackwardData-
-                    // Algorithm takes them); `perf` has room for the requested count and the layout of
-                    // cudnnConvolutionBwdDataAlgoPerf_t (asserted above); cuDNN allocates its own trial buffers.
-                    unsafe {
-                        sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                            dev.dnn.raw(),
-                            fwd.w.0,
-                            fwd.y.0,
-                            fwd.conv.0,
-                            fwd.x.0,
-                            perf.len() as c_int,
-                            &mut returned,
-                            perf.as_mut_ptr().cast(),
-                        )
-                    }
-                    .result()
-                    .map_err(cuda_err("searching backward-data algorithms"))?;
-                    let chosen = pick(dev, &perf, returned)
-                        .and_then(|(a, m)| Some((data_algo(a)?, m)))
-                        .ok_or_else(|| no_algo("backward-data"))?;
-                    algos.data.insert(key, chosen);
-                    chosen
-                }
+            // CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT results at most.
+            let spec = (shape, 6, "backward-data");
+            // SAFETY (both closures): the handle and the plan's descriptors are live and fully set, passed in the
+            // order cudnnFindConvolutionBackwardDataAlgorithm and cudnnGetConvolutionBackwardDataWorkspaceSize take
+            // them (w, dy = the forward's y, the convolution, dx = the forward's x); `perf` has room for the
+            // requested count, laid out as cudnnConvolutionBwdDataAlgoPerf_t (asserted above); cuDNN allocates its
+            // own trial buffers; the algorithm passed to the size query came from cuDNN.
+            let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+                sys::cudnnFindConvolutionBackwardDataAlgorithm(h, w, y, conv, x, perf.len() as c_int, n, perf.as_mut_ptr().cast())
             };
-            let mut asked = 0usize;
-            // SAFETY: live, fully set descriptors in the documented order (w, dy, conv, dx); `algo` came from cuDNN;
-            // `asked` is a valid out-pointer.
-            unsafe {
-                sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
-                    dev.dnn.raw(),
-                    fwd.w.0,
-                    fwd.y.0,
-                    fwd.conv.0,
-                    fwd.x.0,
-                    algo,
-                    &mut asked,
-                )
-            }
-            .result()
-            .map_err(cuda_err("sizing a backward-data workspace"))?;
-            Some((algo, searched.max(asked)))
+            let size = |a, bytes: &mut usize| unsafe {
+                sys::cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, conv, x, a, bytes)
+            };
+            Some(choose(dev, &mut algos.data, spec, data_algo, find, size)?)
         } else {
             None
         };
-        let (algo, searched) = match algos.filter.get(&key) {
-            Some(&hit) => hit,
-            None => {
-                let mut perf = [Perf::default(); 7]; // CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
-                let mut returned: c_int = 0;
-                // SAFETY: as for backward data, with cudnnFindConvolutionBackwardFilterAlgorithm's order
-                // (x, dy, conv, dw) and room for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
-                unsafe {
-                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                        dev.dnn.raw(),
-                        fwd.x.0,
-                        fwd.y.0,
-                        fwd.conv.0,
-                        fwd.w.0,
-                        perf.len() as c_int,
-                        &mut returned,
-                        perf.as_mut_ptr().cast(),
-                    )
-                }
-                .result()
-                .map_err(cuda_err("searching backward-filter algorithms"))?;
-                let chosen = pick(dev, &perf, returned)
-                    .and_then(|(a, m)| Some((filter_algo(a)?, m)))
-                    .ok_or_else(|| no_algo("backward-filter"))?;
-                algos.filter.insert(key, chosen);
-                chosen
-            }
+        // CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT results at most.
+        let spec = (shape, 7, "backward-filter");
+        // SAFETY (both closures): as above, in the order of cudnnFindConvolutionBackwardFilterAlgorithm and
+        // cudnnGetConvolutionBackwardFilterWorkspaceSize (x, dy, the convolution, dw = the forward's w), with room
+        // for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
+        let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(h, x, y, conv, w, perf.len() as c_int, n, perf.as_mut_ptr().cast())
         };
-        let mut asked = 0usize;
-        // SAFETY: live, fully set descriptors in the documented order (x, dy, conv, dw); `algo` came from cuDNN.
-        unsafe {
-            sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(
-                dev.dnn.raw(),
-                fwd.x.0,
-                fwd.y.0,
-                fwd.conv.0,
-                fwd.w.0,
-                algo,
-                &mut asked,
-            )
-        }
-        .result()
-        .map_err(cuda_err("sizing a backward-filter workspace"))?;
-        let filter = (algo, searched.max(asked));
+        let size = |a, bytes: &mut usize| unsafe {
+            sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, conv, w, a, bytes)
+        };
+        let filter = choose(dev, &mut algos.filter, spec, filter_algo, find, size)?;
         let workspace = fwd.workspace.max(filter.1).max(data.map_or(0, |d| d.1));
         Ok(TrainConv {
             fwd,

@@ -15,7 +15,44 @@ use std::ffi::c_int;
 use cudarc::cublas::{result as blas, sys};
 
 use super::super::device::{Buf, Device, cuda_err};
+use super::kernels::int;
 use crate::error::{Error, Result};
+
+/// C = op_a(A)·op_b(B), column-major, C `[m, n]`; A, B and C are device addresses.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &Device,
+    (ta, tb): (sys::cublasOperation_t, sys::cublasOperation_t),
+    (m, n, k): (c_int, c_int, c_int),
+    (a, lda): (u64, c_int),
+    (b, ldb): (u64, c_int),
+    (c, ldc): (u64, c_int),
+    what: &str,
+) -> Result<()> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller checked that A, B and C hold the matrices these dimensions and leading dimensions
+    // describe, and that C does not overlap A or B; alpha/beta are host pointers (the handle's default pointer
+    // mode); the handle is bound to the stream that owns every buffer.
+    unsafe {
+        blas::sgemm(
+            *dev.blas.handle(),
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            &alpha,
+            a as *const f32,
+            lda,
+            b as *const f32,
+            ldb,
+            &beta,
+            c as *mut f32,
+            ldc,
+        )
+    }
+    .map_err(cuda_err(what))
+}
 
 /// dw (overwritten) and dx (overwritten) of the linear layer; `rows` = N, `fin` = in, `fout` = out.
 #[allow(clippy::too_many_arguments)]
@@ -33,52 +70,10 @@ pub fn backward(
     if x.len < rows * fin || dx.len < rows * fin || w.len < fout * fin || dw.len < fout * fin || dy.len < rows * fout {
         return Err(Error::invalid("CUDA: buffers too small for the linear layer's backward"));
     }
-    let int = |v: usize| c_int::try_from(v).map_err(|_| Error::invalid(format!("CUDA: {v} is too large for cuBLAS")));
     let (n, i, o) = (int(rows)?, int(fin)?, int(fout)?);
-    let (alpha, beta) = (1.0f32, 0.0f32);
     let (op_n, op_t) = (sys::cublasOperation_t::CUBLAS_OP_N, sys::cublasOperation_t::CUBLAS_OP_T);
-    // SAFETY (both calls): with the column-major views above cuBLAS reads in·out floats of w, out·N of dy and
-    // in·N of x and writes in·N floats of dx and in·out of dw, all within the buffers (checked above); each
-    // leading dimension is the row count of its stored column-major view (in, out, in); alpha/beta are host
-    // pointers (the handle's default pointer mode); dx and dw are distinct from the inputs; the handle is bound
-    // to the stream that owns every buffer.
-    unsafe {
-        blas::sgemm(
-            *dev.blas.handle(),
-            op_n,
-            op_n,
-            i,
-            n,
-            o,
-            &alpha,
-            w.ptr as *const f32,
-            i,
-            dy.ptr as *const f32,
-            o,
-            &beta,
-            dx.ptr as *mut f32,
-            i,
-        )
-    }
-    .map_err(cuda_err("linear backward data (cuBLAS sgemm)"))?;
-    // SAFETY: see above.
-    unsafe {
-        blas::sgemm(
-            *dev.blas.handle(),
-            op_n,
-            op_t,
-            i,
-            o,
-            n,
-            &alpha,
-            x.ptr as *const f32,
-            i,
-            dy.ptr as *const f32,
-            o,
-            &beta,
-            dw.ptr as *mut f32,
-            i,
-        )
-    }
-    .map_err(cuda_err("linear backward weights (cuBLAS sgemm)"))
+    // With the column-major views above, cuBLAS reads in·out floats of w, out·N of dy and in·N of x and writes
+    // in·N floats of dx and in·out of dw, all within the buffers (checked above).
+    gemm(dev, (op_n, op_n), (i, n, o), (w.ptr, i), (dy.ptr, o), (dx.ptr, i), "linear backward data (cuBLAS sgemm)")?;
+    gemm(dev, (op_n, op_t), (i, o, n), (x.ptr, i), (dy.ptr, o), (dw.ptr, i), "linear backward weights (cuBLAS sgemm)")
 }
