@@ -142,6 +142,9 @@ pub fn run(a: BenchCmd) -> Result<()> {
     Ok(())
 }
 
+/// One timed run of a workload.
+type TimedStep = Box<dyn FnMut() -> Result<()>>;
+
 /// A device-resident training step for `--workload train` on a GPU: the batch is staged once and each call runs
 /// one whole SGD step on it and waits for the device. None where the step runs on the CPU (`--device cpu`, or
 /// `auto` without a usable GPU).
@@ -155,7 +158,7 @@ fn gpu_train_step(
     (x, targets): (&Tensor, &Tensor),
     kind: OptimizerKind,
     groups: &[crate::train::optim::ParamGroup],
-) -> Result<Option<(String, Box<dyn FnMut() -> Result<()>>)>> {
+) -> Result<Option<(String, TimedStep)>> {
     #[cfg(feature = "cuda")]
     {
         use crate::engine::cuda::{CudaOptions, CudaTrainer, TrainOptimizer};
