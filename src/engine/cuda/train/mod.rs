@@ -500,6 +500,15 @@ impl CudaTrainer {
             return Ok(());
         }
         let (shapes, _) = unit_shapes(&self.specs, n, self.hw);
+        // Training-mode BN needs two values per channel for its unbiased variance (PyTorch refuses one too).
+        if let Some(s) = shapes.iter().find(|s| s.y()[0] * s.y()[2] * s.y()[3] < 2) {
+            return Err(Error::invalid(format!(
+                "CUDA: batch norm in training needs more than one value per channel; batch {n} at {}x{} leaves {:?}",
+                self.hw.0,
+                self.hw.1,
+                s.y()
+            )));
+        }
         let mut convs = Vec::with_capacity(shapes.len());
         for (i, &shape) in shapes.iter().enumerate() {
             // The stem's input is the images, whose gradient nobody needs.
