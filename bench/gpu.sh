@@ -4,6 +4,7 @@
 #   build machine:  CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda --bin resnet --tests
 #                   mkdir -p target/gpu && strip -o target/gpu/resnet target/cuda/release/resnet
 #                   strip -o target/gpu/cuda-tests target/cuda/release/deps/cuda-HASH   (the newest such file)
+#                   strip -o target/gpu/cuda-train-tests target/cuda/release/deps/cuda_train-HASH
 #                   (stripped: a few MB instead of 60 with line tables)
 #   GPU machine:    bash bench/gpu.sh [tests|bench|all]    (from a copy of the repository, carrying target/gpu)
 #
@@ -47,6 +48,10 @@ if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
     LOG="$OUTDIR/cuda-tests.log"
     timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
     STATUS=${PIPESTATUS[0]}
+    if [[ -x "$BIN/cuda-train-tests" ]]; then
+        timeout 150 "$BIN/cuda-train-tests" --include-ignored --test-threads=1 2>&1 | tee -a "$LOG"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || STATUS=1
+    fi
     echo
     echo "== CUDA tests =="
     grep -E '^test .* (ok|FAILED|ignored)$' "$LOG" | sed 's/^test /  /'
@@ -57,9 +62,9 @@ if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
     [[ -x "$BIN/resnet" ]] || { echo "gpu.sh: no resnet binary at $BIN/resnet (see the top of bench/gpu.sh)" >&2; exit 2; }
     RES="$OUTDIR/gpu-bench.jsonl"
     : >"$RES"
-    ours() { # workload-id workload batch size dtype
+    ours() { # workload-id workload batch size dtype [more bench flags]
         local line
-        line=$(timeout 90 "$BIN/resnet" bench --device cuda --workload "$2" --batch "$3" --size "$4" --dtype "$5" \
+        line=$(timeout 90 "$BIN/resnet" bench --device cuda --workload "$2" --batch "$3" --size "$4" --dtype "$5" "${@:6}" \
             --runs 20 --warmup 3 --json 2>&1 | tail -n 1)
         echo "ours $1 $5: $line"
         [[ "$line" == "{"* ]] && echo "{\"side\": \"ours\", \"id\": \"$1\", \"precision\": \"$5\", \"r\": $line}" >>"$RES"
@@ -67,7 +72,7 @@ if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
     for dt in f32 tf32 bf16; do
         ours G1 infer 256 224 $dt
         ours G2 train 512 32 $dt
-        ours G3 train 256 224 $dt
+        ours G3 train 256 224 $dt --stem imagenet --classes 1000
     done
     PY="${PYTHON:-python3}"
     timeout 200 "$PY" python/bench_torch_gpu.py 2>&1 | while read -r line; do

@@ -246,9 +246,9 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
     if cfg!(not(feature = "cuda")) {
         assert_eq!(stdout(&auto), stdout(&on_cpu), "auto without the cuda feature is the CPU");
         fails_cleanly(&["predict", "--weights", path(&weights), "--device", "cuda:1", path(&cat)], "--features cuda");
+        fails_cleanly(&["bench", "--workload", "train", "--device", "cuda"], "--features cuda");
     }
     fails_cleanly(&["predict", "--weights", path(&weights), "--device", "tpu", path(&cat)], "unknown device 'tpu'");
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "bf16", path(&cat)], "--dtype bf16 needs a GPU");
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
-    fails_cleanly(&["bench", "--workload", "train", "--device", "cuda"], "CPU only so far");
 }

@@ -12,9 +12,15 @@ use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
 pub struct BenchCmd {
-    /// infer (eval-mode forward, ImageNet stem) or train (one SGD-momentum step, CIFAR stem).
+    /// infer (eval-mode forward) or train (one SGD-momentum step: forward, loss, backward, update).
     #[arg(long, default_value = "infer")]
     workload: String,
+    /// imagenet (7x7/2 conv + max-pool) or cifar (3x3/1 conv) stem (default: imagenet for infer, cifar for train).
+    #[arg(long)]
+    stem: Option<Stem>,
+    /// Output classes (default: 1000 for infer, 10 for train).
+    #[arg(long)]
+    classes: Option<usize>,
     #[arg(long, default_value = "resnet34", value_parser = parse_arch)]
     arch: Arch,
     /// Images per batch (default: 8 for infer, 64 for train).
@@ -31,7 +37,7 @@ pub struct BenchCmd {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// cpu, cuda, cuda:N or auto; the CUDA path (feature `cuda`) runs the infer workload only so far.
+    /// cpu, cuda, cuda:N or auto (the CUDA path needs a build with feature `cuda`).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// One JSON line: median_ms, min_ms, max_ms, images_per_s, peak_rss_mib.
@@ -58,14 +64,15 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let size = a.size.unwrap_or(if train { 32 } else { 224 }).max(8);
     let runs = a.runs.max(1);
     let mut device = "cpu".to_string();
-    let stem = if train { Stem::Cifar } else { Stem::ImageNet };
-    let classes = if train { 10 } else { 1000 };
-    if train && a.dtype != Precision::F32 {
-        return Err(Error::invalid(format!("--workload train runs in f32 only so far, not {}", a.dtype)));
+    let stem = a.stem.unwrap_or(if train { Stem::Cifar } else { Stem::ImageNet });
+    let classes = a.classes.unwrap_or(if train { 10 } else { 1000 }).max(1);
+    if train && a.dtype != Precision::F32 && a.dtype != Precision::Tf32 {
+        return Err(Error::invalid(format!("--workload train runs in f32 or tf32 so far, not {}", a.dtype)));
     }
-    if train && a.device != DeviceSpec::Cpu {
-        return Err(Error::invalid("--workload train runs on the CPU only so far (use --device cpu)"));
+    if a.dtype != Precision::F32 && a.device == DeviceSpec::Cpu {
+        return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU runs f32", a.dtype)));
     }
+    let allow_tf32 = a.dtype == Precision::Tf32;
     let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
     // Deterministic, image-like input; the values do not change the work done.
     let x = Tensor::new(
@@ -74,10 +81,15 @@ pub fn run(a: BenchCmd) -> Result<()> {
     )?;
     let setup = Instant::now();
     let mut runner = None;
-    let mut step: Box<dyn FnMut() -> Result<()>> = if train {
-        let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
-        let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups);
+    let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
+    let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
+    let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
+    let gpu_train = if train { gpu_train_step(&model, a.device, batch, size, allow_tf32, (&x, &targets), kind, &groups)? } else { None };
+    let mut step: Box<dyn FnMut() -> Result<()>> = if let Some((name, gpu_step)) = gpu_train {
+        device = name;
+        gpu_step
+    } else if train {
+        let mut opt = Optimizer::new(kind, groups);
         let x = &x;
         Box::new(move || {
             let be = Cpu;
@@ -130,4 +142,52 @@ pub fn run(a: BenchCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One timed run of a workload.
+type TimedStep = Box<dyn FnMut() -> Result<()>>;
+
+/// A device-resident training step for `--workload train` on a GPU: the batch is staged once and each call runs
+/// one whole SGD step on it and waits for the device. None where the step runs on the CPU (`--device cpu`, or
+/// `auto` without a usable GPU).
+#[allow(clippy::too_many_arguments)]
+fn gpu_train_step(
+    model: &ResNet,
+    device: DeviceSpec,
+    batch: usize,
+    size: usize,
+    allow_tf32: bool,
+    (x, targets): (&Tensor, &Tensor),
+    kind: OptimizerKind,
+    groups: &[crate::train::optim::ParamGroup],
+) -> Result<Option<(String, TimedStep)>> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::engine::cuda::{CudaOptions, CudaTrainer, TrainOptimizer};
+        let index = match device {
+            DeviceSpec::Cpu => return Ok(None),
+            DeviceSpec::Cuda(i) => i,
+            DeviceSpec::Auto => 0,
+        };
+        let optimizer = TrainOptimizer { kind, groups: groups.to_vec() };
+        let built = CudaTrainer::new(model, index, batch, size, size, CudaOptions { allow_tf32, bf16: false }, optimizer);
+        let mut trainer = match (built, device) {
+            (Ok(t), _) => t,
+            (Err(_), DeviceSpec::Auto) => return Ok(None),
+            (Err(e), _) => return Err(e),
+        };
+        let n = trainer.stage(x, targets)?;
+        let name = trainer.device_name();
+        Ok(Some((name, Box::new(move || trainer.step_staged(n, 0.01).map(drop)))))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (model, batch, size, allow_tf32, x, targets, kind, groups);
+        match device {
+            DeviceSpec::Cuda(_) => Err(Error::invalid(
+                "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
+            )),
+            _ => Ok(None),
+        }
+    }
 }

@@ -50,9 +50,9 @@ impl Drop for DnnHandle {
     }
 }
 
-struct TensorDesc(sys::cudnnTensorDescriptor_t);
-struct FilterDesc(sys::cudnnFilterDescriptor_t);
-struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
+pub(super) struct TensorDesc(pub(super) sys::cudnnTensorDescriptor_t);
+pub(super) struct FilterDesc(pub(super) sys::cudnnFilterDescriptor_t);
+pub(super) struct ConvDesc(pub(super) sys::cudnnConvolutionDescriptor_t);
 
 impl Drop for TensorDesc {
     fn drop(&mut self) {
@@ -73,7 +73,7 @@ impl Drop for ConvDesc {
     }
 }
 
-fn int(v: usize) -> Result<c_int> {
+pub(super) fn int(v: usize) -> Result<c_int> {
     c_int::try_from(v)
         .map_err(|_| Error::invalid(format!("CUDA: dimension {v} is too large for cuDNN")))
 }
@@ -110,7 +110,7 @@ impl Storage {
 }
 
 /// Tensor descriptor of logical dims `[N, C, H, W]` in `storage`'s type and layout.
-fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
+pub(super) fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
     let d = TensorDesc(
         dnn::create_tensor_descriptor().map_err(cuda_err("creating a tensor descriptor"))?,
     );
@@ -195,10 +195,10 @@ pub struct AlgoCache(HashMap<(ConvShape, bool, Storage), (sys::cudnnConvolutionF
 pub struct ConvPlan {
     pub shape: ConvShape,
     storage: Storage,
-    x: TensorDesc,
-    w: FilterDesc,
-    conv: ConvDesc,
-    y: TensorDesc,
+    pub(super) x: TensorDesc,
+    pub(super) w: FilterDesc,
+    pub(super) conv: ConvDesc,
+    pub(super) y: TensorDesc,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     /// Bytes of workspace the algorithm needs.
     pub workspace: usize,

@@ -1,5 +1,5 @@
-//! The CUDA path (feature `cuda`): ResNet inference resident on one NVIDIA GPU, with cuDNN convolutions, cuBLAS
-//! for the classifier and a few NVRTC-compiled kernels.
+//! The CUDA path (feature `cuda`): ResNet inference and SGD training resident on one NVIDIA GPU, with cuDNN
+//! convolutions and batch norm, cuBLAS for the classifier and a few NVRTC-compiled kernels.
 //!
 //! # API
 //!
@@ -8,6 +8,17 @@
 //! let mut gpu = CudaResNet::new(&model, 0, batch, 224, 224)?; // device cuda:0, up to `batch` images of 224²
 //! let logits = gpu.forward(&images)?;                         // host [N, 3, 224, 224] in, host [N, classes] out
 //! gpu.download_into(&mut model)?;                             // device weights back into the model
+//! ```
+//!
+//! Training (`train/`):
+//!
+//! ```ignore
+//! use resnet_rs::engine::cuda::{CudaTrainer, TrainOptimizer};
+//! let opt = TrainOptimizer { kind: OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
+//!                            groups: Optimizer::groups_for(&model.store.params, 5e-4, true, 1.0) };
+//! let mut gpu = CudaTrainer::new(&model, 0, batch, 32, 32, CudaOptions::default(), opt)?;
+//! let loss = gpu.step(&images, &targets, lr)?;  // forward (train-mode BN), loss, backward, SGD update
+//! gpu.download_into(&mut model)?;               // weights, BN running statistics, batch count: for checkpoints
 //! ```
 //!
 //! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true, bf16: false })` lets cuDNN and cuBLAS use TF32;
@@ -38,6 +49,16 @@
 //!   classifier in fp32, fp32 master weights. In fp32, TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
 //!   `DEFAULT_MATH` would allow TF32 on Ampere and later) and algorithms reporting tensor-op math are skipped;
 //!   cuBLAS keeps `CUBLAS_DEFAULT_MATH`. `CudaOptions::allow_tf32` switches both.
+//! - **Training** (`CudaTrainer`) has the CPU engine's step semantics: batch statistics, running statistics with
+//!   momentum 0.1 and the unbiased variance (cuDNN's training BN, which is what PyTorch runs), mean softmax
+//!   cross-entropy against target rows, torch.optim's SGD (momentum, Nesterov, weight-decay groups, first step
+//!   buf = grad) in the CPU's operation order. Every activation backward needs has its own buffer (each unit's
+//!   convolution output and BN/ReLU output, the max-pool's winners), allocated for the largest batch at
+//!   construction; gradients pass through three scratch buffers; forward, backward-data and backward-filter
+//!   algorithms are searched once per shape. A block's residual gradient costs nothing: the first convolution's
+//!   backward data accumulates onto it (cuDNN beta 1). ReLU masks fuse into the pooling backward kernels, the fc
+//!   bias gradient into the loss kernel. One SGD launch per parameter; the host waits once per step, for the loss.
+//!   Only SGD runs on the device so far (Adam/AdamW are refused with an error).
 //! - **Loading.** `cudarc` with dynamic loading: the binary builds without a CUDA toolkit and finds libcuda,
 //!   libcudnn.so.9, libcublas and libnvrtc (.so.13 or .so.12) at run time. One stream carries all work, so stream
 //!   order is program order.
@@ -48,5 +69,7 @@ mod executor;
 mod kernels;
 mod linear;
 mod norm;
+mod train;
 
 pub use executor::{CudaOptions, CudaResNet};
+pub use train::{CudaTrainer, TrainOptimizer};

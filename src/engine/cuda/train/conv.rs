@@ -1,0 +1,269 @@
+//! Training convolutions: the forward plan of `conv.rs` (descriptors, forward algorithm, FMA math unless TF32 is
+//! allowed) plus the two backward passes, backward data (dx) and backward filter (dw), each with its algorithm
+//! found once per shape by cuDNN's timed search and cached, like the forward's.
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+
+use cudarc::cudnn::sys;
+
+use super::super::conv::{AlgoCache, ConvPlan, ConvShape, Storage};
+use super::super::device::{Buf, Device, cuda_err};
+use crate::error::{Error, Result};
+
+/// `cudnnConvolutionBwdDataAlgoPerf_t` / `cudnnConvolutionBwdFilterAlgoPerf_t` with the enums read as plain
+/// integers (a newer cuDNN may report values the Rust enums do not list). Both have this layout.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Perf {
+    algo: u32,
+    status: u32,
+    time: f32,
+    memory: usize,
+    determinism: u32,
+    math_type: u32,
+    reserved: [c_int; 3],
+}
+const _: () = {
+    use std::mem::{align_of, size_of};
+    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
+    assert!(align_of::<Perf>() == align_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
+    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
+    assert!(align_of::<Perf>() == align_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
+};
+
+fn data_algo(v: u32) -> Option<sys::cudnnConvolutionBwdDataAlgo_t> {
+    use sys::cudnnConvolutionBwdDataAlgo_t::*;
+    Some(match v {
+        0 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        1 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        2 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        3 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        4 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        5 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+        _ => return None,
+    })
+}
+
+fn filter_algo(v: u32) -> Option<sys::cudnnConvolutionBwdFilterAlgo_t> {
+    use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+    Some(match v {
+        0 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        1 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        2 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        3 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        4 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        5 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        6 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        _ => return None,
+    })
+}
+
+type DataChoice = (sys::cudnnConvolutionBwdDataAlgo_t, usize);
+type FilterChoice = (sys::cudnnConvolutionBwdFilterAlgo_t, usize);
+
+/// Chosen algorithms by shape and TF32 permission: the forward's (conv.rs's cache) and both backward passes'.
+#[derive(Default)]
+pub struct TrainAlgos {
+    forward: AlgoCache,
+    data: HashMap<(ConvShape, bool), DataChoice>,
+    filter: HashMap<(ConvShape, bool), FilterChoice>,
+}
+
+/// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes).
+fn pick(dev: &Device, perf: &[Perf], returned: c_int) -> Option<(u32, usize)> {
+    let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
+    const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
+    let tensor_op = [
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32,
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION as u32,
+    ];
+    perf[..returned]
+        .iter()
+        .find(|p| p.status == SUCCESS && (dev.allow_tf32 || !tensor_op.contains(&p.math_type)))
+        .map(|p| (p.algo, p.memory))
+}
+
+/// The algorithm of one backward pass for `shape`: cached, or found by cuDNN's timed search (`find` fills up to
+/// `count` results and the number returned) and then cached; with the workspace these descriptors need for it
+/// (`size`), which may exceed the search's own report.
+fn choose<A: Copy>(
+    dev: &Device,
+    cache: &mut HashMap<(ConvShape, bool), (A, usize)>,
+    (shape, count, pass): (ConvShape, usize, &str),
+    algo_of: fn(u32) -> Option<A>,
+    find: impl FnOnce(&mut [Perf], &mut c_int) -> sys::cudnnStatus_t,
+    size: impl FnOnce(A, &mut usize) -> sys::cudnnStatus_t,
+) -> Result<(A, usize)> {
+    let key = (shape, dev.allow_tf32);
+    let (algo, searched) = match cache.get(&key) {
+        Some(&hit) => hit,
+        None => {
+            let mut perf = [Perf::default(); 8];
+            let mut returned: c_int = 0;
+            find(&mut perf[..count], &mut returned).result().map_err(cuda_err("searching convolution algorithms"))?;
+            let chosen = pick(dev, &perf[..count], returned)
+                .and_then(|(a, m)| Some((algo_of(a)?, m)))
+                .ok_or_else(|| Error::invalid(format!("CUDA: cuDNN has no usable {pass} algorithm for {shape:?}")))?;
+            cache.insert(key, chosen);
+            chosen
+        }
+    };
+    let mut asked = 0usize;
+    size(algo, &mut asked).result().map_err(cuda_err("sizing a convolution workspace"))?;
+    Ok((algo, searched.max(asked)))
+}
+
+/// One training convolution at one batch size: forward plan and both backward algorithms.
+pub struct TrainConv {
+    fwd: ConvPlan,
+    /// None for the stem, whose input (the images) needs no gradient.
+    data: Option<DataChoice>,
+    filter: FilterChoice,
+    /// Bytes of workspace the largest of the three passes needs.
+    pub workspace: usize,
+}
+
+impl TrainConv {
+    pub fn new(dev: &Device, algos: &mut TrainAlgos, shape: ConvShape, need_dx: bool) -> Result<TrainConv> {
+        let fwd = ConvPlan::new(dev, &mut algos.forward, shape, Storage::F32Nchw)?;
+        let (h, x, w, conv, y) = (dev.dnn.raw(), fwd.x.0, fwd.w.0, fwd.conv.0, fwd.y.0);
+        let data = if need_dx {
+            // CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT results at most.
+            let spec = (shape, 6, "backward-data");
+            // SAFETY (both closures): the handle and the plan's descriptors are live and fully set, passed in the
+            // order cudnnFindConvolutionBackwardDataAlgorithm and cudnnGetConvolutionBackwardDataWorkspaceSize take
+            // them (w, dy = the forward's y, the convolution, dx = the forward's x); `perf` has room for the
+            // requested count, laid out as cudnnConvolutionBwdDataAlgoPerf_t (asserted above); cuDNN allocates its
+            // own trial buffers; the algorithm passed to the size query came from cuDNN.
+            let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+                sys::cudnnFindConvolutionBackwardDataAlgorithm(h, w, y, conv, x, perf.len() as c_int, n, perf.as_mut_ptr().cast())
+            };
+            let size = |a, bytes: &mut usize| unsafe {
+                sys::cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, conv, x, a, bytes)
+            };
+            Some(choose(dev, &mut algos.data, spec, data_algo, find, size)?)
+        } else {
+            None
+        };
+        // CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT results at most.
+        let spec = (shape, 7, "backward-filter");
+        // SAFETY (both closures): as above, in the order of cudnnFindConvolutionBackwardFilterAlgorithm and
+        // cudnnGetConvolutionBackwardFilterWorkspaceSize (x, dy, the convolution, dw = the forward's w), with room
+        // for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
+        let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(h, x, y, conv, w, perf.len() as c_int, n, perf.as_mut_ptr().cast())
+        };
+        let size = |a, bytes: &mut usize| unsafe {
+            sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, conv, w, a, bytes)
+        };
+        let filter = choose(dev, &mut algos.filter, spec, filter_algo, find, size)?;
+        let workspace = fwd.workspace.max(filter.1).max(data.map_or(0, |d| d.1));
+        Ok(TrainConv {
+            fwd,
+            data,
+            filter,
+            workspace,
+        })
+    }
+
+    pub fn shape(&self) -> ConvShape {
+        self.fwd.shape
+    }
+
+    /// The cuDNN descriptor of the output `[N, O, OH, OW]`, which batch norm describes its tensors with.
+    pub fn y_desc(&self) -> sys::cudnnTensorDescriptor_t {
+        self.fwd.y.0
+    }
+
+    pub fn forward(&self, dev: &Device, x: &Buf<f32>, w: &Buf<f32>, y: &Buf<f32>, ws: &Buf<u8>) -> Result<()> {
+        self.fwd.forward(dev, x, w, y, ws)
+    }
+
+    fn check(&self, x: &Buf<f32>, w: &Buf<f32>, dy: &Buf<f32>, ws: &Buf<u8>) -> Result<()> {
+        let s = self.fwd.shape;
+        let need_x: usize = s.x.iter().product();
+        let need_y: usize = s.y().iter().product();
+        if x.len < need_x || w.len < s.weight_len() || dy.len < need_y || ws.len < self.workspace {
+            return Err(Error::invalid(format!("CUDA: buffers too small for convolution backward {s:?}")));
+        }
+        Ok(())
+    }
+
+    /// dx = beta·dx + conv_backward_data(w, dy): beta 1 accumulates (the residual gradient of an identity
+    /// shortcut or of a projection already there), beta 0 overwrites.
+    pub fn backward_data(
+        &self,
+        dev: &Device,
+        w: &Buf<f32>,
+        dy: &Buf<f32>,
+        dx: &Buf<f32>,
+        accumulate: bool,
+        ws: &Buf<u8>,
+    ) -> Result<()> {
+        let (algo, _) = self
+            .data
+            .ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
+        self.check(dx, w, dy, ws)?;
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: the descriptors describe fp32 NCHW w, dy and dx whose sizes were checked against the buffers;
+        // dy and dx are distinct allocations (the trainer's gradient scratch buffers, never the same one for both);
+        // the workspace holds at least the bytes cuDNN asked for; alpha/beta are host f32s (float data); the
+        // argument order is cudnnConvolutionBackwardData's (handle, alpha, wDesc, w, dyDesc, dy, convDesc, algo,
+        // workspace, size, beta, dxDesc, dx); all work is on the handle's stream.
+        unsafe {
+            sys::cudnnConvolutionBackwardData(
+                dev.dnn.raw(),
+                &alpha as *const f32 as *const c_void,
+                self.fwd.w.0,
+                w.ptr as *const c_void,
+                self.fwd.y.0,
+                dy.ptr as *const c_void,
+                self.fwd.conv.0,
+                algo,
+                ws.ptr as *mut c_void,
+                self.workspace,
+                &beta as *const f32 as *const c_void,
+                self.fwd.x.0,
+                dx.ptr as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(cuda_err("convolution backward data"))
+    }
+
+    /// dw = conv_backward_filter(x, dy), overwriting dw.
+    pub fn backward_filter(
+        &self,
+        dev: &Device,
+        x: &Buf<f32>,
+        dy: &Buf<f32>,
+        dw: &Buf<f32>,
+        ws: &Buf<u8>,
+    ) -> Result<()> {
+        self.check(x, dw, dy, ws)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: as for backward data, with cudnnConvolutionBackwardFilter's order (handle, alpha, xDesc, x,
+        // dyDesc, dy, convDesc, algo, workspace, size, beta, dwDesc, dw); dw is the parameter's own gradient
+        // buffer, distinct from x and dy.
+        unsafe {
+            sys::cudnnConvolutionBackwardFilter(
+                dev.dnn.raw(),
+                &alpha as *const f32 as *const c_void,
+                self.fwd.x.0,
+                x.ptr as *const c_void,
+                self.fwd.y.0,
+                dy.ptr as *const c_void,
+                self.fwd.conv.0,
+                self.filter.0,
+                ws.ptr as *mut c_void,
+                self.workspace,
+                &beta as *const f32 as *const c_void,
+                self.fwd.w.0,
+                dw.ptr as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(cuda_err("convolution backward filter"))
+    }
+}

@@ -1,0 +1,635 @@
+//! `CudaTrainer`: whole SGD steps resident on one device, with the CPU engine's semantics (train-mode batch norm,
+//! softmax cross-entropy averaged over the batch, torch.optim's SGD).
+//!
+//! The graph is the CPU model's, walked from its configuration with every tensor name and shape checked against
+//! the store. Each conv+BN unit keeps its convolution output (batch norm's input, for BN backward) and its
+//! BN/ReLU output (the next unit's input and the ReLU's mask) in buffers of its own, allocated for the largest
+//! batch at construction; gradients flow through three scratch buffers. Per step: forward (cuDNN convolution,
+//! cuDNN BN training, one ReLU or residual+ReLU kernel), the loss kernel (which also yields the fc bias
+//! gradient), backward in reverse (cuDNN BN backward, convolution backward filter and data, the ReLU masks, a
+//! block's residual gradient accumulated by the first convolution's backward data with beta 1), then one SGD
+//! launch per parameter. Nothing is allocated per step and the host waits once, for the loss.
+
+mod conv;
+mod kernels;
+mod linear;
+mod norm;
+
+use std::collections::HashMap;
+
+use self::conv::{TrainAlgos, TrainConv};
+use self::kernels::{SgdArgs, TrainKernels};
+use self::norm::TrainNorm;
+use super::conv::ConvShape;
+use super::device::{Buf, Device, guarded};
+use super::executor::CudaOptions;
+use super::kernels::Kernels;
+use crate::engine::{ConvGeom, Tensor};
+use crate::error::{Error, Result};
+use crate::model::{BlockKind, ResNet, ResNetConfig, Stem};
+use crate::train::optim::{OptimizerKind, ParamGroup, widen};
+
+/// The optimiser a `CudaTrainer` applies, as `train::optim::Optimizer` takes it: the kind and one group per
+/// parameter in the store's order (`Optimizer::groups_for`). Only SGD runs on the device so far.
+#[derive(Clone, Debug)]
+pub struct TrainOptimizer {
+    pub kind: OptimizerKind,
+    pub groups: Vec<ParamGroup>,
+}
+
+/// Where a unit reads its input.
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    Images,
+    /// The stem's max-pool output.
+    Pool,
+    /// The BN/ReLU output of unit i.
+    Act(usize),
+}
+
+/// What follows a unit's batch norm.
+#[derive(Clone, Copy, Debug)]
+enum Post {
+    Relu,
+    /// relu(bn + the residual), the block's output.
+    AddRelu(Src),
+    /// Nothing: a shortcut projection.
+    Linear,
+}
+
+/// One conv+BN unit, independent of the batch size.
+struct UnitSpec {
+    weight: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    src: Src,
+    post: Post,
+    /// BN weight, bias, running mean, running variance (indices in the tensor table) and channels.
+    bn: [usize; 4],
+}
+
+/// A unit's device state: its BN layer and its two activations (conv output, BN/ReLU output).
+struct UnitBufs {
+    norm: TrainNorm,
+    c: Buf<f32>,
+    a: Buf<f32>,
+}
+
+/// A residual block: its units in order and its shortcut projection, as indices into the unit list.
+struct BlockSpec {
+    units: Vec<usize>,
+    downsample: Option<usize>,
+}
+
+/// The convolutions bound to one batch size.
+struct Plan {
+    convs: Vec<TrainConv>,
+}
+
+/// The stem's max-pool output and the winners' indices.
+struct PoolBufs {
+    y: Buf<f32>,
+    arg: Buf<i32>,
+}
+
+pub struct CudaTrainer {
+    config: ResNetConfig,
+    /// Parameters then buffers, in the store's order; `names[i]`/`shapes[i]` describe `tensors[i]`.
+    tensors: Vec<Buf<f32>>,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    /// Per parameter: trainable, its gradient, its momentum buffer.
+    trainable: Vec<bool>,
+    grads: Vec<Buf<f32>>,
+    moments: Vec<Buf<f32>>,
+    optimizer: TrainOptimizer,
+    /// No momentum buffer holds a value yet (torch's first step sets buf = grad).
+    first_momentum: bool,
+    momentum_override: Option<f32>,
+    batches_tracked: i64,
+    specs: Vec<UnitSpec>,
+    blocks: Vec<BlockSpec>,
+    fc: (usize, usize),
+    units: Vec<UnitBufs>,
+    pool: Option<PoolBufs>,
+    plans: HashMap<usize, Plan>,
+    algos: TrainAlgos,
+    input: Buf<f32>,
+    targets: Buf<f32>,
+    features: Buf<f32>,
+    logits: Buf<f32>,
+    dlogits: Buf<f32>,
+    dfeatures: Buf<f32>,
+    loss: Buf<f32>,
+    scratch: [Buf<f32>; 3],
+    workspace: Buf<u8>,
+    batch: usize,
+    hw: (usize, usize),
+    kernels: Kernels,
+    train_kernels: TrainKernels,
+    /// Last, so that every buffer and plan above is released while the device's handles still exist.
+    dev: Device,
+}
+
+/// Output size of the stem's 3x3/2 max-pool with padding 1.
+fn pool_out(dims: [usize; 4]) -> (usize, usize) {
+    ConvGeom::square(2, 1).output_hw(dims[2], dims[3], 3, 3)
+}
+
+fn numel(dims: [usize; 4]) -> usize {
+    dims.iter().product()
+}
+
+/// The convolution shapes of every unit for `n` images of `hw`, and the max-pool's input dims if there is one.
+fn unit_shapes(specs: &[UnitSpec], n: usize, (h, w): (usize, usize)) -> (Vec<ConvShape>, Option<[usize; 4]>) {
+    let mut shapes: Vec<ConvShape> = Vec::with_capacity(specs.len());
+    let mut pooled = None;
+    for s in specs {
+        let x = match s.src {
+            Src::Images => [n, 3, h, w],
+            Src::Act(u) => shapes[u].y(),
+            Src::Pool => {
+                let stem = shapes[0].y();
+                pooled = Some(stem);
+                let (oh, ow) = pool_out(stem);
+                [stem[0], stem[1], oh, ow]
+            }
+        };
+        shapes.push(ConvShape { x, out_channels: s.out_channels, kernel: s.kernel, stride: s.stride, pad: s.kernel / 2 });
+    }
+    (shapes, pooled)
+}
+
+impl CudaTrainer {
+    /// Upload `model` to device `device` for training steps on batches of up to `batch` images of `h`×`w`.
+    pub fn new(
+        model: &ResNet,
+        device: usize,
+        batch: usize,
+        h: usize,
+        w: usize,
+        options: CudaOptions,
+        optimizer: TrainOptimizer,
+    ) -> Result<CudaTrainer> {
+        if batch == 0 || h == 0 || w == 0 {
+            return Err(Error::invalid(format!("CUDA: empty input shape: batch {batch}, {h}x{w}")));
+        }
+        if options.bf16 {
+            return Err(Error::invalid("CUDA: the device trainer runs fp32 (or TF32) only so far, not bf16"));
+        }
+        if !matches!(optimizer.kind, OptimizerKind::Sgd { .. }) {
+            return Err(Error::invalid(format!(
+                "CUDA: the device trainer runs SGD only so far, not {:?} (use --device cpu)",
+                optimizer.kind
+            )));
+        }
+        let params = &model.store.params;
+        if optimizer.groups.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "CUDA: the optimizer has {} parameter groups, the model {} parameters",
+                optimizer.groups.len(),
+                params.len()
+            )));
+        }
+        // The graph is checked against the model before the device is touched, so a model the trainer does not
+        // describe fails the same way on every machine.
+        let mut b = Walker::new(model);
+        b.network()?;
+        b.check_all_used()?;
+        let Walker { specs, blocks, fc, .. } = b;
+        let (shapes, pooled) = unit_shapes(&specs, batch, (h, w));
+        let dev = Device::open(device, options.allow_tf32)?;
+        guarded("uploading the network for training", || {
+            let kernels = Kernels::load(&dev)?;
+            let train_kernels = TrainKernels::load(&dev)?;
+            let store = &model.store;
+            let values = params.iter().map(|p| (&p.name, &p.value)).chain(store.buffers.iter().map(|b| (&b.name, &b.value)));
+            let (mut tensors, mut names, mut tshapes) = (Vec::new(), Vec::new(), Vec::new());
+            for (name, value) in values {
+                tensors.push(dev.upload(value.data())?);
+                names.push(name.clone());
+                tshapes.push(value.shape().to_vec());
+            }
+            let grads = params.iter().map(|p| dev.zeros(p.value.numel())).collect::<Result<Vec<_>>>()?;
+            let moments = params.iter().map(|p| dev.zeros(p.value.numel())).collect::<Result<Vec<_>>>()?;
+            let mut units = Vec::with_capacity(specs.len());
+            for (spec, shape) in specs.iter().zip(&shapes) {
+                let len = numel(shape.y());
+                units.push(UnitBufs {
+                    norm: TrainNorm::new(&dev, spec.bn, spec.out_channels)?,
+                    c: dev.zeros(len)?,
+                    a: dev.zeros(len)?,
+                });
+            }
+            let pool = match pooled {
+                Some(dims) => {
+                    let (oh, ow) = pool_out(dims);
+                    let len = dims[0] * dims[1] * oh * ow;
+                    Some(PoolBufs { y: dev.zeros(len)?, arg: dev.zeros(len)? })
+                }
+                None => None,
+            };
+            let largest = shapes.iter().map(|s| numel(s.y())).max().unwrap_or(0);
+            let (classes, fin) = (model.config.num_classes, model.config.feature_dim());
+            let mut trainer = CudaTrainer {
+                config: model.config,
+                trainable: params.iter().map(|p| p.trainable).collect(),
+                grads,
+                moments,
+                optimizer,
+                first_momentum: true,
+                momentum_override: None,
+                batches_tracked: store.batches_tracked,
+                specs,
+                blocks,
+                fc,
+                units,
+                pool,
+                plans: HashMap::new(),
+                algos: TrainAlgos::default(),
+                input: dev.zeros(batch * 3 * h * w)?,
+                targets: dev.zeros(batch * classes)?,
+                features: dev.zeros(batch * fin)?,
+                logits: dev.zeros(batch * classes)?,
+                dlogits: dev.zeros(batch * classes)?,
+                dfeatures: dev.zeros(batch * fin)?,
+                loss: dev.zeros(1)?,
+                scratch: [dev.zeros(largest)?, dev.zeros(largest)?, dev.zeros(largest)?],
+                workspace: dev.zeros(0)?,
+                batch,
+                hw: (h, w),
+                tensors,
+                names,
+                shapes: tshapes,
+                kernels,
+                train_kernels,
+                dev,
+            };
+            trainer.ensure_plan(batch)?;
+            Ok(trainer)
+        })
+    }
+
+    /// The device, for logs: "NVIDIA H100 80GB HBM3 (cuda:0, sm_90)".
+    pub fn device_name(&self) -> String {
+        self.dev.describe()
+    }
+
+    /// SGD momentum for the following steps in place of the optimizer's (one-cycle schedules cycle it), or None
+    /// for the optimizer's own, as `Optimizer::step`'s `momentum` argument.
+    pub fn set_momentum(&mut self, momentum: Option<f32>) {
+        self.momentum_override = momentum;
+    }
+
+    /// One SGD step on images `[N, 3, H, W]` (N ≤ the construction batch) against target distributions
+    /// `[N, classes]` with learning rate `lr`; returns the mean loss of the forward.
+    pub fn step(&mut self, images: &Tensor, targets: &Tensor, lr: f32) -> Result<f32> {
+        let n = self.stage(images, targets)?;
+        self.step_staged(n, lr)
+    }
+
+    /// Copy a batch to the device, where `step_staged` reads it; returns the batch size.
+    pub fn stage(&mut self, images: &Tensor, targets: &Tensor) -> Result<usize> {
+        let n = match images.shape() {
+            &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
+            s => {
+                return Err(Error::invalid(format!(
+                    "CUDA: input {s:?} does not fit this trainer ([1..={}, 3, {}, {}])",
+                    self.batch, self.hw.0, self.hw.1
+                )));
+            }
+        };
+        let classes = self.config.num_classes;
+        if targets.shape() != [n, classes] {
+            return Err(Error::invalid(format!(
+                "CUDA: targets {:?} do not fit {n} images of {classes} classes",
+                targets.shape()
+            )));
+        }
+        guarded("staging a batch", || {
+            self.ensure_plan(n)?;
+            self.dev.write(&mut self.input, images.data())?;
+            self.dev.write(&mut self.targets, targets.data())?;
+            Ok(n)
+        })
+    }
+
+    /// One step over the `n` images last staged, waiting for the device to finish; returns the loss.
+    pub fn step_staged(&mut self, n: usize, lr: f32) -> Result<f32> {
+        if !(1..=self.batch).contains(&n) {
+            return Err(Error::invalid(format!("CUDA: batch {n} outside this trainer's 1..={}", self.batch)));
+        }
+        guarded("training step", || {
+            self.ensure_plan(n)?;
+            let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+            self.forward(plan, n)?;
+            self.backward(plan, n)?;
+            self.update(lr)?;
+            self.batches_tracked += 1;
+            let loss = self.dev.read(&self.loss, 1)?;
+            Ok(loss[0])
+        })
+    }
+
+    fn src(&self, s: Src) -> Result<&Buf<f32>> {
+        match s {
+            Src::Images => Ok(&self.input),
+            Src::Pool => self.pool.as_ref().map(|p| &p.y).ok_or_else(|| Error::invalid("CUDA: no max-pool")),
+            Src::Act(u) => Ok(&self.units[u].a),
+        }
+    }
+
+    fn forward(&self, plan: &Plan, n: usize) -> Result<()> {
+        let (dev, k) = (&self.dev, &self.train_kernels);
+        for (i, ((spec, unit), conv)) in self.specs.iter().zip(&self.units).zip(&plan.convs).enumerate() {
+            conv.forward(dev, self.src(spec.src)?, &self.tensors[spec.weight], &unit.c, &self.workspace)?;
+            let y = conv.shape().y();
+            let len = numel(y);
+            unit.norm.forward(dev, conv.y_desc(), &unit.c, &unit.a, len, &self.tensors)?;
+            match spec.post {
+                Post::Relu => k.relu(dev, &unit.a, None, len)?,
+                Post::AddRelu(res) => k.relu(dev, &unit.a, Some(self.src(res)?), len)?,
+                Post::Linear => {}
+            }
+            if let (0, Some(pool)) = (i, &self.pool) {
+                k.max_pool(dev, &unit.a, &pool.y, &pool.arg, y, pool_out(y))?;
+            }
+        }
+        let last = self.last_unit(plan)?;
+        self.kernels.avg_pool(dev, &self.units[last.0].a, &self.features, last.1)?;
+        let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
+        let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
+        super::linear::forward(dev, &self.kernels, &self.features, w, b, &self.logits, n, fin, classes)?;
+        k.softmax_xent(dev, &self.logits, &self.targets, &self.dlogits, &self.grads[self.fc.1], &self.loss, n, classes)
+    }
+
+    /// The network's last unit (the last block's output) and its output dims.
+    fn last_unit(&self, plan: &Plan) -> Result<(usize, [usize; 4])> {
+        let u = self
+            .blocks
+            .last()
+            .and_then(|b| b.units.last().copied())
+            .ok_or_else(|| Error::invalid("CUDA: a network without blocks"))?;
+        Ok((u, plan.convs[u].shape().y()))
+    }
+
+    /// Unit u's BN backward (dy → dc, with its γ and β gradients) and its weight gradient from dc.
+    fn unit_backward(&self, plan: &Plan, u: usize, dy: &Buf<f32>, dc: &Buf<f32>) -> Result<()> {
+        let (spec, unit, conv) = (&self.specs[u], &self.units[u], &plan.convs[u]);
+        let len = numel(conv.shape().y());
+        let [g, b, _, _] = spec.bn;
+        let grads = [&self.grads[g], &self.grads[b]];
+        unit.norm.backward(&self.dev, conv.y_desc(), &unit.c, dy, dc, len, &self.tensors, grads)?;
+        conv.backward_filter(&self.dev, self.src(spec.src)?, dc, &self.grads[spec.weight], &self.workspace)
+    }
+
+    fn backward_data(&self, plan: &Plan, u: usize, dc: &Buf<f32>, dx: &Buf<f32>, accumulate: bool) -> Result<()> {
+        plan.convs[u].backward_data(&self.dev, &self.tensors[self.specs[u].weight], dc, dx, accumulate, &self.workspace)
+    }
+
+    fn backward(&self, plan: &Plan, n: usize) -> Result<()> {
+        let (dev, k) = (&self.dev, &self.train_kernels);
+        let [g0, g1, g2] = &self.scratch;
+        let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
+        let (w, dw) = (&self.tensors[self.fc.0], &self.grads[self.fc.0]);
+        linear::backward(dev, &self.features, w, &self.dlogits, dw, &self.dfeatures, n, fin, classes)?;
+        let (last, dims) = self.last_unit(plan)?;
+        k.avg_pool_backward(dev, &self.dfeatures, &self.units[last].a, g0, dims)?;
+        // Each block takes the gradient of its output in g0 and leaves that of its input there.
+        for (i, block) in self.blocks.iter().enumerate().rev() {
+            let units = &block.units;
+            let top = units.len() - 1;
+            if i + 1 != self.blocks.len() {
+                let out = units[top];
+                k.mask(dev, g0, &self.units[out].a, numel(plan.convs[out].shape().y()))?;
+            }
+            // g0 now holds the gradient of relu's input: of the last unit's BN output and of the shortcut.
+            self.unit_backward(plan, units[top], g0, g1)?;
+            for u in (1..=top).rev() {
+                let below = units[u - 1];
+                self.backward_data(plan, units[u], g1, g2, false)?;
+                k.mask(dev, g2, &self.units[below].a, numel(plan.convs[below].shape().y()))?;
+                self.unit_backward(plan, below, g2, g1)?;
+            }
+            // g1: the gradient of the first unit's convolution output.
+            if let Some(ds) = block.downsample {
+                self.unit_backward(plan, ds, g0, g2)?;
+                self.backward_data(plan, ds, g2, g0, false)?;
+            }
+            // The identity shortcut's gradient (g0 itself) or the projection's, plus the first unit's.
+            self.backward_data(plan, units[0], g1, g0, true)?;
+        }
+        let stem = &self.units[0];
+        let stem_y = plan.convs[0].shape().y();
+        match &self.pool {
+            Some(pool) => {
+                k.max_pool_backward(dev, g0, &pool.arg, &stem.a, g1, stem_y, pool_out(stem_y))?;
+                self.unit_backward(plan, 0, g1, g2)
+            }
+            None => {
+                k.mask(dev, g0, &stem.a, numel(stem_y))?;
+                self.unit_backward(plan, 0, g0, g1)
+            }
+        }
+    }
+
+    fn update(&mut self, lr: f32) -> Result<()> {
+        let OptimizerKind::Sgd { momentum, nesterov } = self.optimizer.kind else {
+            return Err(Error::invalid("CUDA: the device trainer runs SGD only"));
+        };
+        let m = self.momentum_override.unwrap_or(momentum);
+        let lr = widen(lr);
+        for (i, group) in self.optimizer.groups.iter().enumerate() {
+            if !self.trainable[i] {
+                continue;
+            }
+            let args = SgdArgs {
+                neg_lr: (-(lr * widen(group.lr_scale))) as f32,
+                weight_decay: group.weight_decay,
+                momentum: m,
+                nesterov,
+                first: self.first_momentum,
+            };
+            let len = self.grads[i].len;
+            self.train_kernels.sgd(&self.dev, &self.tensors[i], &self.grads[i], &self.moments[i], len, args)?;
+        }
+        if m != 0.0 {
+            self.first_momentum = false;
+        }
+        Ok(())
+    }
+
+    /// The gradient of every trainable parameter from the last step, by name, in the store's order.
+    pub fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
+        guarded("reading gradients", || {
+            let mut out = Vec::new();
+            for (i, g) in self.grads.iter().enumerate() {
+                if self.trainable[i] {
+                    out.push((self.names[i].clone(), Tensor::new(&self.shapes[i], self.dev.read(g, g.len)?)?));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Copy the device's parameters, BN running statistics and batch count into `model` (for checkpoints and
+    /// evaluation), which must have this trainer's configuration.
+    pub fn download_into(&self, model: &mut ResNet) -> Result<()> {
+        guarded("download", || {
+            if model.config != self.config {
+                return Err(Error::invalid("CUDA: download_into needs a model of the trainer's configuration"));
+            }
+            let store = &mut model.store;
+            let slots = store
+                .params
+                .iter_mut()
+                .map(|p| (&p.name, &mut p.value))
+                .chain(store.buffers.iter_mut().map(|b| (&b.name, &mut b.value)));
+            for ((name, value), i) in slots.zip(0..) {
+                if self.names.get(i) != Some(name) || self.shapes[i] != value.shape() {
+                    return Err(Error::invalid(format!("CUDA: model tensor {name} does not match the trainer's")));
+                }
+                *value = Tensor::new(&self.shapes[i], self.dev.read(&self.tensors[i], value.numel())?)?;
+            }
+            store.batches_tracked = self.batches_tracked;
+            Ok(())
+        })
+    }
+
+    /// Build the plan for batch size `n` once (algorithm searches included), growing the workspace if needed.
+    fn ensure_plan(&mut self, n: usize) -> Result<()> {
+        if self.plans.contains_key(&n) {
+            return Ok(());
+        }
+        let (shapes, _) = unit_shapes(&self.specs, n, self.hw);
+        // Training-mode BN needs two values per channel for its unbiased variance (PyTorch refuses one too).
+        if let Some(s) = shapes.iter().find(|s| s.y()[0] * s.y()[2] * s.y()[3] < 2) {
+            return Err(Error::invalid(format!(
+                "CUDA: batch norm in training needs more than one value per channel; batch {n} at {}x{} leaves {:?}",
+                self.hw.0,
+                self.hw.1,
+                s.y()
+            )));
+        }
+        let mut convs = Vec::with_capacity(shapes.len());
+        for (i, &shape) in shapes.iter().enumerate() {
+            // The stem's input is the images, whose gradient nobody needs.
+            convs.push(TrainConv::new(&self.dev, &mut self.algos, shape, i != 0)?);
+        }
+        let workspace = convs.iter().map(|c| c.workspace).max().unwrap_or(0);
+        if self.workspace.len < workspace {
+            self.workspace = self.dev.zeros(workspace)?;
+        }
+        self.plans.insert(n, Plan { convs });
+        Ok(())
+    }
+}
+
+/// Walks the model's configuration as `ResNet::new` does, emitting units and checking every tensor it names
+/// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
+struct Walker<'a> {
+    model: &'a ResNet,
+    index: HashMap<&'a str, (usize, &'a [usize])>,
+    used: Vec<bool>,
+    specs: Vec<UnitSpec>,
+    blocks: Vec<BlockSpec>,
+    fc: (usize, usize),
+}
+
+impl<'a> Walker<'a> {
+    fn new(model: &'a ResNet) -> Self {
+        let s = &model.store;
+        let names = s.params.iter().map(|p| (p.name.as_str(), p.value.shape()));
+        let index: HashMap<_, _> = names
+            .chain(s.buffers.iter().map(|b| (b.name.as_str(), b.value.shape())))
+            .enumerate()
+            .map(|(i, (name, shape))| (name, (i, shape)))
+            .collect();
+        let used = vec![false; index.len()];
+        Walker { model, index, used, specs: Vec::new(), blocks: Vec::new(), fc: (0, 0) }
+    }
+
+    /// The table index of tensor `name`, which must have `shape`; marks it used.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let Some(&(i, s)) = self.index.get(name) else {
+            return Err(Error::invalid(format!("CUDA: the model has no tensor {name}")));
+        };
+        if s != shape {
+            return Err(Error::invalid(format!("CUDA: {name} is {s:?}, the trainer expects {shape:?}")));
+        }
+        self.used[i] = true;
+        Ok(i)
+    }
+
+    fn check_all_used(&self) -> Result<()> {
+        let mut unused: Vec<&str> = self.index.iter().filter(|(_, (i, _))| !self.used[*i]).map(|(n, _)| *n).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort_unstable();
+        Err(Error::invalid(format!("CUDA: the trainer does not know model tensors {unused:?}")))
+    }
+
+    /// Add the unit `conv` + `bn` with (cin, cout, kernel, stride) reading `src`; returns its index.
+    fn unit(&mut self, conv: &str, bn: &str, dims: (usize, usize, usize, usize), src: Src, post: Post) -> Result<usize> {
+        let (cin, cout, kernel, stride) = dims;
+        let weight = self.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
+        let mut t = [0; 4];
+        for (slot, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
+            *slot = self.take(&format!("{bn}.{leaf}"), &[cout])?;
+        }
+        self.specs.push(UnitSpec { weight, out_channels: cout, kernel, stride, src, post, bn: t });
+        Ok(self.specs.len() - 1)
+    }
+
+    fn network(&mut self) -> Result<()> {
+        let cfg = self.model.config;
+        let c0 = cfg.widths[0];
+        let (stem_dims, pooled) = match cfg.stem {
+            Stem::ImageNet => ((3, c0, 7, 2), true),
+            Stem::Cifar => ((3, c0, 3, 1), false),
+        };
+        let stem = self.unit("conv1", "bn1", stem_dims, Src::Images, Post::Relu)?;
+        let mut cur = if pooled { Src::Pool } else { Src::Act(stem) };
+        let kind = cfg.arch.block;
+        let mut cin = c0;
+        for (i, (&width, &depth)) in cfg.widths.iter().zip(&cfg.arch.layers).enumerate() {
+            for b in 0..depth {
+                let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                cur = self.block(&format!("layer{}.{b}", i + 1), kind, (cin, width, stride), cur)?;
+                cin = width * kind.expansion();
+            }
+        }
+        let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
+        self.fc = (self.take("fc.weight", &[classes, fin])?, self.take("fc.bias", &[classes])?);
+        Ok(())
+    }
+
+    /// One residual block reading `input`; returns where its output lives.
+    fn block(&mut self, prefix: &str, kind: BlockKind, (cin, width, stride): (usize, usize, usize), input: Src) -> Result<Src> {
+        let cout = width * kind.expansion();
+        let downsample = if stride != 1 || cin != cout {
+            let ds = format!("{prefix}.downsample");
+            Some(self.unit(&format!("{ds}.0"), &format!("{ds}.1"), (cin, cout, 1, stride), input, Post::Linear)?)
+        } else {
+            None
+        };
+        let residual = downsample.map_or(input, Src::Act);
+        let specs: Vec<(usize, usize, usize, usize)> = match kind {
+            BlockKind::Basic => vec![(cin, width, 3, stride), (width, width, 3, 1)],
+            BlockKind::Bottleneck => vec![(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)],
+        };
+        let mut units = Vec::with_capacity(specs.len());
+        let mut src = input;
+        for (u, &spec) in specs.iter().enumerate() {
+            let post = if u + 1 == specs.len() { Post::AddRelu(residual) } else { Post::Relu };
+            let conv = format!("{prefix}.conv{}", u + 1);
+            let unit = self.unit(&conv, &format!("{prefix}.bn{}", u + 1), spec, src, post)?;
+            units.push(unit);
+            src = Src::Act(unit);
+        }
+        self.blocks.push(BlockSpec { units, downsample });
+        Ok(src)
+    }
+}
