@@ -152,25 +152,29 @@ impl ConvShape {
     }
 }
 
-/// `cudnnConvolutionFwdAlgoPerf_t` with its enums read as plain integers: a cuDNN newer than the bindings may
-/// report a value the Rust enums do not list, which must not be materialised as an enum.
+/// `cudnnConvolutionFwdAlgoPerf_t`, `cudnnConvolutionBwdDataAlgoPerf_t` and `cudnnConvolutionBwdFilterAlgoPerf_t`
+/// (one layout) with their enums read as plain integers: a cuDNN newer than the bindings may report a value the
+/// Rust enums do not list, which must not be materialised as an enum.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct FwdPerf {
-    algo: u32,
-    status: u32,
-    time: f32,
-    memory: usize,
-    determinism: u32,
-    math_type: u32,
-    reserved: [c_int; 3],
+pub(super) struct AlgoPerf {
+    pub(super) algo: u32,
+    pub(super) status: u32,
+    pub(super) time: f32,
+    pub(super) memory: usize,
+    pub(super) determinism: u32,
+    pub(super) math_type: u32,
+    pub(super) reserved: [c_int; 3],
 }
-const _: () = assert!(
-    std::mem::size_of::<FwdPerf>() == std::mem::size_of::<sys::cudnnConvolutionFwdAlgoPerf_t>()
-);
-const _: () = assert!(
-    std::mem::align_of::<FwdPerf>() == std::mem::align_of::<sys::cudnnConvolutionFwdAlgoPerf_t>()
-);
+const _: () = {
+    use std::mem::{align_of, size_of};
+    assert!(size_of::<AlgoPerf>() == size_of::<sys::cudnnConvolutionFwdAlgoPerf_t>());
+    assert!(align_of::<AlgoPerf>() == align_of::<sys::cudnnConvolutionFwdAlgoPerf_t>());
+    assert!(size_of::<AlgoPerf>() == size_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
+    assert!(align_of::<AlgoPerf>() == align_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
+    assert!(size_of::<AlgoPerf>() == size_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
+    assert!(align_of::<AlgoPerf>() == align_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
+};
 
 fn fwd_algo(v: u32) -> Option<sys::cudnnConvolutionFwdAlgo_t> {
     use sys::cudnnConvolutionFwdAlgo_t::*;
@@ -374,7 +378,7 @@ fn find_algorithm(
     tensor_ops: bool,
 ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
     const REQUESTED: usize = 8; // CUDNN_CONVOLUTION_FWD_ALGO_COUNT
-    let mut perf = [FwdPerf::default(); REQUESTED];
+    let mut perf = [AlgoPerf::default(); REQUESTED];
     let mut returned: c_int = 0;
     // SAFETY: descriptors are live and fully set; `perf` has room for REQUESTED entries, laid out exactly as
     // cudnnConvolutionFwdAlgoPerf_t (size and alignment asserted above, field types identical in width); cuDNN

@@ -7,30 +7,9 @@ use std::ffi::{c_int, c_void};
 
 use cudarc::cudnn::sys;
 
-use super::super::conv::{AlgoCache, ConvPlan, ConvShape, Storage};
+use super::super::conv::{AlgoCache, AlgoPerf, ConvPlan, ConvShape, Storage};
 use super::super::device::{Buf, Device, cuda_err};
 use crate::error::{Error, Result};
-
-/// `cudnnConvolutionBwdDataAlgoPerf_t` / `cudnnConvolutionBwdFilterAlgoPerf_t` with the enums read as plain
-/// integers (a newer cuDNN may report values the Rust enums do not list). Both have this layout.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Perf {
-    algo: u32,
-    status: u32,
-    time: f32,
-    memory: usize,
-    determinism: u32,
-    math_type: u32,
-    reserved: [c_int; 3],
-}
-const _: () = {
-    use std::mem::{align_of, size_of};
-    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
-    assert!(align_of::<Perf>() == align_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
-    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
-    assert!(align_of::<Perf>() == align_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
-};
 
 fn data_algo(v: u32) -> Option<sys::cudnnConvolutionBwdDataAlgo_t> {
     use sys::cudnnConvolutionBwdDataAlgo_t::*;
@@ -71,7 +50,7 @@ pub struct TrainAlgos {
 }
 
 /// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes).
-fn pick(dev: &Device, perf: &[Perf], returned: c_int) -> Option<(u32, usize)> {
+fn pick(dev: &Device, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize)> {
     let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
     const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
     let tensor_op = [
@@ -92,14 +71,14 @@ fn choose<A: Copy>(
     cache: &mut HashMap<(ConvShape, bool), (A, usize)>,
     (shape, count, pass): (ConvShape, usize, &str),
     algo_of: fn(u32) -> Option<A>,
-    find: impl FnOnce(&mut [Perf], &mut c_int) -> sys::cudnnStatus_t,
+    find: impl FnOnce(&mut [AlgoPerf], &mut c_int) -> sys::cudnnStatus_t,
     size: impl FnOnce(A, &mut usize) -> sys::cudnnStatus_t,
 ) -> Result<(A, usize)> {
     let key = (shape, dev.allow_tf32);
     let (algo, searched) = match cache.get(&key) {
         Some(&hit) => hit,
         None => {
-            let mut perf = [Perf::default(); 8];
+            let mut perf = [AlgoPerf::default(); 8];
             let mut returned: c_int = 0;
             find(&mut perf[..count], &mut returned).result().map_err(cuda_err("searching convolution algorithms"))?;
             let chosen = pick(dev, &perf[..count], returned)
@@ -134,9 +113,9 @@ impl TrainConv {
             // SAFETY (both closures): the handle and the plan's descriptors are live and fully set, passed in the
             // order cudnnFindConvolutionBackwardDataAlgorithm and cudnnGetConvolutionBackwardDataWorkspaceSize take
             // them (w, dy = the forward's y, the convolution, dx = the forward's x); `perf` has room for the
-            // requested count, laid out as cudnnConvolutionBwdDataAlgoPerf_t (asserted above); cuDNN allocates its
+            // requested count, laid out as cudnnConvolutionBwdDataAlgoPerf_t (asserted in cuda/conv.rs); cuDNN allocates its
             // own trial buffers; the algorithm passed to the size query came from cuDNN.
-            let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+            let find = |perf: &mut [AlgoPerf], n: &mut c_int| unsafe {
                 sys::cudnnFindConvolutionBackwardDataAlgorithm(h, w, y, conv, x, perf.len() as c_int, n, perf.as_mut_ptr().cast())
             };
             let size = |a, bytes: &mut usize| unsafe {
@@ -151,7 +130,7 @@ impl TrainConv {
         // SAFETY (both closures): as above, in the order of cudnnFindConvolutionBackwardFilterAlgorithm and
         // cudnnGetConvolutionBackwardFilterWorkspaceSize (x, dy, the convolution, dw = the forward's w), with room
         // for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
-        let find = |perf: &mut [Perf], n: &mut c_int| unsafe {
+        let find = |perf: &mut [AlgoPerf], n: &mut c_int| unsafe {
             sys::cudnnFindConvolutionBackwardFilterAlgorithm(h, x, y, conv, w, perf.len() as c_int, n, perf.as_mut_ptr().cast())
         };
         let size = |a, bytes: &mut usize| unsafe {
