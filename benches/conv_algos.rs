@@ -11,7 +11,7 @@ use std::time::Instant;
 mod common;
 
 use common::values;
-use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with};
+use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with, keeps_u, winograd};
 use resnet_rs::engine::{ConvGeom, Tensor};
 
 fn main() {
@@ -66,6 +66,10 @@ fn main() {
             let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, true, algo)));
             line += &format!(" | {algo:?}: fwd {fw:7.2} dx {dx:7.2} dw {:7.2} ms", both - dx);
         }
+        // Inference with the transformed weight kept across calls (engine::cpu::PreparedCpu).
+        let u = winograd::transform_forward_weights(w.data(), o, c);
+        let kept = median(&mut || drop(winograd::forward_with(x.data(), &u, n, c, h, h, o)));
+        line += &format!(" | kept U: fwd {kept:7.2} ms{}", if keeps_u(x.dims4(), w.dims4(), geom) { " (used)" } else { "" });
         println!("{line}");
     }
 }

@@ -2,12 +2,37 @@
 //!
 //! Storage lives on the host for now; a device backend will add its own storage behind the `Backend` seam.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Tensor {
     shape: Vec<usize>,
     data: Vec<f32>,
+    /// Identifies these values: new for every tensor made and every mutable borrow of its data, never reused, so
+    /// a cache keyed by it (see `engine::cpu::PreparedCpu`) cannot mistake changed or other values for these.
+    version: u64,
+}
+
+/// The next `Tensor::version`.
+fn next_version() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        // A copy holds the same values, so it may share the version; mutating either gives that one a new one.
+        Tensor { shape: self.shape.clone(), data: self.data.clone(), version: self.version }
+    }
+}
+
+/// Equal shapes and values; the version does not take part.
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape && self.data == other.data
+    }
 }
 
 impl Tensor {
@@ -20,7 +45,7 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor { shape: shape.to_vec(), data })
+        Ok(Tensor { shape: shape.to_vec(), data, version: next_version() })
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -29,7 +54,7 @@ impl Tensor {
 
     pub fn full(shape: &[usize], value: f32) -> Self {
         let numel = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: vec![value; numel] }
+        Tensor { shape: shape.to_vec(), data: vec![value; numel], version: next_version() }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -41,7 +66,13 @@ impl Tensor {
     }
 
     pub fn data_mut(&mut self) -> &mut [f32] {
+        self.version = next_version();
         &mut self.data
+    }
+
+    /// Which values these are (see the field): equal versions mean equal values.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn into_data(self) -> Vec<f32> {

@@ -2,7 +2,7 @@
 //! builds with the `cuda` feature, and `auto` falls back to the CPU when no usable GPU is found.
 
 use crate::engine::Tensor;
-use crate::engine::cpu::Cpu;
+use crate::engine::cpu::PreparedCpu;
 use crate::error::{Error, Result};
 use crate::model::{Mode, ResNet, Tap};
 
@@ -66,12 +66,18 @@ impl std::fmt::Display for Precision {
 
 /// A network ready to run eval-mode forwards on its device.
 pub enum Runner {
-    Cpu(Box<ResNet>),
+    /// The model and the backend that keeps its transformed convolution weights: the model's weights never change
+    /// while the runner holds them, which is what `PreparedCpu` relies on.
+    Cpu(Box<ResNet>, PreparedCpu),
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::engine::cuda::CudaResNet>),
 }
 
 impl Runner {
+    fn cpu(model: ResNet) -> Runner {
+        Runner::Cpu(Box::new(model), PreparedCpu::new())
+    }
+
     /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`, in plain fp32.
     pub fn new(model: ResNet, device: DeviceSpec, batch: usize, h: usize, w: usize) -> Result<Runner> {
         Runner::with_precision(model, device, batch, h, w, Precision::F32)
@@ -98,13 +104,13 @@ impl Runner {
             crate::engine::cuda::CudaResNet::with_options(&model, i, batch, h, w, options)
         };
         match device {
-            DeviceSpec::Cpu => Ok(Runner::Cpu(Box::new(model))),
+            DeviceSpec::Cpu => Ok(Runner::cpu(model)),
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(i) => Ok(Runner::Cuda(Box::new(gpu(i)?))),
             #[cfg(feature = "cuda")]
             DeviceSpec::Auto => match gpu(0) {
                 Ok(gpu) => Ok(Runner::Cuda(Box::new(gpu))),
-                Err(_) => Ok(Runner::Cpu(Box::new(model))),
+                Err(_) => Ok(Runner::cpu(model)),
             },
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => {
@@ -114,14 +120,14 @@ impl Runner {
                 ))
             }
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Auto => Ok(Runner::Cpu(Box::new(model))),
+            DeviceSpec::Auto => Ok(Runner::cpu(model)),
         }
     }
 
     /// "cpu", or the GPU's name.
     pub fn describe(&self) -> String {
         match self {
-            Runner::Cpu(_) => "cpu".into(),
+            Runner::Cpu(..) => "cpu".into(),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.device_name(),
         }
@@ -130,7 +136,7 @@ impl Runner {
     /// Logits `[N, classes]` for images `[N, 3, H, W]`.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Runner::Cpu(model) => Ok(model.forward(&Cpu, x, Mode::Eval)),
+            Runner::Cpu(model, be) => Ok(model.forward(be, x, Mode::Eval)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.forward(x),
         }
@@ -139,7 +145,7 @@ impl Runner {
     /// `[N, D]` features at `tap`, as `infer::features` computes them on the CPU.
     pub fn features(&mut self, x: &Tensor, tap: Tap) -> Result<Tensor> {
         match self {
-            Runner::Cpu(model) => Ok(crate::infer::features(model, &Cpu, x, tap)),
+            Runner::Cpu(model, be) => Ok(crate::infer::features(model, be, x, tap)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.features(x, tap),
         }
@@ -149,8 +155,8 @@ impl Runner {
     /// on the device copy and waits for it, as PyTorch's GPU benchmarks time batches already on the device.
     pub fn timed_forward<'a>(&'a mut self, x: &'a Tensor) -> Result<Box<dyn FnMut() -> Result<()> + 'a>> {
         match self {
-            Runner::Cpu(model) => Ok(Box::new(move || {
-                model.forward(&Cpu, x, Mode::Eval);
+            Runner::Cpu(model, be) => Ok(Box::new(move || {
+                model.forward(be, x, Mode::Eval);
                 Ok(())
             })),
             #[cfg(feature = "cuda")]

@@ -7,8 +7,10 @@ mod loss;
 pub mod matmul;
 mod norm;
 mod pool;
-mod winograd;
+mod prepared;
+pub mod winograd;
 
+pub use prepared::{PreparedCpu, keeps_u};
 pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
 
 use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};

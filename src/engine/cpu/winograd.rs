@@ -518,6 +518,22 @@ pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o:
     })
 }
 
+/// U (`[36][O][C]`) of a `[o, c, 3, 3]` weight: what `forward` rebuilds on every call, for callers whose weights
+/// do not change between calls (inference) and that keep it for `forward_with`.
+pub fn transform_forward_weights(wt: &[f32], o: usize, c: usize) -> Vec<f32> {
+    assert_eq!(wt.len(), o * c * 9, "a [o, c, 3, 3] weight");
+    let mut u = vec![0.0f32; XI * o * c];
+    transform_weights(wt, o, c, false, &mut u);
+    u
+}
+
+/// `forward` with U from `transform_forward_weights` (same result, bit for bit).
+pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
+    assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
+    forward_transformed(x, u, &Plan::new(n, c, o, h, w))
+}
+
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
 /// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`.
 pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {

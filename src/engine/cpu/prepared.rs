@@ -1,0 +1,143 @@
+//! `PreparedCpu`: the CPU backend for repeated inference with fixed weights. It keeps each 3x3 convolution's
+//! Winograd-transformed weight U from its first call, so later calls skip the transform and only stream U.
+//!
+//! Rebuilding U costs the same whatever the batch, so at batch 1 it is most of a Winograd convolution and
+//! `ConvAlgo::Auto` must keep the 14x14 and 28x28 layers on im2col; with U kept, Winograd's 4x fewer multiplies
+//! win there too (and at batch 8 the 14x14 layers gain a third). U is 4x the kernel (36 transformed taps for 9),
+//! so only convolutions whose U stays under `MAX_KEPT_BYTES` are kept: on ResNet-34 every 3x3 layer up to 256
+//! channels (124 MB in all) but not the 512-channel ones (37.7 MB each, 189 MB for five), which would gain
+//! about 7 ms each at batch 8 but take peak memory past half of PyTorch's; they stay on the per-call choice.
+//!
+//! Weights are recognised by `Tensor::version`, which changes whenever values change and is never reused, so
+//! changed or other weights are never confused with kept ones. Kept entries are never dropped, though: the
+//! backend is for weights that stay fixed (`infer::runner::Runner` keeps one beside the model it serves);
+//! used on a model being trained it would keep a U per step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{Cpu, winograd};
+use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
+use crate::engine::Tensor;
+
+/// Largest U kept per convolution.
+const MAX_KEPT_BYTES: usize = 16 << 20;
+
+/// Fewest 4x4 output tiles for which a kept-U Winograd convolution clearly beats im2col, measured on 2 threads
+/// with `cargo bench --bench conv_algos` ("kept U" column): one 28x28 image (49 tiles, 128 channels) 2.0 ms
+/// against im2col's 3.1; one 14x14 image (16 tiles, 256 channels) 2.5-3.2 against 2.8-2.9, not worth 9.4 MB.
+const MIN_TILES: usize = 32;
+
+/// Fewest channels on either side, as for `ConvAlgo::Auto` (the transforms dominate below).
+const MIN_CHANNELS: usize = 16;
+
+/// Whether a convolution of input `[n, c, h, w]` and weight `[o, c, kh, kw]` runs on a kept U.
+pub fn keeps_u(x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> bool {
+    let [n, c, h, w] = x;
+    let [o, _, kh, kw] = wt;
+    let tiles = n * h.div_ceil(4) * w.div_ceil(4);
+    winograd::applies(kh, kw, geom.stride, geom.padding)
+        && 36 * o * c * 4 <= MAX_KEPT_BYTES
+        && c.min(o) >= MIN_CHANNELS
+        && tiles >= MIN_TILES
+        // tiles mostly padding (2x2 and 1x1 maps) do more work than im2col, as in `ConvAlgo::Auto`
+        && 8 * tiles <= n * h * w
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct PreparedCpu {
+    kept: Mutex<HashMap<(u64, [usize; 4]), Arc<Vec<f32>>>>,
+}
+
+impl PreparedCpu {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The kept U of `w`, built on first use.
+    fn transformed(&self, w: &Tensor) -> Arc<Vec<f32>> {
+        let shape = w.dims4();
+        let key = (w.version(), shape);
+        // A poisoned lock only means another thread panicked mid-insert; the map itself is still consistent.
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.entry(key)
+            .or_insert_with(|| Arc::new(winograd::transform_forward_weights(w.data(), shape[0], shape[1])))
+            .clone()
+    }
+}
+
+impl Backend for PreparedCpu {
+    fn name(&self) -> &'static str {
+        "cpu (prepared)"
+    }
+    fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
+        if !keeps_u(x.dims4(), w.dims4(), geom) {
+            return Cpu.conv2d(x, w, geom);
+        }
+        let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
+        let u = self.transformed(w);
+        let y = winograd::forward_with(x.data(), &u, n, c, h, wd, o);
+        Tensor::new(&[n, o, h, wd], y).expect("conv2d output shape matches its data")
+    }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        geom: ConvGeom,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<Tensor>) {
+        Cpu.conv2d_backward(x, w, dy, geom, need_dx, need_dw)
+    }
+    fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
+        Cpu.batch_norm_train(x, gamma, beta, eps)
+    }
+    fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor {
+        Cpu.affine_act(x, scale, shift, residual, relu)
+    }
+    fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
+        Cpu.batch_norm_backward(dy, x_hat, invstd, gamma)
+    }
+    fn relu(&self, x: Tensor) -> Tensor {
+        Cpu.relu(x)
+    }
+    fn relu_backward(&self, dy: Tensor, y: &Tensor) -> Tensor {
+        Cpu.relu_backward(dy, y)
+    }
+    fn add_relu(&self, a: Tensor, b: &Tensor) -> Tensor {
+        Cpu.add_relu(a, b)
+    }
+    fn add(&self, a: Tensor, b: &Tensor) -> Tensor {
+        Cpu.add(a, b)
+    }
+    fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>) {
+        Cpu.max_pool2d(x, kernel, stride, padding)
+    }
+    fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor {
+        Cpu.max_pool2d_backward(dy, argmax, x_shape)
+    }
+    fn global_avg_pool(&self, x: &Tensor) -> Tensor {
+        Cpu.global_avg_pool(x)
+    }
+    fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: [usize; 4]) -> Tensor {
+        Cpu.global_avg_pool_backward(dy, x_shape)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &[f32]) -> Tensor {
+        Cpu.linear(x, w, b)
+    }
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        need_dw: bool,
+    ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>) {
+        Cpu.linear_backward(x, w, dy, need_dx, need_dw)
+    }
+    fn softmax_cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> (f32, Tensor) {
+        Cpu.softmax_cross_entropy(logits, targets)
+    }
+}
