@@ -23,10 +23,11 @@ use crate::engine::Tensor;
 /// Largest U kept per convolution.
 const MAX_KEPT_BYTES: usize = 16 << 20;
 
-/// Fewest 4x4 output tiles for which a kept-U Winograd convolution clearly beats im2col, measured on 2 threads
-/// with `cargo bench --bench conv_algos` ("kept U" column): one 28x28 image (49 tiles, 128 channels) 2.0 ms
-/// against im2col's 3.1; one 14x14 image (16 tiles, 256 channels) 2.5-3.2 against 2.8-2.9, not worth 9.4 MB.
-const MIN_TILES: usize = 32;
+/// Fewest 4x4 output tiles for which a kept-U Winograd convolution beats im2col, measured on 2 threads with
+/// `cargo bench --bench conv_algos` ("kept U" column, same runs): one 14x14 image (16 tiles, 256 channels)
+/// 0.85-0.96 ms against im2col's 2.0-3.2; one 28x28 image (49 tiles, 128 channels) 1.0-1.4 against 1.7-2.7.
+/// One 7x7 image (4 tiles, 512 channels) 3.4-4.2 against 2.3-3.1, so fewer tiles stay on im2col.
+const MIN_TILES: usize = 16;
 
 /// Fewest channels on either side, as for `ConvAlgo::Auto` (the transforms dominate below).
 const MIN_CHANNELS: usize = 16;
