@@ -23,8 +23,11 @@ use resnet_rs::train::trainer::{StepOutcome, TrainArgs, Trainer};
 
 const GPU: TrainDevice = TrainDevice { device: DeviceSpec::Cuda(0), precision: Precision::F32 };
 
+/// The `resnet` binary: $RESNET_BIN (bench/gpu.sh sets it: the tests run from a copy of the repository on the GPU
+/// machine, where the build's path does not exist), else the one cargo built.
 fn resnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_resnet")).args(args).output().expect("the binary runs")
+    let bin = std::env::var_os("RESNET_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_resnet").into());
+    Command::new(bin).args(args).output().expect("the binary runs")
 }
 
 fn ok(args: &[&str]) -> Output {
@@ -231,7 +234,8 @@ fn skip_nonfinite_on_the_gpu_leaves_weights_momentum_and_statistics_bit_for_bit(
 #[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
 fn a_nonfinite_gpu_step_stops_with_the_cpu_message() {
     // (the injection, the message's start): a NaN input at step 1, a NaN weight before step 0.
-    let cases: [(&dyn Fn(&mut Trainer, &mut [Batch]), &str); 2] = [
+    type Inject = dyn Fn(&mut Trainer, &mut [Batch]);
+    let cases: [(&Inject, &str); 2] = [
         (&|_, b| b[1].images.data_mut()[123] = f32::NAN, "step 1: the input batch holds NaN or infinite values (first non-finite output: conv1)"),
         (&|t, _| set_weight(&mut t.model, "layer2.0.conv2.weight", 5, f32::NAN), "step 0: weights of layer2.0.conv2 are not finite"),
     ];
