@@ -128,7 +128,7 @@ pub fn run(a: TrainCmd) -> Result<()> {
         (None, Some(dir)) => dir,
         (None, None) => free_run_dir(Path::new(&a.recipe).file_stem().and_then(|s| s.to_str()).unwrap_or("run")),
     };
-    let reports = trainer::run_on(TrainArgs {
+    let args = TrainArgs {
         recipe: r,
         run_dir: run_dir.clone(),
         resume,
@@ -139,7 +139,8 @@ pub fn run(a: TrainCmd) -> Result<()> {
         max_steps: a.max_steps,
         json: a.json,
         interrupt: Some(interrupt_flag()?),
-    }, device)?;
+    };
+    let reports = trainer::run_on(args, device)?;
     if let (false, Some(last)) = (a.json, reports.last()) {
         eprintln!(
             "held-out accuracy: top-1 {:.2} %, top-5 {:.2} % (checkpoints in {})",
