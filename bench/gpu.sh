@@ -5,11 +5,13 @@
 #                   mkdir -p target/gpu && strip -o target/gpu/resnet target/cuda/release/resnet
 #                   strip -o target/gpu/cuda-tests target/cuda/release/deps/cuda-HASH   (the newest such file)
 #                   strip -o target/gpu/cuda-train-tests target/cuda/release/deps/cuda_train-HASH
+#                   strip -o target/gpu/cuda-loop-tests target/cuda/release/deps/cuda_loop-HASH
 #                   (stripped: a few MB instead of 60 with line tables)
 #   GPU machine:    bash bench/gpu.sh [tests|bench|all]    (from a copy of the repository, carrying target/gpu)
 #
-# `tests` runs tests/cuda.rs with the ignored GPU tests; `bench` runs issue 5's workloads G1 (inference b256
-# 224²), G2 (CIFAR-stem training b512 32²) and G3 (training b256 224²) in our binary and in PyTorch
+# `tests` runs tests/cuda.rs, tests/cuda_train.rs and tests/cuda_loop.rs with their ignored GPU tests; `bench`
+# runs issue 5's workloads G1 (inference b256 224²), G2 (CIFAR-stem training b512 32²) and G3 (training b256
+# 224²) in our binary and in PyTorch
 # (python/bench_torch_gpu.py, with the python3 that has torch) and prints ours/PyTorch images/s per precision.
 # No CUDA toolkit is needed: the binaries load libcuda from the driver and cuDNN, cuBLAS and NVRTC from NVIDIA's
 # PyPI wheels (nvidia-cudnn-cu13, nvidia-cublas, nvidia-cuda-nvrtc), found through the Python environment that has
@@ -50,6 +52,11 @@ if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
     STATUS=${PIPESTATUS[0]}
     if [[ -x "$BIN/cuda-train-tests" ]]; then
         timeout 150 "$BIN/cuda-train-tests" --include-ignored --test-threads=1 2>&1 | tee -a "$LOG"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || STATUS=1
+    fi
+    if [[ -x "$BIN/cuda-loop-tests" ]]; then
+        # `resnet train --device cuda` against the CPU loop; includes a 12-epoch digits run on each device.
+        RESNET_BIN="$BIN/resnet" timeout 540 "$BIN/cuda-loop-tests" --include-ignored --test-threads=1 2>&1 | tee -a "$LOG"
         [[ ${PIPESTATUS[0]} -eq 0 ]] || STATUS=1
     fi
     echo

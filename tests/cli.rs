@@ -252,3 +252,18 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "bf16", path(&cat)], "--dtype bf16 needs a GPU");
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
 }
+
+#[test]
+fn train_device_and_dtype_are_refused_up_front_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = path(&run);
+    if cfg!(not(feature = "cuda")) {
+        fails_cleanly(&["train", "--out", out, "--device", "cuda"], "--features cuda");
+        fails_cleanly(&["train", "--out", out, "--device", "cuda:1", "--dtype", "tf32"], "--features cuda");
+    }
+    fails_cleanly(&["train", "--out", out, "--device", "cuda", "--dtype", "bf16"], "bf16 training does not exist yet");
+    fails_cleanly(&["train", "--out", out, "--dtype", "tf32"], "--dtype tf32 needs a GPU");
+    fails_cleanly(&["train", "--out", out, "--device", "tpu"], "unknown device 'tpu'");
+    assert!(!run.exists(), "a refused run writes nothing");
+}

@@ -270,13 +270,20 @@ fn download_into_round_trips_the_uploaded_state() {
     assert!(err.starts_with("CUDA: ") && !err.contains('\n'), "{err}");
 }
 
+/// The ImageNet-stem reduced ResNet-34 fixture: the fixture, its network, input and one-hot targets, the batch size
+/// and the image side.
+fn imagenet_stem_case() -> (Fixture, ResNet, Tensor, Tensor, usize, usize) {
+    let f = load("net_resnet34_w8.safetensors");
+    let cpu = det_net(&f);
+    let (x, t) = (input(&f, false), targets(&f, 0.0));
+    let [n, _, h, _] = x.dims4();
+    (f, cpu, x, t, n, h)
+}
+
 #[test]
 #[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
 fn tf32_training_runs_and_stays_close() {
-    let f = load("net_resnet34_w8.safetensors");
-    let mut cpu = det_net(&f);
-    let (x, t) = (input(&f, false), targets(&f, 0.0));
-    let [n, _, h, _] = x.dims4();
+    let (_, mut cpu, x, t, n, h) = imagenet_stem_case();
     let (mut opt, dev_opt) = optimizers(&cpu, Sgd(0.9, false, 0.0, false, 1.0));
     let mut g = trainer(&cpu, n, h, dev_opt, true);
     let loss = g.step(&x, &t, 0.1).unwrap();
@@ -334,4 +341,74 @@ fn unsupported_optimizers_and_mismatched_groups_are_one_line_errors() {
         };
         assert!(err.starts_with("CUDA: ") && err.contains(want) && !err.contains('\n'), "{err}");
     }
+}
+
+/// The training loop's interface (`resnet train --device cuda`): `forward_backward`, `check_step` and
+/// `apply_update` against the host view of the same state. The step's sums of squares are those of the
+/// downloaded gradients, its loss and hits the CPU's; a dropped step's running statistics come back bit for bit;
+/// `scale_gradients` scales as the CPU does; the monitor's weight and update norms are the downloaded weights';
+/// momentum buffers go out and into a second trainer unchanged.
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn the_training_loop_interface_matches_the_host_view() {
+    let (f, mut cpu, x, t, n, h) = imagenet_stem_case();
+    let labels = f.usizes("target");
+    let (_, dev_opt) = optimizers(&cpu, Sgd(0.9, false, 5e-4, true, 1.0));
+    let mut g = trainer(&cpu, n, h, dev_opt.clone(), false);
+    let sumsq = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-30);
+
+    // A dropped step: forward and backward, then the statistics put back.
+    assert_eq!(g.stage(&x, &t).unwrap(), n);
+    g.save_running_stats().unwrap();
+    g.forward_backward(n).unwrap();
+    let check = g.check_step(&labels).unwrap();
+    let logits = cpu.forward(&Cpu, &x, Mode::Train);
+    let (want, _) = Cpu.softmax_cross_entropy(&logits, &t);
+    assert_loss("check_step", check.loss, want);
+    let hits = resnet_rs::train::evaluate::hits(&logits, &labels).0;
+    assert!(check.top1_hits.abs_diff(hits) <= 1, "hits {} vs CPU {hits}", check.top1_hits);
+    assert!(check.buffers_finite);
+    let grads = g.gradients().unwrap();
+    assert_eq!(grads.len(), check.grad_sumsq.len());
+    for ((name, grad), s) in grads.iter().zip(&check.grad_sumsq) {
+        assert!(close(*s, sumsq(grad.data()), 1e-9), "{name}: {s} vs {}", sumsq(grad.data()));
+    }
+    g.restore_running_stats().unwrap();
+    let mut got = ResNet::new(cpu.config, 1);
+    g.download_into(&mut got).unwrap();
+    let original = det_net(&f);
+    assert_eq!(got.state_dict(), original.state_dict(), "weights untouched, statistics restored bit for bit");
+    assert_eq!(got.store.batches_tracked, original.store.batches_tracked);
+
+    // Clipping's scale, then an applied step measured by the monitor's norms.
+    g.scale_gradients(0.5).unwrap();
+    for ((name, before), (_, after)) in grads.iter().zip(g.gradients().unwrap()) {
+        let want: Vec<f32> = before.data().iter().map(|v| v * 0.5).collect();
+        assert_eq!(after.data(), &want[..], "{name}");
+    }
+    let scaled = g.grad_sumsq().unwrap();
+    assert!(scaled.iter().zip(&check.grad_sumsq).all(|(a, b)| close(*a, b * 0.25, 1e-9)));
+    g.snapshot_weights().unwrap();
+    g.apply_update(0.1).unwrap();
+    let norms = g.weight_norms().unwrap();
+    let mut updated = ResNet::new(cpu.config, 1);
+    g.download_into(&mut updated).unwrap();
+    for ((p, q), (w, d)) in updated.store.params.iter().zip(&original.store.params).zip(&norms) {
+        let delta: Vec<f32> = p.value.data().iter().zip(q.value.data()).map(|(a, b)| a - b).collect();
+        assert!(close(*w, sumsq(p.value.data()), 1e-9), "{}: weight norm", p.name);
+        assert!(close(*d, sumsq(&delta), 1e-9), "{}: update norm", p.name);
+    }
+
+    // Momentum out, into a second trainer, out again.
+    let state = g.momentum_state().unwrap();
+    assert_eq!(state.len(), cpu.store.params.len(), "one buffer per trainable parameter after a step");
+    let mut other = trainer(&updated, n, h, dev_opt, false);
+    assert!(other.momentum_state().unwrap().is_empty(), "a fresh trainer has no momentum yet");
+    other.load_momentum_state(&state).unwrap();
+    assert_eq!(other.momentum_state().unwrap(), state);
+    let mut wrong = state.clone();
+    wrong.insert("nope.momentum_buffer".into(), Tensor::zeros(&[1]));
+    let err = other.load_momentum_state(&wrong).unwrap_err().to_string();
+    assert!(err.starts_with("CUDA: ") && err.contains("nope") && !err.contains('\n'), "{err}");
 }

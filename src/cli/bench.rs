@@ -184,9 +184,7 @@ fn gpu_train_step(
     {
         let _ = (model, batch, size, allow_tf32, x, targets, kind, groups);
         match device {
-            DeviceSpec::Cuda(_) => Err(Error::invalid(
-                "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
-            )),
+            DeviceSpec::Cuda(_) => Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD)),
             _ => Ok(None),
         }
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::train::device::{DeviceSpec, Precision, TrainDevice};
 use crate::train::recipe::Recipe;
 use crate::train::trainer::{self, TrainArgs};
 
@@ -73,6 +74,13 @@ pub struct TrainCmd {
     /// One JSON object per epoch on stdout; progress goes to stderr.
     #[arg(long)]
     json: bool,
+    /// Where the steps run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature, finds one
+    /// and the optimizer is SGD). Checkpoints are the same either way: a run resumes on any device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// f32, or on a GPU tf32 (TF32 tensor-core convolutions and matrix products).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
 }
 
 fn set<T>(field: &mut T, value: Option<T>) {
@@ -108,6 +116,9 @@ pub fn run(a: TrainCmd) -> Result<()> {
     if r.batch_size == 0 || r.epochs == 0 {
         return Err(Error::invalid("--batch-size and --epochs must be at least 1"));
     }
+    let device = TrainDevice { device: a.device, precision: a.dtype };
+    // Before any download; a resumed run's own recipe is checked again by `run_on`.
+    device.check(&r)?;
     if a.download {
         download(&r)?;
     }
@@ -117,7 +128,7 @@ pub fn run(a: TrainCmd) -> Result<()> {
         (None, Some(dir)) => dir,
         (None, None) => free_run_dir(Path::new(&a.recipe).file_stem().and_then(|s| s.to_str()).unwrap_or("run")),
     };
-    let reports = trainer::run(TrainArgs {
+    let args = TrainArgs {
         recipe: r,
         run_dir: run_dir.clone(),
         resume,
@@ -128,7 +139,8 @@ pub fn run(a: TrainCmd) -> Result<()> {
         max_steps: a.max_steps,
         json: a.json,
         interrupt: Some(interrupt_flag()?),
-    })?;
+    };
+    let reports = trainer::run_on(args, device)?;
     if let (false, Some(last)) = (a.json, reports.last()) {
         eprintln!(
             "held-out accuracy: top-1 {:.2} %, top-5 {:.2} % (checkpoints in {})",

@@ -6,6 +6,10 @@ use crate::engine::cpu::PreparedCpu;
 use crate::error::{Error, Result};
 use crate::model::{Mode, ResNet, Tap};
 
+/// The one-line error for `--device cuda` in a build without the `cuda` feature.
+pub const NO_GPU_BUILD: &str =
+    "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`";
+
 /// A parsed `--device` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -115,9 +119,7 @@ impl Runner {
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => {
                 let _ = (batch, h, w);
-                Err(Error::invalid(
-                    "this binary was built without GPU support; rebuild with `cargo build --release --features cuda`",
-                ))
+                Err(Error::invalid(NO_GPU_BUILD))
             }
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Auto => Ok(Runner::cpu(model)),

@@ -1,7 +1,10 @@
 //! Training: optimisers, learning-rate schedules, the loop, monitoring and checkpoints.
 
 pub mod checkpoint;
+pub mod device;
 pub mod evaluate;
+#[cfg(feature = "cuda")]
+mod gpu;
 pub mod monitor;
 pub mod optim;
 pub mod recipe;

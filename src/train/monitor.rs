@@ -25,6 +25,22 @@ fn norm(v: &[f32]) -> f64 {
     v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
 }
 
+impl LayerStats {
+    /// From a parameter's gradient norm, weight norm and the norm of the step's change to its weights.
+    pub fn new(name: String, grad_norm: f64, weight_norm: f64, delta_norm: f64) -> LayerStats {
+        let update_ratio = if weight_norm > 0.0 { delta_norm / weight_norm } else { 0.0 };
+        LayerStats { name, grad_norm, weight_norm, update_ratio }
+    }
+}
+
+impl GradReport {
+    /// `grad_norms`: every parameter's (0 for those without a gradient); `layers`: the trainable ones'.
+    pub fn new(step: u64, grad_norms: &[f64], layers: Vec<LayerStats>) -> GradReport {
+        let global = grad_norms.iter().map(|g| g * g).sum::<f64>().sqrt();
+        GradReport { step, global_grad_norm: global, layers }
+    }
+}
+
 /// Statistics of the step from `before` (weights before the optimiser step) to the current parameters.
 pub fn report(step: u64, params: &[Param], grad_norms: &[f64], before: &[Vec<f32>]) -> GradReport {
     let layers: Vec<LayerStats> = params
@@ -33,13 +49,11 @@ pub fn report(step: u64, params: &[Param], grad_norms: &[f64], before: &[Vec<f32
         .zip(before)
         .filter(|((p, _), _)| p.trainable)
         .map(|((p, &g), b)| {
-            let w = norm(p.value.data());
             let delta: f64 = p.value.data().iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-            LayerStats { name: p.name.clone(), grad_norm: g, weight_norm: w, update_ratio: if w > 0.0 { delta / w } else { 0.0 } }
+            LayerStats::new(p.name.clone(), g, norm(p.value.data()), delta)
         })
         .collect();
-    let global = grad_norms.iter().map(|g| g * g).sum::<f64>().sqrt();
-    GradReport { step, global_grad_norm: global, layers }
+    GradReport::new(step, grad_norms, layers)
 }
 
 /// Per-parameter gradient norms (0 for parameters without a gradient).
@@ -63,6 +77,39 @@ pub fn first_nonfinite_buffer(buffers: &[Buffer]) -> Option<String> {
     buffers.iter().find(|b| !b.value.all_finite()).map(|b| b.name.clone())
 }
 
-fn layer_name(param: &str) -> String {
+/// What a non-finite step found, gathered by whichever engine ran it.
+pub struct NonFinite<'a> {
+    pub input_finite: bool,
+    /// The first layer whose output went non-finite in the forward pass.
+    pub output: Option<&'a str>,
+    pub weight: Option<String>,
+    pub buffer: Option<String>,
+    /// Where backward first produced a non-finite gradient.
+    pub grad: Option<String>,
+}
+
+impl NonFinite<'_> {
+    /// The cause, most specific first: the data, a weight, the first layer whose output blew up in the forward
+    /// pass, a running statistic that overflowed, or where backward first produced a non-finite gradient.
+    pub fn describe(&self) -> String {
+        if !self.input_finite {
+            let output = self.output.unwrap_or("none");
+            format!("the input batch holds NaN or infinite values (first non-finite output: {output})")
+        } else if let Some(layer) = &self.weight {
+            format!("weights of {layer} are not finite")
+        } else if let Some(layer) = self.output {
+            format!("non-finite output, first in {layer}")
+        } else if let Some(buffer) = &self.buffer {
+            format!("{buffer} overflowed")
+        } else if let Some(layer) = &self.grad {
+            format!("non-finite gradient, first in {layer}")
+        } else {
+            "non-finite loss".into()
+        }
+    }
+}
+
+/// The layer a parameter belongs to: `layer2.0.conv1` for `layer2.0.conv1.weight`.
+pub fn layer_name(param: &str) -> String {
     param.rsplit_once('.').map(|(layer, _)| layer.to_string()).unwrap_or_else(|| param.to_string())
 }

@@ -109,6 +109,15 @@ impl Optimizer {
         self.steps
     }
 
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    /// One group per parameter, in the store's order.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
     /// Optimizer state for checkpoints: tensors named "<param name>.momentum_buffer" / ".exp_avg" /
     /// ".exp_avg_sq" plus the step count, and back. Adam and AdamW also save "<param name>.step" (shape []),
     /// the per-parameter count their bias correction uses; like torch's, it is an f32, exact to 2^24 steps,
@@ -280,14 +289,19 @@ fn update(args: StepArgs, group: &ParamGroup, p: &mut [f32], grad: &[f32], slot:
 /// turn them all into NaN): the caller sees it in the return value and can skip the step.
 pub fn clip_grad_norm(params: &mut [Param], max_norm: f32) -> f32 {
     let norm = grad_norm(params);
-    let coef = widen(max_norm) / (norm + 1e-6);
-    if norm.is_finite() && coef < 1.0 {
-        let c = coef as f32;
+    if let Some(c) = clip_coefficient(norm, max_norm) {
         params.par_iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).for_each(|g| {
             g.data_mut().iter_mut().for_each(|v| *v *= c);
         });
     }
     norm as f32
+}
+
+/// The factor `clip_grad_norm` scales gradients of global norm `norm` by, or None when they stay as they are
+/// (the norm is within `max_norm`, or not finite).
+pub fn clip_coefficient(norm: f64, max_norm: f32) -> Option<f32> {
+    let coef = widen(max_norm) / (norm + 1e-6);
+    (norm.is_finite() && coef < 1.0).then_some(coef as f32)
 }
 
 /// Global L2 norm of all gradients (f64 accumulation), over the parameters `Optimizer::step` would update.

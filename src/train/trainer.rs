@@ -12,14 +12,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::checkpoint::{self, Position};
-use super::evaluate::{evaluate, hits};
-use super::monitor;
+use super::device::{GpuStep, GpuStepArgs, StepEngine, TrainDevice};
+use super::evaluate::{EvalReport, evaluate, hits};
+use super::monitor::{self, NonFinite};
 use super::optim::{Optimizer, clip_grad_norm};
 use super::recipe::Recipe;
 use super::schedule::Schedule;
 use super::setup;
+use crate::data::Dataset;
 use crate::data::loader::{self, Batch, LoaderConfig};
-use crate::data::transforms::BatchMix;
+use crate::data::transforms::{BatchMix, Pipeline};
 use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -109,6 +111,10 @@ pub struct Trainer {
     steps_per_epoch: u64,
     skip_nonfinite: bool,
     be: Cpu,
+    /// Where steps run. On a GPU the device holds the live state and `model`/`opt` are its copy as of the last
+    /// `sync_host`; `host_stale` says a step has run since.
+    engine: StepEngine,
+    host_stale: bool,
 }
 
 impl Trainer {
@@ -131,7 +137,50 @@ impl Trainer {
         let opt = Optimizer::new(setup::optimizer_kind(&recipe)?, groups);
         let sched = setup::schedule(&recipe)?;
         let pos = Position { best_top1: -1.0, ..Position::default() };
-        Ok(Trainer { model, opt, recipe, pos, sched, steps_per_epoch, skip_nonfinite: args.skip_nonfinite, be: Cpu })
+        Ok(Trainer {
+            model,
+            opt,
+            recipe,
+            pos,
+            sched,
+            steps_per_epoch,
+            skip_nonfinite: args.skip_nonfinite,
+            be: Cpu,
+            engine: StepEngine::Cpu,
+            host_stale: false,
+        })
+    }
+
+    /// Run the following steps on `device`, starting from the model and optimiser state as they stand. Refuses
+    /// (one line naming the flag) what that device cannot run.
+    pub fn use_device(&mut self, device: TrainDevice) -> Result<()> {
+        self.sync_host()?;
+        self.engine = StepEngine::open(device, &self.model, &self.opt, &self.recipe)?;
+        Ok(())
+    }
+
+    /// The GPU the steps run on, or None on the CPU.
+    pub fn gpu_name(&self) -> Option<String> {
+        self.engine.gpu_name()
+    }
+
+    /// Bring the GPU's weights, statistics and momentum into `model` and `opt` (a no-op on the CPU).
+    pub fn sync_host(&mut self) -> Result<()> {
+        if let (true, StepEngine::Gpu(gpu)) = (self.host_stale, &self.engine) {
+            gpu.sync_into(&mut self.model, &mut self.opt)?;
+        }
+        self.host_stale = false;
+        Ok(())
+    }
+
+    /// Evaluate the current network on `ds` where the steps run.
+    pub fn evaluate(&mut self, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>) -> Result<EvalReport> {
+        self.sync_host()?;
+        let (batch, workers) = (self.recipe.batch_size, self.recipe.workers);
+        match &self.engine {
+            StepEngine::Cpu => evaluate(&mut self.model, &self.be, ds, pipe, batch, workers),
+            StepEngine::Gpu(gpu) => gpu.evaluate(&self.model, ds, pipe, batch, workers),
+        }
     }
 
     /// Put the network, optimiser state and position of a checkpoint in place.
@@ -151,6 +200,53 @@ impl Trainer {
     /// weight, optimiser state and running statistic as it was.
     /// Also returns the gradient statistics when the recipe's `monitor_every` asks for them at this step.
     pub fn step(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
+        let done = match self.engine {
+            StepEngine::Cpu => self.step_cpu(batch)?,
+            StepEngine::Gpu(_) => self.step_gpu(batch)?,
+        };
+        self.pos.batch += 1;
+        self.pos.global_step += 1;
+        Ok(done)
+    }
+
+    fn monitor_now(&self) -> bool {
+        let every = self.recipe.monitor_every;
+        every > 0 && self.pos.global_step.is_multiple_of(every)
+    }
+
+    fn nonfinite_error(&self, cause: &str, loss: f32) -> Error {
+        Error::invalid(format!(
+            "step {}: {cause} (loss {loss}); lower the lr, clip gradients, check the data, or pass --skip-nonfinite",
+            self.pos.global_step
+        ))
+    }
+
+    fn step_gpu(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
+        let args = GpuStepArgs {
+            lr: self.lr(),
+            momentum: self.sched.momentum(self.pos.global_step, self.steps_per_epoch, self.recipe.epochs),
+            clip_grad_norm: self.recipe.clip_grad_norm,
+            monitor_step: self.monitor_now().then_some(self.pos.global_step),
+            skip_nonfinite: self.skip_nonfinite,
+        };
+        let StepEngine::Gpu(gpu) = &mut self.engine else {
+            return Err(Error::invalid("the GPU step without a GPU engine"));
+        };
+        self.host_stale = true;
+        match gpu.step(batch, args)? {
+            GpuStep::Applied { loss, top1_hits, report } => Ok((StepOutcome::Applied { loss, top1_hits }, report)),
+            GpuStep::NonFinite { .. } if self.skip_nonfinite => {
+                self.pos.skipped += 1;
+                Ok((StepOutcome::Skipped, None))
+            }
+            GpuStep::NonFinite { loss } => {
+                let cause = gpu.diagnose(&mut self.model, batch)?;
+                Err(self.nonfinite_error(&cause, loss))
+            }
+        }
+    }
+
+    fn step_cpu(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
         let be = &self.be;
         let lr = self.lr();
         let momentum = self.sched.momentum(self.pos.global_step, self.steps_per_epoch, self.recipe.epochs);
@@ -171,11 +267,7 @@ impl Trainer {
             || monitor::first_nonfinite_buffer(&self.model.store.buffers).is_some();
         let outcome = if bad {
             if !self.skip_nonfinite {
-                return Err(Error::invalid(format!(
-                    "step {}: {} (loss {loss}); lower the lr, clip gradients, check the data, or pass --skip-nonfinite",
-                    self.pos.global_step,
-                    self.diagnose(batch)
-                )));
+                return Err(self.nonfinite_error(&self.diagnose(batch), loss));
             }
             if let Some((stats, tracked)) = saved_stats {
                 for (b, s) in self.model.store.buffers.iter_mut().zip(stats) {
@@ -187,12 +279,11 @@ impl Trainer {
             self.pos.skipped += 1;
             StepOutcome::Skipped
         } else {
+            let monitor_now = self.monitor_now();
             let params = &mut self.model.store.params;
             if self.recipe.clip_grad_norm > 0.0 {
                 clip_grad_norm(params, self.recipe.clip_grad_norm);
             }
-            let every = self.recipe.monitor_every;
-            let monitor_now = every > 0 && self.pos.global_step.is_multiple_of(every);
             let before: Vec<Vec<f32>> =
                 if monitor_now { params.iter().map(|p| p.value.data().to_vec()).collect() } else { Vec::new() };
             let norms = if monitor_now { monitor::grad_norms(params) } else { Vec::new() };
@@ -200,8 +291,6 @@ impl Trainer {
             report = monitor_now.then(|| monitor::report(self.pos.global_step, params, &norms, &before));
             StepOutcome::Applied { loss, top1_hits: hits(&logits, &batch.labels).0 }
         };
-        self.pos.batch += 1;
-        self.pos.global_step += 1;
         Ok((outcome, report))
     }
 
@@ -210,24 +299,19 @@ impl Trainer {
     /// non-finite gradient.
     fn diagnose(&self, batch: &Batch) -> String {
         let store = &self.model.store;
-        let output = self.model.first_nonfinite_output();
-        if !batch.images.all_finite() {
-            format!("the input batch holds NaN or infinite values (first non-finite output: {})", output.unwrap_or("none"))
-        } else if let Some(layer) = monitor::first_nonfinite_weight(&store.params) {
-            format!("weights of {layer} are not finite")
-        } else if let Some(layer) = output {
-            format!("non-finite output, first in {layer}")
-        } else if let Some(buffer) = monitor::first_nonfinite_buffer(&store.buffers) {
-            format!("{buffer} overflowed")
-        } else if let Some(layer) = monitor::last_nonfinite_grad(&store.params) {
-            format!("non-finite gradient, first in {layer}")
-        } else {
-            "non-finite loss".into()
+        NonFinite {
+            input_finite: batch.images.all_finite(),
+            output: self.model.first_nonfinite_output(),
+            weight: monitor::first_nonfinite_weight(&store.params),
+            buffer: monitor::first_nonfinite_buffer(&store.buffers),
+            grad: monitor::last_nonfinite_grad(&store.params),
         }
+        .describe()
     }
 
-    /// Write a checkpoint, refusing one that would carry a NaN or an infinity.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Write a checkpoint (of the GPU's state, on a GPU), refusing one that would carry a NaN or an infinity.
+    pub fn save(&mut self, path: &Path) -> Result<()> {
+        self.sync_host()?;
         if let Some(layer) = nonfinite_state(&self.model) {
             return Err(Error::file(path, format!("refusing to save a checkpoint: {layer} is not finite")));
         }
@@ -244,10 +328,18 @@ fn interrupted(flag: &Option<Arc<AtomicBool>>) -> bool {
     flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
 }
 
+/// Train on the CPU: `run_on(args, TrainDevice::CPU)`.
 pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
+    run_on(args, TrainDevice::CPU)
+}
+
+/// Train with the steps on `device`; checkpoints are the same whichever device wrote them, so a run resumes on
+/// any device.
+pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> {
     let last_path = args.run_dir.join("last.safetensors");
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
     let recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
+    device.check(&recipe)?;
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
     if !args.resume && last_path.exists() {
         return Err(Error::file(&args.run_dir, "already holds a run; pass --resume to continue it or choose another --out"));
@@ -264,10 +356,16 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
         return Err(Error::invalid(format!("batch size {} exceeds the {} training images", recipe.batch_size, train_ds.len())));
     }
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
-    match &resumed {
-        Some(c) => t.restore(c, &last_path)?,
+    if let Some(c) = &resumed {
+        t.restore(c, &last_path)?;
+    }
+    t.use_device(device)?;
+    if let Some(name) = t.gpu_name() {
+        eprintln!("training on {name}");
+    }
+    if resumed.is_none() {
         // A checkpoint before the first step: from here on the folder always holds one to resume from.
-        None => t.save(&last_path)?,
+        t.save(&last_path)?;
     }
 
     let (train_pipe, eval_pipe) = setup::pipelines(&recipe);
@@ -278,7 +376,7 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
         label_smoothing: recipe.label_smoothing,
     });
     let mut metrics = Metrics::open(&args.run_dir)?;
-    let stop = |t: &Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
+    let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
         bar.abandon();
         t.save(&last_path)?;
         Err(Error::Interrupted { step: t.pos.global_step, run_dir: args.run_dir.clone() })
@@ -301,7 +399,7 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
         let batches = loader::batches(train_ds.clone(), train_pipe.clone(), mix.clone(), &cfg, t.pos.epoch, t.pos.batch as usize);
         for batch in batches {
             if interrupted(&args.interrupt) {
-                return stop(&t, &bar);
+                return stop(&mut t, &bar);
             }
             let batch = batch?;
             let (outcome, grad_report) = t.step(&batch).inspect_err(|_| bar.abandon())?;
@@ -326,7 +424,7 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
         }
         bar.finish_and_clear();
         let images_per_s = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let eval = evaluate(&mut t.model, &t.be, val_ds.clone(), eval_pipe.clone(), recipe.batch_size, recipe.workers)?;
+        let eval = t.evaluate(val_ds.clone(), eval_pipe.clone())?;
         let report = EpochReport {
             epoch: t.pos.epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -359,7 +457,7 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
         }
         reports.push(report);
         if interrupted(&args.interrupt) && t.pos.epoch < recipe.epochs {
-            return stop(&t, &ProgressBar::hidden());
+            return stop(&mut t, &ProgressBar::hidden());
         }
     }
     Ok(reports)

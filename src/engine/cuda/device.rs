@@ -150,14 +150,14 @@ impl Device {
         Ok(Buf::wrap(mem, &self.stream, len))
     }
 
-    pub fn upload(&self, data: &[f32]) -> Result<Buf<f32>> {
+    pub fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<Buf<T>> {
         let mut buf = self.zeros(data.len())?;
         self.write(&mut buf, data)?;
         Ok(buf)
     }
 
     /// Copy `data` into the start of `buf`.
-    pub fn write(&self, buf: &mut Buf<f32>, data: &[f32]) -> Result<()> {
+    pub fn write<T: cudarc::driver::DeviceRepr>(&self, buf: &mut Buf<T>, data: &[T]) -> Result<()> {
         if data.len() > buf.len {
             return Err(Error::invalid(format!(
                 "CUDA: {} values do not fit a buffer of {}",
@@ -175,14 +175,14 @@ impl Device {
     }
 
     /// The first `len` values of `buf`, after everything enqueued before has finished.
-    pub fn read(&self, buf: &Buf<f32>, len: usize) -> Result<Vec<f32>> {
+    pub fn read<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
         if len > buf.len {
             return Err(Error::invalid(format!(
                 "CUDA: cannot read {len} values from a buffer of {}",
                 buf.len
             )));
         }
-        let mut out = vec![0.0f32; len];
+        let mut out = vec![T::default(); len];
         if len > 0 {
             self.stream
                 .memcpy_dtoh(&buf.mem.slice(0..len), &mut out)
@@ -192,6 +192,18 @@ impl Device {
             .synchronize()
             .map_err(cuda_err("waiting for the device"))?;
         Ok(out)
+    }
+
+    /// Copy the first `len` values of `src` into `dst`, in stream order (a device-side snapshot or restore).
+    pub fn copy(&self, src: &Buf<f32>, dst: &mut Buf<f32>, len: usize) -> Result<()> {
+        if len > src.len || len > dst.len {
+            return Err(Error::invalid(format!("CUDA: cannot copy {len} values between buffers of {} and {}", src.len, dst.len)));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let mut to = dst.mem.slice_mut(0..len);
+        self.stream.memcpy_dtod(&src.mem.slice(0..len), &mut to).map_err(cuda_err("copying on the device"))
     }
 }
 

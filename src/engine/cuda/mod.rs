@@ -58,7 +58,11 @@
 //!   algorithms are searched once per shape. A block's residual gradient costs nothing: the first convolution's
 //!   backward data accumulates onto it (cuDNN beta 1). ReLU masks fuse into the pooling backward kernels, the fc
 //!   bias gradient into the loss kernel. One SGD launch per parameter; the host waits once per step, for the loss.
-//!   Only SGD runs on the device so far (Adam/AdamW are refused with an error).
+//!   Only SGD runs on the device so far (Adam/AdamW are refused with an error). For the training loop
+//!   (`resnet train --device cuda`) a step also splits in two, `forward_backward` then `apply_update`, with
+//!   `check_step` between: one read of the loss, the top-1 hits and each gradient's and BN statistic's sum of
+//!   squares (`train/stats.rs`: per-buffer reductions in double through pointer tables uploaded once), plus
+//!   gradient scaling, device copies of the BN statistics and weights, and momentum buffers out and in.
 //! - **Loading.** `cudarc` with dynamic loading: the binary builds without a CUDA toolkit and finds libcuda,
 //!   libcudnn.so.9, libcublas and libnvrtc (.so.13 or .so.12) at run time. One stream carries all work, so stream
 //!   order is program order.
@@ -72,4 +76,4 @@ mod norm;
 mod train;
 
 pub use executor::{CudaOptions, CudaResNet};
-pub use train::{CudaTrainer, TrainOptimizer};
+pub use train::{CudaTrainer, StepCheck, TrainOptimizer};

@@ -14,12 +14,15 @@ mod conv;
 mod kernels;
 mod linear;
 mod norm;
+mod stats;
 
 use std::collections::HashMap;
 
 use self::conv::{TrainAlgos, TrainConv};
 use self::kernels::{SgdArgs, TrainKernels};
 use self::norm::TrainNorm;
+use self::stats::{LoopKernels, LoopState};
+pub use self::stats::StepCheck;
 use super::conv::ConvShape;
 use super::device::{Buf, Device, guarded};
 use super::executor::CudaOptions;
@@ -104,8 +107,9 @@ pub struct CudaTrainer {
     grads: Vec<Buf<f32>>,
     moments: Vec<Buf<f32>>,
     optimizer: TrainOptimizer,
-    /// No momentum buffer holds a value yet (torch's first step sets buf = grad).
-    first_momentum: bool,
+    /// Per parameter: its momentum buffer holds a value (torch creates it lazily, on the parameter's first
+    /// update with momentum, as buf = grad).
+    has_momentum: Vec<bool>,
     momentum_override: Option<f32>,
     batches_tracked: i64,
     specs: Vec<UnitSpec>,
@@ -128,6 +132,9 @@ pub struct CudaTrainer {
     hw: (usize, usize),
     kernels: Kernels,
     train_kernels: TrainKernels,
+    /// The training loop's device side: labels, reductions, snapshots (`stats.rs`).
+    loop_kernels: LoopKernels,
+    looping: LoopState,
     /// Last, so that every buffer and plan above is released while the device's handles still exist.
     dev: Device,
 }
@@ -232,13 +239,15 @@ impl CudaTrainer {
             };
             let largest = shapes.iter().map(|s| numel(s.y())).max().unwrap_or(0);
             let (classes, fin) = (model.config.num_classes, model.config.feature_dim());
+            let trainable: Vec<bool> = params.iter().map(|p| p.trainable).collect();
+            let looping = LoopState::new(&dev, batch, &tensors, &grads, &trainable)?;
             let mut trainer = CudaTrainer {
                 config: model.config,
-                trainable: params.iter().map(|p| p.trainable).collect(),
+                trainable,
                 grads,
                 moments,
                 optimizer,
-                first_momentum: true,
+                has_momentum: vec![false; params.len()],
                 momentum_override: None,
                 batches_tracked: store.batches_tracked,
                 specs,
@@ -262,6 +271,8 @@ impl CudaTrainer {
                 tensors,
                 names,
                 shapes: tshapes,
+                looping,
+                loop_kernels: LoopKernels::load(&dev)?,
                 kernels,
                 train_kernels,
                 dev,
@@ -321,15 +332,36 @@ impl CudaTrainer {
             return Err(Error::invalid(format!("CUDA: batch {n} outside this trainer's 1..={}", self.batch)));
         }
         guarded("training step", || {
-            self.ensure_plan(n)?;
-            let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
-            self.forward(plan, n)?;
-            self.backward(plan, n)?;
+            self.enqueue_forward_backward(n)?;
             self.update(lr)?;
-            self.batches_tracked += 1;
             let loss = self.dev.read(&self.loss, 1)?;
             Ok(loss[0])
         })
+    }
+
+    /// The first half of a step over the `n` images last staged: forward (moving the BN running statistics) and
+    /// backward into the gradient buffers, without the update and without waiting. The training loop checks the
+    /// step (`check_step`), may scale the gradients, then calls `apply_update`, or drops the step.
+    pub fn forward_backward(&mut self, n: usize) -> Result<()> {
+        if !(1..=self.batch).contains(&n) {
+            return Err(Error::invalid(format!("CUDA: batch {n} outside this trainer's 1..={}", self.batch)));
+        }
+        guarded("training step", || self.enqueue_forward_backward(n))
+    }
+
+    fn enqueue_forward_backward(&mut self, n: usize) -> Result<()> {
+        self.ensure_plan(n)?;
+        let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+        self.forward(plan, n)?;
+        self.backward(plan, n)?;
+        self.batches_tracked += 1;
+        self.looping.last_batch = n;
+        Ok(())
+    }
+
+    /// The second half of a step: the SGD update of every trainable parameter from its gradient.
+    pub fn apply_update(&mut self, lr: f32) -> Result<()> {
+        guarded("SGD update", || self.update(lr))
     }
 
     fn src(&self, s: Src) -> Result<&Buf<f32>> {
@@ -449,13 +481,15 @@ impl CudaTrainer {
                 weight_decay: group.weight_decay,
                 momentum: m,
                 nesterov,
-                first: self.first_momentum,
+                first: !self.has_momentum[i],
             };
             let len = self.grads[i].len;
             self.train_kernels.sgd(&self.dev, &self.tensors[i], &self.grads[i], &self.moments[i], len, args)?;
         }
         if m != 0.0 {
-            self.first_momentum = false;
+            for (has, &trainable) in self.has_momentum.iter_mut().zip(&self.trainable) {
+                *has |= trainable;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,393 @@
+//! What the training loop needs from the device besides a step (`CudaTrainer::forward_backward` + `apply_update`):
+//! one read per step carrying the loss, the batch's top-1 hits and the sum of squares of every trainable gradient
+//! and every BN running statistic (the numeric guard, gradient clipping and the monitor read these); scaling the
+//! gradients (clipping); device-side snapshots of the running statistics (a dropped step puts them back) and of the
+//! weights (the monitor's update norms); the momentum buffers out and in (checkpoints, resuming); and, on a failed
+//! step, the first layer whose output went non-finite.
+//!
+//! The reductions sum in double, one block per buffer, each thread a fixed stride and then a fixed tree, so a
+//! result does not change from run to run. Pointer tables (one `u64` address and one length per buffer) are
+//! uploaded once: every buffer keeps its address for the trainer's life.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use super::super::device::{Buf, Device, cuda_err, guarded};
+use super::kernels::int;
+use super::{CudaTrainer, numel};
+use crate::engine::Tensor;
+use crate::error::{Error, Result};
+
+const THREADS: u32 = 256;
+
+const SOURCE: &str = r#"
+#define THREADS 256
+
+// Block k: the sum of squares (in double) of buffer a[k], or of a[k] - b[k] when b is given (the f32 difference,
+// as the CPU monitor takes it), over lens[k] values, into out[k].
+extern "C" __global__ void sum_squares(const float* const* a, const float* const* b, const long long* lens,
+                                       double* out) {
+    __shared__ double part[THREADS];
+    int k = blockIdx.x;
+    const float* x = a[k];
+    const float* y = b ? b[k] : 0;
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < lens[k]; i += THREADS) {
+        float v = y ? __fsub_rn(x[i], y[i]) : x[i];
+        s += (double)v * (double)v;
+    }
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = THREADS / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[k] = part[0];
+}
+
+// out[0] = the loss; out[1] = the rows of logits [n, c] whose label's logit no other exceeds (the CPU's top-1
+// `hits`, ties counted as hits).
+extern "C" __global__ void loss_hits(const float* logits, const int* labels, const float* loss, int n, int c,
+                                     double* out) {
+    __shared__ int part[THREADS];
+    int h = 0;
+    for (int r = threadIdx.x; r < n; r += THREADS) {
+        const float* z = logits + (long long)r * c;
+        float t = z[labels[r]];
+        int better = 0;
+        for (int j = 0; j < c; ++j) better += z[j] > t;
+        h += better == 0;
+    }
+    part[threadIdx.x] = h;
+    __syncthreads();
+    for (int w = THREADS / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[0] = (double)loss[0];
+        out[1] = (double)part[0];
+    }
+}
+
+// Buffer a[blockIdx.y] times c, rounded as the CPU's `*v *= c` (clip_grad_norm).
+extern "C" __global__ void scale_all(float* const* a, const long long* lens, float c) {
+    float* x = a[blockIdx.y];
+    long long n = lens[blockIdx.y];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = __fmul_rn(x[i], c);
+}
+"#;
+
+pub(super) struct LoopKernels {
+    _module: Arc<CudaModule>,
+    sum_squares: CudaFunction,
+    loss_hits: CudaFunction,
+    scale_all: CudaFunction,
+}
+
+impl LoopKernels {
+    pub(super) fn load(dev: &Device) -> Result<LoopKernels> {
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(cuda_err("compiling the training loop's kernels with NVRTC"))?;
+        let module = dev.ctx.load_module(ptx).map_err(cuda_err("loading the training loop's kernels"))?;
+        let f = |name: &str| module.load_function(name).map_err(cuda_err("finding a training loop kernel"));
+        Ok(LoopKernels { sum_squares: f("sum_squares")?, loss_hits: f("loss_hits")?, scale_all: f("scale_all")?, _module: module })
+    }
+}
+
+/// Addresses and lengths of a list of buffers, on the device.
+pub(super) struct Table {
+    ptrs: Buf<u64>,
+    lens: Buf<i64>,
+    count: usize,
+}
+
+impl Table {
+    fn new(dev: &Device, bufs: &[(&Buf<f32>, usize)]) -> Result<Table> {
+        if bufs.iter().any(|(b, n)| b.len < *n) {
+            return Err(Error::invalid("CUDA: a reduction table names more values than a buffer holds"));
+        }
+        let ptrs: Vec<u64> = bufs.iter().map(|(b, _)| b.ptr).collect();
+        let lens: Vec<i64> = bufs.iter().map(|(_, n)| *n as i64).collect();
+        Ok(Table { ptrs: dev.upload(&ptrs)?, lens: dev.upload(&lens)?, count: bufs.len() })
+    }
+
+    /// out[offset + k] = Σ table[k]² (or Σ (table[k] − minus[k])²), enqueued.
+    fn sum_squares(&self, dev: &Device, k: &LoopKernels, minus: Option<&Table>, out: &Buf<f64>, offset: usize) -> Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        if out.len < offset + self.count || minus.is_some_and(|m| m.count != self.count) {
+            return Err(Error::invalid("CUDA: reduction output too small"));
+        }
+        let minus = minus.map_or(0u64, |m| m.ptrs.ptr);
+        let at = out.ptr + (offset * std::mem::size_of::<f64>()) as u64;
+        let mut b = dev.stream.launch_builder(&k.sum_squares);
+        b.arg(&self.ptrs.ptr).arg(&minus).arg(&self.lens.ptr).arg(&at);
+        let cfg = LaunchConfig { grid_dim: (self.count as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match sum_squares (three pointer tables, double*); block k reads table[k] (and
+        // minus[k], a table of as many buffers of the same lengths, or null) below lens[k], which `Table::new`
+        // checked each buffer holds; it writes out[offset + k], inside `out` (checked above). THREADS matches the
+        // kernel's #define.
+        unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("sum_squares"))
+    }
+}
+
+/// The loop's device state: labels, the read-back array, the tables, and the snapshots.
+pub(super) struct LoopState {
+    /// The batch of the last `forward_backward`.
+    pub(super) last_batch: usize,
+    labels: Buf<i32>,
+    /// [loss, top-1 hits, Σg² per trainable parameter, Σx² per BN buffer], or [Σw², Σ(w − w₀)²] per trainable
+    /// parameter for the monitor.
+    out: Buf<f64>,
+    /// Parameter indices of the trainable parameters, in the store's order.
+    trainable: Vec<usize>,
+    grads: Table,
+    weights: Table,
+    buffers: Table,
+    /// BN running statistics (and the batch count) before the last forward, when the loop asked for them.
+    stats_copy: Vec<Buf<f32>>,
+    tracked_copy: i64,
+    /// The trainable weights before the last update the monitor looks at, allocated on the monitor's first step.
+    weights_copy: Option<(Vec<Buf<f32>>, Table)>,
+}
+
+impl LoopState {
+    /// `tensors`: parameters then buffers, as the trainer holds them; `grads` and `trainable` per parameter.
+    pub(super) fn new(dev: &Device, batch: usize, tensors: &[Buf<f32>], grads: &[Buf<f32>], trainable: &[bool]) -> Result<LoopState> {
+        let params = grads.len();
+        let trainable: Vec<usize> = (0..params).filter(|&i| trainable[i]).collect();
+        let grads = Table::new(dev, &trainable.iter().map(|&i| (&grads[i], grads[i].len)).collect::<Vec<_>>())?;
+        let weights = Table::new(dev, &trainable.iter().map(|&i| (&tensors[i], tensors[i].len)).collect::<Vec<_>>())?;
+        let buffers = Table::new(dev, &tensors[params..].iter().map(|b| (b, b.len)).collect::<Vec<_>>())?;
+        let out_len = (2 + trainable.len() + buffers.count).max(2 * trainable.len());
+        Ok(LoopState {
+            last_batch: 0,
+            labels: dev.zeros(batch)?,
+            out: dev.zeros(out_len)?,
+            stats_copy: Vec::new(),
+            tracked_copy: 0,
+            weights_copy: None,
+            trainable,
+            grads,
+            weights,
+            buffers,
+        })
+    }
+}
+
+/// What the host learns from one read after `forward_backward`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCheck {
+    pub loss: f32,
+    pub top1_hits: usize,
+    /// Per parameter, in the store's order: the sum of squares of its gradient (0 for a frozen parameter).
+    pub grad_sumsq: Vec<f64>,
+    /// Every BN running statistic is finite.
+    pub buffers_finite: bool,
+}
+
+impl CudaTrainer {
+    /// Per parameter: `values[k]` for the k-th trainable one, 0 for the frozen ones.
+    fn per_parameter(&self, values: &[f64]) -> Vec<f64> {
+        let mut out = vec![0.0; self.trainable.len()];
+        for (&i, &v) in self.looping.trainable.iter().zip(values) {
+            out[i] = v;
+        }
+        out
+    }
+
+    /// After `forward_backward`: the loss, the top-1 hits of `labels` (one per image of that batch), every
+    /// trainable gradient's sum of squares and whether the running statistics are finite, in one read.
+    pub fn check_step(&mut self, labels: &[usize]) -> Result<StepCheck> {
+        let (n, classes) = (self.looping.last_batch, self.config.num_classes);
+        if n == 0 || labels.len() != n {
+            return Err(Error::invalid(format!("CUDA: {} labels for a step over {n} images", labels.len())));
+        }
+        let labels = labels
+            .iter()
+            .map(|&l| if l < classes { int(l) } else { Err(Error::invalid(format!("CUDA: label {l} of {classes} classes"))) })
+            .collect::<Result<Vec<i32>>>()?;
+        guarded("checking the step", || {
+            let (dev, k, s) = (&self.dev, &self.loop_kernels, &mut self.looping);
+            dev.write(&mut s.labels, &labels)?;
+            let (ni, ci) = (int(n)?, int(classes)?);
+            let mut b = dev.stream.launch_builder(&k.loss_hits);
+            b.arg(&self.logits.ptr).arg(&s.labels.ptr).arg(&self.loss.ptr).arg(&ni).arg(&ci).arg(&s.out.ptr);
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match loss_hits (const float*, const int*, const float*, two int, double*); rows
+            // below n of c logits (the logits buffer holds batch·classes ≥ n·c), labels below n (written above,
+            // each < c), out[0..2] (out holds at least 2).
+            unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("loss_hits"))?;
+            let t = s.grads.count;
+            s.grads.sum_squares(dev, k, None, &s.out, 2)?;
+            s.buffers.sum_squares(dev, k, None, &s.out, 2 + t)?;
+            let out = dev.read(&s.out, 2 + t + s.buffers.count)?;
+            Ok(StepCheck {
+                loss: out[0] as f32,
+                top1_hits: out[1] as usize,
+                grad_sumsq: self.per_parameter(&out[2..2 + t]),
+                buffers_finite: out[2 + t..].iter().all(|v| v.is_finite()),
+            })
+        })
+    }
+
+    /// Every trainable gradient's sum of squares, per parameter (0 for frozen ones): after `scale_gradients`.
+    pub fn grad_sumsq(&self) -> Result<Vec<f64>> {
+        guarded("reducing gradients", || {
+            let (dev, s) = (&self.dev, &self.looping);
+            s.grads.sum_squares(dev, &self.loop_kernels, None, &s.out, 0)?;
+            Ok(self.per_parameter(&dev.read(&s.out, s.grads.count)?))
+        })
+    }
+
+    /// Multiply every trainable gradient by `c` (gradient clipping), as the CPU's `clip_grad_norm` does.
+    pub fn scale_gradients(&self, c: f32) -> Result<()> {
+        let table = &self.looping.grads;
+        if table.count == 0 {
+            return Ok(());
+        }
+        guarded("scaling gradients", || {
+            let longest = self.looping.trainable.iter().map(|&i| self.grads[i].len).max().unwrap_or(0);
+            let mut b = self.dev.stream.launch_builder(&self.loop_kernels.scale_all);
+            b.arg(&table.ptrs.ptr).arg(&table.lens.ptr).arg(&c);
+            let blocks = longest.div_ceil(THREADS as usize).clamp(1, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, table.count as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match scale_all (float* const*, const long long*, float); block row y scales
+            // table[y] below lens[y], which that gradient buffer holds (`Table::new`); rows are distinct buffers.
+            unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("scale_all"))
+        })
+    }
+
+    /// Copy the BN running statistics and the batch count on the device, before a forward that may be dropped.
+    pub fn save_running_stats(&mut self) -> Result<()> {
+        let first = self.trainable.len();
+        guarded("saving running statistics", || {
+            if self.looping.stats_copy.is_empty() {
+                self.looping.stats_copy = self.tensors[first..].iter().map(|t| self.dev.zeros(t.len)).collect::<Result<_>>()?;
+            }
+            for (src, dst) in self.tensors[first..].iter().zip(&mut self.looping.stats_copy) {
+                self.dev.copy(src, dst, src.len)?;
+            }
+            self.looping.tracked_copy = self.batches_tracked;
+            Ok(())
+        })
+    }
+
+    /// Put back what `save_running_stats` copied: a dropped step leaves the statistics as before its forward.
+    pub fn restore_running_stats(&mut self) -> Result<()> {
+        let first = self.trainable.len();
+        if self.looping.stats_copy.len() != self.tensors.len() - first {
+            return Err(Error::invalid("CUDA: restore_running_stats without save_running_stats"));
+        }
+        guarded("restoring running statistics", || {
+            for (src, dst) in self.looping.stats_copy.iter().zip(&mut self.tensors[first..]) {
+                self.dev.copy(src, dst, src.len)?;
+            }
+            self.batches_tracked = self.looping.tracked_copy;
+            Ok(())
+        })
+    }
+
+    /// Copy the trainable weights on the device, before an update `weight_norms` then measures.
+    pub fn snapshot_weights(&mut self) -> Result<()> {
+        guarded("copying weights", || {
+            if self.looping.weights_copy.is_none() {
+                let lens: Vec<usize> = self.looping.trainable.iter().map(|&i| self.tensors[i].len).collect();
+                let copies = lens.iter().map(|&n| self.dev.zeros(n)).collect::<Result<Vec<Buf<f32>>>>()?;
+                let table = Table::new(&self.dev, &copies.iter().zip(&lens).map(|(b, &n)| (b, n)).collect::<Vec<_>>())?;
+                self.looping.weights_copy = Some((copies, table));
+            }
+            let Some((copies, _)) = &mut self.looping.weights_copy else { unreachable!("allocated just above") };
+            for (&i, dst) in self.looping.trainable.iter().zip(copies) {
+                self.dev.copy(&self.tensors[i], dst, self.tensors[i].len)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Per parameter (0 for frozen ones): the sum of squares of its weights and of their change since
+    /// `snapshot_weights`.
+    pub fn weight_norms(&self) -> Result<Vec<(f64, f64)>> {
+        let Some((_, before)) = &self.looping.weights_copy else {
+            return Err(Error::invalid("CUDA: weight_norms without snapshot_weights"));
+        };
+        guarded("reducing weights", || {
+            let (dev, k, s) = (&self.dev, &self.loop_kernels, &self.looping);
+            let t = s.weights.count;
+            s.weights.sum_squares(dev, k, None, &s.out, 0)?;
+            s.weights.sum_squares(dev, k, Some(before), &s.out, t)?;
+            let out = dev.read(&s.out, 2 * t)?;
+            let (w, d) = (self.per_parameter(&out[..t]), self.per_parameter(&out[t..]));
+            Ok(w.into_iter().zip(d).collect())
+        })
+    }
+
+    /// The SGD momentum buffers as `Optimizer::state` names them (`<parameter>.momentum_buffer`), for the
+    /// parameters that have one: what a checkpoint stores.
+    pub fn momentum_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        guarded("reading momentum buffers", || {
+            let mut out = BTreeMap::new();
+            for (i, m) in self.moments.iter().enumerate() {
+                if self.has_momentum[i] {
+                    let t = Tensor::new(&self.shapes[i], self.dev.read(m, m.len)?)?;
+                    out.insert(format!("{}.momentum_buffer", self.names[i]), t);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Load momentum buffers named as `momentum_state` names them (from a checkpoint, or from the CPU
+    /// optimizer's `state`); parameters not named start without one (their first update sets it, as torch's).
+    /// All or nothing: a name or shape that does not fit is an error and changes nothing.
+    pub fn load_momentum_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        let params = self.trainable.len();
+        let mut found = vec![None; params];
+        for (key, t) in state {
+            let i = key
+                .strip_suffix(".momentum_buffer")
+                .and_then(|name| self.names[..params].iter().position(|n| n == name))
+                .ok_or_else(|| Error::invalid(format!("CUDA: unexpected optimizer state {key}")))?;
+            if t.shape() != self.shapes[i] {
+                return Err(Error::invalid(format!("CUDA: {key} is {:?}, expected {:?}", t.shape(), self.shapes[i])));
+            }
+            found[i] = Some(t);
+        }
+        guarded("loading momentum buffers", || {
+            for (i, t) in found.iter().enumerate() {
+                if let Some(t) = t {
+                    self.dev.write(&mut self.moments[i], t.data())?;
+                }
+                self.has_momentum[i] = t.is_some();
+            }
+            Ok(())
+        })
+    }
+
+    /// After a non-finite step: the first layer, in forward order, whose output in the last `forward_backward`
+    /// held a NaN or an infinity, named as the CPU model names it (`conv1`, `layerI.B`, `fc`).
+    pub fn first_nonfinite_output(&self) -> Result<Option<String>> {
+        let n = self.looping.last_batch;
+        let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: no step has run"))?;
+        let len = |u: usize| numel(plan.convs[u].shape().y());
+        let mut outputs: Vec<(String, &Buf<f32>, usize)> = vec![("conv1".into(), &self.units[0].a, len(0))];
+        for block in &self.blocks {
+            let (first, last) = (block.units[0], block.units[block.units.len() - 1]);
+            let name = &self.names[self.specs[first].weight];
+            let layer = name.strip_suffix(".conv1.weight").unwrap_or(name).to_string();
+            outputs.push((layer, &self.units[last].a, len(last)));
+        }
+        outputs.push(("fc".into(), &self.logits, n * self.config.num_classes));
+        guarded("locating a non-finite output", || {
+            let table = Table::new(&self.dev, &outputs.iter().map(|(_, b, n)| (*b, *n)).collect::<Vec<_>>())?;
+            let out = self.dev.zeros(table.count)?;
+            table.sum_squares(&self.dev, &self.loop_kernels, None, &out, 0)?;
+            let sums = self.dev.read(&out, table.count)?;
+            Ok(outputs.iter().zip(sums).find(|(_, s)| !s.is_finite()).map(|((name, _, _), _)| name.clone()))
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! Where the training loop's steps run (`resnet train --device cpu|cuda[:N]|auto --dtype f32|tf32`): the CPU
+//! engine on the host model, or a `CudaTrainer` (feature `cuda`, `gpu.rs`) that holds the live weights, momentum
+//! buffers and BN running statistics on one GPU and copies them into the host model and optimiser only when the
+//! loop needs them there (checkpoints, evaluation, diagnosing a non-finite step). Without the feature the GPU
+//! engine's type is uninhabited, so the loop itself has no `cfg`.
+
+use super::monitor::GradReport;
+use super::optim::Optimizer;
+use super::recipe::Recipe;
+use crate::error::{Error, Result};
+pub use crate::infer::runner::{DeviceSpec, Precision};
+use crate::model::ResNet;
+
+#[cfg(feature = "cuda")]
+pub use super::gpu::GpuSteps;
+#[cfg(not(feature = "cuda"))]
+pub use no_gpu::GpuSteps;
+
+#[cfg(not(feature = "cuda"))]
+mod no_gpu {
+    use std::sync::Arc;
+
+    use super::{GpuStep, GpuStepArgs, Precision};
+    use crate::data::Dataset;
+    use crate::data::loader::Batch;
+    use crate::data::transforms::Pipeline;
+    use crate::error::{Error, Result};
+    use crate::model::ResNet;
+    use crate::train::evaluate::EvalReport;
+    use crate::train::optim::Optimizer;
+    use crate::train::recipe::Recipe;
+
+    /// Without the `cuda` feature there is no GPU engine: this type has no values.
+    pub enum GpuSteps {}
+
+    impl GpuSteps {
+        pub fn new(_: &ResNet, _: &Optimizer, _: &Recipe, _: usize, _: Precision) -> Result<GpuSteps> {
+            Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD))
+        }
+        pub fn describe(&self) -> String {
+            match *self {}
+        }
+        pub fn step(&mut self, _: &Batch, _: GpuStepArgs) -> Result<GpuStep> {
+            match *self {}
+        }
+        pub fn diagnose(&self, _: &mut ResNet, _: &Batch) -> Result<String> {
+            match *self {}
+        }
+        pub fn sync_into(&self, _: &mut ResNet, _: &mut Optimizer) -> Result<()> {
+            match *self {}
+        }
+        pub fn evaluate(&self, _: &ResNet, _: Arc<dyn Dataset>, _: Arc<Pipeline>, _: usize, _: usize) -> Result<EvalReport> {
+            match *self {}
+        }
+    }
+}
+
+/// `--device` and `--dtype` of a training run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainDevice {
+    pub device: DeviceSpec,
+    pub precision: Precision,
+}
+
+impl TrainDevice {
+    pub const CPU: TrainDevice = TrainDevice { device: DeviceSpec::Cpu, precision: Precision::F32 };
+
+    /// Refuse up front, in one line naming the flag, what cannot run: bf16 training, a GPU dtype on the CPU, a GPU
+    /// this build lacks, an optimiser the GPU trainer does not run.
+    pub fn check(&self, recipe: &Recipe) -> Result<()> {
+        if self.precision == Precision::Bf16 {
+            return Err(Error::invalid("--dtype bf16: bf16 training does not exist yet (use --dtype f32 or tf32)"));
+        }
+        if self.precision != Precision::F32 && self.device == DeviceSpec::Cpu {
+            return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU runs f32", self.precision)));
+        }
+        if let DeviceSpec::Cuda(_) = self.device {
+            if !cfg!(feature = "cuda") {
+                return Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD));
+            }
+            if recipe.optimizer != "sgd" {
+                return Err(Error::invalid(format!(
+                    "--optimizer {}: the GPU trainer runs SGD only so far (use --device cpu)",
+                    recipe.optimizer
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the loop asks of one GPU step.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuStepArgs {
+    pub lr: f32,
+    /// The schedule's momentum (one-cycle), or None for the optimiser's own.
+    pub momentum: Option<f32>,
+    /// 0: no clipping.
+    pub clip_grad_norm: f32,
+    /// The step number when the monitor reports at this step.
+    pub monitor_step: Option<u64>,
+    /// Take a device copy of the BN running statistics before the forward, to put back if the step is dropped.
+    pub skip_nonfinite: bool,
+}
+
+/// What one GPU step did.
+pub enum GpuStep {
+    Applied { loss: f32, top1_hits: usize, report: Option<GradReport> },
+    /// The loss, a gradient or a running statistic went non-finite; nothing was updated (and with
+    /// `skip_nonfinite` the running statistics are back as they were).
+    NonFinite { loss: f32 },
+}
+
+/// The engine a `Trainer` steps with.
+pub enum StepEngine {
+    Cpu,
+    Gpu(Box<GpuSteps>),
+}
+
+impl StepEngine {
+    /// The engine for `device`, starting from the host model and optimiser as they stand (a fresh run, or one just
+    /// restored from a checkpoint). `auto` takes the first GPU when this build has one and the recipe's optimiser
+    /// runs there, else the CPU.
+    pub fn open(device: TrainDevice, model: &ResNet, opt: &Optimizer, recipe: &Recipe) -> Result<StepEngine> {
+        device.check(recipe)?;
+        match device.device {
+            DeviceSpec::Cpu => Ok(StepEngine::Cpu),
+            DeviceSpec::Cuda(i) => Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, device.precision)?))),
+            DeviceSpec::Auto if recipe.optimizer != "sgd" => Ok(StepEngine::Cpu),
+            DeviceSpec::Auto => Ok(match GpuSteps::new(model, opt, recipe, 0, device.precision) {
+                Ok(gpu) => StepEngine::Gpu(Box::new(gpu)),
+                Err(_) => StepEngine::Cpu,
+            }),
+        }
+    }
+
+    /// The GPU's name, or None on the CPU.
+    pub fn gpu_name(&self) -> Option<String> {
+        match self {
+            StepEngine::Cpu => None,
+            StepEngine::Gpu(gpu) => Some(gpu.describe()),
+        }
+    }
+}
