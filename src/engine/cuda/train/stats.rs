@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use super::super::device::{Buf, Device, cuda_err, guarded};
+use super::super::device::{Buf, Device, cuda_err, guarded, load_kernels};
 use super::half::{ActRef, mixed};
 use super::kernels::int;
 use super::{CudaTrainer, numel};
@@ -109,9 +109,7 @@ pub(super) struct LoopKernels {
 
 impl LoopKernels {
     pub(super) fn load(dev: &Device) -> Result<LoopKernels> {
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(cuda_err("compiling the training loop's kernels with NVRTC"))?;
-        let module = dev.ctx.load_module(ptx).map_err(cuda_err("loading the training loop's kernels"))?;
-        let f = |name: &str| module.load_function(name).map_err(cuda_err("finding a training loop kernel"));
+        let (module, f) = load_kernels(dev, SOURCE, "the training loop's kernels")?;
         Ok(LoopKernels { sum_squares: f("sum_squares")?, sum_squares_bf16: f("sum_squares_bf16")?, loss_hits: f("loss_hits")?, scale_all: f("scale_all")?, _module: module })
     }
 }
