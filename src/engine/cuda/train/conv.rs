@@ -39,8 +39,28 @@ fn filter_algo(v: u32) -> Option<sys::cudnnConvolutionBwdFilterAlgo_t> {
     })
 }
 
-type DataChoice = (sys::cudnnConvolutionBwdDataAlgo_t, usize);
-type FilterChoice = (sys::cudnnConvolutionBwdFilterAlgo_t, usize);
+/// A backward pass's algorithm, its workspace bytes and the math type cuDNN's search ran it with.
+type DataChoice = (sys::cudnnConvolutionBwdDataAlgo_t, usize, u32);
+type FilterChoice = (sys::cudnnConvolutionBwdFilterAlgo_t, usize, u32);
+
+const TENSOR_OP: u32 = sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32;
+
+/// Put `math` (a `cudnnMathType_t` as cuDNN reported it) on a convolution descriptor. bf16 descriptors carry
+/// tensor-op math for the searches and the forward; cuDNN's search tries algorithms that have no tensor-op variant
+/// with default math and reports them so, and such an algorithm must run with the math type it was found with
+/// (a descriptor that disagrees is refused or, as other frameworks found, can compute NaNs).
+fn set_math(conv: sys::cudnnConvolutionDescriptor_t, math: u32) -> Result<()> {
+    use sys::cudnnMathType_t::*;
+    let math = match math {
+        0 => CUDNN_DEFAULT_MATH,
+        2 => CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        3 => CUDNN_FMA_MATH,
+        _ => CUDNN_TENSOR_OP_MATH,
+    };
+    // SAFETY: `conv` is a live descriptor owned by the caller's plan; the call only stores the math type, which
+    // cuDNN reads when the next call that takes the descriptor is made (on this thread, in program order).
+    unsafe { cudarc::cudnn::result::set_convolution_math_type(conv, math) }.map_err(cuda_err("setting a convolution's math type"))
+}
 
 /// What a backward algorithm is cached by: the shape, TF32 permission and storage.
 type AlgoKey = (ConvShape, bool, Storage);
@@ -54,9 +74,9 @@ pub struct TrainAlgos {
     filter: HashMap<AlgoKey, FilterChoice>,
 }
 
-/// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes):
-/// tensor-op algorithms only with TF32 allowed or on bf16 storage (where they are the point).
-fn pick(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize)> {
+/// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes, math
+/// type): tensor-op algorithms only with TF32 allowed or on bf16 storage (where they are the point).
+fn pick(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize, u32)> {
     let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
     const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
     let tensor_op = [
@@ -66,38 +86,50 @@ fn pick(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, us
     perf[..returned]
         .iter()
         .find(|p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
-        .map(|p| (p.algo, p.memory))
+        .map(|p| (p.algo, p.memory, p.math_type))
 }
 
 /// The algorithm of one backward pass for `shape`: cached, or found by cuDNN's timed search (`find` fills up to
 /// `count` results and the number returned) and then cached; with the workspace these descriptors need for it
-/// (`size`), which may exceed the search's own report.
+/// (`size`), which may exceed the search's own report. With bf16 storage the convolution descriptor `conv` carries
+/// tensor-op math for the search and the chosen algorithm's math type for the size query.
+#[allow(clippy::too_many_arguments)]
 fn choose<A: Copy>(
     dev: &Device,
-    cache: &mut HashMap<AlgoKey, (A, usize)>,
+    cache: &mut HashMap<AlgoKey, (A, usize, u32)>,
     (shape, storage, count, pass): (ConvShape, Storage, usize, &str),
+    conv: sys::cudnnConvolutionDescriptor_t,
     algo_of: fn(u32) -> Option<A>,
     find: impl FnOnce(&mut [AlgoPerf], &mut c_int) -> sys::cudnnStatus_t,
     size: impl FnOnce(A, &mut usize) -> sys::cudnnStatus_t,
-) -> Result<(A, usize)> {
+) -> Result<(A, usize, u32)> {
+    let bf16 = storage == Storage::Bf16Nhwc;
     let key = (shape, dev.allow_tf32, storage);
-    let (algo, searched) = match cache.get(&key) {
+    let (algo, searched, math) = match cache.get(&key) {
         Some(&hit) => hit,
         None => {
+            if bf16 {
+                set_math(conv, TENSOR_OP)?;
+            }
             let mut perf = [AlgoPerf::default(); 8];
             let mut returned: c_int = 0;
             find(&mut perf[..count], &mut returned).result().map_err(cuda_err("searching convolution algorithms"))?;
-            let tensor_ops = dev.allow_tf32 || storage == Storage::Bf16Nhwc;
-            let chosen = pick(tensor_ops, &perf[..count], returned)
-                .and_then(|(a, m)| Some((algo_of(a)?, m)))
+            let chosen = pick(dev.allow_tf32 || bf16, &perf[..count], returned)
+                .and_then(|(a, m, math)| Some((algo_of(a)?, m, math)))
                 .ok_or_else(|| Error::invalid(format!("CUDA: cuDNN has no usable {pass} algorithm for {shape:?}")))?;
             cache.insert(key, chosen);
             chosen
         }
     };
+    if bf16 {
+        set_math(conv, math)?;
+    }
     let mut asked = 0usize;
     size(algo, &mut asked).result().map_err(cuda_err("sizing a convolution workspace"))?;
-    Ok((algo, searched.max(asked)))
+    if bf16 {
+        set_math(conv, TENSOR_OP)?;
+    }
+    Ok((algo, searched.max(asked), math))
 }
 
 /// One training convolution at one batch size: forward plan and both backward algorithms.
@@ -130,7 +162,7 @@ impl TrainConv {
             let size = |a, bytes: &mut usize| unsafe {
                 sys::cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, conv, x, a, bytes)
             };
-            Some(choose(dev, &mut algos.data, spec, data_algo, find, size)?)
+            Some(choose(dev, &mut algos.data, spec, conv, data_algo, find, size)?)
         } else {
             None
         };
@@ -145,7 +177,7 @@ impl TrainConv {
         let size = |a, bytes: &mut usize| unsafe {
             sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, conv, w, a, bytes)
         };
-        let filter = choose(dev, &mut algos.filter, spec, filter_algo, find, size)?;
+        let filter = choose(dev, &mut algos.filter, spec, conv, filter_algo, find, size)?;
         let workspace = fwd.workspace.max(filter.1).max(data.map_or(0, |d| d.1));
         Ok(TrainConv {
             fwd,
@@ -164,8 +196,16 @@ impl TrainConv {
         self.fwd.y.0
     }
 
+    /// With bf16 storage, put `math` on the convolution descriptor before a call (each pass runs with the math
+    /// type its algorithm was found with; the forward's is tensor-op, as its plan was built). fp32 descriptors are
+    /// never touched.
+    fn use_math(&self, math: u32) -> Result<()> {
+        if self.fwd.storage() == Storage::Bf16Nhwc { set_math(self.fwd.conv.0, math) } else { Ok(()) }
+    }
+
     /// y = conv(x, w), all three of the plan's storage.
     pub fn forward(&self, dev: &Device, x: ActRef, w: ActRef, y: ActRef, ws: &Buf<u8>) -> Result<()> {
+        self.use_math(TENSOR_OP)?;
         match (x, w, y) {
             (ActRef::F32(x), ActRef::F32(w), ActRef::F32(y)) => self.fwd.forward(dev, x, w, y, ws),
             (ActRef::Bf16(x), ActRef::Bf16(w), ActRef::Bf16(y)) => self.fwd.forward(dev, x, w, y, ws),
@@ -199,10 +239,11 @@ impl TrainConv {
         accumulate: bool,
         ws: &Buf<u8>,
     ) -> Result<()> {
-        let (algo, _) = self
+        let (algo, _, math) = self
             .data
             .ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
         self.check(dx, w, dy, ws)?;
+        self.use_math(math)?;
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         // SAFETY: the descriptors describe w, dy and dx in the plan's storage (fp32 NCHW, or bf16 NHWC/OHWI), and
         // the buffers' storage and sizes were checked against them;
@@ -242,6 +283,7 @@ impl TrainConv {
         ws: &Buf<u8>,
     ) -> Result<()> {
         self.check(x, dw, dy, ws)?;
+        self.use_math(self.filter.2)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: as for backward data, with cudnnConvolutionBackwardFilter's order (handle, alpha, xDesc, x,
         // dyDesc, dy, convDesc, algo, workspace, size, beta, dwDesc, dw); dw is the parameter's own gradient
