@@ -261,9 +261,12 @@ fn train_device_and_dtype_are_refused_up_front_in_one_line() {
     if cfg!(not(feature = "cuda")) {
         fails_cleanly(&["train", "--out", out, "--device", "cuda"], "--features cuda");
         fails_cleanly(&["train", "--out", out, "--device", "cuda:1", "--dtype", "tf32"], "--features cuda");
+        fails_cleanly(&["train", "--out", out, "--device", "cuda", "--dtype", "bf16"], "--features cuda");
+        fails_cleanly(&["bench", "--workload", "train", "--device", "cuda", "--dtype", "bf16"], "--features cuda");
     }
-    fails_cleanly(&["train", "--out", out, "--device", "cuda", "--dtype", "bf16"], "bf16 training does not exist yet");
     fails_cleanly(&["train", "--out", out, "--dtype", "tf32"], "--dtype tf32 needs a GPU");
+    fails_cleanly(&["train", "--out", out, "--dtype", "bf16"], "--dtype bf16 needs a GPU");
+    fails_cleanly(&["bench", "--workload", "train", "--dtype", "bf16"], "--dtype bf16 needs a GPU");
     fails_cleanly(&["train", "--out", out, "--device", "tpu"], "unknown device 'tpu'");
     assert!(!run.exists(), "a refused run writes nothing");
 }

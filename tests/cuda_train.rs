@@ -327,6 +327,18 @@ fn setup_without_the_device_is_a_one_line_error() {
     eprintln!("{err}");
 }
 
+/// Also without a GPU: bf16 is accepted (no refusal); only the missing device stops it, in one line.
+#[test]
+fn bf16_setup_is_accepted_and_fails_only_for_the_missing_device() {
+    let model = small_model();
+    let (_, opt) = optimizers(&model, Sgd(0.9, false, 0.0, false, 1.0));
+    let err = match CudaTrainer::new(&model, 4096, 1, 32, 32, CudaOptions { allow_tf32: false, bf16: true }, opt) {
+        Ok(_) => panic!("cuda:4096 cannot exist"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("CUDA: ") && !err.contains('\n') && !err.contains("bf16"), "{err}");
+}
+
 /// Also without a GPU: what the trainer cannot run is refused before the device is touched.
 #[test]
 fn unsupported_optimizers_and_mismatched_groups_are_one_line_errors() {
@@ -411,4 +423,172 @@ fn the_training_loop_interface_matches_the_host_view() {
     wrong.insert("nope.momentum_buffer".into(), Tensor::zeros(&[1]));
     let err = other.load_momentum_state(&wrong).unwrap_err().to_string();
     assert!(err.starts_with("CUDA: ") && err.contains("nope") && !err.contains('\n'), "{err}");
+}
+
+// ---- bf16 mixed precision (`CudaOptions { bf16: true }`) ----
+//
+// bf16 keeps 8 significant bits: one rounding is off by up to 2^-9 ≈ 2e-3 relative. A bf16 step rounds the
+// images, every convolution weight, every activation and every activation gradient, through 17 to 50 layers
+// each way, so its results differ from the CPU's fp32 step by about 1e-2 (PyTorch's autocast against its fp32
+// step on these networks differs by the same order). Tolerances, as relative errors ‖a−b‖/‖b‖ (NaN fails):
+// - the loss within 1e-2: a mean over the batch, the rounding errors average out;
+// - all gradients together (one vector) within 3e-2, each tensor within 1.5e-1: per tensor, a sum that cancels
+//   (a BN weight gradient; fp32 itself shows 3x its typical error there) amplifies the error; a wrong layout,
+//   transposition or missing term is off by order 1, which both bounds still catch;
+// - the update itself within 1e-6: the CPU optimizer applied to the device's own (fp32) gradients must give the
+//   device's weights, since the SGD runs on the fp32 masters operation for operation as in fp32 training;
+// - the running statistics within 5e-2 per tensor (batch means and variances of bf16-rounded activations).
+// These are first estimates from the rounding analysis, to be tightened from what the first GPU run prints.
+
+fn bf16_trainer(model: &ResNet, batch: usize, hw: usize, opt: TrainOptimizer) -> CudaTrainer {
+    let t = CudaTrainer::new(model, 0, batch, hw, hw, CudaOptions { allow_tf32: false, bf16: true }, opt)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("device: {} (bf16)", t.device_name());
+    t
+}
+
+/// Relative errors per tensor of `got` against `want` (by name), the largest printed, every one at most `tol`.
+fn assert_close_per_tensor(what: &str, got: &[(String, Tensor)], want: &std::collections::BTreeMap<String, Tensor>, tol: f64) {
+    let mut errors: Vec<(f64, String)> = got.iter().map(|(n, t)| (rel_err(t.data(), want[n].data()), n.clone())).collect();
+    errors.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("bf16 {what}: largest errors {:?}", &errors[..errors.len().min(6)]);
+    let bad: Vec<_> = errors.iter().filter(|(e, _)| e.is_nan() || *e > tol).collect();
+    assert!(bad.is_empty(), "bf16 {what}: {} tensors above {tol:e}: {bad:?}", bad.len());
+}
+
+fn bf16_step_is_close_to_cpu(name: &str, nudge: bool) {
+    let f = load(name);
+    let mut cpu = det_net(&f);
+    let (x, t) = (input(&f, nudge), targets(&f, 0.0));
+    let [n, _, h, _] = x.dims4();
+    let (mut opt, dev_opt) = optimizers(&cpu, Sgd(0.9, false, 5e-4, true, 1.0));
+    let mut g = bf16_trainer(&cpu, n, h, dev_opt);
+    let loss = g.step(&x, &t, 0.1).unwrap_or_else(|e| panic!("{e}"));
+    let want = cpu_step(&mut cpu, &mut opt, &x, &t, 0.1);
+    let e = rel_err(&[loss], &[want]);
+    eprintln!("bf16 loss {loss} vs CPU fp32 {want} (relative error {e:.3e})");
+    assert!(e <= 1e-2, "bf16 loss {loss} vs CPU fp32 {want}: relative error {e:.3e}");
+
+    let grads = g.gradients().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(grads.len(), cpu.store.params.len());
+    let cpu_grads: std::collections::BTreeMap<String, Tensor> =
+        cpu.store.params.iter().map(|p| (p.name.clone(), p.grad.clone().expect("a CPU gradient"))).collect();
+    let all = |v: &[(String, Tensor)]| v.iter().flat_map(|(_, t)| t.data().to_vec()).collect::<Vec<f32>>();
+    let want_all: Vec<f32> = grads.iter().flat_map(|(name, _)| cpu_grads[name].data().to_vec()).collect();
+    let global = rel_err(&all(&grads), &want_all);
+    eprintln!("bf16 gradients: global relative error {global:.3e}");
+    assert!(global <= 3e-2, "bf16 gradients: global relative error {global:.3e}");
+    assert_close_per_tensor("gradients", &grads, &cpu_grads, 1.5e-1);
+
+    let mut got = ResNet::new(cpu.config, 1);
+    g.download_into(&mut got).unwrap();
+    assert_eq!(got.store.batches_tracked, cpu.store.batches_tracked);
+    let (stats, weights): (Vec<_>, Vec<_>) =
+        got.state_dict().into_iter().partition(|(name, _)| name.contains(".running_"));
+    assert_close_per_tensor("running statistics", &stats, &cpu.state_dict(), 5e-2);
+    // The update: the CPU optimizer from the same start, on the device's gradients.
+    let mut reference = det_net(&f);
+    let (mut ref_opt, _) = optimizers(&reference, Sgd(0.9, false, 5e-4, true, 1.0));
+    for (p, (name, grad)) in reference.store.params.iter_mut().zip(grads) {
+        assert_eq!(p.name, name);
+        p.grad = Some(grad);
+    }
+    ref_opt.step(&mut reference.store.params, 0.1, None);
+    assert_close_per_tensor("update (CPU optimizer on the device's gradients)", &weights, &reference.state_dict(), 1e-6);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet34_reduced_cifar_stem_bf16_step_is_close_to_the_cpu_fp32_step() {
+    bf16_step_is_close_to_cpu("net_resnet34_w8_cifar.safetensors", true);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet34_reduced_imagenet_stem_bf16_step_is_close_to_the_cpu_fp32_step() {
+    bf16_step_is_close_to_cpu("net_resnet34_w8.safetensors", false);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn resnet50_reduced_cifar_stem_bf16_step_is_close_to_the_cpu_fp32_step() {
+    bf16_step_is_close_to_cpu("net_resnet50_w4_cifar.safetensors", false);
+}
+
+/// fp32 → bf16 with round to nearest even, as the device's conversion (finite values).
+fn round_bf16(v: f32) -> f32 {
+    let u = v.to_bits();
+    f32::from_bits(u.wrapping_add(0x7fff + ((u >> 16) & 1)) & 0xffff_0000)
+}
+
+/// The model's convolution weights (the 4-D parameters) rounded to bf16, by name.
+fn rounded_conv_weights(model: &ResNet) -> std::collections::BTreeMap<String, Tensor> {
+    model
+        .store
+        .params
+        .iter()
+        .filter(|p| p.value.shape().len() == 4)
+        .map(|p| (p.name.clone(), Tensor::new(p.value.shape(), p.value.data().iter().map(|&v| round_bf16(v)).collect()).unwrap()))
+        .collect()
+}
+
+/// The bf16 copies the convolutions read are the fp32 masters rounded, bit for bit, at upload and after every
+/// update; and a second step computes with the refreshed copies: its loss is what a trainer freshly built from the
+/// updated weights computes (train-mode BN uses batch statistics, so the running statistics do not enter), not
+/// what the updated network with stale (pre-update) convolution weights computes.
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn bf16_weight_copies_are_refreshed_after_every_update() {
+    let (_, m0, x, t, n, h) = imagenet_stem_case();
+    let (_, dev_opt) = optimizers(&m0, Sgd(0.9, false, 5e-4, true, 1.0));
+    let copies = |g: &CudaTrainer| g.conv_weights().unwrap().into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let mut g = bf16_trainer(&m0, n, h, dev_opt.clone());
+    assert_eq!(copies(&g), rounded_conv_weights(&m0), "at upload");
+    g.step(&x, &t, 0.1).unwrap();
+    let (mut m1, mut stale) = (ResNet::new(m0.config, 1), ResNet::new(m0.config, 1));
+    g.download_into(&mut m1).unwrap();
+    // The updated network with the convolution weights from before the update: what stale copies would run.
+    g.download_into(&mut stale).unwrap();
+    for (p, q) in stale.store.params.iter_mut().zip(&m0.store.params) {
+        if p.value.shape().len() == 4 {
+            p.value = q.value.clone();
+        }
+    }
+    let after = copies(&g);
+    assert_eq!(after, rounded_conv_weights(&m1), "after one update");
+    assert_ne!(after, rounded_conv_weights(&m0), "the update moved the convolution weights");
+
+    let loss2 = g.step(&x, &t, 0.1).unwrap();
+    let first_loss = |model: &ResNet| bf16_trainer(model, n, h, dev_opt.clone()).step(&x, &t, 0.1).unwrap();
+    let fresh = first_loss(&m1);
+    let stale = first_loss(&stale);
+    let (to_fresh, to_stale) = (rel_err(&[loss2], &[fresh]), rel_err(&[loss2], &[stale]));
+    eprintln!("second-step loss {loss2}; fresh trainer {fresh} ({to_fresh:.3e}); stale copies {stale} ({to_stale:.3e})");
+    assert!(to_fresh <= 1e-3, "the second step's loss {loss2} is not the updated network's {fresh}");
+    assert!(to_stale > 10.0 * to_fresh, "stale and refreshed copies are indistinguishable: {to_stale:.3e}");
+    assert_eq!(copies(&g), {
+        let mut m2 = ResNet::new(m0.config, 1);
+        g.download_into(&mut m2).unwrap();
+        rounded_conv_weights(&m2)
+    }, "after the second update");
+}
+
+/// bf16 and the loop interface: the one read after `forward_backward` sums the (fp32) gradients exactly as the
+/// downloaded gradients, and a non-finite check locates layers on bf16 activations without error.
+#[test]
+#[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
+fn bf16_training_loop_interface_reads_fp32_gradients() {
+    let (f, _, x, t, n, h) = imagenet_stem_case();
+    let model = det_net(&f);
+    let (_, dev_opt) = optimizers(&model, Sgd(0.9, false, 5e-4, true, 1.0));
+    let mut g = bf16_trainer(&model, n, h, dev_opt);
+    g.stage(&x, &t).unwrap();
+    g.forward_backward(n).unwrap();
+    let check = g.check_step(&f.usizes("target")).unwrap();
+    assert!(check.loss.is_finite() && check.buffers_finite);
+    for ((name, grad), s) in g.gradients().unwrap().iter().zip(&check.grad_sumsq) {
+        let want: f64 = grad.data().iter().map(|&v| v as f64 * v as f64).sum();
+        assert!((s - want).abs() <= 1e-9 * want.max(1e-30), "{name}: {s} vs {want}");
+    }
+    assert_eq!(g.first_nonfinite_output().unwrap(), None);
 }

@@ -66,13 +66,10 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let mut device = "cpu".to_string();
     let stem = a.stem.unwrap_or(if train { Stem::Cifar } else { Stem::ImageNet });
     let classes = a.classes.unwrap_or(if train { 10 } else { 1000 }).max(1);
-    if train && a.dtype != Precision::F32 && a.dtype != Precision::Tf32 {
-        return Err(Error::invalid(format!("--workload train runs in f32 or tf32 so far, not {}", a.dtype)));
-    }
     if a.dtype != Precision::F32 && a.device == DeviceSpec::Cpu {
         return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU runs f32", a.dtype)));
     }
-    let allow_tf32 = a.dtype == Precision::Tf32;
+    let options = (a.dtype == Precision::Tf32, a.dtype == Precision::Bf16);
     let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
     // Deterministic, image-like input; the values do not change the work done.
     let x = Tensor::new(
@@ -84,7 +81,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
     let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
     let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-    let gpu_train = if train { gpu_train_step(&model, a.device, batch, size, allow_tf32, (&x, &targets), kind, &groups)? } else { None };
+    let gpu_train = if train { gpu_train_step(&model, a.device, batch, size, options, (&x, &targets), kind, &groups)? } else { None };
     let mut step: Box<dyn FnMut() -> Result<()>> = if let Some((name, gpu_step)) = gpu_train {
         device = name;
         gpu_step
@@ -149,14 +146,14 @@ type TimedStep = Box<dyn FnMut() -> Result<()>>;
 
 /// A device-resident training step for `--workload train` on a GPU: the batch is staged once and each call runs
 /// one whole SGD step on it and waits for the device. None where the step runs on the CPU (`--device cpu`, or
-/// `auto` without a usable GPU).
+/// `auto` without a usable GPU). `(allow_tf32, bf16)`: the precision, as `CudaOptions` takes it.
 #[allow(clippy::too_many_arguments)]
 fn gpu_train_step(
     model: &ResNet,
     device: DeviceSpec,
     batch: usize,
     size: usize,
-    allow_tf32: bool,
+    (allow_tf32, bf16): (bool, bool),
     (x, targets): (&Tensor, &Tensor),
     kind: OptimizerKind,
     groups: &[crate::train::optim::ParamGroup],
@@ -170,7 +167,7 @@ fn gpu_train_step(
             DeviceSpec::Auto => 0,
         };
         let optimizer = TrainOptimizer { kind, groups: groups.to_vec() };
-        let built = CudaTrainer::new(model, index, batch, size, size, CudaOptions { allow_tf32, bf16: false }, optimizer);
+        let built = CudaTrainer::new(model, index, batch, size, size, CudaOptions { allow_tf32, bf16 }, optimizer);
         let mut trainer = match (built, device) {
             (Ok(t), _) => t,
             (Err(_), DeviceSpec::Auto) => return Ok(None),
@@ -182,7 +179,7 @@ fn gpu_train_step(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (model, batch, size, allow_tf32, x, targets, kind, groups);
+        let _ = (model, batch, size, allow_tf32, bf16, x, targets, kind, groups);
         match device {
             DeviceSpec::Cuda(_) => Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD)),
             _ => Ok(None),

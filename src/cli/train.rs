@@ -78,7 +78,8 @@ pub struct TrainCmd {
     /// and the optimizer is SGD). Checkpoints are the same either way: a run resumes on any device.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// f32, or on a GPU tf32 (TF32 tensor-core convolutions and matrix products).
+    /// f32, or on a GPU tf32 (TF32 tensor-core convolutions and matrix products) or bf16 (mixed precision as
+    /// PyTorch's autocast: bf16 activations and convolutions, fp32 master weights, optimiser state and BN statistics).
     #[arg(long, default_value = "f32")]
     dtype: Precision,
 }

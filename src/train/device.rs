@@ -1,4 +1,4 @@
-//! Where the training loop's steps run (`resnet train --device cpu|cuda[:N]|auto --dtype f32|tf32`): the CPU
+//! Where the training loop's steps run (`resnet train --device cpu|cuda[:N]|auto --dtype f32|tf32|bf16`): the CPU
 //! engine on the host model, or a `CudaTrainer` (feature `cuda`, `gpu.rs`) that holds the live weights, momentum
 //! buffers and BN running statistics on one GPU and copies them into the host model and optimiser only when the
 //! loop needs them there (checkpoints, evaluation, diagnosing a non-finite step). Without the feature the GPU
@@ -65,12 +65,9 @@ pub struct TrainDevice {
 impl TrainDevice {
     pub const CPU: TrainDevice = TrainDevice { device: DeviceSpec::Cpu, precision: Precision::F32 };
 
-    /// Refuse up front, in one line naming the flag, what cannot run: bf16 training, a GPU dtype on the CPU, a GPU
+    /// Refuse up front, in one line naming the flag, what cannot run: a GPU dtype (tf32, bf16) on the CPU, a GPU
     /// this build lacks, an optimiser the GPU trainer does not run.
     pub fn check(&self, recipe: &Recipe) -> Result<()> {
-        if self.precision == Precision::Bf16 {
-            return Err(Error::invalid("--dtype bf16: bf16 training does not exist yet (use --dtype f32 or tf32)"));
-        }
         if self.precision != Precision::F32 && self.device == DeviceSpec::Cpu {
             return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU runs f32", self.precision)));
         }

@@ -209,6 +209,11 @@ pub struct ConvPlan {
 }
 
 impl ConvPlan {
+    /// The storage the plan's descriptors describe.
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+
     pub fn new(dev: &Device, cache: &mut AlgoCache, shape: ConvShape, storage: Storage) -> Result<ConvPlan> {
         let [_, c, _, _] = shape.x;
         let k = int(shape.kernel)?;

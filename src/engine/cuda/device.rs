@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 
 use super::conv::DnnHandle;
 use crate::error::{Error, Result, catch_parser_panic};
@@ -29,6 +29,20 @@ pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
              (it needs a CUDA 12.x/13.x driver, cuBLAS 12/13, NVRTC 12/13 and cuDNN 9)"
         )))
     })
+}
+
+/// Compile CUDA C `source` with NVRTC and load it on the device, with a lookup of its kernels by name; `what`
+/// names the module in errors ("the bf16 training kernels").
+pub(super) fn load_kernels(
+    dev: &Device,
+    source: &str,
+    what: &'static str,
+) -> Result<(Arc<CudaModule>, impl Fn(&str) -> Result<CudaFunction> + use<>)> {
+    let ptx = cudarc::nvrtc::compile_ptx(source).map_err(|e| Error::invalid(format!("CUDA: compiling {what} with NVRTC failed: {e:?}")))?;
+    let module = dev.ctx.load_module(ptx).map_err(|e| Error::invalid(format!("CUDA: loading {what} failed: {e:?}")))?;
+    let lookup = module.clone();
+    let find = move |name: &str| lookup.load_function(name).map_err(|e| Error::invalid(format!("CUDA: kernel {name} of {what} not found: {e:?}")));
+    Ok((module, find))
 }
 
 /// One device, one stream, and the library handles bound to that stream. Everything the executor enqueues goes on

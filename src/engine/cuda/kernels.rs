@@ -16,7 +16,7 @@ use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use super::device::{Buf, Device, cuda_err};
 use crate::error::{Error, Result};
 
-const SOURCE: &str = r#"
+const SOURCE_F32: &str = r#"
 // Eval-mode batch norm as y = x*scale + shift: scale = gamma / sqrt(var + eps), shift = beta - mean*scale.
 extern "C" __global__ void bn_fold(const float* gamma, const float* beta, const float* mean, const float* var,
                                    float eps, float* scale, float* shift, int channels) {
@@ -79,6 +79,10 @@ extern "C" __global__ void global_avg_pool(const float* x, float* y, int planes,
     if (lane == 0) y[warp] = s / (float)plane;
 }
 
+"#;
+
+/// bf16 as `unsigned short` bits and its two conversions, shared with the training kernels (`train/half.rs`).
+pub(super) const BF16: &str = r#"
 typedef unsigned short bf16;
 __device__ __forceinline__ float bf16_to_f32(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
 // Round to nearest even, NaN kept a (quiet) NaN: the rounding PyTorch's .to(torch.bfloat16) does.
@@ -88,6 +92,9 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (bf16)(u >> 16);
 }
+"#;
+
+const SOURCE_BF16: &str = r#"
 
 // fp32 [N, C, HW] → bf16 [N, HW, C]: images, and conv weights OIHW → OHWI (N = O, C = I, HW = kh·kw).
 extern "C" __global__ void to_bf16_nhwc(const float* x, bf16* y, long long n, int c, int hw) {
@@ -230,7 +237,7 @@ pub struct Kernels {
 
 impl Kernels {
     pub fn load(dev: &Device) -> Result<Kernels> {
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
+        let ptx = cudarc::nvrtc::compile_ptx([SOURCE_F32, BF16, SOURCE_BF16].concat())
             .map_err(cuda_err("compiling the kernels with NVRTC"))?;
         let module = dev
             .ctx
@@ -445,7 +452,7 @@ impl Kernels {
         check("scale_shift_act_bf16", fits && scale.len >= c && shift.len >= c && c > 0)?;
         // 16-byte accesses need every buffer 16-byte aligned (cudaMalloc gives 256) and whole channel groups.
         let aligned = [Some(y), Some(x), res].iter().flatten().all(|b| b.ptr % 16 == 0);
-        let vec8 = c % 8 == 0 && aligned;
+        let vec8 = c.is_multiple_of(8) && aligned;
         let (total_i, channels, relu, vec8_i) = (total as i64, i32_of(c)?, i32::from(relu), i32::from(vec8));
         let res_ptr: u64 = res.map_or(0, |r| r.ptr);
         let mut b = dev.stream.launch_builder(&self.scale_shift_act_bf16);

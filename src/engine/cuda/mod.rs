@@ -21,6 +21,8 @@
 //! gpu.download_into(&mut model)?;               // weights, BN running statistics, batch count: for checkpoints
 //! ```
 //!
+//! `CudaTrainer::new(.., CudaOptions { bf16: true, .. }, ..)` trains in bf16 mixed precision (see Precision).
+//!
 //! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true, bf16: false })` lets cuDNN and cuBLAS use TF32;
 //! `bf16: true` runs the network on bf16 NHWC activations (see Precision below). Every failure is an `Error` with
 //! one line: no driver (libcuda missing), no device or a wrong index, a missing cuDNN, cuBLAS or
@@ -44,7 +46,8 @@
 //! - **Layout.** fp32 runs NCHW, the layout of the engine's tensors and of PyTorch checkpoints, so nothing is
 //!   transposed on the way in or out. bf16 runs NHWC (tensor cores want channels innermost): one kernel converts the
 //!   staged fp32 NCHW images to bf16 NHWC, and the conv weights are converted to bf16 OHWI once at upload.
-//! - **Precision.** fp32 by default, or bf16 as PyTorch's autocast does it: convolution operands in bf16 with fp32
+//! - **Precision.** fp32 by default, or bf16 as PyTorch's autocast does it (inference here; training under
+//!   Training below): convolution operands in bf16 with fp32
 //!   accumulation, BN + residual + ReLU computed in fp32 from bf16 inputs and rounded once, global pooling and the
 //!   classifier in fp32, fp32 master weights. In fp32, TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
 //!   `DEFAULT_MATH` would allow TF32 on Ampere and later) and algorithms reporting tensor-op math are skipped;
@@ -58,7 +61,13 @@
 //!   algorithms are searched once per shape. A block's residual gradient costs nothing: the first convolution's
 //!   backward data accumulates onto it (cuDNN beta 1). ReLU masks fuse into the pooling backward kernels, the fc
 //!   bias gradient into the loss kernel. One SGD launch per parameter; the host waits once per step, for the loss.
-//!   Only SGD runs on the device so far (Adam/AdamW are refused with an error). For the training loop
+//!   Only SGD runs on the device so far (Adam/AdamW are refused with an error). With `bf16` the trainer follows
+//!   PyTorch's autocast on channels-last tensors (`train/half.rs`): activations and their gradients are bf16 NHWC,
+//!   convolutions read bf16 inputs and a bf16 OHWI copy of each fp32 master weight (converted again after every
+//!   update) and accumulate in fp32; cuDNN's bf16 weight gradient is widened into the fp32 gradient; batch norm
+//!   runs on the trainer's own NHWC kernels (per-channel sums in double, fp32 scale, shift, running and saved
+//!   statistics; normalise + residual + ReLU in one pass rounded once); pooling output, fc, loss, gradients of
+//!   parameters and the SGD state stay fp32; no loss scaling. For the training loop
 //!   (`resnet train --device cuda`) a step also splits in two, `forward_backward` then `apply_update`, with
 //!   `check_step` between: one read of the loss, the top-1 hits and each gradient's and BN statistic's sum of
 //!   squares (`train/stats.rs`: per-buffer reductions in double through pointer tables uploaded once), plus

@@ -9,6 +9,7 @@ use cudarc::cudnn::sys;
 
 use super::super::conv::{AlgoCache, AlgoPerf, ConvPlan, ConvShape, Storage};
 use super::super::device::{Buf, Device, cuda_err};
+use super::half::ActRef;
 use crate::error::{Error, Result};
 
 fn data_algo(v: u32) -> Option<sys::cudnnConvolutionBwdDataAlgo_t> {
@@ -38,19 +39,44 @@ fn filter_algo(v: u32) -> Option<sys::cudnnConvolutionBwdFilterAlgo_t> {
     })
 }
 
-type DataChoice = (sys::cudnnConvolutionBwdDataAlgo_t, usize);
-type FilterChoice = (sys::cudnnConvolutionBwdFilterAlgo_t, usize);
+/// A backward pass's algorithm, its workspace bytes and the math type cuDNN's search ran it with.
+type DataChoice = (sys::cudnnConvolutionBwdDataAlgo_t, usize, u32);
+type FilterChoice = (sys::cudnnConvolutionBwdFilterAlgo_t, usize, u32);
 
-/// Chosen algorithms by shape and TF32 permission: the forward's (conv.rs's cache) and both backward passes'.
+const TENSOR_OP: u32 = sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32;
+
+/// Put `math` (a `cudnnMathType_t` as cuDNN reported it) on a convolution descriptor. bf16 descriptors carry
+/// tensor-op math for the searches and the forward; cuDNN's search tries algorithms that have no tensor-op variant
+/// with default math and reports them so, and such an algorithm must run with the math type it was found with
+/// (a descriptor that disagrees is refused or, as other frameworks found, can compute NaNs).
+fn set_math(conv: sys::cudnnConvolutionDescriptor_t, math: u32) -> Result<()> {
+    use sys::cudnnMathType_t::*;
+    let math = match math {
+        0 => CUDNN_DEFAULT_MATH,
+        2 => CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        3 => CUDNN_FMA_MATH,
+        _ => CUDNN_TENSOR_OP_MATH,
+    };
+    // SAFETY: `conv` is a live descriptor owned by the caller's plan; the call only stores the math type, which
+    // cuDNN reads when the next call that takes the descriptor is made (on this thread, in program order).
+    unsafe { cudarc::cudnn::result::set_convolution_math_type(conv, math) }.map_err(cuda_err("setting a convolution's math type"))
+}
+
+/// What a backward algorithm is cached by: the shape, TF32 permission and storage.
+type AlgoKey = (ConvShape, bool, Storage);
+
+/// Chosen algorithms by shape, TF32 permission and storage: the forward's (conv.rs's cache) and both backward
+/// passes'.
 #[derive(Default)]
 pub struct TrainAlgos {
     forward: AlgoCache,
-    data: HashMap<(ConvShape, bool), DataChoice>,
-    filter: HashMap<(ConvShape, bool), FilterChoice>,
+    data: HashMap<AlgoKey, DataChoice>,
+    filter: HashMap<AlgoKey, FilterChoice>,
 }
 
-/// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes).
-fn pick(dev: &Device, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize)> {
+/// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes, math
+/// type): tensor-op algorithms only with TF32 allowed or on bf16 storage (where they are the point).
+fn pick(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize, u32)> {
     let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
     const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
     let tensor_op = [
@@ -59,38 +85,51 @@ fn pick(dev: &Device, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize)
     ];
     perf[..returned]
         .iter()
-        .find(|p| p.status == SUCCESS && (dev.allow_tf32 || !tensor_op.contains(&p.math_type)))
-        .map(|p| (p.algo, p.memory))
+        .find(|p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
+        .map(|p| (p.algo, p.memory, p.math_type))
 }
 
 /// The algorithm of one backward pass for `shape`: cached, or found by cuDNN's timed search (`find` fills up to
 /// `count` results and the number returned) and then cached; with the workspace these descriptors need for it
-/// (`size`), which may exceed the search's own report.
+/// (`size`), which may exceed the search's own report. With bf16 storage the convolution descriptor `conv` carries
+/// tensor-op math for the search and the chosen algorithm's math type for the size query.
+#[allow(clippy::too_many_arguments)]
 fn choose<A: Copy>(
     dev: &Device,
-    cache: &mut HashMap<(ConvShape, bool), (A, usize)>,
-    (shape, count, pass): (ConvShape, usize, &str),
+    cache: &mut HashMap<AlgoKey, (A, usize, u32)>,
+    (shape, storage, count, pass): (ConvShape, Storage, usize, &str),
+    conv: sys::cudnnConvolutionDescriptor_t,
     algo_of: fn(u32) -> Option<A>,
     find: impl FnOnce(&mut [AlgoPerf], &mut c_int) -> sys::cudnnStatus_t,
     size: impl FnOnce(A, &mut usize) -> sys::cudnnStatus_t,
-) -> Result<(A, usize)> {
-    let key = (shape, dev.allow_tf32);
-    let (algo, searched) = match cache.get(&key) {
+) -> Result<(A, usize, u32)> {
+    let bf16 = storage == Storage::Bf16Nhwc;
+    let key = (shape, dev.allow_tf32, storage);
+    let (algo, searched, math) = match cache.get(&key) {
         Some(&hit) => hit,
         None => {
+            if bf16 {
+                set_math(conv, TENSOR_OP)?;
+            }
             let mut perf = [AlgoPerf::default(); 8];
             let mut returned: c_int = 0;
             find(&mut perf[..count], &mut returned).result().map_err(cuda_err("searching convolution algorithms"))?;
-            let chosen = pick(dev, &perf[..count], returned)
-                .and_then(|(a, m)| Some((algo_of(a)?, m)))
+            let chosen = pick(dev.allow_tf32 || bf16, &perf[..count], returned)
+                .and_then(|(a, m, math)| Some((algo_of(a)?, m, math)))
                 .ok_or_else(|| Error::invalid(format!("CUDA: cuDNN has no usable {pass} algorithm for {shape:?}")))?;
             cache.insert(key, chosen);
             chosen
         }
     };
+    if bf16 {
+        set_math(conv, math)?;
+    }
     let mut asked = 0usize;
     size(algo, &mut asked).result().map_err(cuda_err("sizing a convolution workspace"))?;
-    Ok((algo, searched.max(asked)))
+    if bf16 {
+        set_math(conv, TENSOR_OP)?;
+    }
+    Ok((algo, searched.max(asked), math))
 }
 
 /// One training convolution at one batch size: forward plan and both backward algorithms.
@@ -104,12 +143,14 @@ pub struct TrainConv {
 }
 
 impl TrainConv {
-    pub fn new(dev: &Device, algos: &mut TrainAlgos, shape: ConvShape, need_dx: bool) -> Result<TrainConv> {
-        let fwd = ConvPlan::new(dev, &mut algos.forward, shape, Storage::F32Nchw)?;
+    /// `storage`: fp32 NCHW, or bf16 NHWC with fp32 accumulation (x, w, y and their gradients all bf16: cuDNN's
+    /// legacy API runs bf16 convolutions only with every tensor bf16, compute type FLOAT).
+    pub fn new(dev: &Device, algos: &mut TrainAlgos, shape: ConvShape, need_dx: bool, storage: Storage) -> Result<TrainConv> {
+        let fwd = ConvPlan::new(dev, &mut algos.forward, shape, storage)?;
         let (h, x, w, conv, y) = (dev.dnn.raw(), fwd.x.0, fwd.w.0, fwd.conv.0, fwd.y.0);
         let data = if need_dx {
             // CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT results at most.
-            let spec = (shape, 6, "backward-data");
+            let spec = (shape, storage, 6, "backward-data");
             // SAFETY (both closures): the handle and the plan's descriptors are live and fully set, passed in the
             // order cudnnFindConvolutionBackwardDataAlgorithm and cudnnGetConvolutionBackwardDataWorkspaceSize take
             // them (w, dy = the forward's y, the convolution, dx = the forward's x); `perf` has room for the
@@ -121,12 +162,12 @@ impl TrainConv {
             let size = |a, bytes: &mut usize| unsafe {
                 sys::cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, conv, x, a, bytes)
             };
-            Some(choose(dev, &mut algos.data, spec, data_algo, find, size)?)
+            Some(choose(dev, &mut algos.data, spec, conv, data_algo, find, size)?)
         } else {
             None
         };
         // CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT results at most.
-        let spec = (shape, 7, "backward-filter");
+        let spec = (shape, storage, 7, "backward-filter");
         // SAFETY (both closures): as above, in the order of cudnnFindConvolutionBackwardFilterAlgorithm and
         // cudnnGetConvolutionBackwardFilterWorkspaceSize (x, dy, the convolution, dw = the forward's w), with room
         // for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
@@ -136,7 +177,7 @@ impl TrainConv {
         let size = |a, bytes: &mut usize| unsafe {
             sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, conv, w, a, bytes)
         };
-        let filter = choose(dev, &mut algos.filter, spec, filter_algo, find, size)?;
+        let filter = choose(dev, &mut algos.filter, spec, conv, filter_algo, find, size)?;
         let workspace = fwd.workspace.max(filter.1).max(data.map_or(0, |d| d.1));
         Ok(TrainConv {
             fwd,
@@ -155,15 +196,33 @@ impl TrainConv {
         self.fwd.y.0
     }
 
-    pub fn forward(&self, dev: &Device, x: &Buf<f32>, w: &Buf<f32>, y: &Buf<f32>, ws: &Buf<u8>) -> Result<()> {
-        self.fwd.forward(dev, x, w, y, ws)
+    /// With bf16 storage, put `math` on the convolution descriptor before a call (each pass runs with the math
+    /// type its algorithm was found with; the forward's is tensor-op, as its plan was built). fp32 descriptors are
+    /// never touched.
+    fn use_math(&self, math: u32) -> Result<()> {
+        if self.fwd.storage() == Storage::Bf16Nhwc { set_math(self.fwd.conv.0, math) } else { Ok(()) }
     }
 
-    fn check(&self, x: &Buf<f32>, w: &Buf<f32>, dy: &Buf<f32>, ws: &Buf<u8>) -> Result<()> {
+    /// y = conv(x, w), all three of the plan's storage.
+    pub fn forward(&self, dev: &Device, x: ActRef, w: ActRef, y: ActRef, ws: &Buf<u8>) -> Result<()> {
+        self.use_math(TENSOR_OP)?;
+        match (x, w, y) {
+            (ActRef::F32(x), ActRef::F32(w), ActRef::F32(y)) => self.fwd.forward(dev, x, w, y, ws),
+            (ActRef::Bf16(x), ActRef::Bf16(w), ActRef::Bf16(y)) => self.fwd.forward(dev, x, w, y, ws),
+            _ => Err(super::half::mixed("a convolution")),
+        }
+    }
+
+    /// The buffers of a backward pass: all of the plan's storage (which fixes the element size cuDNN assumes) and
+    /// at least as long as the shape needs.
+    fn check(&self, x: ActRef, w: ActRef, dy: ActRef, ws: &Buf<u8>) -> Result<()> {
         let s = self.fwd.shape;
+        if [x, w, dy].iter().any(|b| b.storage() != self.fwd.storage()) {
+            return Err(super::half::mixed("a convolution backward"));
+        }
         let need_x: usize = s.x.iter().product();
         let need_y: usize = s.y().iter().product();
-        if x.len < need_x || w.len < s.weight_len() || dy.len < need_y || ws.len < self.workspace {
+        if x.len() < need_x || w.len() < s.weight_len() || dy.len() < need_y || ws.len < self.workspace {
             return Err(Error::invalid(format!("CUDA: buffers too small for convolution backward {s:?}")));
         }
         Ok(())
@@ -174,20 +233,23 @@ impl TrainConv {
     pub fn backward_data(
         &self,
         dev: &Device,
-        w: &Buf<f32>,
-        dy: &Buf<f32>,
-        dx: &Buf<f32>,
+        w: ActRef,
+        dy: ActRef,
+        dx: ActRef,
         accumulate: bool,
         ws: &Buf<u8>,
     ) -> Result<()> {
-        let (algo, _) = self
+        let (algo, _, math) = self
             .data
             .ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
         self.check(dx, w, dy, ws)?;
+        self.use_math(math)?;
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        // SAFETY: the descriptors describe fp32 NCHW w, dy and dx whose sizes were checked against the buffers;
+        // SAFETY: the descriptors describe w, dy and dx in the plan's storage (fp32 NCHW, or bf16 NHWC/OHWI), and
+        // the buffers' storage and sizes were checked against them;
         // dy and dx are distinct allocations (the trainer's gradient scratch buffers, never the same one for both);
-        // the workspace holds at least the bytes cuDNN asked for; alpha/beta are host f32s (float data); the
+        // the workspace holds at least the bytes cuDNN asked for; alpha/beta are host f32s (cuDNN's scaling type
+        // for float and bf16 data alike); the
         // argument order is cudnnConvolutionBackwardData's (handle, alpha, wDesc, w, dyDesc, dy, convDesc, algo,
         // workspace, size, beta, dxDesc, dx); all work is on the handle's stream.
         unsafe {
@@ -195,32 +257,33 @@ impl TrainConv {
                 dev.dnn.raw(),
                 &alpha as *const f32 as *const c_void,
                 self.fwd.w.0,
-                w.ptr as *const c_void,
+                w.ptr() as *const c_void,
                 self.fwd.y.0,
-                dy.ptr as *const c_void,
+                dy.ptr() as *const c_void,
                 self.fwd.conv.0,
                 algo,
                 ws.ptr as *mut c_void,
                 self.workspace,
                 &beta as *const f32 as *const c_void,
                 self.fwd.x.0,
-                dx.ptr as *mut c_void,
+                dx.ptr() as *mut c_void,
             )
         }
         .result()
         .map_err(cuda_err("convolution backward data"))
     }
 
-    /// dw = conv_backward_filter(x, dy), overwriting dw.
+    /// dw = conv_backward_filter(x, dy), overwriting dw (in the plan's storage: bf16 OHWI for bf16).
     pub fn backward_filter(
         &self,
         dev: &Device,
-        x: &Buf<f32>,
-        dy: &Buf<f32>,
-        dw: &Buf<f32>,
+        x: ActRef,
+        dy: ActRef,
+        dw: ActRef,
         ws: &Buf<u8>,
     ) -> Result<()> {
         self.check(x, dw, dy, ws)?;
+        self.use_math(self.filter.2)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: as for backward data, with cudnnConvolutionBackwardFilter's order (handle, alpha, xDesc, x,
         // dyDesc, dy, convDesc, algo, workspace, size, beta, dwDesc, dw); dw is the parameter's own gradient
@@ -230,16 +293,16 @@ impl TrainConv {
                 dev.dnn.raw(),
                 &alpha as *const f32 as *const c_void,
                 self.fwd.x.0,
-                x.ptr as *const c_void,
+                x.ptr() as *const c_void,
                 self.fwd.y.0,
-                dy.ptr as *const c_void,
+                dy.ptr() as *const c_void,
                 self.fwd.conv.0,
                 self.filter.0,
                 ws.ptr as *mut c_void,
                 self.workspace,
                 &beta as *const f32 as *const c_void,
                 self.fwd.w.0,
-                dw.ptr as *mut c_void,
+                dw.ptr() as *mut c_void,
             )
         }
         .result()

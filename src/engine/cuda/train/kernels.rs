@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use super::super::device::{Buf, Device, cuda_err};
+use super::super::device::{Buf, Device, cuda_err, load_kernels};
 use crate::error::{Error, Result};
 
 const SOURCE: &str = r#"
@@ -213,9 +213,7 @@ pub struct TrainKernels {
 
 impl TrainKernels {
     pub fn load(dev: &Device) -> Result<TrainKernels> {
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(cuda_err("compiling the training kernels with NVRTC"))?;
-        let module = dev.ctx.load_module(ptx).map_err(cuda_err("loading the training kernels"))?;
-        let f = |name: &str| module.load_function(name).map_err(cuda_err("finding a training kernel"));
+        let (module, f) = load_kernels(dev, SOURCE, "the training kernels")?;
         Ok(TrainKernels {
             relu: f("relu_fwd")?,
             add_relu: f("add_relu_fwd")?,

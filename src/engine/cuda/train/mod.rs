@@ -9,8 +9,12 @@
 //! gradient), backward in reverse (cuDNN BN backward, convolution backward filter and data, the ReLU masks, a
 //! block's residual gradient accumulated by the first convolution's backward data with beta 1), then one SGD
 //! launch per parameter. Nothing is allocated per step and the host waits once, for the loss.
+//!
+//! With `CudaOptions::bf16` the same graph runs on bf16 NHWC activations and gradients with fp32 master weights,
+//! optimiser state and BN statistics (`half.rs`); every activation buffer is then an `Act::Bf16`.
 
 mod conv;
+mod half;
 mod kernels;
 mod linear;
 mod norm;
@@ -19,11 +23,12 @@ mod stats;
 use std::collections::HashMap;
 
 use self::conv::{TrainAlgos, TrainConv};
+use self::half::{Act, ActRef, HalfKernels, MAX_SPLITS, mixed};
 use self::kernels::{SgdArgs, TrainKernels};
-use self::norm::TrainNorm;
+use self::norm::{BnScratch, TrainNorm};
 use self::stats::{LoopKernels, LoopState};
 pub use self::stats::StepCheck;
-use super::conv::ConvShape;
+use super::conv::{ConvShape, Storage};
 use super::device::{Buf, Device, guarded};
 use super::executor::CudaOptions;
 use super::kernels::Kernels;
@@ -75,8 +80,8 @@ struct UnitSpec {
 /// A unit's device state: its BN layer and its two activations (conv output, BN/ReLU output).
 struct UnitBufs {
     norm: TrainNorm,
-    c: Buf<f32>,
-    a: Buf<f32>,
+    c: Act,
+    a: Act,
 }
 
 /// A residual block: its units in order and its shortcut projection, as indices into the unit list.
@@ -92,8 +97,55 @@ struct Plan {
 
 /// The stem's max-pool output and the winners' indices.
 struct PoolBufs {
-    y: Buf<f32>,
+    y: Act,
     arg: Buf<i32>,
+}
+
+/// The bf16 side of a bf16 trainer (`half.rs`).
+struct Half {
+    kernels: HalfKernels,
+    /// The staged images as bf16 NHWC.
+    input: Buf<u16>,
+    /// Per convolution weight (by tensor index): its bf16 OHWI copy, converted from the fp32 master after every
+    /// update.
+    weights: HashMap<usize, Buf<u16>>,
+    /// A weight gradient as cuDNN writes it (bf16 OHWI), before it is widened into the fp32 gradient.
+    dw: Buf<u16>,
+    /// BN's per-slice partial sums, and the folded scale and shift of the forward.
+    partials: Buf<f64>,
+    scale: Buf<f32>,
+    shift: Buf<f32>,
+}
+
+impl Half {
+    fn new(dev: &Device, kernels: &Kernels, specs: &[UnitSpec], tensors: &[Buf<f32>], images: usize) -> Result<Half> {
+        let widest = specs.iter().map(|s| s.out_channels).max().unwrap_or(0);
+        let largest = specs.iter().map(|s| tensors[s.weight].len).max().unwrap_or(0);
+        let half = Half {
+            kernels: HalfKernels::load(dev)?,
+            input: dev.zeros(images)?,
+            weights: specs.iter().map(|s| Ok((s.weight, dev.zeros(tensors[s.weight].len)?))).collect::<Result<_>>()?,
+            dw: dev.zeros(largest)?,
+            partials: dev.zeros(MAX_SPLITS * 2 * widest)?,
+            scale: dev.zeros(widest)?,
+            shift: dev.zeros(widest)?,
+        };
+        for s in specs {
+            half.refresh(dev, kernels, s, &tensors[s.weight])?;
+        }
+        Ok(half)
+    }
+
+    /// The bf16 OHWI copy of unit `s`'s weight from its fp32 OIHW master `w`.
+    fn refresh(&self, dev: &Device, kernels: &Kernels, s: &UnitSpec, w: &Buf<f32>) -> Result<()> {
+        let copy = self.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+        let cin = w.len / (s.out_channels * s.kernel * s.kernel).max(1);
+        kernels.to_bf16_nhwc(dev, w, copy, s.out_channels, cin, s.kernel * s.kernel)
+    }
+
+    fn bn_scratch(&self) -> BnScratch<'_> {
+        BnScratch { kernels: &self.kernels, partials: &self.partials, scale_shift: [&self.scale, &self.shift] }
+    }
 }
 
 pub struct CudaTrainer {
@@ -126,7 +178,9 @@ pub struct CudaTrainer {
     dlogits: Buf<f32>,
     dfeatures: Buf<f32>,
     loss: Buf<f32>,
-    scratch: [Buf<f32>; 3],
+    scratch: [Act; 3],
+    /// bf16 storage (`CudaOptions::bf16`): the bf16 buffers and kernels; None in fp32.
+    half: Option<Half>,
     workspace: Buf<u8>,
     batch: usize,
     hw: (usize, usize),
@@ -182,9 +236,6 @@ impl CudaTrainer {
         if batch == 0 || h == 0 || w == 0 {
             return Err(Error::invalid(format!("CUDA: empty input shape: batch {batch}, {h}x{w}")));
         }
-        if options.bf16 {
-            return Err(Error::invalid("CUDA: the device trainer runs fp32 (or TF32) only so far, not bf16"));
-        }
         if !matches!(optimizer.kind, OptimizerKind::Sgd { .. }) {
             return Err(Error::invalid(format!(
                 "CUDA: the device trainer runs SGD only so far, not {:?} (use --device cpu)",
@@ -206,6 +257,7 @@ impl CudaTrainer {
         b.check_all_used()?;
         let Walker { specs, blocks, fc, .. } = b;
         let (shapes, pooled) = unit_shapes(&specs, batch, (h, w));
+        let storage = if options.bf16 { Storage::Bf16Nhwc } else { Storage::F32Nchw };
         let dev = Device::open(device, options.allow_tf32)?;
         guarded("uploading the network for training", || {
             let kernels = Kernels::load(&dev)?;
@@ -225,15 +277,15 @@ impl CudaTrainer {
                 let len = numel(shape.y());
                 units.push(UnitBufs {
                     norm: TrainNorm::new(&dev, spec.bn, spec.out_channels)?,
-                    c: dev.zeros(len)?,
-                    a: dev.zeros(len)?,
+                    c: Act::zeros(&dev, storage, len)?,
+                    a: Act::zeros(&dev, storage, len)?,
                 });
             }
             let pool = match pooled {
                 Some(dims) => {
                     let (oh, ow) = pool_out(dims);
                     let len = dims[0] * dims[1] * oh * ow;
-                    Some(PoolBufs { y: dev.zeros(len)?, arg: dev.zeros(len)? })
+                    Some(PoolBufs { y: Act::zeros(&dev, storage, len)?, arg: dev.zeros(len)? })
                 }
                 None => None,
             };
@@ -241,6 +293,11 @@ impl CudaTrainer {
             let (classes, fin) = (model.config.num_classes, model.config.feature_dim());
             let trainable: Vec<bool> = params.iter().map(|p| p.trainable).collect();
             let looping = LoopState::new(&dev, batch, &tensors, &grads, &trainable)?;
+            let half = match storage {
+                Storage::Bf16Nhwc => Some(Half::new(&dev, &kernels, &specs, &tensors, batch * 3 * h * w)?),
+                Storage::F32Nchw => None,
+            };
+            let act = |len| Act::zeros(&dev, storage, len);
             let mut trainer = CudaTrainer {
                 config: model.config,
                 trainable,
@@ -264,7 +321,8 @@ impl CudaTrainer {
                 dlogits: dev.zeros(batch * classes)?,
                 dfeatures: dev.zeros(batch * fin)?,
                 loss: dev.zeros(1)?,
-                scratch: [dev.zeros(largest)?, dev.zeros(largest)?, dev.zeros(largest)?],
+                scratch: [act(largest)?, act(largest)?, act(largest)?],
+                half,
                 workspace: dev.zeros(0)?,
                 batch,
                 hw: (h, w),
@@ -364,32 +422,74 @@ impl CudaTrainer {
         guarded("SGD update", || self.update(lr))
     }
 
-    fn src(&self, s: Src) -> Result<&Buf<f32>> {
+    fn src(&self, s: Src) -> Result<ActRef<'_>> {
         match s {
-            Src::Images => Ok(&self.input),
-            Src::Pool => self.pool.as_ref().map(|p| &p.y).ok_or_else(|| Error::invalid("CUDA: no max-pool")),
-            Src::Act(u) => Ok(&self.units[u].a),
+            Src::Images => Ok(match &self.half {
+                None => ActRef::F32(&self.input),
+                Some(half) => ActRef::Bf16(&half.input),
+            }),
+            Src::Pool => self.pool.as_ref().map(|p| p.y.r()).ok_or_else(|| Error::invalid("CUDA: no max-pool")),
+            Src::Act(u) => Ok(self.units[u].a.r()),
+        }
+    }
+
+    /// The bf16 side, for operations only a bf16 trainer runs.
+    fn half(&self) -> Result<&Half> {
+        self.half.as_ref().ok_or_else(|| mixed("an fp32 trainer"))
+    }
+
+    /// The weight a convolution reads: the fp32 master, or its bf16 copy.
+    fn conv_weight(&self, w: usize) -> Result<ActRef<'_>> {
+        match &self.half {
+            None => Ok(ActRef::F32(&self.tensors[w])),
+            Some(half) => half.weights.get(&w).map(ActRef::Bf16).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight")),
         }
     }
 
     fn forward(&self, plan: &Plan, n: usize) -> Result<()> {
         let (dev, k) = (&self.dev, &self.train_kernels);
+        if let Some(half) = &self.half {
+            self.kernels.to_bf16_nhwc(dev, &self.input, &half.input, n, 3, self.hw.0 * self.hw.1)?;
+        }
         for (i, ((spec, unit), conv)) in self.specs.iter().zip(&self.units).zip(&plan.convs).enumerate() {
-            conv.forward(dev, self.src(spec.src)?, &self.tensors[spec.weight], &unit.c, &self.workspace)?;
+            conv.forward(dev, self.src(spec.src)?, self.conv_weight(spec.weight)?, unit.c.r(), &self.workspace)?;
             let y = conv.shape().y();
             let len = numel(y);
-            unit.norm.forward(dev, conv.y_desc(), &unit.c, &unit.a, len, &self.tensors)?;
-            match spec.post {
-                Post::Relu => k.relu(dev, &unit.a, None, len)?,
-                Post::AddRelu(res) => k.relu(dev, &unit.a, Some(self.src(res)?), len)?,
-                Post::Linear => {}
+            match (&unit.c, &unit.a) {
+                (Act::F32(c), Act::F32(a)) => {
+                    unit.norm.forward(dev, conv.y_desc(), c, a, len, &self.tensors)?;
+                    match spec.post {
+                        Post::Relu => k.relu(dev, a, None, len)?,
+                        Post::AddRelu(res) => k.relu(dev, a, Some(self.src(res)?.f32("the residual join")?), len)?,
+                        Post::Linear => {}
+                    }
+                }
+                (Act::Bf16(c), Act::Bf16(a)) => {
+                    // Statistics, then one pass: normalise, add the residual, ReLU, round to bf16.
+                    let half = self.half()?;
+                    unit.norm.forward_bf16(dev, c, y[0] * y[2] * y[3], &self.tensors, &half.bn_scratch())?;
+                    let res = match spec.post {
+                        Post::AddRelu(r) => Some(self.src(r)?.bf16("the residual join")?),
+                        Post::Relu | Post::Linear => None,
+                    };
+                    let relu = !matches!(spec.post, Post::Linear);
+                    self.kernels.scale_shift_act_bf16(dev, a, c, res, &half.scale, &half.shift, y, relu)?;
+                }
+                _ => return Err(mixed("batch norm")),
             }
             if let (0, Some(pool)) = (i, &self.pool) {
-                k.max_pool(dev, &unit.a, &pool.y, &pool.arg, y, pool_out(y))?;
+                match (&unit.a, &pool.y) {
+                    (Act::F32(a), Act::F32(py)) => k.max_pool(dev, a, py, &pool.arg, y, pool_out(y))?,
+                    (Act::Bf16(a), Act::Bf16(py)) => self.half()?.kernels.max_pool(dev, a, py, &pool.arg, y, pool_out(y))?,
+                    _ => return Err(mixed("the max-pool")),
+                }
             }
         }
         let last = self.last_unit(plan)?;
-        self.kernels.avg_pool(dev, &self.units[last.0].a, &self.features, last.1)?;
+        match &self.units[last.0].a {
+            Act::F32(a) => self.kernels.avg_pool(dev, a, &self.features, last.1)?,
+            Act::Bf16(a) => self.kernels.avg_pool_bf16(dev, a, &self.features, last.1)?,
+        }
         let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
         let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
         super::linear::forward(dev, &self.kernels, &self.features, w, b, &self.logits, n, fin, classes)?;
@@ -406,42 +506,69 @@ impl CudaTrainer {
         Ok((u, plan.convs[u].shape().y()))
     }
 
-    /// Unit u's BN backward (dy → dc, with its γ and β gradients) and its weight gradient from dc.
-    fn unit_backward(&self, plan: &Plan, u: usize, dy: &Buf<f32>, dc: &Buf<f32>) -> Result<()> {
+    /// Unit u's BN backward (dy → dc, with its γ and β gradients) and its weight gradient from dc (in bf16, cuDNN's
+    /// bf16 OHWI gradient widened into the fp32 OIHW one).
+    fn unit_backward(&self, plan: &Plan, u: usize, dy: ActRef, dc: ActRef) -> Result<()> {
         let (spec, unit, conv) = (&self.specs[u], &self.units[u], &plan.convs[u]);
-        let len = numel(conv.shape().y());
+        let y = conv.shape().y();
         let [g, b, _, _] = spec.bn;
         let grads = [&self.grads[g], &self.grads[b]];
-        unit.norm.backward(&self.dev, conv.y_desc(), &unit.c, dy, dc, len, &self.tensors, grads)?;
-        conv.backward_filter(&self.dev, self.src(spec.src)?, dc, &self.grads[spec.weight], &self.workspace)
+        let (dev, ws, dw) = (&self.dev, &self.workspace, &self.grads[spec.weight]);
+        match (&unit.c, dy, dc) {
+            (Act::F32(c), ActRef::F32(dy), ActRef::F32(dc)) => {
+                unit.norm.backward(dev, conv.y_desc(), c, dy, dc, numel(y), &self.tensors, grads)?;
+                conv.backward_filter(dev, self.src(spec.src)?, ActRef::F32(dc), ActRef::F32(dw), ws)
+            }
+            (Act::Bf16(c), ActRef::Bf16(dy), ActRef::Bf16(dc)) => {
+                let half = self.half()?;
+                unit.norm.backward_bf16(dev, (c, dy, dc), y[0] * y[2] * y[3], &self.tensors, grads, &half.bn_scratch())?;
+                conv.backward_filter(dev, self.src(spec.src)?, ActRef::Bf16(dc), ActRef::Bf16(&half.dw), ws)?;
+                let s = conv.shape();
+                half.kernels.to_f32_nchw(dev, &half.dw, dw, s.out_channels, s.x[1], s.kernel * s.kernel)
+            }
+            _ => Err(mixed("batch norm backward")),
+        }
     }
 
-    fn backward_data(&self, plan: &Plan, u: usize, dc: &Buf<f32>, dx: &Buf<f32>, accumulate: bool) -> Result<()> {
-        plan.convs[u].backward_data(&self.dev, &self.tensors[self.specs[u].weight], dc, dx, accumulate, &self.workspace)
+    fn backward_data(&self, plan: &Plan, u: usize, dc: ActRef, dx: ActRef, accumulate: bool) -> Result<()> {
+        plan.convs[u].backward_data(&self.dev, self.conv_weight(self.specs[u].weight)?, dc, dx, accumulate, &self.workspace)
+    }
+
+    /// g = g masked by the ReLU output y, in place, over `n` values.
+    fn mask(&self, g: ActRef, y: ActRef, n: usize) -> Result<()> {
+        match (g, y) {
+            (ActRef::F32(g), ActRef::F32(y)) => self.train_kernels.mask(&self.dev, g, y, n),
+            (ActRef::Bf16(g), ActRef::Bf16(y)) => self.half()?.kernels.mask(&self.dev, g, y, n),
+            _ => Err(mixed("a ReLU mask")),
+        }
     }
 
     fn backward(&self, plan: &Plan, n: usize) -> Result<()> {
         let (dev, k) = (&self.dev, &self.train_kernels);
-        let [g0, g1, g2] = &self.scratch;
+        let [g0, g1, g2] = self.scratch.each_ref().map(Act::r);
         let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
         let (w, dw) = (&self.tensors[self.fc.0], &self.grads[self.fc.0]);
         linear::backward(dev, &self.features, w, &self.dlogits, dw, &self.dfeatures, n, fin, classes)?;
         let (last, dims) = self.last_unit(plan)?;
-        k.avg_pool_backward(dev, &self.dfeatures, &self.units[last].a, g0, dims)?;
+        match (self.units[last].a.r(), g0) {
+            (ActRef::F32(a), ActRef::F32(g)) => k.avg_pool_backward(dev, &self.dfeatures, a, g, dims)?,
+            (ActRef::Bf16(a), ActRef::Bf16(g)) => self.half()?.kernels.avg_pool_backward(dev, &self.dfeatures, a, g, dims)?,
+            _ => return Err(mixed("the average pool's backward")),
+        }
         // Each block takes the gradient of its output in g0 and leaves that of its input there.
         for (i, block) in self.blocks.iter().enumerate().rev() {
             let units = &block.units;
             let top = units.len() - 1;
             if i + 1 != self.blocks.len() {
                 let out = units[top];
-                k.mask(dev, g0, &self.units[out].a, numel(plan.convs[out].shape().y()))?;
+                self.mask(g0, self.units[out].a.r(), numel(plan.convs[out].shape().y()))?;
             }
             // g0 now holds the gradient of relu's input: of the last unit's BN output and of the shortcut.
             self.unit_backward(plan, units[top], g0, g1)?;
             for u in (1..=top).rev() {
                 let below = units[u - 1];
                 self.backward_data(plan, units[u], g1, g2, false)?;
-                k.mask(dev, g2, &self.units[below].a, numel(plan.convs[below].shape().y()))?;
+                self.mask(g2, self.units[below].a.r(), numel(plan.convs[below].shape().y()))?;
                 self.unit_backward(plan, below, g2, g1)?;
             }
             // g1: the gradient of the first unit's convolution output.
@@ -456,11 +583,18 @@ impl CudaTrainer {
         let stem_y = plan.convs[0].shape().y();
         match &self.pool {
             Some(pool) => {
-                k.max_pool_backward(dev, g0, &pool.arg, &stem.a, g1, stem_y, pool_out(stem_y))?;
+                let (arg, out) = (&pool.arg, pool_out(stem_y));
+                match (g0, stem.a.r(), g1) {
+                    (ActRef::F32(dy), ActRef::F32(a), ActRef::F32(dx)) => k.max_pool_backward(dev, dy, arg, a, dx, stem_y, out)?,
+                    (ActRef::Bf16(dy), ActRef::Bf16(a), ActRef::Bf16(dx)) => {
+                        self.half()?.kernels.max_pool_backward(dev, dy, arg, a, dx, stem_y, out)?
+                    }
+                    _ => return Err(mixed("the max-pool's backward")),
+                }
                 self.unit_backward(plan, 0, g1, g2)
             }
             None => {
-                k.mask(dev, g0, &stem.a, numel(stem_y))?;
+                self.mask(g0, stem.a.r(), numel(stem_y))?;
                 self.unit_backward(plan, 0, g0, g1)
             }
         }
@@ -486,6 +620,12 @@ impl CudaTrainer {
             let len = self.grads[i].len;
             self.train_kernels.sgd(&self.dev, &self.tensors[i], &self.grads[i], &self.moments[i], len, args)?;
         }
+        // The convolutions read bf16 copies: convert every updated master again (in stream order, after its update).
+        if let Some(half) = &self.half {
+            for s in self.specs.iter().filter(|s| self.trainable[s.weight]) {
+                half.refresh(&self.dev, &self.kernels, s, &self.tensors[s.weight])?;
+            }
+        }
         if m != 0.0 {
             for (has, &trainable) in self.has_momentum.iter_mut().zip(&self.trainable) {
                 *has |= trainable;
@@ -502,6 +642,29 @@ impl CudaTrainer {
                 if self.trainable[i] {
                     out.push((self.names[i].clone(), Tensor::new(&self.shapes[i], self.dev.read(g, g.len)?)?));
                 }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The convolution weights as the convolutions read them, by name, OIHW fp32: the fp32 masters, or with bf16
+    /// storage their bf16 copies widened back (which must equal the masters rounded to bf16 after every update).
+    pub fn conv_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        guarded("reading convolution weights", || {
+            let mut out = Vec::new();
+            for s in &self.specs {
+                let (shape, master) = (&self.shapes[s.weight], &self.tensors[s.weight]);
+                let values = match &self.half {
+                    None => self.dev.read(master, master.len)?,
+                    Some(half) => {
+                        let wide = self.dev.zeros(master.len)?;
+                        let copy = half.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                        let cin = master.len / (s.out_channels * s.kernel * s.kernel).max(1);
+                        half.kernels.to_f32_nchw(&self.dev, copy, &wide, s.out_channels, cin, s.kernel * s.kernel)?;
+                        self.dev.read(&wide, master.len)?
+                    }
+                };
+                out.push((self.names[s.weight].clone(), Tensor::new(shape, values)?));
             }
             Ok(out)
         })
@@ -546,10 +709,11 @@ impl CudaTrainer {
                 s.y()
             )));
         }
+        let storage = if self.half.is_some() { Storage::Bf16Nhwc } else { Storage::F32Nchw };
         let mut convs = Vec::with_capacity(shapes.len());
         for (i, &shape) in shapes.iter().enumerate() {
             // The stem's input is the images, whose gradient nobody needs.
-            convs.push(TrainConv::new(&self.dev, &mut self.algos, shape, i != 0)?);
+            convs.push(TrainConv::new(&self.dev, &mut self.algos, shape, i != 0, storage)?);
         }
         let workspace = convs.iter().map(|c| c.workspace).max().unwrap_or(0);
         if self.workspace.len < workspace {

@@ -1,6 +1,7 @@
 //! Training-mode batch norm through cuDNN (`cudnnBatchNormalizationForwardTraining` / `Backward`, spatial mode):
 //! batch statistics, the running statistics updated in place with momentum 0.1 and the unbiased variance, and the
-//! saved mean and 1/σ that backward reuses. This is the computation PyTorch runs on the GPU.
+//! saved mean and 1/σ that backward reuses. This is the computation PyTorch runs on the GPU. With bf16 storage the
+//! same layer runs on the trainer's own kernels instead (`half.rs`: fp32 statistics over bf16 NHWC activations).
 
 use std::ffi::c_void;
 
@@ -8,6 +9,7 @@ use cudarc::cudnn::sys;
 
 use super::super::conv::{Storage, TensorDesc, tensor_desc};
 use super::super::device::{Buf, Device, cuda_err};
+use super::half::{BnBufs, BnConsts, HalfKernels};
 use crate::error::{Error, Result};
 use crate::model::layers::{BN_EPS, BN_MOMENTUM};
 use crate::train::optim::widen;
@@ -144,5 +146,41 @@ impl TrainNorm {
         }
         .result()
         .map_err(cuda_err("batch norm backward"))
+    }
+}
+
+/// The shared scratch of the bf16 BN passes: the per-slice partial sums and, in forward, the folded scale and
+/// shift the fused normalise + residual + ReLU kernel reads right after.
+pub(super) struct BnScratch<'a> {
+    pub kernels: &'a HalfKernels,
+    pub partials: &'a Buf<f64>,
+    pub scale_shift: [&'a Buf<f32>; 2],
+}
+
+impl TrainNorm {
+    /// bf16 NHWC train-mode BN statistics of x (`rows` = N·H·W): the saved mean and 1/σ, the running statistics
+    /// moved, and the folded scale and shift in `scratch.scale_shift`.
+    pub(super) fn forward_bf16(&self, dev: &Device, x: &Buf<u16>, rows: usize, table: &[Buf<f32>], scratch: &BnScratch) -> Result<()> {
+        let [g, b, rm, rv] = self.tensors.map(|i| &table[i]);
+        let bufs = BnBufs { gamma: g, beta: b, running: [rm, rv], saved: [&self.save_mean, &self.save_invstd], out: scratch.scale_shift };
+        let k = BnConsts { eps: BN_EPS, momentum: BN_MOMENTUM };
+        scratch.kernels.bn_forward(dev, x, &bufs, scratch.partials, (rows, self.channels), k)
+    }
+
+    /// bf16 NHWC BN backward: dx from dy (overwriting dx), dγ and dβ into `grads` (overwriting), with the
+    /// statistics of the last forward.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_bf16(
+        &self,
+        dev: &Device,
+        (x, dy, dx): (&Buf<u16>, &Buf<u16>, &Buf<u16>),
+        rows: usize,
+        table: &[Buf<f32>],
+        [dgamma, dbeta]: [&Buf<f32>; 2],
+        scratch: &BnScratch,
+    ) -> Result<()> {
+        let [g, b, rm, rv] = self.tensors.map(|i| &table[i]);
+        let bufs = BnBufs { gamma: g, beta: b, running: [rm, rv], saved: [&self.save_mean, &self.save_invstd], out: [dgamma, dbeta] };
+        scratch.kernels.bn_backward(dev, x, dy, dx, &bufs, scratch.partials, (rows, self.channels))
     }
 }

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use super::super::device::{Buf, Device, cuda_err, guarded};
+use super::super::device::{Buf, Device, cuda_err, guarded, load_kernels};
+use super::half::{ActRef, mixed};
 use super::kernels::int;
 use super::{CudaTrainer, numel};
 use crate::engine::Tensor;
@@ -25,11 +26,22 @@ const THREADS: u32 = 256;
 const SOURCE: &str = r#"
 #define THREADS 256
 
+// The block's sum of every thread's s, in a fixed tree, into *out.
+__device__ void block_sum(double s, double* out) {
+    __shared__ double part[THREADS];
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = THREADS / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *out = part[0];
+}
+
 // Block k: the sum of squares (in double) of buffer a[k], or of a[k] - b[k] when b is given (the f32 difference,
 // as the CPU monitor takes it), over lens[k] values, into out[k].
 extern "C" __global__ void sum_squares(const float* const* a, const float* const* b, const long long* lens,
                                        double* out) {
-    __shared__ double part[THREADS];
     int k = blockIdx.x;
     const float* x = a[k];
     const float* y = b ? b[k] : 0;
@@ -38,13 +50,19 @@ extern "C" __global__ void sum_squares(const float* const* a, const float* const
         float v = y ? __fsub_rn(x[i], y[i]) : x[i];
         s += (double)v * (double)v;
     }
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = THREADS / 2; w > 0; w /= 2) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
+    block_sum(s, out + k);
+}
+
+// As sum_squares without b, over buffers of bf16 bits (a bf16 trainer's activations).
+extern "C" __global__ void sum_squares_bf16(const unsigned short* const* a, const long long* lens, double* out) {
+    int k = blockIdx.x;
+    const unsigned short* x = a[k];
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < lens[k]; i += THREADS) {
+        double v = (double)__uint_as_float(((unsigned int)x[i]) << 16);
+        s += v * v;
     }
-    if (threadIdx.x == 0) out[k] = part[0];
+    block_sum(s, out + k);
 }
 
 // out[0] = the loss; out[1] = the rows of logits [n, c] whose label's logit no other exceeds (the CPU's top-1
@@ -84,34 +102,42 @@ extern "C" __global__ void scale_all(float* const* a, const long long* lens, flo
 pub(super) struct LoopKernels {
     _module: Arc<CudaModule>,
     sum_squares: CudaFunction,
+    sum_squares_bf16: CudaFunction,
     loss_hits: CudaFunction,
     scale_all: CudaFunction,
 }
 
 impl LoopKernels {
     pub(super) fn load(dev: &Device) -> Result<LoopKernels> {
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(cuda_err("compiling the training loop's kernels with NVRTC"))?;
-        let module = dev.ctx.load_module(ptx).map_err(cuda_err("loading the training loop's kernels"))?;
-        let f = |name: &str| module.load_function(name).map_err(cuda_err("finding a training loop kernel"));
-        Ok(LoopKernels { sum_squares: f("sum_squares")?, loss_hits: f("loss_hits")?, scale_all: f("scale_all")?, _module: module })
+        let (module, f) = load_kernels(dev, SOURCE, "the training loop's kernels")?;
+        Ok(LoopKernels { sum_squares: f("sum_squares")?, sum_squares_bf16: f("sum_squares_bf16")?, loss_hits: f("loss_hits")?, scale_all: f("scale_all")?, _module: module })
     }
 }
 
-/// Addresses and lengths of a list of buffers, on the device.
+/// Addresses and lengths of a list of buffers (all fp32, or all bf16), on the device.
 pub(super) struct Table {
     ptrs: Buf<u64>,
     lens: Buf<i64>,
     count: usize,
+    bf16: bool,
 }
 
 impl Table {
     fn new(dev: &Device, bufs: &[(&Buf<f32>, usize)]) -> Result<Table> {
-        if bufs.iter().any(|(b, n)| b.len < *n) {
+        Self::of(dev, &bufs.iter().map(|&(b, n)| (ActRef::F32(b), n)).collect::<Vec<_>>())
+    }
+
+    fn of(dev: &Device, bufs: &[(ActRef, usize)]) -> Result<Table> {
+        if bufs.iter().any(|(b, n)| b.len() < *n) {
             return Err(Error::invalid("CUDA: a reduction table names more values than a buffer holds"));
         }
-        let ptrs: Vec<u64> = bufs.iter().map(|(b, _)| b.ptr).collect();
+        let bf16 = bufs.iter().any(|(b, _)| matches!(b, ActRef::Bf16(_)));
+        if bf16 && !bufs.iter().all(|(b, _)| matches!(b, ActRef::Bf16(_))) {
+            return Err(mixed("a reduction table"));
+        }
+        let ptrs: Vec<u64> = bufs.iter().map(|(b, _)| b.ptr()).collect();
         let lens: Vec<i64> = bufs.iter().map(|(_, n)| *n as i64).collect();
-        Ok(Table { ptrs: dev.upload(&ptrs)?, lens: dev.upload(&lens)?, count: bufs.len() })
+        Ok(Table { ptrs: dev.upload(&ptrs)?, lens: dev.upload(&lens)?, count: bufs.len(), bf16 })
     }
 
     /// out[offset + k] = Σ table[k]² (or Σ (table[k] − minus[k])²), enqueued.
@@ -119,16 +145,24 @@ impl Table {
         if self.count == 0 {
             return Ok(());
         }
-        if out.len < offset + self.count || minus.is_some_and(|m| m.count != self.count) {
+        let bad_minus = minus.is_some_and(|m| m.count != self.count || m.bf16 || self.bf16);
+        if out.len < offset + self.count || bad_minus {
             return Err(Error::invalid("CUDA: reduction output too small"));
         }
         let minus = minus.map_or(0u64, |m| m.ptrs.ptr);
         let at = out.ptr + (offset * std::mem::size_of::<f64>()) as u64;
+        let cfg = LaunchConfig { grid_dim: (self.count as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        if self.bf16 {
+            let mut b = dev.stream.launch_builder(&k.sum_squares_bf16);
+            b.arg(&self.ptrs.ptr).arg(&self.lens.ptr).arg(&at);
+            // SAFETY: arguments match sum_squares_bf16 (two pointer tables, double*); as below, over bf16 buffers
+            // (`Table::of` checked every entry is one and holds lens[k] values).
+            return unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("sum_squares_bf16"));
+        }
         let mut b = dev.stream.launch_builder(&k.sum_squares);
         b.arg(&self.ptrs.ptr).arg(&minus).arg(&self.lens.ptr).arg(&at);
-        let cfg = LaunchConfig { grid_dim: (self.count as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: arguments match sum_squares (three pointer tables, double*); block k reads table[k] (and
-        // minus[k], a table of as many buffers of the same lengths, or null) below lens[k], which `Table::new`
+        // minus[k], a table of as many fp32 buffers of the same lengths, or null) below lens[k], which `Table::of`
         // checked each buffer holds; it writes out[offset + k], inside `out` (checked above). THREADS matches the
         // kernel's #define.
         unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("sum_squares"))
@@ -374,19 +408,29 @@ impl CudaTrainer {
         let n = self.looping.last_batch;
         let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: no step has run"))?;
         let len = |u: usize| numel(plan.convs[u].shape().y());
-        let mut outputs: Vec<(String, &Buf<f32>, usize)> = vec![("conv1".into(), &self.units[0].a, len(0))];
+        let mut outputs: Vec<(String, ActRef, usize)> = vec![("conv1".into(), self.units[0].a.r(), len(0))];
         for block in &self.blocks {
             let (first, last) = (block.units[0], block.units[block.units.len() - 1]);
             let name = &self.names[self.specs[first].weight];
             let layer = name.strip_suffix(".conv1.weight").unwrap_or(name).to_string();
-            outputs.push((layer, &self.units[last].a, len(last)));
+            outputs.push((layer, self.units[last].a.r(), len(last)));
         }
-        outputs.push(("fc".into(), &self.logits, n * self.config.num_classes));
+        outputs.push(("fc".into(), ActRef::F32(&self.logits), n * self.config.num_classes));
         guarded("locating a non-finite output", || {
-            let table = Table::new(&self.dev, &outputs.iter().map(|(_, b, n)| (*b, *n)).collect::<Vec<_>>())?;
-            let out = self.dev.zeros(table.count)?;
-            table.sum_squares(&self.dev, &self.loop_kernels, None, &out, 0)?;
-            let sums = self.dev.read(&out, table.count)?;
+            // One table per precision (a bf16 trainer's activations, the fp32 logits), sums put back in order.
+            let mut sums = vec![0.0; outputs.len()];
+            for bf16 in [false, true] {
+                let at: Vec<usize> = (0..outputs.len()).filter(|&i| matches!(outputs[i].1, ActRef::Bf16(_)) == bf16).collect();
+                if at.is_empty() {
+                    continue;
+                }
+                let table = Table::of(&self.dev, &at.iter().map(|&i| (outputs[i].1, outputs[i].2)).collect::<Vec<_>>())?;
+                let out = self.dev.zeros(table.count)?;
+                table.sum_squares(&self.dev, &self.loop_kernels, None, &out, 0)?;
+                for (&i, s) in at.iter().zip(self.dev.read(&out, table.count)?) {
+                    sums[i] = s;
+                }
+            }
             Ok(outputs.iter().zip(sums).find(|(_, s)| !s.is_finite()).map(|((name, _, _), _)| name.clone()))
         })
     }
