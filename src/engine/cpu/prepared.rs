@@ -45,10 +45,13 @@ pub fn keeps_u(x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> bool {
         && 8 * tiles <= n * h * w
 }
 
+/// A weight's version and shape.
+type WeightKey = (u64, [usize; 4]);
+
 /// See the module documentation.
 #[derive(Default)]
 pub struct PreparedCpu {
-    kept: Mutex<HashMap<(u64, [usize; 4]), Arc<Vec<f32>>>>,
+    kept: Mutex<HashMap<WeightKey, Arc<Vec<f32>>>>,
 }
 
 impl PreparedCpu {
