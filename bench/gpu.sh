@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks on a lent GPU machine, from binaries built elsewhere (no Rust there):
 #
-#   build machine:  CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda --bin resnet --tests
-#                   mkdir -p target/gpu && strip -o target/gpu/resnet target/cuda/release/resnet
-#                   strip -o target/gpu/cuda-tests target/cuda/release/deps/cuda-HASH   (the newest such file)
-#                   strip -o target/gpu/cuda-train-tests target/cuda/release/deps/cuda_train-HASH
-#                   strip -o target/gpu/cuda-loop-tests target/cuda/release/deps/cuda_loop-HASH
-#                   (stripped: a few MB instead of 60 with line tables)
-#   GPU machine:    bash bench/gpu.sh [tests|bench|all]    (from a copy of the repository, carrying target/gpu)
+#   build machine:  bash bench/gpu.sh build     (cargo build --features cuda into target/cuda, then the stripped
+#                                                resnet binary and the three CUDA test binaries into target/gpu)
+#   GPU machine:    bash bench/gpu.sh [all|tests|bench|long]   (from a copy of the repository, carrying target/gpu)
 #
-# `tests` runs tests/cuda.rs, tests/cuda_train.rs and tests/cuda_loop.rs with their ignored GPU tests; `bench`
-# runs issue 5's workloads G1 (inference b256 224²), G2 (CIFAR-stem training b512 32²) and G3 (training b256
-# 224²) in our binary and in PyTorch
-# (python/bench_torch_gpu.py, with the python3 that has torch) and prints ours/PyTorch images/s per precision.
+# `tests` runs tests/cuda.rs, tests/cuda_train.rs and tests/cuda_loop.rs with their ignored GPU tests, except the
+# whole-run digits accuracy tests; `long` runs only those (a 12-epoch digits run per device and seed: minutes);
+# `bench` runs issue 5's workloads G1 (inference b256 224²), G2 (CIFAR-stem training b512 32²) and G3 (training
+# b256 224²) in our binary and in PyTorch (python/bench_torch_gpu.py, with the python3 that has torch) and prints
+# ours/PyTorch images/s per precision; `all` is tests then bench, about two minutes on an H200.
 # No CUDA toolkit is needed: the binaries load libcuda from the driver and cuDNN, cuBLAS and NVRTC from NVIDIA's
 # PyPI wheels (nvidia-cudnn-cu13, nvidia-cublas, nvidia-cuda-nvrtc), found through the Python environment that has
 # them (PYTHON, else python3, else a search) and put on LD_LIBRARY_PATH. Logs go to $OUT when set.
@@ -22,6 +19,20 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WHAT="${1:-all}"
 BIN=target/gpu
 OUTDIR="${OUT:-$(mktemp -d)}"
+
+if [[ "$WHAT" == build ]]; then
+    set -e
+    export CARGO_TARGET_DIR=target/cuda
+    cargo build --release --features cuda --bin resnet --tests
+    mkdir -p "$BIN"
+    strip -o "$BIN/resnet" target/cuda/release/resnet
+    for t in cuda cuda_train cuda_loop; do
+        newest=$(ls -t target/cuda/release/deps/"$t"-* | grep -v '\.d$' | head -n 1)
+        strip -o "$BIN/${t//_/-}-tests" "$newest"
+    done
+    ls -la "$BIN"
+    exit 0
+fi
 nvidia_dir() {
     local py
     for py in "${PYTHON:-}" python3 python; do
@@ -51,18 +62,27 @@ if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
     timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
     STATUS=${PIPESTATUS[0]}
     if [[ -x "$BIN/cuda-train-tests" ]]; then
-        timeout 150 "$BIN/cuda-train-tests" --include-ignored --test-threads=1 2>&1 | tee -a "$LOG"
+        timeout 150 "$BIN/cuda-train-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$LOG"
         [[ ${PIPESTATUS[0]} -eq 0 ]] || STATUS=1
     fi
     if [[ -x "$BIN/cuda-loop-tests" ]]; then
-        # `resnet train --device cuda` against the CPU loop; includes a 12-epoch digits run on each device.
-        RESNET_BIN="$BIN/resnet" timeout 540 "$BIN/cuda-loop-tests" --include-ignored --test-threads=1 2>&1 | tee -a "$LOG"
+        # `resnet train --device cuda` against the CPU loop, without the whole-run digits tests (`long`).
+        RESNET_BIN="$BIN/resnet" timeout 240 "$BIN/cuda-loop-tests" --include-ignored --test-threads=1 --skip on_digits \
+            2>&1 | tee -a "$LOG"
         [[ ${PIPESTATUS[0]} -eq 0 ]] || STATUS=1
     fi
     echo
     echo "== CUDA tests =="
     grep -E '^test .* (ok|FAILED|ignored)$' "$LOG" | sed 's/^test /  /'
     grep -E '^test result:' "$LOG" || echo "  the test binary did not finish (exit $STATUS)"
+fi
+
+if [[ "$WHAT" == long ]]; then
+    LOG="$OUTDIR/cuda-long.log"
+    # digits accuracy: the GPU loop against the CPU's, and bf16 against fp32 (several seeds per precision)
+    RESNET_BIN="$BIN/resnet" timeout 560 "$BIN/cuda-loop-tests" --ignored --test-threads=1 --nocapture on_digits \
+        2>&1 | tee "$LOG"
+    STATUS=${PIPESTATUS[0]}
 fi
 
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
