@@ -7,6 +7,7 @@ use super::device::{Buf, Device, guarded};
 use super::kernels::Kernels;
 use super::linear;
 use super::norm::Norm;
+use super::table::{TensorIndex, TensorTable};
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{BlockKind, ResNet, ResNetConfig, Stem, Tap};
@@ -92,10 +93,8 @@ impl Half {
 
 pub struct CudaResNet {
     config: ResNetConfig,
-    /// Parameters then buffers, in the store's order, as device copies; `names[i]`/`shapes[i]` describe `tensors[i]`.
-    tensors: Vec<Buf<f32>>,
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
+    /// Parameters then buffers, in the store's order, as device copies.
+    table: TensorTable,
     norms: Vec<Norm>,
     nodes: Vec<Node>,
     fc: (usize, usize),
@@ -143,59 +142,33 @@ impl CudaResNet {
         // describe fails the same way on every machine.
         let mut b = Builder::new(model);
         b.network()?;
+        b.index.check_all_used()?;
         let Builder {
             nodes,
             norms: norm_specs,
-            used,
             fc,
             ..
         } = b;
-        let unused: Vec<&str> = model
-            .store
-            .params
-            .iter()
-            .map(|p| p.name.as_str())
-            .chain(model.store.buffers.iter().map(|b| b.name.as_str()))
-            .enumerate()
-            .filter(|(i, _)| !used[*i])
-            .map(|(_, n)| n)
-            .collect();
-        if !unused.is_empty() {
-            return Err(Error::invalid(format!(
-                "CUDA: the executor does not know model tensors {unused:?}"
-            )));
-        }
 
         let dev = Device::open(device, options.allow_tf32)?;
         guarded("uploading the network", || {
             let kernels = Kernels::load(&dev)?;
-            let store = &model.store;
-            let values = store
-                .params
-                .iter()
-                .map(|p| (&p.name, &p.value))
-                .chain(store.buffers.iter().map(|b| (&b.name, &b.value)));
-            let (mut tensors, mut names, mut shapes) = (Vec::new(), Vec::new(), Vec::new());
-            for (name, value) in values {
-                tensors.push(dev.upload(value.data())?);
-                names.push(name.clone());
-                shapes.push(value.shape().to_vec());
-            }
+            let table = TensorTable::upload(&dev, &model.store)?;
             let norms = norm_specs
                 .iter()
                 .map(|&(t, c)| Norm::new(&dev, t, c))
                 .collect::<Result<Vec<_>>>()?;
             for norm in &norms {
-                norm.fold(&dev, &kernels, &tensors)?;
+                norm.fold(&dev, &kernels, &table.tensors)?;
             }
             let half = if options.bf16 {
                 let mut weights = HashMap::new();
                 for node in &nodes {
                     if let Node::Conv { weight, .. } = *node {
-                        let [o, i, kh, kw] = <[usize; 4]>::try_from(shapes[weight].as_slice())
+                        let [o, i, kh, kw] = <[usize; 4]>::try_from(table.shapes[weight].as_slice())
                             .map_err(|_| Error::invalid("CUDA: a convolution weight is not 4-D"))?;
                         let bits = dev.zeros(o * i * kh * kw)?;
-                        kernels.to_bf16_nhwc(&dev, &tensors[weight], &bits, o, i, kh * kw)?;
+                        kernels.to_bf16_nhwc(&dev, &table.tensors[weight], &bits, o, i, kh * kw)?;
                         weights.insert(weight, bits);
                     }
                 }
@@ -210,9 +183,7 @@ impl CudaResNet {
             let logits = dev.zeros(batch * classes)?;
             let mut exec = CudaResNet {
                 config: model.config,
-                tensors,
-                names,
-                shapes,
+                table,
                 norms,
                 nodes,
                 fc,
@@ -310,7 +281,7 @@ impl CudaResNet {
                         Error::invalid("CUDA: plan has fewer convolutions than the graph")
                     })?;
                     match &self.half {
-                        None => conv.forward(dev, slot(src), &self.tensors[weight], slot(dst), &self.workspace)?,
+                        None => conv.forward(dev, slot(src), &self.table.tensors[weight], slot(dst), &self.workspace)?,
                         Some(half) => {
                             let w = half.weights.get(&weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
                             conv.forward(dev, half.slot(src), w, half.slot(dst), &self.workspace)?
@@ -352,7 +323,7 @@ impl CudaResNet {
                 }
                 Node::Fc => {
                     let (fin, fout) = (self.config.feature_dim(), self.config.num_classes);
-                    let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
+                    let (w, b) = (&self.table.tensors[self.fc.0], &self.table.tensors[self.fc.1]);
                     linear::forward(dev, k, &self.features, w, b, &self.logits, n, fin, fout)?;
                 }
             }
@@ -372,24 +343,7 @@ impl CudaResNet {
                 "CUDA: download_into needs a model of the executor's configuration",
             ));
         }
-        let store = &mut model.store;
-        let slots = store
-            .params
-            .iter_mut()
-            .map(|p| (&p.name, &mut p.value))
-            .chain(store.buffers.iter_mut().map(|b| (&b.name, &mut b.value)));
-        for ((name, value), i) in slots.zip(0..) {
-            if self.names.get(i) != Some(name) || self.shapes[i] != value.shape() {
-                return Err(Error::invalid(format!(
-                    "CUDA: model tensor {name} does not match the executor's"
-                )));
-            }
-            *value = Tensor::new(
-                &self.shapes[i],
-                self.dev.read(&self.tensors[i], value.numel())?,
-            )?;
-        }
-        Ok(())
+        self.table.download(&self.dev, &mut model.store, "executor")
     }
 
     /// Build the plan for batch size `n` once, growing the shared activation and workspace buffers if it needs more.
@@ -491,8 +445,7 @@ fn build_plan(
 /// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
 struct Builder<'a> {
     model: &'a ResNet,
-    index: HashMap<&'a str, (usize, &'a [usize])>,
-    used: Vec<bool>,
+    index: TensorIndex<'a>,
     nodes: Vec<Node>,
     /// Per BN layer: tensor indices of weight, bias, running mean, running variance; channels.
     norms: Vec<([usize; 4], usize)>,
@@ -501,39 +454,12 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(model: &'a ResNet) -> Self {
-        let s = &model.store;
-        let entries = s
-            .params
-            .iter()
-            .map(|p| (p.name.as_str(), p.value.shape()))
-            .chain(s.buffers.iter().map(|b| (b.name.as_str(), b.value.shape())));
-        let index: HashMap<_, _> = entries
-            .enumerate()
-            .map(|(i, (name, shape))| (name, (i, shape)))
-            .collect();
-        let used = vec![false; index.len()];
         Builder {
             model,
-            index,
-            used,
+            index: TensorIndex::new(&model.store, "executor"),
             nodes: Vec::new(),
             norms: Vec::new(),
             fc: (0, 0),
-        }
-    }
-
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
-        match self.index.get(name) {
-            Some(&(i, s)) if s == shape => {
-                self.used[i] = true;
-                Ok(i)
-            }
-            Some((_, s)) => Err(Error::invalid(format!(
-                "CUDA: {name} is {s:?}, the executor expects {shape:?}"
-            ))),
-            None => Err(Error::invalid(format!(
-                "CUDA: the model has no tensor {name}"
-            ))),
         }
     }
 
@@ -547,7 +473,7 @@ impl<'a> Builder<'a> {
         residual: Option<Slot>,
         relu: bool,
     ) -> Result<()> {
-        let weight = self.tensor(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
+        let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
         self.nodes.push(Node::Conv {
             weight,
             out_channels: cout,
@@ -561,7 +487,7 @@ impl<'a> Builder<'a> {
             .iter_mut()
             .zip(["weight", "bias", "running_mean", "running_var"])
         {
-            *slot = self.tensor(&format!("{bn}.{leaf}"), &[cout])?;
+            *slot = self.index.take(&format!("{bn}.{leaf}"), &[cout])?;
         }
         self.norms.push((t, cout));
         self.nodes.push(Node::Norm {
@@ -628,8 +554,8 @@ impl<'a> Builder<'a> {
         });
         let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
         self.fc = (
-            self.tensor("fc.weight", &[classes, fin])?,
-            self.tensor("fc.bias", &[classes])?,
+            self.index.take("fc.weight", &[classes, fin])?,
+            self.index.take("fc.bias", &[classes])?,
         );
         self.nodes.push(Node::Fc);
         Ok(())

@@ -82,6 +82,7 @@ mod executor;
 mod kernels;
 mod linear;
 mod norm;
+mod table;
 mod train;
 
 pub use executor::{CudaOptions, CudaResNet};

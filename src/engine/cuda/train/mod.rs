@@ -32,6 +32,7 @@ use super::conv::{ConvShape, Storage};
 use super::device::{Buf, Device, guarded};
 use super::executor::CudaOptions;
 use super::kernels::Kernels;
+use super::table::{TensorIndex, TensorTable};
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{BlockKind, ResNet, ResNetConfig, Stem};
@@ -150,10 +151,8 @@ impl Half {
 
 pub struct CudaTrainer {
     config: ResNetConfig,
-    /// Parameters then buffers, in the store's order; `names[i]`/`shapes[i]` describe `tensors[i]`.
-    tensors: Vec<Buf<f32>>,
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
+    /// Parameters then buffers, in the store's order, as device copies.
+    table: TensorTable,
     /// Per parameter: trainable, its gradient, its momentum buffer.
     trainable: Vec<bool>,
     grads: Vec<Buf<f32>>,
@@ -254,7 +253,7 @@ impl CudaTrainer {
         // describe fails the same way on every machine.
         let mut b = Walker::new(model);
         b.network()?;
-        b.check_all_used()?;
+        b.index.check_all_used()?;
         let Walker { specs, blocks, fc, .. } = b;
         let (shapes, pooled) = unit_shapes(&specs, batch, (h, w));
         let storage = if options.bf16 { Storage::Bf16Nhwc } else { Storage::F32Nchw };
@@ -262,14 +261,7 @@ impl CudaTrainer {
         guarded("uploading the network for training", || {
             let kernels = Kernels::load(&dev)?;
             let train_kernels = TrainKernels::load(&dev)?;
-            let store = &model.store;
-            let values = params.iter().map(|p| (&p.name, &p.value)).chain(store.buffers.iter().map(|b| (&b.name, &b.value)));
-            let (mut tensors, mut names, mut tshapes) = (Vec::new(), Vec::new(), Vec::new());
-            for (name, value) in values {
-                tensors.push(dev.upload(value.data())?);
-                names.push(name.clone());
-                tshapes.push(value.shape().to_vec());
-            }
+            let table = TensorTable::upload(&dev, &model.store)?;
             let grads = params.iter().map(|p| dev.zeros(p.value.numel())).collect::<Result<Vec<_>>>()?;
             let moments = params.iter().map(|p| dev.zeros(p.value.numel())).collect::<Result<Vec<_>>>()?;
             let mut units = Vec::with_capacity(specs.len());
@@ -292,9 +284,9 @@ impl CudaTrainer {
             let largest = shapes.iter().map(|s| numel(s.y())).max().unwrap_or(0);
             let (classes, fin) = (model.config.num_classes, model.config.feature_dim());
             let trainable: Vec<bool> = params.iter().map(|p| p.trainable).collect();
-            let looping = LoopState::new(&dev, batch, &tensors, &grads, &trainable)?;
+            let looping = LoopState::new(&dev, batch, &table.tensors, &grads, &trainable)?;
             let half = match storage {
-                Storage::Bf16Nhwc => Some(Half::new(&dev, &kernels, &specs, &tensors, batch * 3 * h * w)?),
+                Storage::Bf16Nhwc => Some(Half::new(&dev, &kernels, &specs, &table.tensors, batch * 3 * h * w)?),
                 Storage::F32Nchw => None,
             };
             let act = |len| Act::zeros(&dev, storage, len);
@@ -306,7 +298,7 @@ impl CudaTrainer {
                 optimizer,
                 has_momentum: vec![false; params.len()],
                 momentum_override: None,
-                batches_tracked: store.batches_tracked,
+                batches_tracked: model.store.batches_tracked,
                 specs,
                 blocks,
                 fc,
@@ -326,9 +318,7 @@ impl CudaTrainer {
                 workspace: dev.zeros(0)?,
                 batch,
                 hw: (h, w),
-                tensors,
-                names,
-                shapes: tshapes,
+                table,
                 looping,
                 loop_kernels: LoopKernels::load(&dev)?,
                 kernels,
@@ -441,7 +431,7 @@ impl CudaTrainer {
     /// The weight a convolution reads: the fp32 master, or its bf16 copy.
     fn conv_weight(&self, w: usize) -> Result<ActRef<'_>> {
         match &self.half {
-            None => Ok(ActRef::F32(&self.tensors[w])),
+            None => Ok(ActRef::F32(&self.table.tensors[w])),
             Some(half) => half.weights.get(&w).map(ActRef::Bf16).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight")),
         }
     }
@@ -457,7 +447,7 @@ impl CudaTrainer {
             let len = numel(y);
             match (&unit.c, &unit.a) {
                 (Act::F32(c), Act::F32(a)) => {
-                    unit.norm.forward(dev, conv.y_desc(), c, a, len, &self.tensors)?;
+                    unit.norm.forward(dev, conv.y_desc(), c, a, len, &self.table.tensors)?;
                     match spec.post {
                         Post::Relu => k.relu(dev, a, None, len)?,
                         Post::AddRelu(res) => k.relu(dev, a, Some(self.src(res)?.f32("the residual join")?), len)?,
@@ -467,7 +457,7 @@ impl CudaTrainer {
                 (Act::Bf16(c), Act::Bf16(a)) => {
                     // Statistics, then one pass: normalise, add the residual, ReLU, round to bf16.
                     let half = self.half()?;
-                    unit.norm.forward_bf16(dev, c, y[0] * y[2] * y[3], &self.tensors, &half.bn_scratch())?;
+                    unit.norm.forward_bf16(dev, c, y[0] * y[2] * y[3], &self.table.tensors, &half.bn_scratch())?;
                     let res = match spec.post {
                         Post::AddRelu(r) => Some(self.src(r)?.bf16("the residual join")?),
                         Post::Relu | Post::Linear => None,
@@ -491,7 +481,7 @@ impl CudaTrainer {
             Act::Bf16(a) => self.kernels.avg_pool_bf16(dev, a, &self.features, last.1)?,
         }
         let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
-        let (w, b) = (&self.tensors[self.fc.0], &self.tensors[self.fc.1]);
+        let (w, b) = (&self.table.tensors[self.fc.0], &self.table.tensors[self.fc.1]);
         super::linear::forward(dev, &self.kernels, &self.features, w, b, &self.logits, n, fin, classes)?;
         k.softmax_xent(dev, &self.logits, &self.targets, &self.dlogits, &self.grads[self.fc.1], &self.loss, n, classes)
     }
@@ -516,12 +506,12 @@ impl CudaTrainer {
         let (dev, ws, dw) = (&self.dev, &self.workspace, &self.grads[spec.weight]);
         match (&unit.c, dy, dc) {
             (Act::F32(c), ActRef::F32(dy), ActRef::F32(dc)) => {
-                unit.norm.backward(dev, conv.y_desc(), c, dy, dc, numel(y), &self.tensors, grads)?;
+                unit.norm.backward(dev, conv.y_desc(), c, dy, dc, numel(y), &self.table.tensors, grads)?;
                 conv.backward_filter(dev, self.src(spec.src)?, ActRef::F32(dc), ActRef::F32(dw), ws)
             }
             (Act::Bf16(c), ActRef::Bf16(dy), ActRef::Bf16(dc)) => {
                 let half = self.half()?;
-                unit.norm.backward_bf16(dev, (c, dy, dc), y[0] * y[2] * y[3], &self.tensors, grads, &half.bn_scratch())?;
+                unit.norm.backward_bf16(dev, (c, dy, dc), y[0] * y[2] * y[3], &self.table.tensors, grads, &half.bn_scratch())?;
                 conv.backward_filter(dev, self.src(spec.src)?, ActRef::Bf16(dc), ActRef::Bf16(&half.dw), ws)?;
                 let s = conv.shape();
                 half.kernels.to_f32_nchw(dev, &half.dw, dw, s.out_channels, s.x[1], s.kernel * s.kernel)
@@ -547,7 +537,7 @@ impl CudaTrainer {
         let (dev, k) = (&self.dev, &self.train_kernels);
         let [g0, g1, g2] = self.scratch.each_ref().map(Act::r);
         let (fin, classes) = (self.config.feature_dim(), self.config.num_classes);
-        let (w, dw) = (&self.tensors[self.fc.0], &self.grads[self.fc.0]);
+        let (w, dw) = (&self.table.tensors[self.fc.0], &self.grads[self.fc.0]);
         linear::backward(dev, &self.features, w, &self.dlogits, dw, &self.dfeatures, n, fin, classes)?;
         let (last, dims) = self.last_unit(plan)?;
         match (self.units[last].a.r(), g0) {
@@ -618,12 +608,12 @@ impl CudaTrainer {
                 first: !self.has_momentum[i],
             };
             let len = self.grads[i].len;
-            self.train_kernels.sgd(&self.dev, &self.tensors[i], &self.grads[i], &self.moments[i], len, args)?;
+            self.train_kernels.sgd(&self.dev, &self.table.tensors[i], &self.grads[i], &self.moments[i], len, args)?;
         }
         // The convolutions read bf16 copies: convert every updated master again (in stream order, after its update).
         if let Some(half) = &self.half {
             for s in self.specs.iter().filter(|s| self.trainable[s.weight]) {
-                half.refresh(&self.dev, &self.kernels, s, &self.tensors[s.weight])?;
+                half.refresh(&self.dev, &self.kernels, s, &self.table.tensors[s.weight])?;
             }
         }
         if m != 0.0 {
@@ -640,7 +630,7 @@ impl CudaTrainer {
             let mut out = Vec::new();
             for (i, g) in self.grads.iter().enumerate() {
                 if self.trainable[i] {
-                    out.push((self.names[i].clone(), Tensor::new(&self.shapes[i], self.dev.read(g, g.len)?)?));
+                    out.push((self.table.names[i].clone(), Tensor::new(&self.table.shapes[i], self.dev.read(g, g.len)?)?));
                 }
             }
             Ok(out)
@@ -653,7 +643,7 @@ impl CudaTrainer {
         guarded("reading convolution weights", || {
             let mut out = Vec::new();
             for s in &self.specs {
-                let (shape, master) = (&self.shapes[s.weight], &self.tensors[s.weight]);
+                let (shape, master) = (&self.table.shapes[s.weight], &self.table.tensors[s.weight]);
                 let values = match &self.half {
                     None => self.dev.read(master, master.len)?,
                     Some(half) => {
@@ -664,7 +654,7 @@ impl CudaTrainer {
                         self.dev.read(&wide, master.len)?
                     }
                 };
-                out.push((self.names[s.weight].clone(), Tensor::new(shape, values)?));
+                out.push((self.table.names[s.weight].clone(), Tensor::new(shape, values)?));
             }
             Ok(out)
         })
@@ -677,19 +667,8 @@ impl CudaTrainer {
             if model.config != self.config {
                 return Err(Error::invalid("CUDA: download_into needs a model of the trainer's configuration"));
             }
-            let store = &mut model.store;
-            let slots = store
-                .params
-                .iter_mut()
-                .map(|p| (&p.name, &mut p.value))
-                .chain(store.buffers.iter_mut().map(|b| (&b.name, &mut b.value)));
-            for ((name, value), i) in slots.zip(0..) {
-                if self.names.get(i) != Some(name) || self.shapes[i] != value.shape() {
-                    return Err(Error::invalid(format!("CUDA: model tensor {name} does not match the trainer's")));
-                }
-                *value = Tensor::new(&self.shapes[i], self.dev.read(&self.tensors[i], value.numel())?)?;
-            }
-            store.batches_tracked = self.batches_tracked;
+            self.table.download(&self.dev, &mut model.store, "trainer")?;
+            model.store.batches_tracked = self.batches_tracked;
             Ok(())
         })
     }
@@ -728,8 +707,7 @@ impl CudaTrainer {
 /// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
 struct Walker<'a> {
     model: &'a ResNet,
-    index: HashMap<&'a str, (usize, &'a [usize])>,
-    used: Vec<bool>,
+    index: TensorIndex<'a>,
     specs: Vec<UnitSpec>,
     blocks: Vec<BlockSpec>,
     fc: (usize, usize),
@@ -737,45 +715,17 @@ struct Walker<'a> {
 
 impl<'a> Walker<'a> {
     fn new(model: &'a ResNet) -> Self {
-        let s = &model.store;
-        let names = s.params.iter().map(|p| (p.name.as_str(), p.value.shape()));
-        let index: HashMap<_, _> = names
-            .chain(s.buffers.iter().map(|b| (b.name.as_str(), b.value.shape())))
-            .enumerate()
-            .map(|(i, (name, shape))| (name, (i, shape)))
-            .collect();
-        let used = vec![false; index.len()];
-        Walker { model, index, used, specs: Vec::new(), blocks: Vec::new(), fc: (0, 0) }
-    }
-
-    /// The table index of tensor `name`, which must have `shape`; marks it used.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
-        let Some(&(i, s)) = self.index.get(name) else {
-            return Err(Error::invalid(format!("CUDA: the model has no tensor {name}")));
-        };
-        if s != shape {
-            return Err(Error::invalid(format!("CUDA: {name} is {s:?}, the trainer expects {shape:?}")));
-        }
-        self.used[i] = true;
-        Ok(i)
-    }
-
-    fn check_all_used(&self) -> Result<()> {
-        let mut unused: Vec<&str> = self.index.iter().filter(|(_, (i, _))| !self.used[*i]).map(|(n, _)| *n).collect();
-        if unused.is_empty() {
-            return Ok(());
-        }
-        unused.sort_unstable();
-        Err(Error::invalid(format!("CUDA: the trainer does not know model tensors {unused:?}")))
+        let index = TensorIndex::new(&model.store, "trainer");
+        Walker { model, index, specs: Vec::new(), blocks: Vec::new(), fc: (0, 0) }
     }
 
     /// Add the unit `conv` + `bn` with (cin, cout, kernel, stride) reading `src`; returns its index.
     fn unit(&mut self, conv: &str, bn: &str, dims: (usize, usize, usize, usize), src: Src, post: Post) -> Result<usize> {
         let (cin, cout, kernel, stride) = dims;
-        let weight = self.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
+        let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
         let mut t = [0; 4];
         for (slot, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
-            *slot = self.take(&format!("{bn}.{leaf}"), &[cout])?;
+            *slot = self.index.take(&format!("{bn}.{leaf}"), &[cout])?;
         }
         self.specs.push(UnitSpec { weight, out_channels: cout, kernel, stride, src, post, bn: t });
         Ok(self.specs.len() - 1)
@@ -800,7 +750,7 @@ impl<'a> Walker<'a> {
             }
         }
         let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
-        self.fc = (self.take("fc.weight", &[classes, fin])?, self.take("fc.bias", &[classes])?);
+        self.fc = (self.index.take("fc.weight", &[classes, fin])?, self.index.take("fc.bias", &[classes])?);
         Ok(())
     }
 

@@ -301,9 +301,9 @@ impl CudaTrainer {
         let first = self.trainable.len();
         guarded("saving running statistics", || {
             if self.looping.stats_copy.is_empty() {
-                self.looping.stats_copy = self.tensors[first..].iter().map(|t| self.dev.zeros(t.len)).collect::<Result<_>>()?;
+                self.looping.stats_copy = self.table.tensors[first..].iter().map(|t| self.dev.zeros(t.len)).collect::<Result<_>>()?;
             }
-            for (src, dst) in self.tensors[first..].iter().zip(&mut self.looping.stats_copy) {
+            for (src, dst) in self.table.tensors[first..].iter().zip(&mut self.looping.stats_copy) {
                 self.dev.copy(src, dst, src.len)?;
             }
             self.looping.tracked_copy = self.batches_tracked;
@@ -314,11 +314,11 @@ impl CudaTrainer {
     /// Put back what `save_running_stats` copied: a dropped step leaves the statistics as before its forward.
     pub fn restore_running_stats(&mut self) -> Result<()> {
         let first = self.trainable.len();
-        if self.looping.stats_copy.len() != self.tensors.len() - first {
+        if self.looping.stats_copy.len() != self.table.tensors.len() - first {
             return Err(Error::invalid("CUDA: restore_running_stats without save_running_stats"));
         }
         guarded("restoring running statistics", || {
-            for (src, dst) in self.looping.stats_copy.iter().zip(&mut self.tensors[first..]) {
+            for (src, dst) in self.looping.stats_copy.iter().zip(&mut self.table.tensors[first..]) {
                 self.dev.copy(src, dst, src.len)?;
             }
             self.batches_tracked = self.looping.tracked_copy;
@@ -330,14 +330,14 @@ impl CudaTrainer {
     pub fn snapshot_weights(&mut self) -> Result<()> {
         guarded("copying weights", || {
             if self.looping.weights_copy.is_none() {
-                let lens: Vec<usize> = self.looping.trainable.iter().map(|&i| self.tensors[i].len).collect();
+                let lens: Vec<usize> = self.looping.trainable.iter().map(|&i| self.table.tensors[i].len).collect();
                 let copies = lens.iter().map(|&n| self.dev.zeros(n)).collect::<Result<Vec<Buf<f32>>>>()?;
                 let table = Table::new(&self.dev, &copies.iter().zip(&lens).map(|(b, &n)| (b, n)).collect::<Vec<_>>())?;
                 self.looping.weights_copy = Some((copies, table));
             }
             let Some((copies, _)) = &mut self.looping.weights_copy else { unreachable!("allocated just above") };
             for (&i, dst) in self.looping.trainable.iter().zip(copies) {
-                self.dev.copy(&self.tensors[i], dst, self.tensors[i].len)?;
+                self.dev.copy(&self.table.tensors[i], dst, self.table.tensors[i].len)?;
             }
             Ok(())
         })
@@ -367,8 +367,8 @@ impl CudaTrainer {
             let mut out = BTreeMap::new();
             for (i, m) in self.moments.iter().enumerate() {
                 if self.has_momentum[i] {
-                    let t = Tensor::new(&self.shapes[i], self.dev.read(m, m.len)?)?;
-                    out.insert(format!("{}.momentum_buffer", self.names[i]), t);
+                    let t = Tensor::new(&self.table.shapes[i], self.dev.read(m, m.len)?)?;
+                    out.insert(format!("{}.momentum_buffer", self.table.names[i]), t);
                 }
             }
             Ok(out)
@@ -384,10 +384,10 @@ impl CudaTrainer {
         for (key, t) in state {
             let i = key
                 .strip_suffix(".momentum_buffer")
-                .and_then(|name| self.names[..params].iter().position(|n| n == name))
+                .and_then(|name| self.table.names[..params].iter().position(|n| n == name))
                 .ok_or_else(|| Error::invalid(format!("CUDA: unexpected optimizer state {key}")))?;
-            if t.shape() != self.shapes[i] {
-                return Err(Error::invalid(format!("CUDA: {key} is {:?}, expected {:?}", t.shape(), self.shapes[i])));
+            if t.shape() != self.table.shapes[i] {
+                return Err(Error::invalid(format!("CUDA: {key} is {:?}, expected {:?}", t.shape(), self.table.shapes[i])));
             }
             found[i] = Some(t);
         }
@@ -411,7 +411,7 @@ impl CudaTrainer {
         let mut outputs: Vec<(String, ActRef, usize)> = vec![("conv1".into(), self.units[0].a.r(), len(0))];
         for block in &self.blocks {
             let (first, last) = (block.units[0], block.units[block.units.len() - 1]);
-            let name = &self.names[self.specs[first].weight];
+            let name = &self.table.names[self.specs[first].weight];
             let layer = name.strip_suffix(".conv1.weight").unwrap_or(name).to_string();
             outputs.push((layer, self.units[last].a.r(), len(last)));
         }
