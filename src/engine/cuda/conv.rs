@@ -372,6 +372,19 @@ impl DnnHandle {
     }
 }
 
+/// The successful results of a timed search (fastest first, as cuDNN orders them) among the first `returned`
+/// of `perf`, without tensor-op algorithms unless `tensor_ops` (TF32 allowed, or bf16 storage where they are the
+/// point): shared by the forward search and the trainer's backward searches.
+pub(super) fn usable(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> impl Iterator<Item = &AlgoPerf> {
+    let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
+    const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
+    let tensor_op = [
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32,
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION as u32,
+    ];
+    perf[..returned].iter().filter(move |p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
+}
+
 /// Run cuDNN's timed search and keep the fastest algorithm that succeeded and respects the precision setting.
 fn find_algorithm(
     dev: &Device,
@@ -402,15 +415,7 @@ fn find_algorithm(
     }
     .result()
     .map_err(cuda_err("searching convolution algorithms"))?;
-    let returned = usize::try_from(returned).unwrap_or(0).min(REQUESTED);
-    const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
-    let tensor_op = [
-        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32,
-        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION as u32,
-    ];
-    perf[..returned]
-        .iter()
-        .filter(|p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
+    usable(tensor_ops, &perf, returned)
         .find_map(|p| fwd_algo(p.algo).map(|a| (a, p.memory)))
         .ok_or_else(|| {
             Error::invalid(format!(

@@ -7,7 +7,7 @@ use std::ffi::{c_int, c_void};
 
 use cudarc::cudnn::sys;
 
-use super::super::conv::{AlgoCache, AlgoPerf, ConvPlan, ConvShape, Storage};
+use super::super::conv::{AlgoCache, AlgoPerf, ConvPlan, ConvShape, Storage, usable};
 use super::super::device::{Buf, Device, cuda_err};
 use super::half::ActRef;
 use crate::error::{Error, Result};
@@ -77,16 +77,7 @@ pub struct TrainAlgos {
 /// The fastest successful result that respects the precision setting, as (algorithm value, workspace bytes, math
 /// type): tensor-op algorithms only with TF32 allowed or on bf16 storage (where they are the point).
 fn pick(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> Option<(u32, usize, u32)> {
-    let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
-    const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
-    let tensor_op = [
-        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32,
-        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION as u32,
-    ];
-    perf[..returned]
-        .iter()
-        .find(|p| p.status == SUCCESS && (tensor_ops || !tensor_op.contains(&p.math_type)))
-        .map(|p| (p.algo, p.memory, p.math_type))
+    usable(tensor_ops, perf, returned).next().map(|p| (p.algo, p.memory, p.math_type))
 }
 
 /// The algorithm of one backward pass for `shape`: cached, or found by cuDNN's timed search (`find` fills up to
