@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
+use super::packed::PackedLhs;
+use super::scratch::with_buffer;
 use super::winograd;
 use crate::engine::{ConvGeom, Tensor};
 
@@ -83,32 +85,43 @@ fn valid_cols(out: usize, s: usize, k: usize, p: usize, w: usize) -> std::ops::R
 /// Row (ci, i, j) of col holds x[ci, oh·sh + i − ph, ow·sw + j − pw] for every output position, 0 in the padding.
 /// The image's columns start at `offset` in rows of length `ld` (several images share one col matrix).
 fn im2col(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
+    for (r, band) in col[..d.ckk() * ld].chunks_mut(d.kw * ld).enumerate() {
+        im2col_band(x, d, r / d.kh, r % d.kh, band, ld, offset);
+    }
+}
+
+/// `im2col` spread over the pool: for a lone image the copy is a third of a stem convolution's time.
+fn im2col_parallel(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
+    col[..d.ckk() * ld]
+        .par_chunks_mut(d.kw * ld)
+        .enumerate()
+        .for_each(|(r, band)| im2col_band(x, d, r / d.kh, r % d.kh, band, ld, offset));
+}
+
+/// The kw rows (ci, i, 0..kw) of col.
+fn im2col_band(x: &[f32], d: &Dims, ci: usize, i: usize, band: &mut [f32], ld: usize, offset: usize) {
     let (sh, sw) = d.geom.stride;
     let (ph, pw) = d.geom.padding;
     let ohw = d.ohw();
-    for ci in 0..d.c {
-        let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
-        for i in 0..d.kh {
-            let rows = valid_cols(d.oh, sh, i, ph, d.h);
-            for j in 0..d.kw {
-                let row = &mut col[((ci * d.kh + i) * d.kw + j) * ld + offset..][..ohw];
-                let cols = valid_cols(d.ow, sw, j, pw, d.w);
-                for (oy, out) in row.chunks_mut(d.ow).enumerate() {
-                    if !rows.contains(&oy) || cols.is_empty() {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(oy * sh + i - ph) * d.w..][..d.w];
-                    out[..cols.start].fill(0.0);
-                    out[cols.end..].fill(0.0);
-                    let first = cols.start * sw + j - pw;
-                    if sw == 1 {
-                        out[cols.clone()].copy_from_slice(&src[first..first + cols.len()]);
-                    } else {
-                        for (v, &x) in out[cols.clone()].iter_mut().zip(src[first..].iter().step_by(sw)) {
-                            *v = x;
-                        }
-                    }
+    let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
+    let rows = valid_cols(d.oh, sh, i, ph, d.h);
+    for j in 0..d.kw {
+        let row = &mut band[j * ld + offset..][..ohw];
+        let cols = valid_cols(d.ow, sw, j, pw, d.w);
+        for (oy, out) in row.chunks_mut(d.ow).enumerate() {
+            if !rows.contains(&oy) || cols.is_empty() {
+                out.fill(0.0);
+                continue;
+            }
+            let src = &plane[(oy * sh + i - ph) * d.w..][..d.w];
+            out[..cols.start].fill(0.0);
+            out[cols.end..].fill(0.0);
+            let first = cols.start * sw + j - pw;
+            if sw == 1 {
+                out[cols.clone()].copy_from_slice(&src[first..first + cols.len()]);
+            } else {
+                for (v, &x) in out[cols.clone()].iter_mut().zip(src[first..].iter().step_by(sw)) {
+                    *v = x;
                 }
             }
         }
@@ -210,41 +223,71 @@ pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> T
         let y = winograd::forward(x.data(), w.data(), d.n, d.c, d.h, d.w, d.o);
         return Tensor::new(&[d.n, d.o, d.oh, d.ow], y).expect("conv2d output shape matches its data");
     }
+    let wm = MatRef::new(w.data(), d.o, d.ckk());
+    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads))
+}
+
+/// dst (`O`×cols) = W · cols on `threads` threads, however the caller holds W (`O`×`C·kh·kw`).
+type Product<'a> = dyn Fn(&mut [f32], MatRef, usize) + Sync + 'a;
+
+/// y = W · im2col(x) for groups of images (see the module documentation).
+fn im2col_forward(x: &Tensor, d: &Dims, product: &Product) -> Tensor {
     let (group, per_task, gemm_threads) = d.plan();
     let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
-    let wm = MatRef::new(w.data(), o, ckk);
     let mut y = vec![0.0f32; d.n * o * ohw];
     if d.n > 0 && ohw > 0 {
         y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).for_each(|(ys, xs)| {
-            let mut col = Vec::new();
-            let mut out = Vec::new();
             for (yg, xg) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)) {
                 let m = xg.len() / chw;
                 if m == 1 && d.pointwise() {
-                    matmul(yg, wm, MatRef::new(xg, ckk, ohw), false, gemm_threads);
+                    product(yg, MatRef::new(xg, ckk, ohw), gemm_threads);
                     continue;
                 }
-                col.resize(ckk * m * ohw, 0.0);
-                for (j, x_n) in xg.chunks(chw).enumerate() {
-                    im2col(x_n, &d, &mut col, m * ohw, j * ohw);
-                }
-                let cols = MatRef::new(&col, ckk, m * ohw);
-                if m == 1 {
-                    matmul(yg, wm, cols, false, gemm_threads);
-                    continue;
-                }
-                out.resize(o * m * ohw, 0.0);
-                matmul(&mut out, wm, cols, false, gemm_threads);
-                // [O, m·OHW] → m images of [O, OHW]
-                for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
-                    for (oc, dst) in y_n.chunks_mut(ohw).enumerate() {
-                        dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
+                // Kept per thread: a stem's col is 7 MB per image, and fresh pages cost more than the copy.
+                with_buffer(&COL, ckk * m * ohw, |col| {
+                    for (j, x_n) in xg.chunks(chw).enumerate() {
+                        if gemm_threads > 1 {
+                            im2col_parallel(x_n, d, col, m * ohw, j * ohw);
+                        } else {
+                            im2col(x_n, d, col, m * ohw, j * ohw);
+                        }
                     }
-                }
+                    let cols = MatRef::new(col, ckk, m * ohw);
+                    if m == 1 {
+                        product(yg, cols, gemm_threads);
+                        return;
+                    }
+                    with_buffer(&OUT, o * m * ohw, |out| {
+                        product(out, cols, gemm_threads);
+                        // [O, m·OHW] → m images of [O, OHW]
+                        for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
+                            for (oc, dst) in y_n.chunks_mut(ohw).enumerate() {
+                                dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
+                            }
+                        }
+                    })
+                })
             }
         });
     }
     Tensor::new(&[d.n, o, d.oh, d.ow], y).expect("conv2d output shape matches its data")
+}
+
+thread_local! {
+    static COL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The im2col forward with the weight packed once (`PackedLhs` of `[O, C·kh·kw]`, f32 or bf16): for inference.
+pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: ConvGeom) -> Tensor {
+    let [o, c, kh, kw] = w_shape;
+    assert!(w.rows() == o && w.depth() == c * kh * kw, "the packed weight is [O, C·kh·kw]");
+    let [n, xc, h, wi] = x.dims4();
+    assert_eq!(c, xc, "conv2d: input has {xc} channels, weight expects {c}");
+    assert!(h + 2 * geom.padding.0 >= kh && wi + 2 * geom.padding.1 >= kw, "conv2d: kernel larger than padded input");
+    let (oh, ow) = geom.output_hw(h, wi, kh, kw);
+    let d = Dims { n, c, h, w: wi, o, kh, kw, oh, ow, geom };
+    im2col_forward(x, &d, &|dst, cols, threads| w.multiply_threads(cols, dst, threads))
 }
 
 pub fn backward(

@@ -36,7 +36,13 @@ impl<'a> MatRef<'a> {
         MatRef { data, rows: r1 - r0, ..self }
     }
 
-    fn check(&self) {
+    /// Element (i, j).
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+
+    /// Panics unless every element lies inside `data`.
+    pub fn check(&self) {
         if self.rows > 0 && self.cols > 0 {
             let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
             assert!(last < self.data.len(), "matrix view reaches past its slice");

@@ -6,8 +6,10 @@ mod linear;
 mod loss;
 pub mod matmul;
 mod norm;
+pub mod packed;
 mod pool;
 mod prepared;
+mod scratch;
 pub mod winograd;
 
 pub use prepared::{PreparedCpu, keeps_u};

@@ -1,5 +1,8 @@
 //! `PreparedCpu`: the CPU backend for repeated inference with fixed weights. It keeps each 3x3 convolution's
-//! Winograd-transformed weight U from its first call, so later calls skip the transform and only stream U.
+//! Winograd-transformed weight U from its first call, so later calls skip the transform and only stream U, and
+//! every convolution's weight packed for `packed::PackedLhs` (on CPUs with AVX-512), so no call packs it again.
+//! In bf16 (`PreparedCpu::bf16`) the packed weights and each call's transformed input or im2col columns are
+//! rounded to bf16 and multiplied with f32 accumulation; everything between convolutions stays f32.
 //!
 //! Rebuilding U costs the same whatever the batch, so at batch 1 it is most of a Winograd convolution and
 //! `ConvAlgo::Auto` must keep the 14x14 and 28x28 layers on im2col; with U kept, Winograd's 4x fewer multiplies
@@ -16,7 +19,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Cpu, winograd};
+use super::matmul::MatRef;
+use super::packed::{self, PackedLhs};
+use super::{Cpu, conv, winograd};
 use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 use crate::engine::Tensor;
 
@@ -45,43 +50,78 @@ pub fn keeps_u(x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> bool {
         && 8 * tiles <= n * h * w
 }
 
-/// A weight's version and shape.
-type WeightKey = (u64, [usize; 4]);
+/// A weight's version and shape, and whether it serves a kept-U Winograd convolution (a weight may meet both
+/// ways if batches of different sizes pass: `keeps_u` counts tiles).
+type WeightKey = (u64, [usize; 4], bool);
+
+/// What is kept of one convolution weight.
+enum Kept {
+    /// Winograd's U `[36][O][C]`, for CPUs without the packed kernels.
+    U(Vec<f32>),
+    /// U's 36 planes, packed.
+    PackedU(Vec<PackedLhs>),
+    /// The weight as im2col's `[O, C·kh·kw]` left operand, packed.
+    Im2col(PackedLhs),
+}
 
 /// See the module documentation.
 #[derive(Default)]
 pub struct PreparedCpu {
-    kept: Mutex<HashMap<WeightKey, Arc<Vec<f32>>>>,
+    bf16: bool,
+    kept: Mutex<HashMap<WeightKey, Arc<Kept>>>,
 }
 
 impl PreparedCpu {
+    /// Inference in f32.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The kept U of `w`, built on first use.
-    fn transformed(&self, w: &Tensor) -> Arc<Vec<f32>> {
+    /// Inference with bf16 convolution operands and f32 accumulation (what PyTorch's bf16 autocast does on a
+    /// CPU), or `None` when this CPU lacks AVX512-BF16.
+    pub fn bf16() -> Option<Self> {
+        packed::bf16_supported().then(|| PreparedCpu { bf16: true, ..Self::default() })
+    }
+
+    /// The kept form of `w`, built on first use.
+    fn kept(&self, w: &Tensor, winograd: bool) -> Arc<Kept> {
         let shape = w.dims4();
-        let key = (w.version(), shape);
+        let [o, c, kh, kw] = shape;
         // A poisoned lock only means another thread panicked mid-insert; the map itself is still consistent.
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.entry(key)
-            .or_insert_with(|| Arc::new(winograd::transform_forward_weights(w.data(), shape[0], shape[1])))
+        kept.entry((w.version(), shape, winograd))
+            .or_insert_with(|| {
+                Arc::new(if winograd {
+                    let u = winograd::transform_forward_weights(w.data(), o, c);
+                    match winograd::pack_forward_weights(&u, o, c, self.bf16) {
+                        Some(planes) => Kept::PackedU(planes),
+                        None => Kept::U(u),
+                    }
+                } else {
+                    let wm = MatRef::new(w.data(), o, c * kh * kw);
+                    let packed = if self.bf16 { PackedLhs::bf16(wm) } else { PackedLhs::f32(wm) };
+                    Kept::Im2col(packed.expect("the caller checked that this CPU runs the packed kernels"))
+                })
+            })
             .clone()
     }
 }
 
 impl Backend for PreparedCpu {
     fn name(&self) -> &'static str {
-        "cpu (prepared)"
+        if self.bf16 { "cpu (prepared, bf16)" } else { "cpu (prepared)" }
     }
     fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
-        if !keeps_u(x.dims4(), w.dims4(), geom) {
+        let winograd = keeps_u(x.dims4(), w.dims4(), geom);
+        if !winograd && !packed::f32_supported() {
             return Cpu.conv2d(x, w, geom);
         }
         let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
-        let u = self.transformed(w);
-        let y = winograd::forward_with(x.data(), &u, n, c, h, wd, o);
+        let y = match &*self.kept(w, winograd) {
+            Kept::U(u) => winograd::forward_with(x.data(), u, n, c, h, wd, o),
+            Kept::PackedU(planes) => winograd::forward_packed(x.data(), planes, n, c, h, wd, o),
+            Kept::Im2col(packed) => return conv::forward_packed(x, packed, w.dims4(), geom),
+        };
         Tensor::new(&[n, o, h, wd], y).expect("conv2d output shape matches its data")
     }
     fn conv2d_backward(

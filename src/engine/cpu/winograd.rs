@@ -29,6 +29,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
+use super::packed::PackedLhs;
+use super::scratch::with_buffer;
 
 /// Transformed-tile positions: 6x6.
 const XI: usize = 36;
@@ -218,17 +220,15 @@ thread_local! {
     /// U (or the dU partials) kept from one call to the next on the calling thread. At 512x512 channels U is
     /// 37 MB, and faulting in that many fresh pages costs more than the transform that fills them.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A block's V and M, kept for the same reason: at batch 1 a 14x14 layer's whole convolution is one block,
+    /// and allocating its 0.6 MB V and M afresh cost a fifth of the call in page faults.
+    static BLOCK_V: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BLOCK_M: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` entries of this thread's scratch (contents unspecified).
+/// `with_buffer` on the U scratch.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    // Taken out rather than borrowed, so a nested call (rayon may run another task on this thread while it
-    // waits) just allocates its own.
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    buf.resize(len, 0.0);
-    let r = f(&mut buf);
-    SCRATCH.with(|s| *s.borrow_mut() = buf);
-    r
+    with_buffer(&SCRATCH, len, f)
 }
 
 multiversion! {
@@ -470,17 +470,21 @@ fn split_output<'a>(y: &'a mut [f32], p: &Plan) -> Vec<Vec<&'a mut [f32]>> {
     parts
 }
 
+/// M[ξ] = U[ξ] · V[ξ] for one position ξ (`O`×`tb` from `C`×`tb`), however the caller holds U.
+type Product<'a> = dyn Fn(usize, MatRef, &mut [f32]) + Sync + 'a;
+
+/// The product for U laid out `[36][O][C]`.
+fn plain(u: &[f32], o: usize, c: usize) -> impl Fn(usize, MatRef, &mut [f32]) + Sync + '_ {
+    move |xi, v, m| matmul(m, MatRef::new(&u[xi * o * c..][..o * c], o, c), v, false, 1)
+}
+
 /// The 36 GEMMs of one block: M[ξ] = U[ξ] · V[ξ]. When the block has the pool to itself (`gemm_threads` > 1)
 /// the 36 independent GEMMs are spread over the threads, each on one: a block that small has few tiles, and a
 /// GEMM with 16..64 columns split across threads spends more on the split than on the product (one 14x14 image,
 /// 256 channels, U kept: 2.1 ms with each GEMM on two threads, 0.9 ms with the GEMMs spread).
-fn multiply(u: &[f32], v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
-    let (oc, ct, ot) = (p.o * p.c, p.c * tb, p.o * tb);
-    let one = |xi: usize, mx: &mut [f32]| {
-        let um = MatRef::new(&u[xi * oc..][..oc], p.o, p.c);
-        let vm = MatRef::new(&v[xi * ct..][..ct], p.c, tb);
-        matmul(mx, um, vm, false, 1);
-    };
+fn multiply(product: &Product, v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
+    let (ct, ot) = (p.c * tb, p.o * tb);
+    let one = |xi: usize, mx: &mut [f32]| product(xi, MatRef::new(&v[xi * ct..][..ct], p.c, tb), mx);
     let m = &mut m[..XI * ot];
     if p.gemm_threads > 1 {
         m.par_chunks_mut(ot.max(1)).enumerate().for_each(|(xi, mx)| one(xi, mx));
@@ -489,32 +493,30 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
     }
 }
 
-/// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the transformed weight u.
-fn forward_transformed(x: &[f32], u: &[f32], p: &Plan) -> Vec<f32> {
+/// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the products with U.
+fn forward_transformed(x: &[f32], product: &Product, p: &Plan) -> Vec<f32> {
     let mut y = vec![0.0f32; p.n * p.o * p.h * p.w];
     if y.is_empty() {
         return y;
     }
     let parts = split_output(&mut y, p);
-    let run = |b: usize, mut out: Vec<&mut [f32]>, v: &mut Vec<f32>, m: &mut Vec<f32>| {
+    let run = |b: usize, mut out: Vec<&mut [f32]>| {
         let (g0, g1) = p.block_rows(b);
         let tb = (g1 - g0) * p.tw;
-        v.resize(XI * p.c * tb, 0.0);
-        m.resize(XI * p.o * tb, 0.0);
-        input_transform(x, p, g0, g1, v);
-        multiply(u, v, m, p, tb);
-        output_transform(m, p, g0, g1, &mut out);
+        with_buffer(&BLOCK_V, XI * p.c * tb, |v| {
+            with_buffer(&BLOCK_M, XI * p.o * tb, |m| {
+                input_transform(x, p, g0, g1, v);
+                multiply(product, v, m, p, tb);
+                output_transform(m, p, g0, g1, &mut out);
+            })
+        })
     };
     if p.gemm_threads > 1 {
-        let (mut v, mut m) = (Vec::new(), Vec::new());
         for (b, out) in parts.into_iter().enumerate() {
-            run(b, out, &mut v, &mut m);
+            run(b, out);
         }
     } else {
-        parts
-            .into_par_iter()
-            .enumerate()
-            .for_each_init(|| (Vec::new(), Vec::new()), |(v, m), (b, out)| run(b, out, v, m));
+        parts.into_par_iter().enumerate().for_each(|(b, out)| run(b, out));
     }
     y
 }
@@ -523,7 +525,7 @@ fn forward_transformed(x: &[f32], u: &[f32], p: &Plan) -> Vec<f32> {
 pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, false, u);
-        forward_transformed(x, u, &Plan::new(n, c, o, h, w))
+        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w))
     })
 }
 
@@ -540,7 +542,21 @@ pub fn transform_forward_weights(wt: &[f32], o: usize, c: usize) -> Vec<f32> {
 pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
-    forward_transformed(x, u, &Plan::new(n, c, o, h, w))
+    forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w))
+}
+
+/// U's 36 planes packed for `packed::PackedLhs` (in bf16 when `bf16`), or `None` where this CPU lacks the kernel.
+pub fn pack_forward_weights(u: &[f32], o: usize, c: usize, bf16: bool) -> Option<Vec<PackedLhs>> {
+    assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
+    let pack = if bf16 { PackedLhs::bf16 } else { PackedLhs::f32 };
+    u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c))).collect()
+}
+
+/// `forward` with U packed by `pack_forward_weights` (in f32: the same result up to summation order).
+pub fn forward_packed(x: &[f32], planes: &[PackedLhs], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    assert!(planes.len() == XI && planes.iter().all(|u| u.rows() == o && u.depth() == c), "36 planes of O×C");
+    assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
+    forward_transformed(x, &|xi, v, m| planes[xi].multiply(v, m), &Plan::new(n, c, o, h, w))
 }
 
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
@@ -548,7 +564,7 @@ pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize
 pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, true, u);
-        forward_transformed(dy, u, &Plan::new(n, o, c, h, w))
+        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w))
     })
 }
 
