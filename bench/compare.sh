@@ -8,7 +8,8 @@
 # for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
 # intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
 # its per-round median; the table shows ours against the fastest other f32 variant (the same arithmetic as
-# ours), bf16 on its own row (n/a for ours, which has no bf16 yet), then every variant.
+# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), then every variant.
+# The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
 # PYTHON selects the interpreter (default python3); it must import torch and torchvision (onnxruntime and
 # onnx for the ORT variant; without them that variant is skipped with a note). Builds
@@ -63,6 +64,9 @@ echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  nproc $(nproc)  cpu '${CPU_MODEL:-u
      " onnxruntime $ORT_VERSION  threads $THREADS  rounds $ROUNDS  runs $RUNS (+$WARMUP warm-up)$([[ $QUICK == 1 ]] && echo '  [quick: no compile]')"
 
 WORKLOADS=("infer 8 224" "infer 1 224" "train 64 32")
+# Our bf16 inference needs AVX512-BF16; without it the bf16 rows compare nothing of ours.
+OUR_BF16=0
+"$BIN" bench --dtype bf16 --batch 1 --size 32 --runs 1 --warmup 0 >/dev/null 2>&1 && OUR_BF16=1
 start=$SECONDS
 for w in "${WORKLOADS[@]}"; do
     read -r workload batch size <<<"$w"
@@ -72,6 +76,11 @@ for w in "${WORKLOADS[@]}"; do
         if ! "$BIN" bench --workload "$workload" --batch "$batch" --size "$size" --runs "$RUNS" \
                 --warmup "$WARMUP" --json >>"$OUT/$tag.ours.jsonl"; then
             echo "compare.sh: resnet bench failed ($workload b$batch ${size}px)" >&2
+            exit 1
+        fi
+        if [[ $workload == infer && $OUR_BF16 == 1 ]] && ! "$BIN" bench --workload "$workload" --batch "$batch" \
+                --size "$size" --runs "$RUNS" --warmup "$WARMUP" --dtype bf16 --json >>"$OUT/$tag.ours.jsonl"; then
+            echo "compare.sh: resnet bench --dtype bf16 failed ($workload b$batch ${size}px)" >&2
             exit 1
         fi
         variants="$VARIANTS"
@@ -110,9 +119,14 @@ for w in sys.argv[2:]:
     workload, batch, size = w.split()
     tag = f"{workload}_b{batch}_s{size}"
     name = f"{workload} b{batch} {size}px"
-    ours = load(out / f"{tag}.ours.jsonl")
-    ours_ms = statistics.median(r["median_ms"] for r in ours)
-    ours_rss = max((r["peak_rss_mib"] for r in ours if r.get("peak_rss_mib") is not None), default=None)
+    ours_runs = {}
+    for r in load(out / f"{tag}.ours.jsonl"):
+        ours_runs.setdefault(r.get("dtype", "f32"), []).append(r)
+    ours = {
+        d: (statistics.median(r["median_ms"] for r in rs),
+            max((r["peak_rss_mib"] for r in rs if r.get("peak_rss_mib") is not None), default=None), len(rs))
+        for d, rs in ours_runs.items()
+    }
     theirs = {}
     notes = {}
     for r in load(out / f"{tag}.theirs.jsonl"):
@@ -124,28 +138,33 @@ for w in sys.argv[2:]:
         v: (statistics.median(r["median_ms"] for r in rs), max(r["peak_rss_mib"] for r in rs), len(rs), rs[0].get("dtype", "f32"))
         for v, rs in theirs.items()
     }
-    ours_dtype = ours[0].get("dtype", "f32")
     # One row per dtype: ours is compared only with variants doing the same arithmetic.
-    for dtype in [ours_dtype] + sorted({a[3] for a in agg.values()} - {ours_dtype}):
-        label = name if dtype == ours_dtype else f"{name} {dtype}"
+    for dtype in ["f32"] + sorted(({a[3] for a in agg.values()} | set(ours)) - {"f32"}):
+        label = name if dtype == "f32" else f"{name} {dtype}"
         same = {v: a for v, a in agg.items() if a[3] == dtype}
         best = min(same, key=lambda v: same[v][0]) if same else None
-        if dtype != ours_dtype:
+        if dtype not in ours:
             b_ms, b_rss, _, _ = same[best]
-            rows.append((label, "n/a", f"{b_ms:.1f} ({best})", "n/a", "n/a", f"{b_rss:.0f}", "n/a"))
-        elif best:
-            b_ms, b_rss, _, _ = same[best]
-            rss_ratio = ours_rss / b_rss if ours_rss is not None else None
+            rows.append((label, "n/a", f"{b_ms:.1f} ({best})", "n/a", "n/a", "-", "n/a"))
+            continue
+        ours_ms, ours_rss, _ = ours[dtype]
+        if best:
+            b_ms = same[best][0]
+            # The memory target is against PyTorch itself: eager in f32, its bf16 autocast in bf16.
+            torch = "eager" if dtype == "f32" else "bf16"
+            t_rss = agg[torch][1] if torch in agg else None
+            rss_ratio = ours_rss / t_rss if ours_rss is not None and t_rss else None
             rows.append((label, f"{ours_ms:.1f}", f"{b_ms:.1f} ({best})", f"{ours_ms / b_ms:.2f}", fmt(ours_rss, ".0f"),
-                         f"{b_rss:.0f}", fmt(rss_ratio, ".2f")))
+                         fmt(t_rss, ".0f"), fmt(rss_ratio, ".2f")))
         else:
             rows.append((label, f"{ours_ms:.1f}", "- (none ran)", "-", fmt(ours_rss, ".0f"), "-", "-"))
-    details.append((name, "ours", f"{ours_ms:.1f}", "1.00", fmt(ours_rss, ".0f"), str(len(ours)), ""))
+    for dtype, (ms, rss, n) in sorted(ours.items()):
+        details.append((name, "ours" if dtype == "f32" else f"ours {dtype}", f"{ms:.1f}", "-", fmt(rss, ".0f"), str(n), ""))
     for v in ("eager", "channels_last", "compile", "bf16", "ort"):
         if v in agg:
             ms, rss, n, dtype = agg[v]
-            ratio = f"{ours_ms / ms:.2f}" if dtype == ours_dtype else "n/a"
-            note = notes.get(v, "") or ("" if dtype == ours_dtype else f"{dtype}; ours is {ours_dtype} only")
+            ratio = f"{ours[dtype][0] / ms:.2f}" if dtype in ours else "n/a"
+            note = notes.get(v, "") or ("" if dtype in ours else f"{dtype}; ours has no {dtype} here")
             details.append((name, v, f"{ms:.1f}", ratio, f"{rss:.0f}", str(n), note))
         elif v in notes:
             details.append((name, v, "-", "-", "-", "0", notes[v]))
@@ -167,7 +186,7 @@ def table(header, rows):
         print(line(r))
 
 
-table(("workload", "ours ms", "best other ms (variant)", "ours/best", "ours RSS MiB", "their RSS MiB", "RSS ratio"),
+table(("workload", "ours ms", "best other ms (variant)", "ours/best", "ours RSS MiB", "PyTorch RSS MiB", "RSS ratio"),
       rows)
 print()
 table(("workload", "contender", "median ms", "ours/this", "peak RSS MiB", "rounds", "note"), details)

@@ -249,7 +249,16 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
         fails_cleanly(&["bench", "--workload", "train", "--device", "cuda"], "--features cuda");
     }
     fails_cleanly(&["predict", "--weights", path(&weights), "--device", "tpu", path(&cat)], "unknown device 'tpu'");
-    fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "bf16", path(&cat)], "--dtype bf16 needs a GPU");
+    fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "tf32", path(&cat)], "--dtype tf32 needs a GPU");
+    let bf16 = resnet(&["predict", "--weights", path(&weights), "--json", "--dtype", "bf16", path(&cat)]);
+    if resnet_rs::engine::cpu::packed::bf16_supported() {
+        // same top-1 class as f32 (the first field of the JSON line)
+        assert!(bf16.status.success(), "{}", String::from_utf8_lossy(&bf16.stderr));
+        let class = |s: &str| s.split("\"label\"").nth(1).map(|t| t.split(',').next().unwrap_or("").to_string());
+        assert_eq!(class(&stdout(&bf16)), class(&stdout(&on_cpu)), "{} vs {}", stdout(&bf16), stdout(&on_cpu));
+    } else {
+        fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "bf16", path(&cat)], "AVX512-BF16");
+    }
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
 }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use resnet_rs::engine::cpu::Cpu;
 use resnet_rs::model::Mode;
+use resnet_rs::infer::runner::{DeviceSpec, Precision, Runner};
 use resnet_rs::{infer, weights};
 
 #[test]
@@ -48,4 +49,19 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
     );
     assert_eq!(top1(logits.data()), top1(expected.tensors["logits"].data()));
     assert!(e32 < 1e-3, "JPEG decoding differences included");
+
+    // The inference runner (weights packed once) in f32, and in bf16 where the CPU has AVX512-BF16.
+    let [n, _, h, w] = x.dims4();
+    let mut runner = Runner::with_precision(model, DeviceSpec::Cpu, n, h, w, Precision::F32).unwrap();
+    let prepared = runner.forward(&x).unwrap();
+    let e = common::rel_err(prepared.data(), expected.tensors["logits"].data());
+    println!("runner f32: relative error vs PyTorch f32 logits {e:.2e}");
+    assert!(e < 1e-3);
+    let model = weights::load_model("resnet34".parse().unwrap(), &dir.join("resnet34.pth")).unwrap();
+    if let Ok(mut bf16) = Runner::with_precision(model, DeviceSpec::Cpu, n, h, w, Precision::Bf16) {
+        let low = bf16.forward(&x).unwrap();
+        let e = common::rel_err(low.data(), prepared.data());
+        println!("runner bf16: relative error vs f32 logits {e:.2e}, top-1 {:?} (f32 {:?})", top1(low.data()), top1(prepared.data()));
+        assert_eq!(top1(low.data()), top1(prepared.data()), "bf16 changed a top-1 class");
+    }
 }

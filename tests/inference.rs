@@ -99,3 +99,39 @@ fn hostile_shapes_are_refused_before_building_the_network() {
     let msg = weights::load_model("resnet34".parse().unwrap(), &path).err().unwrap().to_string();
     assert!(msg.contains("zero-sized layer"), "{msg}");
 }
+
+fn top1(logits: &[f32], classes: usize) -> Vec<usize> {
+    logits.chunks(classes).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0).collect()
+}
+
+/// The inference runner on the CPU (weights packed once, `PreparedCpu`): f32 gives torchvision's logits at the
+/// same tolerance as the engine; bf16 (AVX512-BF16) keeps every image's top-1 class, within a bf16-sized error,
+/// and a CPU without AVX512-BF16 refuses bf16 in one line.
+#[test]
+fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
+    use resnet_rs::engine::cpu::packed;
+    use resnet_rs::infer::runner::{DeviceSpec, Precision, Runner};
+    let f = Fixture::load("tiny/expected.safetensors");
+    let files = images(&f);
+    let load = || weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();
+    let x = infer::load_batch(&files).unwrap();
+    let [n, _, h, w] = x.dims4();
+    let mut f32_runner = Runner::with_precision(load(), DeviceSpec::Cpu, n, h, w, Precision::F32).unwrap();
+    let logits = f32_runner.forward(&x).unwrap();
+    common::assert_rows_close("logits (runner, f32)", &files, &logits, f.get("logits"));
+    match Runner::with_precision(load(), DeviceSpec::Cpu, n, h, w, Precision::Bf16) {
+        Ok(mut bf16_runner) => {
+            assert!(packed::bf16_supported());
+            let low = bf16_runner.forward(&x).unwrap();
+            assert!(low.data().iter().all(|v| v.is_finite()), "bf16 logits must be finite");
+            let e = common::rel_err(low.data(), logits.data());
+            println!("bf16 vs f32 logits: relative error {e:.2e}");
+            assert!(e < 2e-2, "bf16 logits {e:.2e} from f32's");
+            assert_eq!(top1(low.data(), 10), top1(logits.data(), 10), "bf16 changed a top-1 class");
+        }
+        Err(e) => {
+            assert!(!packed::bf16_supported());
+            assert!(e.to_string().contains("AVX512-BF16"), "{e}");
+        }
+    }
+}

@@ -22,7 +22,8 @@ pub struct PredictArgs {
     /// Where to run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature and finds one).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// f32; on a GPU also tf32 (TF32 tensor-core convolutions) or bf16 (bf16 activations, fp32 accumulation).
+    /// f32; bf16 (bf16 convolution operands, fp32 accumulation: on a GPU, or a CPU with AVX512-BF16); on a GPU
+    /// also tf32 (TF32 tensor-core convolutions).
     #[arg(long, default_value = "f32")]
     dtype: Precision,
     /// JPEG or PNG files, or directories of them.

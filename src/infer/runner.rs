@@ -42,7 +42,8 @@ pub enum Precision {
     F32,
     /// fp32 storage, TF32 tensor-core convolutions and matrix products (PyTorch's default for convolutions).
     Tf32,
-    /// bf16 NHWC activations and convolution operands with fp32 accumulation (PyTorch's bf16 autocast).
+    /// bf16 convolution operands with fp32 accumulation (PyTorch's bf16 autocast); on a GPU also bf16 NHWC
+    /// activations, on the CPU (AVX512-BF16) f32 activations between convolutions.
     Bf16,
 }
 
@@ -78,8 +79,15 @@ pub enum Runner {
 }
 
 impl Runner {
-    fn cpu(model: ResNet) -> Runner {
-        Runner::Cpu(Box::new(model), PreparedCpu::new())
+    /// The CPU in f32, or in bf16 where the CPU has AVX512-BF16.
+    fn cpu(model: ResNet, precision: Precision) -> Result<Runner> {
+        let backend = match precision {
+            Precision::Bf16 => PreparedCpu::bf16().ok_or_else(|| {
+                Error::invalid("--dtype bf16 on the CPU needs AVX512-BF16, which this CPU lacks; use --dtype f32")
+            })?,
+            Precision::F32 | Precision::Tf32 => PreparedCpu::new(),
+        };
+        Ok(Runner::Cpu(Box::new(model), backend))
     }
 
     /// Put `model` on `device` for batches of up to `batch` images of `h`×`w`, in plain fp32.
@@ -87,7 +95,8 @@ impl Runner {
         Runner::with_precision(model, device, batch, h, w, Precision::F32)
     }
 
-    /// As `new`, in `precision`; the CPU runs fp32 only.
+    /// As `new`, in `precision`. The CPU runs f32 and bf16 (AVX512-BF16 only); tf32 is a GPU mode, refused on
+    /// `--device cpu` and run as f32 where `auto` falls back to the CPU.
     pub fn with_precision(
         model: ResNet,
         device: DeviceSpec,
@@ -96,8 +105,8 @@ impl Runner {
         w: usize,
         precision: Precision,
     ) -> Result<Runner> {
-        if precision != Precision::F32 && device == DeviceSpec::Cpu {
-            return Err(Error::invalid(format!("--dtype {precision} needs a GPU (--device cuda); the CPU runs f32")));
+        if precision == Precision::Tf32 && device == DeviceSpec::Cpu {
+            return Err(Error::invalid("--dtype tf32 needs a GPU (--device cuda); the CPU runs f32 and bf16"));
         }
         #[cfg(feature = "cuda")]
         let gpu = |i| {
@@ -108,13 +117,13 @@ impl Runner {
             crate::engine::cuda::CudaResNet::with_options(&model, i, batch, h, w, options)
         };
         match device {
-            DeviceSpec::Cpu => Ok(Runner::cpu(model)),
+            DeviceSpec::Cpu => Runner::cpu(model, precision),
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(i) => Ok(Runner::Cuda(Box::new(gpu(i)?))),
             #[cfg(feature = "cuda")]
             DeviceSpec::Auto => match gpu(0) {
                 Ok(gpu) => Ok(Runner::Cuda(Box::new(gpu))),
-                Err(_) => Ok(Runner::cpu(model)),
+                Err(_) => Runner::cpu(model, precision),
             },
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => {
@@ -122,13 +131,14 @@ impl Runner {
                 Err(Error::invalid(NO_GPU_BUILD))
             }
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Auto => Ok(Runner::cpu(model)),
+            DeviceSpec::Auto => Runner::cpu(model, precision),
         }
     }
 
     /// "cpu", or the GPU's name.
     pub fn describe(&self) -> String {
         match self {
+            Runner::Cpu(_, backend) if backend.is_bf16() => "cpu (bf16)".into(),
             Runner::Cpu(..) => "cpu".into(),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.device_name(),

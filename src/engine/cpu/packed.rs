@@ -15,6 +15,7 @@
 //! Both kernels need AVX-512; `PackedLhs::f32` / `::bf16` return `None` on a CPU without it and the caller
 //! keeps its portable path.
 
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
@@ -46,12 +47,18 @@ pub struct PackedLhs {
 
 /// Whether this CPU runs the f32 kernel.
 pub fn f32_supported() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// Whether this CPU runs the bf16 kernel.
 pub fn bf16_supported() -> bool {
-    f32_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
+    #[cfg(target_arch = "x86_64")]
+    return f32_supported() && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
@@ -215,7 +222,18 @@ fn with_pairs<R>(b: MatRef, f: impl FnOnce(&[u32]) -> R) -> R {
     })
 }
 
+/// Elsewhere no `PackedLhs` is ever built (`f32_supported` is false), so the drivers are never called.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn drive_f32(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
+    unreachable!("packed operands are built only on x86-64 with AVX-512")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn drive_bf16(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+    unreachable!("packed operands are built only on x86-64 with AVX-512")
+}
+
 /// Mask of the first `w` lanes (1 ≤ w ≤ 16).
+#[cfg(target_arch = "x86_64")]
 fn lane_mask(w: usize) -> __mmask16 {
     (((1u32 << w) - 1) & 0xffff) as __mmask16
 }
@@ -223,6 +241,7 @@ fn lane_mask(w: usize) -> __mmask16 {
 /// Generates the driver and the register-block kernel for one element type. The driver walks the columns in
 /// blocks of 48 (the last block narrower), and for each the rows: 8 at a time with 3 or 2 vectors of columns,
 /// 24 at a time (then 16 or 8) with one vector — every block keeps 16..24 accumulators in the 32 registers.
+#[cfg(target_arch = "x86_64")]
 macro_rules! kernels {
     ($drive:ident, $block:ident, $elem:ty, $features:literal, |$acc:ident, $av:ident, $bv:ident| $fma:expr,
      |$ptr:ident| $bcast:expr, |$mask:ident, $bptr:ident| $load:expr) => {
@@ -337,12 +356,14 @@ macro_rules! kernels {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
 kernels!(drive_f32, block_f32, f32, "avx512f",
     |acc, av, bv| _mm512_fmadd_ps(av, _mm512_castsi512_ps(bv), *acc),
     |p| _mm512_set1_ps(*p),
     |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast()));
 
 // SAFETY (the transmutes): __m512i and __m512bh are both 64 bytes of plain bits, valid for any contents.
+#[cfg(target_arch = "x86_64")]
 kernels!(drive_bf16, block_bf16, u32, "avx512f,avx512bf16",
     |acc, av, bv| _mm512_dpbf16_ps(*acc, av, unsafe { std::mem::transmute::<__m512i, __m512bh>(bv) }),
     |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)),

@@ -83,6 +83,11 @@ impl PreparedCpu {
         packed::bf16_supported().then(|| PreparedCpu { bf16: true, ..Self::default() })
     }
 
+    /// Whether convolutions run in bf16.
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
+
     /// The kept form of `w`, built on first use.
     fn kept(&self, w: &Tensor, winograd: bool) -> Arc<Kept> {
         let shape = w.dims4();
