@@ -86,6 +86,10 @@ pub trait Backend: Send + Sync {
 
     /// Max pooling with −∞ padding; also returns, per output, the flat index of the winner within its plane.
     fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>);
+    /// `max_pool2d`'s values alone, for inference (no backward needs the winners).
+    fn max_pool2d_values(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Tensor {
+        self.max_pool2d(x, kernel, stride, padding).0
+    }
     fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor;
 
     /// Mean over H and W: `[N, C, H, W]` → `[N, C]`.

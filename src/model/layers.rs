@@ -199,10 +199,11 @@ pub struct MaxPool {
 
 impl MaxPool {
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode) -> Tensor {
-        let (y, argmax) = be.max_pool2d(x, 3, 2, 1);
-        if mode == Mode::Train {
-            self.record = Some((argmax, x.dims4()));
+        if mode == Mode::Eval {
+            return be.max_pool2d_values(x, 3, 2, 1);
         }
+        let (y, argmax) = be.max_pool2d(x, 3, 2, 1);
+        self.record = Some((argmax, x.dims4()));
         y
     }
 

@@ -71,6 +71,9 @@ impl Backend for Cpu {
     fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>) {
         pool::max_forward(x, kernel, stride, padding)
     }
+    fn max_pool2d_values(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Tensor {
+        pool::max_values(x, kernel, stride, padding)
+    }
     fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor {
         pool::max_backward(dy, argmax, x_shape)
     }

@@ -164,6 +164,9 @@ impl Backend for PreparedCpu {
     fn max_pool2d(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> (Tensor, Vec<u32>) {
         Cpu.max_pool2d(x, kernel, stride, padding)
     }
+    fn max_pool2d_values(&self, x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Tensor {
+        Cpu.max_pool2d_values(x, kernel, stride, padding)
+    }
     fn max_pool2d_backward(&self, dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor {
         Cpu.max_pool2d_backward(dy, argmax, x_shape)
     }
