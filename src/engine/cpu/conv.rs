@@ -40,8 +40,11 @@ struct Dims {
 
 impl Dims {
     fn new(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Dims {
-        let [n, c, h, wi] = x.dims4();
-        let [o, wc, kh, kw] = w.dims4();
+        Dims::of(x.dims4(), w.dims4(), geom)
+    }
+    fn of(x: [usize; 4], w: [usize; 4], geom: ConvGeom) -> Dims {
+        let [n, c, h, wi] = x;
+        let [o, wc, kh, kw] = w;
         assert_eq!(c, wc, "conv2d: input has {c} channels, weight expects {wc}");
         assert!(
             h + 2 * geom.padding.0 >= kh && wi + 2 * geom.padding.1 >= kw,
@@ -278,15 +281,18 @@ thread_local! {
     static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Columns of the products `forward_packed` runs for input `[n, c, h, w]` and weight `[o, c, kh, kw]`.
+pub fn product_columns(x: [usize; 4], w_shape: [usize; 4], geom: ConvGeom) -> usize {
+    let d = Dims::of(x, w_shape, geom);
+    let (group, _, _) = d.plan();
+    group.min(d.n) * d.ohw()
+}
+
 /// The im2col forward with the weight packed once (`PackedLhs` of `[O, C·kh·kw]`, f32 or bf16): for inference.
 pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: ConvGeom) -> Tensor {
     let [o, c, kh, kw] = w_shape;
     assert!(w.rows() == o && w.depth() == c * kh * kw, "the packed weight is [O, C·kh·kw]");
-    let [n, xc, h, wi] = x.dims4();
-    assert_eq!(c, xc, "conv2d: input has {xc} channels, weight expects {c}");
-    assert!(h + 2 * geom.padding.0 >= kh && wi + 2 * geom.padding.1 >= kw, "conv2d: kernel larger than padded input");
-    let (oh, ow) = geom.output_hw(h, wi, kh, kw);
-    let d = Dims { n, c, h, w: wi, o, kh, kw, oh, ow, geom };
+    let d = Dims::of(x.dims4(), w_shape, geom);
     im2col_forward(x, &d, &|dst, cols, threads| w.multiply_threads(cols, dst, threads))
 }
 

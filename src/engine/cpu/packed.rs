@@ -29,6 +29,12 @@ const MR: usize = 8;
 /// Lanes per vector.
 const LANES: usize = 16;
 
+/// Rows per block of the tall kernels: 4 vectors of 16 (24 accumulators with 6 columns).
+const TALL_BLOCK: usize = 4 * LANES;
+
+/// Columns per block of the tall kernels.
+const TALL_COLS: usize = 6;
+
 /// Depth (in elements, or bf16 pairs) multiplied per pass over the destination.
 const DEPTH_CHUNK: usize = 512;
 
@@ -42,6 +48,8 @@ enum Panels {
 pub struct PackedLhs {
     rows: usize,
     depth: usize,
+    /// Panels of 16 rows read as vectors (lanes along the rows), else of 8 rows broadcast (lanes along columns).
+    tall: bool,
     panels: Panels,
 }
 
@@ -80,41 +88,49 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
+/// `rows`×`depth` values laid out in panels of `height` rows: [panel][k][height], zero past the last row.
+fn pack<T: Copy + Default>(rows: usize, depth: usize, height: usize, value: impl Fn(usize, usize) -> T) -> Vec<T> {
+    let mut data = vec![T::default(); rows.div_ceil(height) * depth * height];
+    for (p, panel) in data.chunks_mut((depth * height).max(1)).enumerate() {
+        for (k, lanes) in panel.chunks_mut(height).enumerate() {
+            for (r, v) in lanes.iter_mut().enumerate().filter(|(r, _)| p * height + r < rows) {
+                *v = value(p * height + r, k);
+            }
+        }
+    }
+    data
+}
+
+/// Whether products with `cols` columns should run with the lanes along the rows (`tall`): where the columns
+/// fill the 16-lane vectors badly (49 = one image's 7x7 map fills 77 %) and the rows come in whole 64-row blocks.
+fn tall_suits(rows: usize, cols: usize) -> bool {
+    rows % TALL_BLOCK == 0 && cols > 0 && 100 * cols < 85 * cols.next_multiple_of(LANES)
+}
+
 impl PackedLhs {
-    /// Packs `a` for the f32 kernel, or `None` when this CPU lacks AVX-512.
-    pub fn f32(a: MatRef) -> Option<PackedLhs> {
+    /// Packs `a` for the f32 kernels, laid out for products with about `cols` columns, or `None` when this CPU
+    /// lacks AVX-512. Any column count works whatever the layout; `cols` only picks the faster one.
+    pub fn f32(a: MatRef, cols: usize) -> Option<PackedLhs> {
         if !f32_supported() {
             return None;
         }
-        let (rows, depth) = (a.rows, a.cols);
-        let mut data = vec![0.0f32; rows.div_ceil(MR) * depth * MR];
-        for (p, panel) in data.chunks_mut((depth * MR).max(1)).enumerate() {
-            for (k, lanes) in panel.chunks_mut(MR).enumerate() {
-                for (r, v) in lanes.iter_mut().enumerate().filter(|(r, _)| p * MR + r < rows) {
-                    *v = a.at(p * MR + r, k);
-                }
-            }
-        }
-        Some(PackedLhs { rows, depth, panels: Panels::F32(data) })
+        let tall = tall_suits(a.rows, cols);
+        let data = pack(a.rows, a.cols, if tall { LANES } else { MR }, |r, k| a.at(r, k));
+        Some(PackedLhs { rows: a.rows, depth: a.cols, tall, panels: Panels::F32(data) })
     }
 
-    /// Packs `a` rounded to bf16 for the bf16 kernel, or `None` when this CPU lacks AVX512-BF16.
-    pub fn bf16(a: MatRef) -> Option<PackedLhs> {
+    /// As `f32`, rounded to bf16 for the bf16 kernels, or `None` when this CPU lacks AVX512-BF16.
+    pub fn bf16(a: MatRef, cols: usize) -> Option<PackedLhs> {
         if !bf16_supported() {
             return None;
         }
         let (rows, depth) = (a.rows, a.cols);
-        let pairs = depth.div_ceil(2);
-        let mut data = vec![0u32; rows.div_ceil(MR) * pairs * MR];
-        for (p, panel) in data.chunks_mut((pairs * MR).max(1)).enumerate() {
-            for (kk, lanes) in panel.chunks_mut(MR).enumerate() {
-                for (r, v) in lanes.iter_mut().enumerate().filter(|(r, _)| p * MR + r < rows) {
-                    let (row, k) = (p * MR + r, 2 * kk);
-                    *v = pair(a.at(row, k), if k + 1 < depth { a.at(row, k + 1) } else { 0.0 });
-                }
-            }
-        }
-        Some(PackedLhs { rows, depth, panels: Panels::Bf16(data) })
+        let tall = tall_suits(rows, cols);
+        let data = pack(rows, depth.div_ceil(2), if tall { LANES } else { MR }, |r, kk| {
+            let k = 2 * kk;
+            pair(a.at(r, k), if k + 1 < depth { a.at(r, k + 1) } else { 0.0 })
+        });
+        Some(PackedLhs { rows, depth, tall, panels: Panels::Bf16(data) })
     }
 
     pub fn rows(&self) -> usize {
@@ -141,38 +157,43 @@ impl PackedLhs {
         if self.rows == 0 || n == 0 {
             return;
         }
-        // whole panels per band
-        let band = if threads > 1 { self.rows.div_ceil(threads).next_multiple_of(MR) } else { self.rows };
+        // whole row blocks per band
+        let block = if self.tall { TALL_BLOCK } else { MR };
+        let band = if threads > 1 { self.rows.div_ceil(threads).next_multiple_of(block) } else { self.rows };
+        let height = if self.tall { LANES } else { MR };
         match &self.panels {
             Panels::F32(a) => {
                 let b = Operand { data: b.data, ld: b.row_stride, depth: self.depth, cols: n };
-                // SAFETY: `f32` built these panels only after checking for AVX-512F.
-                banded(a, self.rows, band, b, dst, drive_f32)
+                // `f32` built these panels only after checking for AVX-512F.
+                let drive = if self.tall { drive_f32_tall } else { drive_f32 };
+                banded(a, self.rows, band, height, b, dst, drive)
             }
             Panels::Bf16(a) => with_pairs(b, |pairs| {
                 let b = Operand { data: pairs, ld: n, depth: self.depth.div_ceil(2), cols: n };
-                // SAFETY: `bf16` built these panels only after checking for AVX512-BF16.
-                banded(a, self.rows, band, b, dst, drive_bf16)
+                // `bf16` built these panels only after checking for AVX512-BF16.
+                let drive = if self.tall { drive_bf16_tall } else { drive_bf16 };
+                banded(a, self.rows, band, height, b, dst, drive)
             }),
         }
     }
 }
 
-/// Runs `drive` on bands of `band` rows in parallel (one band: on this thread).
+/// Runs `drive` on bands of `band` rows in parallel (one band: on this thread); panels are `height` rows.
 fn banded<T: Sync>(
     a: &[T],
     rows: usize,
     band: usize,
+    height: usize,
     b: Operand<T>,
     dst: &mut [f32],
     drive: unsafe fn(&[T], usize, Operand<T>, &mut [f32]),
 ) {
-    let panel = b.depth * MR;
+    let panel = b.depth * height;
     let run = |r0: usize, d: &mut [f32]| {
         let used = d.len() / b.cols;
-        // SAFETY: the caller picked `drive` for panels built after checking the CPU's features; the band's
-        // panels start at whole-panel offsets because `band` is a multiple of 8.
-        unsafe { drive(&a[r0 / MR * panel..], used, b, d) }
+        // SAFETY: the caller picked `drive` for panels of this height, built after checking the CPU's features;
+        // each band starts at a whole panel because `band` is a multiple of the row block.
+        unsafe { drive(&a[r0 / height * panel..], used, b, d) }
     };
     if band >= rows {
         run(0, dst);
@@ -229,6 +250,14 @@ unsafe fn drive_f32(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
 }
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn drive_bf16(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+    unreachable!("packed operands are built only on x86-64 with AVX-512")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn drive_f32_tall(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
+    unreachable!("packed operands are built only on x86-64 with AVX-512")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn drive_bf16_tall(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 
@@ -369,6 +398,126 @@ kernels!(drive_bf16, block_bf16, u32, "avx512f,avx512bf16",
     |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)),
     |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast()));
 
+/// Generates the tall driver and kernel for one element type: lanes along 16 rows of the packed operand (one
+/// vector load per 16 rows and step of depth), each of up to 6 columns of the right operand broadcast. The
+/// driver keeps one 64-row block of the left operand (a depth chunk of it: 128 KB) in cache while it walks all
+/// the columns, so each weight is read from memory once per call however few the columns.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tall_kernels {
+    ($drive:ident, $block:ident, $elem:ty, $features:literal, |$acc:ident, $av:ident, $bv:ident| $fma:expr,
+     |$aptr:ident| $aload:expr, |$bptr:ident| $bcast:expr) => {
+        /// # Safety
+        /// The CPU must support the target features; `a` must be the 16-row panels of a `rows`×`b.depth` operand
+        /// and `rows` a multiple of 64.
+        #[target_feature(enable = $features)]
+        unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32]) {
+            let panel = b.depth * LANES;
+            assert!(rows % TALL_BLOCK == 0, "tall panels come in 64-row blocks");
+            assert!(a.len() >= rows / LANES * panel, "packed operand too short");
+            assert!(b.depth == 0 || b.data.len() >= (b.depth - 1) * b.ld + b.cols, "right operand too short");
+            assert!(dst.len() >= rows * b.cols, "destination too short");
+            if b.depth == 0 {
+                dst[..rows * b.cols].fill(0.0);
+            }
+            for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
+                let depth = DEPTH_CHUNK.min(b.depth - k0);
+                for i in (0..rows).step_by(TALL_BLOCK) {
+                    let mut j = 0;
+                    while j < b.cols {
+                        let w = (b.cols - j).min(TALL_COLS);
+                        let run: unsafe fn(_, _, _, _, _, _, _, _) = match w {
+                            6 => $block::<6>,
+                            5 => $block::<5>,
+                            4 => $block::<4>,
+                            3 => $block::<3>,
+                            2 => $block::<2>,
+                            _ => $block::<1>,
+                        };
+                        // SAFETY: rows i..i+64 are 4 whole panels from panel i/16, depth k0..k0+depth lies in
+                        // each panel and in b, columns j..j+w in b's rows and dst's, all checked above.
+                        unsafe {
+                            run(
+                                a.as_ptr().add(i / LANES * panel + k0 * LANES),
+                                panel,
+                                depth,
+                                b.data.as_ptr().add(k0 * b.ld + j),
+                                b.ld,
+                                dst.as_mut_ptr().add(i * b.cols + j),
+                                b.cols,
+                                k0 > 0,
+                            )
+                        };
+                        j += w;
+                    }
+                }
+            }
+        }
+
+        /// c (64 rows x N columns, row-major with row stride `ldc`) = Σ_k a[..][k] · b[k][n], or += when `add`.
+        ///
+        /// # Safety
+        /// See the call in the driver.
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $block<const N: usize>(
+            a: *const $elem,
+            panel: usize,
+            depth: usize,
+            b: *const $elem,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+        ) {
+            const V: usize = TALL_BLOCK / LANES;
+            let mut acc = [[_mm512_setzero_ps(); V]; N];
+            if add {
+                for (n, acc_n) in acc.iter_mut().enumerate() {
+                    for (v, x) in acc_n.iter_mut().enumerate() {
+                        let lanes: [f32; LANES] = std::array::from_fn(|i| unsafe { *c.add((v * LANES + i) * ldc + n) });
+                        *x = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
+                    }
+                }
+            }
+            for k in 0..depth {
+                let $av: [_; V] = std::array::from_fn(|v| {
+                    let $aptr = unsafe { a.add(v * panel + k * LANES) };
+                    unsafe { $aload }
+                });
+                for (n, acc_n) in acc.iter_mut().enumerate() {
+                    let $bptr = unsafe { b.add(k * ldb + n) };
+                    let $bv = unsafe { $bcast };
+                    for ($acc, &$av) in acc_n.iter_mut().zip(&$av) {
+                        *$acc = $fma;
+                    }
+                }
+            }
+            for (n, acc_n) in acc.iter().enumerate() {
+                for (v, &x) in acc_n.iter().enumerate() {
+                    let mut lanes = [0.0f32; LANES];
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
+                    for (i, &y) in lanes.iter().enumerate() {
+                        unsafe { *c.add((v * LANES + i) * ldc + n) = y };
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+tall_kernels!(drive_f32_tall, block_f32_tall, f32, "avx512f",
+    |acc, av, bv| _mm512_fmadd_ps(av, bv, *acc),
+    |p| _mm512_loadu_ps(p),
+    |p| _mm512_set1_ps(*p));
+
+// SAFETY (the transmutes): as for `kernels!` above.
+#[cfg(target_arch = "x86_64")]
+tall_kernels!(drive_bf16_tall, block_bf16_tall, u32, "avx512f,avx512bf16",
+    |acc, av, bv| _mm512_dpbf16_ps(*acc, av, bv),
+    |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())),
+    |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)));
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,30 +541,47 @@ mod tests {
         (num / den).sqrt()
     }
 
-    /// Every register block and tail: rows not multiples of 8 or 24, columns around 16 and 48, odd depth.
+    /// Every register block and tail, in both layouts where the rows allow the tall one: rows not multiples of
+    /// 8 or 24, columns around 6, 16 and 48, odd depth, depth over one chunk (later chunks add onto the first).
     #[test]
     fn packed_products_match_the_reference() {
         if !f32_supported() {
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (8, 3, 16), (13, 7, 5), (24, 64, 16), (40, 33, 49), (64, 64, 196), (70, 9, 97), (20, 2100, 37), (100, 30, 20)]
-        {
+        let shapes = [(1, 1, 1), (8, 3, 16), (13, 7, 5), (24, 64, 16), (40, 33, 49), (64, 64, 196), (70, 9, 97),
+            (20, 2100, 37), (100, 30, 20), (64, 64, 49), (128, 33, 7), (64, 1100, 5), (192, 9, 1), (256, 40, 13)];
+        for &(m, k, n) in &shapes {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             let mut want = vec![0.0; m * n];
             matmul(&mut want, MatRef::new(&a, m, k), MatRef::new(&b, k, n), false, 1);
-            let mut got = vec![f32::NAN; m * n];
-            PackedLhs::f32(MatRef::new(&a, m, k)).unwrap().multiply(MatRef::new(&b, k, n), &mut got);
-            assert!(rel(&got, &want) < 1e-6, "f32 {m}x{k}x{n}: {}", rel(&got, &want));
-            got.fill(f32::NAN);
-            PackedLhs::f32(MatRef::new(&a, m, k)).unwrap().multiply_threads(MatRef::new(&b, k, n), &mut got, 3);
-            assert!(rel(&got, &want) < 1e-6, "f32 {m}x{k}x{n} on 3 threads: {}", rel(&got, &want));
-            if bf16_supported() {
-                // the reference in f32 on operands rounded to bf16: only the summation order differs
-                let round = |v: &[f32]| v.iter().map(|&x| from_bf16(to_bf16(x))).collect::<Vec<_>>();
-                let (ar, br) = (round(&a), round(&b));
-                matmul(&mut want, MatRef::new(&ar, m, k), MatRef::new(&br, k, n), false, 1);
-                PackedLhs::bf16(MatRef::new(&a, m, k)).unwrap().multiply_threads(MatRef::new(&b, k, n), &mut got, 2);
-                assert!(rel(&got, &want) < 1e-6, "bf16 {m}x{k}x{n}: {}", rel(&got, &want));
+            // the layout hint: 16 columns picks the wide layout, 49 the tall one where the rows allow it
+            for hint in [16, 49] {
+                let packed = PackedLhs::f32(MatRef::new(&a, m, k), hint).unwrap();
+                assert_eq!(packed.tall, hint == 49 && m % 64 == 0);
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; m * n];
+                    packed.multiply_threads(MatRef::new(&b, k, n), &mut got, threads);
+                    let e = rel(&got, &want);
+                    assert!(e < 1e-6, "f32 {m}x{k}x{n} tall {} on {threads} threads: {e}", packed.tall);
+                }
+            }
+        }
+        if !bf16_supported() {
+            return;
+        }
+        for &(m, k, n) in &shapes {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            // the reference in f32 on operands rounded to bf16: only the summation order differs
+            let round = |v: &[f32]| v.iter().map(|&x| from_bf16(to_bf16(x))).collect::<Vec<_>>();
+            let (ar, br) = (round(&a), round(&b));
+            let mut want = vec![0.0; m * n];
+            matmul(&mut want, MatRef::new(&ar, m, k), MatRef::new(&br, k, n), false, 1);
+            for hint in [16, 49] {
+                let packed = PackedLhs::bf16(MatRef::new(&a, m, k), hint).unwrap();
+                let mut got = vec![f32::NAN; m * n];
+                packed.multiply_threads(MatRef::new(&b, k, n), &mut got, 2);
+                let e = rel(&got, &want);
+                assert!(e < 1e-6, "bf16 {m}x{k}x{n} tall {}: {e}", packed.tall);
             }
         }
     }
@@ -432,7 +598,7 @@ mod tests {
         let mut want = vec![0.0; m * n];
         matmul(&mut want, MatRef::new(&a, m, k), view, false, 1);
         let mut got = vec![0.0; m * n];
-        PackedLhs::f32(MatRef::new(&a, m, k)).unwrap().multiply(view, &mut got);
+        PackedLhs::f32(MatRef::new(&a, m, k), n).unwrap().multiply(view, &mut got);
         assert!(rel(&got, &want) < 1e-6);
     }
 

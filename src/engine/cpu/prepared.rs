@@ -88,8 +88,8 @@ impl PreparedCpu {
         self.bf16
     }
 
-    /// The kept form of `w`, built on first use.
-    fn kept(&self, w: &Tensor, winograd: bool) -> Arc<Kept> {
+    /// The kept form of `w`, built on first use, laid out for the products of input `x`'s shape.
+    fn kept(&self, x: [usize; 4], w: &Tensor, geom: ConvGeom, winograd: bool) -> Arc<Kept> {
         let shape = w.dims4();
         let [o, c, kh, kw] = shape;
         // A poisoned lock only means another thread panicked mid-insert; the map itself is still consistent.
@@ -98,13 +98,15 @@ impl PreparedCpu {
             .or_insert_with(|| {
                 Arc::new(if winograd {
                     let u = winograd::transform_forward_weights(w.data(), o, c);
-                    match winograd::pack_forward_weights(&u, o, c, self.bf16) {
+                    let cols = winograd::product_columns(x[0], c, o, x[2], x[3]);
+                    match winograd::pack_forward_weights(&u, o, c, self.bf16, cols) {
                         Some(planes) => Kept::PackedU(planes),
                         None => Kept::U(u),
                     }
                 } else {
                     let wm = MatRef::new(w.data(), o, c * kh * kw);
-                    let packed = if self.bf16 { PackedLhs::bf16(wm) } else { PackedLhs::f32(wm) };
+                    let cols = conv::product_columns(x, shape, geom);
+                    let packed = if self.bf16 { PackedLhs::bf16(wm, cols) } else { PackedLhs::f32(wm, cols) };
                     Kept::Im2col(packed.expect("the caller checked that this CPU runs the packed kernels"))
                 })
             })
@@ -122,7 +124,7 @@ impl Backend for PreparedCpu {
             return Cpu.conv2d(x, w, geom);
         }
         let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
-        let y = match &*self.kept(w, winograd) {
+        let y = match &*self.kept(x.dims4(), w, geom, winograd) {
             Kept::U(u) => winograd::forward_with(x.data(), u, n, c, h, wd, o),
             Kept::PackedU(planes) => winograd::forward_packed(x.data(), planes, n, c, h, wd, o),
             Kept::Im2col(packed) => return conv::forward_packed(x, packed, w.dims4(), geom),

@@ -325,17 +325,47 @@ fn pass<const K: usize, const R: usize>(src: [&[f32]; K], dst: [&mut [f32]; R], 
     }
 }
 
+/// The 36 planes of `v` (`[36][C][tb]`) cut into the channel ranges of `tasks` tasks: per task, its slice of
+/// every plane.
+fn channel_parts(v: &mut [f32], channels: usize, tb: usize, tasks: usize) -> Vec<(usize, Vec<&mut [f32]>)> {
+    let per = channels.div_ceil(tasks.max(1)).max(1);
+    let mut parts: Vec<(usize, Vec<&mut [f32]>)> =
+        (0..channels.div_ceil(per)).map(|t| (t * per, Vec::with_capacity(XI))).collect();
+    for plane in v.chunks_mut((channels * tb).max(1)).take(XI) {
+        for (t, part) in plane.chunks_mut(per * tb).enumerate() {
+            parts[t].1.push(part);
+        }
+    }
+    parts
+}
+
+/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` into `v` (`[36][C][tb]`), the channels split
+/// over `threads` threads: a block alone on the pool (batch 1) would otherwise transform on one of them.
+fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32], threads: usize) {
+    let tb = (g1 - g0) * p.tw;
+    let parts = channel_parts(v, p.c, tb, threads);
+    if threads > 1 {
+        parts.into_par_iter().for_each(|(c0, mut planes)| input_channels(x, p, g0, g1, c0, &mut planes));
+    } else {
+        for (c0, mut planes) in parts {
+            input_channels(x, p, g0, g1, c0, &mut planes);
+        }
+    }
+}
+
 multiversion! {
-/// V[ξ][c][t] for the tiles of global tile rows [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first
-/// tile. The 6x6 patches are gathered lane-major (d[i·6 + j][t]) so that both transform passes run over all the
-/// block's tiles at once: long vectors however narrow the image.
-fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
+/// V[ξ][c][t] for channels c0.. (as many as `planes[ξ]` holds rows of tb) and the tiles of global tile rows
+/// [g0, g1) of `x` (`[N, C, H, W]`), t counted from g0's first tile. The 6x6 patches are gathered lane-major
+/// (d[i·6 + j][t]) so that both transform passes run over all the block's tiles at once: long vectors however
+/// narrow the image.
+fn input_channels(x: &[f32], p: &Plan, g0: usize, g1: usize, c0: usize, planes: &mut [&mut [f32]]) {
     let (tw, hw) = (p.tw, p.h * p.w);
     let tb = (g1 - g0) * tw;
+    let channels = c0..c0 + planes[0].len() / tb.max(1);
     let mut d = vec![0.0f32; XI * tb];
     let mut e = vec![0.0f32; XI * tb];
     let mut row = vec![0.0f32; 4 * (tw + 1)];
-    for c in 0..p.c {
+    for c in channels {
         for g in g0..g1 {
             let (n, ty) = (g / p.th, g % p.th);
             let plane = &x[(n * p.c + c) * hw..][..hw];
@@ -360,7 +390,8 @@ fn input_transform(x: &[f32], p: &Plan, g0: usize, g1: usize, v: &mut [f32]) {
         }
         // along the rows: V[ξy·6 + ξx] = Σ_i Bᵀ[ξy][i] e[i·6 + ξx]
         for x in 0..6 {
-            let dst = rows_mut::<6>(v, x * p.c * tb + c * tb, 6 * p.c * tb, tb);
+            let mut column = planes.iter_mut().skip(x).step_by(6).map(|plane| &mut plane[(c - c0) * tb..][..tb]);
+            let dst: [&mut [f32]; 6] = std::array::from_fn(|_| column.next().expect("36 planes"));
             pass(rows::<6>(&e, x * tb, 6 * tb, tb), dst, bt);
         }
     }
@@ -403,17 +434,36 @@ fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f
 }
 }
 
-multiversion! {
 /// Y = Aᵀ M A for the tiles of global tile rows [g0, g1), written into `out`: for each image the block touches
-/// (in order) and each output channel, the rows of that plane the block covers. Both passes run over all the
-/// block's tiles at once; only the final scatter goes tile row by tile row.
-fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [f32]]) {
+/// (in order) and each output channel, the rows of that plane the block covers. The output channels are split
+/// over `threads` threads, as in `input_transform`.
+fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: Vec<&mut [f32]>, threads: usize) {
+    let per = p.o.div_ceil(threads.max(1)).max(1);
+    let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..p.o.div_ceil(per)).map(|t| (t * per, Vec::new())).collect();
+    for (i, rows) in out.into_iter().enumerate() {
+        parts[i % p.o / per].1.push(rows);
+    }
+    if threads > 1 {
+        parts.into_par_iter().for_each(|(o0, mut out)| output_channels(m, p, g0, g1, o0, per, &mut out));
+    } else {
+        for (o0, mut out) in parts {
+            output_channels(m, p, g0, g1, o0, per, &mut out);
+        }
+    }
+}
+
+multiversion! {
+/// `output_transform` for output channels o0..o0 + per (fewer in the last range); `out` holds, for each image
+/// the block touches, those channels' rows. Both passes run over all the block's tiles at once; only the final
+/// scatter goes tile row by tile row.
+fn output_channels(m: &[f32], p: &Plan, g0: usize, g1: usize, o0: usize, per: usize, out: &mut [&mut [f32]]) {
     let tw = p.tw;
     let tb = (g1 - g0) * tw;
     let n0 = g0 / p.th;
+    let count = per.min(p.o - o0);
     let mut s = vec![0.0f32; 6 * 4 * tb];
     let mut q = vec![0.0f32; 16 * tb];
-    for o in 0..p.o {
+    for o in o0..o0 + count {
         // along the columns: s[ξy·4 + jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
         for y in 0..6 {
             pass(rows::<6>(m, (y * 6 * p.o + o) * tb, p.o * tb, tb), rows_mut::<4>(&mut s, y * 4 * tb, tb, tb), at);
@@ -427,7 +477,7 @@ fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: &mut [&mut [
             // the first tile row of image n inside this block: the output slice starts at its first pixel row
             let first_ty = g0.max(n * p.th) - n * p.th;
             let base = (g - g0) * tw;
-            let dst = &mut out[(n - n0) * p.o + o];
+            let dst = &mut out[(n - n0) * count + o - o0];
             for iy in 0..4 {
                 let row = 4 * ty + iy;
                 if row >= p.h {
@@ -500,14 +550,14 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan) -> Vec<f32> {
         return y;
     }
     let parts = split_output(&mut y, p);
-    let run = |b: usize, mut out: Vec<&mut [f32]>| {
+    let run = |b: usize, out: Vec<&mut [f32]>| {
         let (g0, g1) = p.block_rows(b);
         let tb = (g1 - g0) * p.tw;
         with_buffer(&BLOCK_V, XI * p.c * tb, |v| {
             with_buffer(&BLOCK_M, XI * p.o * tb, |m| {
-                input_transform(x, p, g0, g1, v);
+                input_transform(x, p, g0, g1, v, p.gemm_threads);
                 multiply(product, v, m, p, tb);
-                output_transform(m, p, g0, g1, &mut out);
+                output_transform(m, p, g0, g1, out, p.gemm_threads);
             })
         })
     };
@@ -545,11 +595,18 @@ pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize
     forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w))
 }
 
-/// U's 36 planes packed for `packed::PackedLhs` (in bf16 when `bf16`), or `None` where this CPU lacks the kernel.
-pub fn pack_forward_weights(u: &[f32], o: usize, c: usize, bf16: bool) -> Option<Vec<PackedLhs>> {
+/// Columns of the products (tiles per block) of a forward pass on `[n, c, h, w]` with `o` outputs.
+pub fn product_columns(n: usize, c: usize, o: usize, h: usize, w: usize) -> usize {
+    let p = Plan::new(n, c, o, h, w);
+    p.rows.min(p.n * p.th) * p.tw
+}
+
+/// U's 36 planes packed for `packed::PackedLhs` (in bf16 when `bf16`) for products of about `cols` columns
+/// (`product_columns`), or `None` where this CPU lacks the kernel.
+pub fn pack_forward_weights(u: &[f32], o: usize, c: usize, bf16: bool, cols: usize) -> Option<Vec<PackedLhs>> {
     assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
     let pack = if bf16 { PackedLhs::bf16 } else { PackedLhs::f32 };
-    u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c))).collect()
+    u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c), cols)).collect()
 }
 
 /// `forward` with U packed by `pack_forward_weights` (in f32: the same result up to summation order).
@@ -586,7 +643,7 @@ pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: u
                 let tb = (g1 - g0) * p.tw;
                 v.resize(XI * c * tb, 0.0);
                 dm.resize(XI * o * tb, 0.0);
-                input_transform(x, &p, g0, g1, &mut v);
+                input_transform(x, &p, g0, g1, &mut v, p.gemm_threads);
                 output_grad_transform(dy, &p, g0, g1, &mut dm);
                 let one = |xi: usize, dux: &mut [f32]| {
                     let dmm = MatRef::new(&dm[xi * o * tb..][..o * tb], o, tb);
