@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
 use super::packed::PackedLhs;
-use super::scratch::with_buffer;
+use super::scratch::{self, with_buffer};
 use super::winograd;
 use crate::engine::{ConvGeom, Tensor};
 
@@ -227,14 +227,15 @@ pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> T
         return Tensor::new(&[d.n, d.o, d.oh, d.ow], y).expect("conv2d output shape matches its data");
     }
     let wm = MatRef::new(w.data(), d.o, d.ckk());
-    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads))
+    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0)
 }
 
 /// dst (`O`×cols) = W · cols on `threads` threads, however the caller holds W (`O`×`C·kh·kw`).
 type Product<'a> = dyn Fn(&mut [f32], MatRef, usize) + Sync + 'a;
 
-/// y = W · im2col(x) for groups of images (see the module documentation).
-fn im2col_forward(x: &Tensor, d: &Dims, product: &Product) -> Tensor {
+/// y = W · im2col(x) for groups of images (see the module documentation). Temporaries up to `keep_bytes` stay
+/// with their thread for the next call (`scratch`).
+fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize) -> Tensor {
     let (group, per_task, gemm_threads) = d.plan();
     let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
     let mut y = vec![0.0f32; d.n * o * ohw];
@@ -246,8 +247,9 @@ fn im2col_forward(x: &Tensor, d: &Dims, product: &Product) -> Tensor {
                     product(yg, MatRef::new(xg, ckk, ohw), gemm_threads);
                     continue;
                 }
-                // Kept per thread: a stem's col is 7 MB per image, and fresh pages cost more than the copy.
-                with_buffer(&COL, ckk * m * ohw, |col| {
+                // For inference kept per thread: a stem's col is 7 MB per image, and fresh pages cost more
+                // than the copy.
+                with_buffer(&COL, ckk * m * ohw, keep_bytes, |col| {
                     for (j, x_n) in xg.chunks(chw).enumerate() {
                         if gemm_threads > 1 {
                             im2col_parallel(x_n, d, col, m * ohw, j * ohw);
@@ -260,7 +262,7 @@ fn im2col_forward(x: &Tensor, d: &Dims, product: &Product) -> Tensor {
                         product(yg, cols, gemm_threads);
                         return;
                     }
-                    with_buffer(&OUT, o * m * ohw, |out| {
+                    with_buffer(&OUT, o * m * ohw, keep_bytes, |out| {
                         product(out, cols, gemm_threads);
                         // [O, m·OHW] → m images of [O, OHW]
                         for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
@@ -293,7 +295,7 @@ pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: Conv
     let [o, c, kh, kw] = w_shape;
     assert!(w.rows() == o && w.depth() == c * kh * kw, "the packed weight is [O, C·kh·kw]");
     let d = Dims::of(x.dims4(), w_shape, geom);
-    im2col_forward(x, &d, &|dst, cols, threads| w.multiply_threads(cols, dst, threads))
+    im2col_forward(x, &d, &|dst, cols, threads| w.multiply_threads(cols, dst, threads), scratch::INFERENCE_KEEP)
 }
 
 pub fn backward(

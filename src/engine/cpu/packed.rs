@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::matmul::MatRef;
-use super::scratch::with_buffer;
+use super::scratch::{self, with_buffer};
 
 /// Rows per panel of the packed operand.
 const MR: usize = 8;
@@ -225,7 +225,7 @@ thread_local! {
 /// Runs `f` on `b` converted to bf16 pairs ([k/2][cols], rows k and k+1 in one word), in this thread's scratch.
 fn with_pairs<R>(b: MatRef, f: impl FnOnce(&[u32]) -> R) -> R {
     let (depth, n) = (b.rows, b.cols);
-    with_buffer(&PAIRS, depth.div_ceil(2) * n, |buf| {
+    with_buffer(&PAIRS, depth.div_ceil(2) * n, scratch::INFERENCE_KEEP, |buf| {
     for (kk, out) in buf.chunks_mut(n).enumerate() {
         let lo = &b.data[2 * kk * b.row_stride..][..n];
         if 2 * kk + 1 < depth {

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
 use super::packed::PackedLhs;
-use super::scratch::with_buffer;
+use super::scratch::{self, with_buffer};
 
 /// Transformed-tile positions: 6x6.
 const XI: usize = 36;
@@ -220,15 +220,17 @@ thread_local! {
     /// U (or the dU partials) kept from one call to the next on the calling thread. At 512x512 channels U is
     /// 37 MB, and faulting in that many fresh pages costs more than the transform that fills them.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A block's V and M, kept for the same reason: at batch 1 a 14x14 layer's whole convolution is one block,
-    /// and allocating its 0.6 MB V and M afresh cost a fifth of the call in page faults.
+    /// A block's V and M, kept for inference for the same reason: at batch 1 a 14x14 layer's whole convolution
+    /// is one block, and allocating its 0.6 MB V and M afresh cost a fifth of the call in page faults.
     static BLOCK_V: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static BLOCK_M: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `with_buffer` on the U scratch.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_buffer(&SCRATCH, len, f)
+    // U is rebuilt on the calling thread only, and a 37 MB one freed and faulted in again cost the training
+    // step a fifth of its time: kept whatever its size.
+    with_buffer(&SCRATCH, len, usize::MAX, f)
 }
 
 multiversion! {
@@ -544,7 +546,8 @@ fn multiply(product: &Product, v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
 }
 
 /// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the products with U.
-fn forward_transformed(x: &[f32], product: &Product, p: &Plan) -> Vec<f32> {
+/// Temporaries up to `keep_bytes` stay with their thread for the next call (`scratch`).
+fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize) -> Vec<f32> {
     let mut y = vec![0.0f32; p.n * p.o * p.h * p.w];
     if y.is_empty() {
         return y;
@@ -553,8 +556,8 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan) -> Vec<f32> {
     let run = |b: usize, out: Vec<&mut [f32]>| {
         let (g0, g1) = p.block_rows(b);
         let tb = (g1 - g0) * p.tw;
-        with_buffer(&BLOCK_V, XI * p.c * tb, |v| {
-            with_buffer(&BLOCK_M, XI * p.o * tb, |m| {
+        with_buffer(&BLOCK_V, XI * p.c * tb, keep_bytes, |v| {
+            with_buffer(&BLOCK_M, XI * p.o * tb, keep_bytes, |m| {
                 input_transform(x, p, g0, g1, v, p.gemm_threads);
                 multiply(product, v, m, p, tb);
                 output_transform(m, p, g0, g1, out, p.gemm_threads);
@@ -575,7 +578,7 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan) -> Vec<f32> {
 pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, false, u);
-        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w))
+        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), 0)
     })
 }
 
@@ -592,7 +595,7 @@ pub fn transform_forward_weights(wt: &[f32], o: usize, c: usize) -> Vec<f32> {
 pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
-    forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w))
+    forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP)
 }
 
 /// Columns of the products (tiles per block) of a forward pass on `[n, c, h, w]` with `o` outputs.
@@ -613,7 +616,7 @@ pub fn pack_forward_weights(u: &[f32], o: usize, c: usize, bf16: bool, cols: usi
 pub fn forward_packed(x: &[f32], planes: &[PackedLhs], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     assert!(planes.len() == XI && planes.iter().all(|u| u.rows() == o && u.depth() == c), "36 planes of O×C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
-    forward_transformed(x, &|xi, v, m| planes[xi].multiply(v, m), &Plan::new(n, c, o, h, w))
+    forward_transformed(x, &|xi, v, m| planes[xi].multiply(v, m), &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP)
 }
 
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
@@ -621,7 +624,7 @@ pub fn forward_packed(x: &[f32], planes: &[PackedLhs], n: usize, c: usize, h: us
 pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, true, u);
-        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w))
+        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w), 0)
     })
 }
 
