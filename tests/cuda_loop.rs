@@ -80,6 +80,22 @@ fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
     assert!(!run.exists());
 }
 
+/// `--device cuda` where no GPU opens (no driver here): one line, exit 2, and no run folder left behind. On a GPU
+/// machine the same command trains, which the GPU tests below check.
+#[test]
+fn a_gpu_that_does_not_open_leaves_no_run_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = resnet(&["train", "--arch", "resnet18", "--out", path(&run), "--device", "cuda", "--max-steps", "1"]);
+    if o.status.success() {
+        return;
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!run.exists(), "a failed start left {}", run.display());
+}
+
 /// `auto` takes a GPU when there is one, else the CPU; either way the run trains and checkpoints. With Adam it is
 /// the CPU (the GPU trainer runs SGD only).
 #[test]

@@ -333,6 +333,22 @@ pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
     run_on(args, TrainDevice::CPU)
 }
 
+/// A run folder this call created: removed again if the run stops before its first checkpoint (a dataset that
+/// does not load, a GPU that does not open), so a failed start leaves nothing behind. `remove_dir` only removes
+/// an empty folder.
+struct FreshDir<'a> {
+    path: &'a std::path::Path,
+    armed: bool,
+}
+
+impl Drop for FreshDir<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir(self.path);
+        }
+    }
+}
+
 /// Train with the steps on `device`; checkpoints are the same whichever device wrote them, so a run resumes on
 /// any device.
 pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> {
@@ -340,6 +356,7 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
     let recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
     device.check(&recipe)?;
+    let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
     if !args.resume && last_path.exists() {
         return Err(Error::file(&args.run_dir, "already holds a run; pass --resume to continue it or choose another --out"));
@@ -367,6 +384,7 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         // A checkpoint before the first step: from here on the folder always holds one to resume from.
         t.save(&last_path)?;
     }
+    fresh.armed = false;
 
     let (train_pipe, eval_pipe) = setup::pipelines(&recipe);
     let (train_pipe, eval_pipe) = (Arc::new(train_pipe), Arc::new(eval_pipe));

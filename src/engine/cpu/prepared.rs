@@ -7,9 +7,10 @@
 //! Rebuilding U costs the same whatever the batch, so at batch 1 it is most of a Winograd convolution and
 //! `ConvAlgo::Auto` must keep the 14x14 and 28x28 layers on im2col; with U kept, Winograd's 4x fewer multiplies
 //! win there too (and at batch 8 the 14x14 layers gain a third). U is 4x the kernel (36 transformed taps for 9),
-//! so only convolutions whose U stays under `MAX_KEPT_BYTES` are kept: on ResNet-34 every 3x3 layer up to 256
-//! channels (124 MB in all) but not the 512-channel ones (37.7 MB each, 189 MB for five), which would gain
-//! about 7 ms each at batch 8 but take peak memory past half of PyTorch's; they stay on the per-call choice.
+//! so only convolutions whose U stays under `MAX_KEPT_BYTES` are kept: in f32 on ResNet-34 every 3x3 layer up
+//! to 256 channels (124 MB in all) but not the 512-channel ones (37.7 MB each, 189 MB for five), which would
+//! gain about 7 ms each at batch 8 but take peak memory past half of PyTorch's; they stay on im2col. In bf16
+//! U takes half the bytes and those are kept too (18.9 MB each).
 //!
 //! Weights are recognised by `Tensor::version`, which changes whenever values change and is never reused, so
 //! changed or other weights are never confused with kept ones. Kept entries are never dropped, though: the
@@ -25,8 +26,8 @@ use super::{Cpu, conv, winograd};
 use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 use crate::engine::Tensor;
 
-/// Largest U kept per convolution.
-const MAX_KEPT_BYTES: usize = 16 << 20;
+/// Largest U kept per convolution (in the precision it is kept in).
+const MAX_KEPT_BYTES: usize = 20 << 20;
 
 /// Fewest 4x4 output tiles for which a kept-U Winograd convolution beats im2col, measured on 2 threads with
 /// `cargo bench --bench conv_algos` ("kept U" column, same runs): one 14x14 image (16 tiles, 256 channels)
@@ -37,13 +38,18 @@ const MIN_TILES: usize = 16;
 /// Fewest channels on either side, as for `ConvAlgo::Auto` (the transforms dominate below).
 const MIN_CHANNELS: usize = 16;
 
-/// Whether a convolution of input `[n, c, h, w]` and weight `[o, c, kh, kw]` runs on a kept U.
+/// Whether a convolution of input `[n, c, h, w]` and weight `[o, c, kh, kw]` runs on a kept U in f32.
 pub fn keeps_u(x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> bool {
+    keeps_u_in(x, wt, geom, 4)
+}
+
+/// `keeps_u` for U kept with `bytes` bytes per value (4: f32, 2: bf16).
+fn keeps_u_in(x: [usize; 4], wt: [usize; 4], geom: ConvGeom, bytes: usize) -> bool {
     let [n, c, h, w] = x;
     let [o, _, kh, kw] = wt;
     let tiles = n * h.div_ceil(4) * w.div_ceil(4);
     winograd::applies(kh, kw, geom.stride, geom.padding)
-        && 36 * o * c * 4 <= MAX_KEPT_BYTES
+        && 36 * o * c * bytes <= MAX_KEPT_BYTES
         && c.min(o) >= MIN_CHANNELS
         && tiles >= MIN_TILES
         // tiles mostly padding (2x2 and 1x1 maps) do more work than im2col, as in `ConvAlgo::Auto`
@@ -119,7 +125,7 @@ impl Backend for PreparedCpu {
         if self.bf16 { "cpu (prepared, bf16)" } else { "cpu (prepared)" }
     }
     fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
-        let winograd = keeps_u(x.dims4(), w.dims4(), geom);
+        let winograd = keeps_u_in(x.dims4(), w.dims4(), geom, if self.bf16 { 2 } else { 4 });
         if !winograd && !packed::f32_supported() {
             return Cpu.conv2d(x, w, geom);
         }
