@@ -27,6 +27,16 @@ impl ConvGeom {
     }
 }
 
+/// What inference applies to a convolution's output, per channel c: relu?(y·scale[c] + shift[c] + residual?).
+#[derive(Clone, Copy)]
+pub struct EvalAffine<'a> {
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    /// Same shape as the convolution's output.
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
 /// Eval-mode batch norm as the per-channel affine map it is: scale = γ/√(var+ε), shift = β − mean·scale.
 pub fn batch_norm_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let scale: Vec<f32> = gamma.iter().zip(var).map(|(&g, &v)| g / (v + eps).sqrt()).collect();
@@ -73,6 +83,12 @@ pub trait Backend: Send + Sync {
     /// relu?(x·scale + shift + residual?) with one scale and shift per channel, in place on x, in one pass:
     /// eval-mode batch norm (see `batch_norm_affine`) with the ReLU and the residual join that follow it.
     fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor;
+    /// `affine_act(conv2d(x, w), ..)`: inference's convolution + batch norm (+ residual) (+ ReLU) in one call, so
+    /// that a backend can apply the affine map as it writes the convolution's output instead of in another pass.
+    fn conv2d_affine_act(&self, x: &Tensor, w: &Tensor, geom: ConvGeom, affine: EvalAffine) -> Tensor {
+        let y = self.conv2d(x, w, geom);
+        self.affine_act(y, affine.scale, affine.shift, affine.residual, affine.relu)
+    }
     fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads;
 
     /// max(x, 0), in place.

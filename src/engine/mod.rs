@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod tensor;
 
-pub use backend::{Backend, ConvGeom, batch_norm_affine};
+pub use backend::{Backend, ConvGeom, EvalAffine, batch_norm_affine};
 pub use tensor::Tensor;
 
 /// Target distributions for the loss: each label's one-hot row, label-smoothed as PyTorch does,

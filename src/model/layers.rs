@@ -2,13 +2,14 @@
 //! it up when backward runs, so a second backward without a forward is a bug that shows. An activation that
 //! several records need (a ReLU's output is also the next convolution's input) is one `Arc<Tensor>` they share.
 //!
-//! Inference has no records and no separate ReLU: `ConvBn::forward_eval` applies batch norm, the residual add
-//! and the ReLU in one pass over the convolution's output.
+//! Inference has no records and no separate ReLU: `ConvBn::forward_eval` hands batch norm, the residual add
+//! and the ReLU to the backend with the convolution (`Backend::conv2d_affine_act`), which applies them in one
+//! pass over the convolution's output, or as it writes it.
 
 use std::sync::Arc;
 
 use super::store::{BufferId, Init, ParamId, Path, Store};
-use crate::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
+use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -36,10 +37,6 @@ impl Conv2d {
 
     pub fn forward_train(&mut self, be: &dyn Backend, s: &Store, x: &Arc<Tensor>) -> Tensor {
         self.input = Some(Arc::clone(x));
-        be.conv2d(x, s.value(self.weight), self.geom)
-    }
-
-    pub fn forward_eval(&self, be: &dyn Backend, s: &Store, x: &Tensor) -> Tensor {
         be.conv2d(x, s.value(self.weight), self.geom)
     }
 
@@ -95,19 +92,11 @@ impl BatchNorm2d {
         out.y
     }
 
-    /// relu?(bn(x) + residual?) with the running statistics, in place on x.
-    pub fn forward_eval(
-        &self,
-        be: &dyn Backend,
-        s: &Store,
-        x: Tensor,
-        residual: Option<&Tensor>,
-        relu: bool,
-    ) -> Tensor {
+    /// Inference's batch norm as a per-channel affine map (scale, shift), from the running statistics.
+    pub fn eval_affine(&self, s: &Store) -> (Vec<f32>, Vec<f32>) {
         let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
         let (mean, var) = (s.buffer(self.running_mean).data(), s.buffer(self.running_var).data());
-        let (scale, shift) = batch_norm_affine(gamma, beta, mean, var, BN_EPS);
-        be.affine_act(x, &scale, &shift, residual, relu)
+        batch_norm_affine(gamma, beta, mean, var, BN_EPS)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor) -> Tensor {
@@ -162,8 +151,9 @@ impl ConvBn {
         residual: Option<&Tensor>,
         relu: bool,
     ) -> Tensor {
-        let y = self.conv.forward_eval(be, s, x);
-        self.bn.forward_eval(be, s, y, residual, relu)
+        let (scale, shift) = self.bn.eval_affine(s);
+        let affine = EvalAffine { scale: &scale, shift: &shift, residual, relu };
+        be.conv2d_affine_act(x, s.value(self.conv.weight), self.conv.geom, affine)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {

@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
+use super::norm::Affine;
 use super::packed::PackedLhs;
 use super::scratch::{self, with_buffer};
 use super::winograd;
@@ -227,24 +228,37 @@ pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> T
         return Tensor::new(&[d.n, d.o, d.oh, d.ow], y).expect("conv2d output shape matches its data");
     }
     let wm = MatRef::new(w.data(), d.o, d.ckk());
-    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0)
+    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0, None)
 }
 
 /// dst (`O`×cols) = W · cols on `threads` threads, however the caller holds W (`O`×`C·kh·kw`).
 type Product<'a> = dyn Fn(&mut [f32], MatRef, usize) + Sync + 'a;
 
-/// y = W · im2col(x) for groups of images (see the module documentation). Temporaries up to `keep_bytes` stay
-/// with their thread for the next call (`scratch`).
-fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize) -> Tensor {
+/// y = W · im2col(x) for groups of images (see the module documentation), then `affine` on each image's output
+/// while it is still in cache. Temporaries up to `keep_bytes` stay with their thread for the next call
+/// (`scratch`).
+fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize, affine: Option<&Affine>) -> Tensor {
     let (group, per_task, gemm_threads) = d.plan();
     let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
     let mut y = vec![0.0f32; d.n * o * ohw];
+    // `affine` over the images of yg, the first being image `first`; spread over the pool like the product
+    let finish = |yg: &mut [f32], first: usize| {
+        let Some(affine) = affine else { return };
+        let plane = |(p, y): (usize, &mut [f32])| affine.apply(p % o, (first * o + p) * ohw, y);
+        if gemm_threads > 1 {
+            yg.par_chunks_mut(ohw).enumerate().for_each(plane);
+        } else {
+            yg.chunks_mut(ohw).enumerate().for_each(plane);
+        }
+    };
     if d.n > 0 && ohw > 0 {
-        y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).for_each(|(ys, xs)| {
-            for (yg, xg) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)) {
+        y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).enumerate().for_each(|(t, (ys, xs))| {
+            for (i, (yg, xg)) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)).enumerate() {
                 let m = xg.len() / chw;
+                let first = t * per_task + i * group;
                 if m == 1 && d.pointwise() {
                     product(yg, MatRef::new(xg, ckk, ohw), gemm_threads);
+                    finish(yg, first);
                     continue;
                 }
                 // For inference kept per thread: a stem's col is 7 MB per image, and fresh pages cost more
@@ -260,6 +274,7 @@ fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize) ->
                     let cols = MatRef::new(col, ckk, m * ohw);
                     if m == 1 {
                         product(yg, cols, gemm_threads);
+                        finish(yg, first);
                         return;
                     }
                     with_buffer(&OUT, o * m * ohw, keep_bytes, |out| {
@@ -270,6 +285,7 @@ fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize) ->
                                 dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
                             }
                         }
+                        finish(yg, first);
                     })
                 })
             }
@@ -291,11 +307,13 @@ pub fn product_columns(x: [usize; 4], w_shape: [usize; 4], geom: ConvGeom) -> us
 }
 
 /// The im2col forward with the weight packed once (`PackedLhs` of `[O, C·kh·kw]`, f32 or bf16): for inference.
-pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: ConvGeom) -> Tensor {
+/// `affine`, if given, is applied to each image's output right after its product.
+pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: ConvGeom, affine: Option<&Affine>) -> Tensor {
     let [o, c, kh, kw] = w_shape;
     assert!(w.rows() == o && w.depth() == c * kh * kw, "the packed weight is [O, C·kh·kw]");
     let d = Dims::of(x.dims4(), w_shape, geom);
-    im2col_forward(x, &d, &|dst, cols, threads| w.multiply_threads(cols, dst, threads), scratch::INFERENCE_KEEP)
+    let product = |dst: &mut [f32], cols: MatRef, threads: usize| w.multiply_threads(cols, dst, threads);
+    im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine)
 }
 
 pub fn backward(

@@ -12,6 +12,7 @@ mod prepared;
 mod scratch;
 pub mod winograd;
 
+pub use norm::Affine;
 pub use prepared::{PreparedCpu, keeps_u};
 pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
 

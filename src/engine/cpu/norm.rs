@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::engine::Tensor;
-use crate::engine::backend::{BatchNormGrads, BatchNormTrain};
+use crate::engine::backend::{BatchNormGrads, BatchNormTrain, EvalAffine};
 
 /// Σ over channel ch's planes of f(x, y) for two tensors of equal NCHW shape.
 fn channel_sum(a: &[f32], b: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(f32, f32) -> f64) -> f64 {
@@ -80,6 +80,37 @@ pub fn affine_act(mut x: Tensor, scale: &[f32], shift: &[f32], residual: Option<
         }
     });
     x
+}
+
+/// Inference's per-channel affine map, applied by a convolution to the values it has just written
+/// (`Backend::conv2d_affine_act`): relu?(y·scale[o] + shift[o] + residual?).
+#[derive(Clone, Copy)]
+pub struct Affine<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    /// The whole residual, laid out as the convolution's output.
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl<'a> Affine<'a> {
+    /// Checked against the output's shape `[n, o, h, w]`.
+    pub fn new(e: EvalAffine<'a>, out: [usize; 4]) -> Affine<'a> {
+        let [n, o, h, w] = out;
+        assert!(e.scale.len() == o && e.shift.len() == o, "affine: {o} channels but {} scales", e.scale.len());
+        if let Some(r) = e.residual {
+            assert_eq!(r.shape(), out, "affine: residual and output differ in shape");
+        }
+        debug_assert!(e.residual.is_none_or(|r| r.numel() == n * o * h * w));
+        Affine { scale: e.scale, shift: e.shift, residual: e.residual.map(Tensor::data), relu: e.relu }
+    }
+
+    /// Applies the map to `y`, values of output channel `o` that start at flat index `at` of the output.
+    pub fn apply(&self, o: usize, at: usize, y: &mut [f32]) {
+        let r = self.residual.map(|r| &r[at..at + y.len()]);
+        let (a, b) = (self.scale[o], self.shift[o]);
+        if self.relu { affine_plane::<true>(y, r, a, b) } else { affine_plane::<false>(y, r, a, b) }
+    }
 }
 
 /// One plane, with the ReLU decided at compile time so that each variant's loop vectorises.

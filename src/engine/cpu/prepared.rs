@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use super::matmul::MatRef;
 use super::packed::{self, PackedLhs};
 use super::{Cpu, conv, winograd};
-use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
+use super::norm::Affine;
+use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom, EvalAffine};
 use crate::engine::Tensor;
 
 /// Largest U kept per convolution (in the precision it is kept in).
@@ -89,6 +90,22 @@ impl PreparedCpu {
         packed::bf16_supported().then(|| PreparedCpu { bf16: true, ..Self::default() })
     }
 
+    /// conv2d on the kept weights, then `affine` as the output is written; None where nothing is kept for this
+    /// convolution on this CPU (no Winograd U, no AVX-512 for the packed kernels).
+    fn conv(&self, x: &Tensor, w: &Tensor, geom: ConvGeom, affine: Option<&Affine>) -> Option<Tensor> {
+        let winograd = keeps_u_in(x.dims4(), w.dims4(), geom, if self.bf16 { 2 } else { 4 });
+        if !winograd && !packed::f32_supported() {
+            return None;
+        }
+        let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
+        let y = match &*self.kept(x.dims4(), w, geom, winograd) {
+            Kept::U(u) => winograd::forward_with(x.data(), u, (n, c, h, wd, o), affine),
+            Kept::PackedU(planes) => winograd::forward_packed(x.data(), planes, (n, c, h, wd, o), affine),
+            Kept::Im2col(packed) => return Some(conv::forward_packed(x, packed, w.dims4(), geom, affine)),
+        };
+        Some(Tensor::new(&[n, o, h, wd], y).expect("conv2d output shape matches its data"))
+    }
+
     /// Whether convolutions run in bf16.
     pub fn is_bf16(&self) -> bool {
         self.bf16
@@ -125,17 +142,17 @@ impl Backend for PreparedCpu {
         if self.bf16 { "cpu (prepared, bf16)" } else { "cpu (prepared)" }
     }
     fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
-        let winograd = keeps_u_in(x.dims4(), w.dims4(), geom, if self.bf16 { 2 } else { 4 });
-        if !winograd && !packed::f32_supported() {
-            return Cpu.conv2d(x, w, geom);
-        }
-        let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
-        let y = match &*self.kept(x.dims4(), w, geom, winograd) {
-            Kept::U(u) => winograd::forward_with(x.data(), u, n, c, h, wd, o),
-            Kept::PackedU(planes) => winograd::forward_packed(x.data(), planes, n, c, h, wd, o),
-            Kept::Im2col(packed) => return conv::forward_packed(x, packed, w.dims4(), geom),
-        };
-        Tensor::new(&[n, o, h, wd], y).expect("conv2d output shape matches its data")
+        self.conv(x, w, geom, None).unwrap_or_else(|| Cpu.conv2d(x, w, geom))
+    }
+    fn conv2d_affine_act(&self, x: &Tensor, w: &Tensor, geom: ConvGeom, affine: EvalAffine) -> Tensor {
+        let [n, _, h, wd] = x.dims4();
+        let [o, _, kh, kw] = w.dims4();
+        let (oh, ow) = geom.output_hw(h, wd, kh, kw);
+        let fused = Affine::new(affine, [n, o, oh, ow]);
+        self.conv(x, w, geom, Some(&fused)).unwrap_or_else(|| {
+            let y = Cpu.conv2d(x, w, geom);
+            Cpu.affine_act(y, affine.scale, affine.shift, affine.residual, affine.relu)
+        })
     }
     fn conv2d_backward(
         &self,

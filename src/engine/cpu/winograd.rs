@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{MatRef, matmul};
+use super::norm::Affine;
 use super::packed::PackedLhs;
 use super::scratch::{self, with_buffer};
 
@@ -483,17 +484,25 @@ fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f
 /// Y = Aᵀ M A for the tiles of global tile rows [g0, g1), written into `out`: for each image the block touches
 /// (in order) and each output channel, the rows of that plane the block covers. The output channels are split
 /// over `threads` threads, as in `input_transform`.
-fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: Vec<&mut [f32]>, threads: usize) {
+fn output_transform(
+    m: &[f32],
+    p: &Plan,
+    g0: usize,
+    g1: usize,
+    out: Vec<&mut [f32]>,
+    threads: usize,
+    affine: Option<&Affine>,
+) {
     let per = p.o.div_ceil(threads.max(1)).max(1);
     let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..p.o.div_ceil(per)).map(|t| (t * per, Vec::new())).collect();
     for (i, rows) in out.into_iter().enumerate() {
         parts[i % p.o / per].1.push(rows);
     }
     if threads > 1 {
-        parts.into_par_iter().for_each(|(o0, mut out)| output_channels(m, p, g0, g1, o0, per, &mut out));
+        parts.into_par_iter().for_each(|(o0, mut out)| output_channels(m, p, g0, g1, o0, per, &mut out, affine));
     } else {
         for (o0, mut out) in parts {
-            output_channels(m, p, g0, g1, o0, per, &mut out);
+            output_channels(m, p, g0, g1, o0, per, &mut out, affine);
         }
     }
 }
@@ -501,8 +510,18 @@ fn output_transform(m: &[f32], p: &Plan, g0: usize, g1: usize, out: Vec<&mut [f3
 multiversion! {
 /// `output_transform` for output channels o0..o0 + per (fewer in the last range); `out` holds, for each image
 /// the block touches, those channels' rows. Both passes run over all the block's tiles at once; only the final
-/// scatter goes tile row by tile row.
-fn output_channels(m: &[f32], p: &Plan, g0: usize, g1: usize, o0: usize, per: usize, out: &mut [&mut [f32]]) {
+/// scatter goes tile row by tile row, and applies `affine` to each row as it writes it.
+#[allow(clippy::too_many_arguments)]
+fn output_channels(
+    m: &[f32],
+    p: &Plan,
+    g0: usize,
+    g1: usize,
+    o0: usize,
+    per: usize,
+    out: &mut [&mut [f32]],
+    affine: Option<&Affine>,
+) {
     let tw = p.tw;
     let tb = (g1 - g0) * tw;
     let n0 = g0 / p.th;
@@ -538,6 +557,9 @@ fn output_channels(m: &[f32], p: &Plan, g0: usize, g1: usize, o0: usize, per: us
                 // a partial last tile
                 for (jx, d) in groups.into_remainder().iter_mut().enumerate() {
                     *d = qs[jx][p.w / 4];
+                }
+                if let Some(affine) = affine {
+                    affine.apply(o, ((n * p.o + o) * p.h + row) * p.w, drow);
                 }
             }
         }
@@ -591,7 +613,7 @@ fn multiply(product: &Product, v: &[f32], m: &mut [f32], p: &Plan, tb: usize) {
 
 /// The shared forward pass: y (`[N, O, H, W]`) from x (`[N, C, H, W]`) and the products with U.
 /// Temporaries up to `keep_bytes` stay with their thread for the next call (`scratch`).
-fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize) -> Vec<f32> {
+fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize, affine: Option<&Affine>) -> Vec<f32> {
     let mut y = vec![0.0f32; p.n * p.o * p.h * p.w];
     if y.is_empty() {
         return y;
@@ -604,7 +626,7 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize
             with_buffer(&BLOCK_M, XI * p.o * tb, keep_bytes, |m| {
                 input_transform(x, p, g0, g1, v, p.gemm_threads);
                 multiply(product, v, m, p, tb);
-                output_transform(m, p, g0, g1, out, p.gemm_threads);
+                output_transform(m, p, g0, g1, out, p.gemm_threads, affine);
             })
         })
     };
@@ -622,7 +644,7 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize
 pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, false, u);
-        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), 0)
+        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), 0, None)
     })
 }
 
@@ -635,11 +657,16 @@ pub fn transform_forward_weights(wt: &[f32], o: usize, c: usize) -> Vec<f32> {
     u
 }
 
-/// `forward` with U from `transform_forward_weights` (same result, bit for bit).
-pub fn forward_with(x: &[f32], u: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+/// The shape of a forward pass: batch, input channels, height, width, output channels.
+pub type Shape = (usize, usize, usize, usize, usize);
+
+/// `forward` with U from `transform_forward_weights` (without `affine`: the same result, bit for bit), then
+/// `affine` applied to each output row as it is written.
+pub fn forward_with(x: &[f32], u: &[f32], shape: Shape, affine: Option<&Affine>) -> Vec<f32> {
+    let (n, c, h, w, o) = shape;
     assert_eq!(u.len(), XI * o * c, "U has 36 planes of O·C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
-    forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP)
+    forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP, affine)
 }
 
 /// Columns of the products (tiles per block) of a forward pass on `[n, c, h, w]` with `o` outputs.
@@ -656,11 +683,13 @@ pub fn pack_forward_weights(u: &[f32], o: usize, c: usize, bf16: bool, cols: usi
     u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c), cols)).collect()
 }
 
-/// `forward` with U packed by `pack_forward_weights` (in f32: the same result up to summation order).
-pub fn forward_packed(x: &[f32], planes: &[PackedLhs], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+/// `forward_with` with U packed by `pack_forward_weights` (in f32: the same result up to summation order).
+pub fn forward_packed(x: &[f32], planes: &[PackedLhs], shape: Shape, affine: Option<&Affine>) -> Vec<f32> {
+    let (n, c, h, w, o) = shape;
     assert!(planes.len() == XI && planes.iter().all(|u| u.rows() == o && u.depth() == c), "36 planes of O×C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
-    forward_transformed(x, &|xi, v, m| planes[xi].multiply(v, m), &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP)
+    let product = |xi: usize, v: MatRef, m: &mut [f32]| planes[xi].multiply(v, m);
+    forward_transformed(x, &product, &Plan::new(n, c, o, h, w), scratch::INFERENCE_KEEP, affine)
 }
 
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
@@ -668,7 +697,7 @@ pub fn forward_packed(x: &[f32], planes: &[PackedLhs], n: usize, c: usize, h: us
 pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, true, u);
-        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w), 0)
+        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w), 0, None)
     })
 }
 
