@@ -104,8 +104,8 @@ fn top1(logits: &[f32], classes: usize) -> Vec<usize> {
     logits.chunks(classes).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0).collect()
 }
 
-/// The inference runner on the CPU (weights packed once, `PreparedCpu`): f32 gives torchvision's logits at the
-/// same tolerance as the engine; bf16 (AVX512-BF16) keeps every image's top-1 class, within a bf16-sized error,
+/// The inference runner on the CPU (weights packed once, `PreparedCpu`): f32 gives torchvision's logits and
+/// features at the same tolerance as the engine; bf16 (AVX512-BF16) keeps every image's top-1 class, within a bf16-sized error,
 /// and a CPU without AVX512-BF16 refuses bf16 in one line.
 #[test]
 fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
@@ -119,6 +119,10 @@ fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
     let mut f32_runner = Runner::with_precision(load(), DeviceSpec::Cpu, n, h, w, Precision::F32).unwrap();
     let logits = f32_runner.forward(&x).unwrap();
     common::assert_rows_close("logits (runner, f32)", &files, &logits, f.get("logits"));
+    for (layer, tap) in [("layer2", Tap::Layer2), ("avgpool", Tap::AvgPool)] {
+        let feats = f32_runner.features(&x, tap).unwrap();
+        common::assert_rows_close(layer, &files, &feats, f.get(&format!("features.{layer}")));
+    }
     match Runner::with_precision(load(), DeviceSpec::Cpu, n, h, w, Precision::Bf16) {
         Ok(mut bf16_runner) => {
             assert!(packed::bf16_supported());
