@@ -262,6 +262,31 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
 }
 
+/// The portable path (what a CPU without AVX-512 runs: `gemm` instead of the packed kernels, scalar gathers),
+/// forced with `RESNET_NO_AVX512=1`: the same predictions as the default path, and bf16 refused in one line.
+#[test]
+fn the_portable_path_predicts_the_same_and_refuses_bf16() {
+    let weights = fixture("tiny/resnet34_w4.pth");
+    let dir = fixture("images");
+    let default = resnet(&["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)]);
+    let portable = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)])
+        .env("RESNET_NO_AVX512", "1")
+        .output()
+        .unwrap();
+    assert!(portable.status.success(), "{}", String::from_utf8_lossy(&portable.stderr));
+    assert_eq!(stdout(&portable), stdout(&default));
+    let bf16 = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(["predict", "--weights", path(&weights), "--dtype", "bf16", path(&dir)])
+        .env("RESNET_NO_AVX512", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bf16.stderr);
+    assert_eq!(bf16.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("AVX512-BF16"), "{err}");
+}
+
 #[test]
 fn train_device_and_dtype_are_refused_up_front_in_one_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,8 +53,13 @@ pub struct PackedLhs {
     panels: Panels,
 }
 
-/// Whether this CPU runs the f32 kernel.
+/// Whether this CPU runs the f32 kernel. `RESNET_NO_AVX512=1` (read once) answers no, so that the portable
+/// path can be run and tested on a machine that has AVX-512.
 pub fn f32_supported() -> bool {
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *PORTABLE.get_or_init(|| std::env::var_os("RESNET_NO_AVX512").is_some_and(|v| v == "1")) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]

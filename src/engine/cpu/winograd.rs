@@ -338,8 +338,8 @@ fn deinterleave4(row: &[f32], d: [&mut [f32]; 4]) {
     let (d1, d2, d3) = (&mut d1[..tiles], &mut d2[..tiles], &mut d3[..tiles]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked for AVX-512F; every slice was cut to `tiles` (or 4·tiles) above.
+    if super::packed::f32_supported() {
+        // SAFETY: `f32_supported` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles) above.
         done = unsafe { deinterleave4_avx512(row, [d0, d1, d2, d3]) };
     }
     for k in done..tiles {
