@@ -417,21 +417,29 @@ fn input_channels(x: &[f32], p: &Plan, g0: usize, g1: usize, c0: usize, planes: 
     let mut d = vec![0.0f32; XI * tb];
     let mut e = vec![0.0f32; XI * tb];
     let mut row = vec![0.0f32; 4 * (tw + 1)];
+    // Patch row i of every tile of the block, end to end (4 columns per tile), so that one gather lays them all
+    // out lane-major however narrow the image (a 14x14 map has 4 tiles a row); the last tile of each tile row
+    // takes its columns 4 and 5 from `last`.
+    let mut rows_i = vec![0.0f32; 4 * tb];
+    let mut last = vec![[0.0f32; 2]; g1 - g0];
     for c in channels {
-        for g in g0..g1 {
-            let (n, ty) = (g / p.th, g % p.th);
-            let plane = &x[(n * p.c + c) * hw..][..hw];
-            let base = (g - g0) * tw;
-            for i in 0..6 {
+        for i in 0..6 {
+            for g in g0..g1 {
+                let (n, ty) = (g / p.th, g % p.th);
+                let plane = &x[(n * p.c + c) * hw..][..hw];
                 // padded row 4ty + i is input row 4ty + i − 1
                 let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
                 padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 1, &mut row);
-                let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb + base, tb, tw);
-                // tile k's columns 0..4 are padded columns 4k..4k+4; its columns 4 and 5 are tile k+1's 0 and 1
-                deinterleave4(&row, [&mut *d0, &mut *d1, &mut *d2, &mut *d3]);
-                d4[..tw - 1].copy_from_slice(&d0[1..]);
-                d5[..tw - 1].copy_from_slice(&d1[1..]);
-                (d4[tw - 1], d5[tw - 1]) = (row[4 * tw], row[4 * tw + 1]);
+                rows_i[(g - g0) * 4 * tw..][..4 * tw].copy_from_slice(&row[..4 * tw]);
+                last[g - g0] = [row[4 * tw], row[4 * tw + 1]];
+            }
+            let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb, tb, tb);
+            // tile k's columns 0..4 are padded columns 4k..4k+4; its columns 4 and 5 are tile k+1's 0 and 1
+            deinterleave4(&rows_i, [&mut *d0, &mut *d1, &mut *d2, &mut *d3]);
+            d4[..tb - 1].copy_from_slice(&d0[1..]);
+            d5[..tb - 1].copy_from_slice(&d1[1..]);
+            for (k, [l4, l5]) in last.iter().enumerate() {
+                (d4[(k + 1) * tw - 1], d5[(k + 1) * tw - 1]) = (*l4, *l5);
             }
         }
         // along the columns: e[i·6 + ξx] = Σ_j Bᵀ[ξx][j] d[i·6 + j]
@@ -456,17 +464,17 @@ fn output_grad_transform(dy: &[f32], p: &Plan, g0: usize, g1: usize, dm: &mut [f
     let tb = (g1 - g0) * tw;
     let mut d = vec![0.0f32; 16 * tb];
     let mut e = vec![0.0f32; 4 * 6 * tb];
-    let mut row = vec![0.0f32; 4 * tw];
+    // row i of every output tile of the block, end to end, gathered at once (as in `input_channels`)
+    let mut rows_i = vec![0.0f32; 4 * tb];
     for o in 0..p.o {
-        for g in g0..g1 {
-            let (n, ty) = (g / p.th, g % p.th);
-            let plane = &dy[(n * p.o + o) * hw..][..hw];
-            let base = (g - g0) * tw;
-            for i in 0..4 {
+        for i in 0..4 {
+            for (g, row) in (g0..g1).zip(rows_i.chunks_mut(4 * tw)) {
+                let (n, ty) = (g / p.th, g % p.th);
+                let plane = &dy[(n * p.o + o) * hw..][..hw];
                 let r = Some(4 * ty + i).filter(|&r| r < p.h);
-                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 0, &mut row);
-                deinterleave4(&row, rows_mut::<4>(&mut d, i * 4 * tb + base, tb, tw));
+                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 0, row);
             }
+            deinterleave4(&rows_i, rows_mut::<4>(&mut d, i * 4 * tb, tb, tb));
         }
         // along the columns: e[i·6 + ξx] = Σ_j A[ξx][j] d[i·4 + j]
         for i in 0..4 {
