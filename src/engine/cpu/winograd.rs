@@ -377,6 +377,63 @@ unsafe fn deinterleave4_avx512(row: &[f32], d: [&mut [f32]; 4]) -> usize {
     tiles
 }
 
+/// out[4k + j] = q_j[k] for k < `q[0].len()`: `deinterleave4` backwards, for the output scatter.
+#[inline(always)]
+fn interleave4(q: [&[f32]; 4], out: &mut [f32]) {
+    let tiles = q[0].len();
+    let out = &mut out[..4 * tiles];
+    let (q1, q2, q3) = (&q[1][..tiles], &q[2][..tiles], &q[3][..tiles]);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::packed::f32_supported() {
+        // SAFETY: `f32_supported` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles).
+        done = unsafe { interleave4_avx512([q[0], q1, q2, q3], out) };
+    }
+    for k in done..tiles {
+        out[4 * k..4 * k + 4].copy_from_slice(&[q[0][k], q1[k], q2[k], q3[k]]);
+    }
+}
+
+/// `interleave4` for whole groups of 16 tiles; returns how many tiles it did.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `out` must hold 4 entries per tile of `q[0]`, and each `q[j]` as many as `q[0]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave4_avx512(q: [&[f32]; 4], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let tiles = q[0].len() - q[0].len() % 16;
+    assert!(out.len() >= 4 * tiles && q.iter().all(|q| q.len() >= tiles), "interleave4: short slices");
+    // (a0 b0 a1 b1 ..) from a and b: low and high halves
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    // pairs of 64-bit lanes (x0 x1 y0 y1 ..) from x and y, as f64 lanes: low and high halves
+    let lo64 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+    let hi64 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    for k in (0..tiles).step_by(16) {
+        // SAFETY: entries k..k+16 of each q_j and 4k..4k+64 of out lie inside the slices (asserted above).
+        unsafe {
+            let [a, b, c, d] = q.map(|q| _mm512_loadu_ps(q.as_ptr().add(k)));
+            // ab: a0 b0 a1 b1 ..; cd: c0 d0 c1 d1 ..
+            let (ab_lo, ab_hi) = (_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+            let (cd_lo, cd_hi) = (_mm512_permutex2var_ps(c, lo, d), _mm512_permutex2var_ps(c, hi, d));
+            // (a_k b_k) and (c_k d_k) are 64-bit units: interleave those
+            let (ab_lo, ab_hi, cd_lo, cd_hi) = (
+                _mm512_castps_pd(ab_lo),
+                _mm512_castps_pd(ab_hi),
+                _mm512_castps_pd(cd_lo),
+                _mm512_castps_pd(cd_hi),
+            );
+            let p = out.as_mut_ptr().add(4 * k);
+            _mm512_storeu_ps(p, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_lo, lo64, cd_lo)));
+            _mm512_storeu_ps(p.add(16), _mm512_castpd_ps(_mm512_permutex2var_pd(ab_lo, hi64, cd_lo)));
+            _mm512_storeu_ps(p.add(32), _mm512_castpd_ps(_mm512_permutex2var_pd(ab_hi, lo64, cd_hi)));
+            _mm512_storeu_ps(p.add(48), _mm512_castpd_ps(_mm512_permutex2var_pd(ab_hi, hi64, cd_hi)));
+        }
+    }
+    tiles
+}
+
 /// The 36 planes of `v` (`[36][C][tb]`) cut into the channel ranges of `tasks` tasks: per task, its slice of
 /// every plane.
 fn channel_parts(v: &mut [f32], channels: usize, tb: usize, tasks: usize) -> Vec<(usize, Vec<&mut [f32]>)> {
@@ -416,7 +473,6 @@ fn input_channels(x: &[f32], p: &Plan, g0: usize, g1: usize, c0: usize, planes: 
     let channels = c0..c0 + planes[0].len() / tb.max(1);
     let mut d = vec![0.0f32; XI * tb];
     let mut e = vec![0.0f32; XI * tb];
-    let mut row = vec![0.0f32; 4 * (tw + 1)];
     // Patch row i of every tile of the block, end to end (4 columns per tile), so that one gather lays them all
     // out lane-major however narrow the image (a 14x14 map has 4 tiles a row); the last tile of each tile row
     // takes its columns 4 and 5 from `last`.
@@ -427,11 +483,12 @@ fn input_channels(x: &[f32], p: &Plan, g0: usize, g1: usize, c0: usize, planes: 
             for g in g0..g1 {
                 let (n, ty) = (g / p.th, g % p.th);
                 let plane = &x[(n * p.c + c) * hw..][..hw];
-                // padded row 4ty + i is input row 4ty + i − 1
+                // padded row 4ty + i is input row 4ty + i − 1; padded column j is input column j − 1
                 let r = (4 * ty + i).checked_sub(1).filter(|&r| r < p.h);
-                padded_row(r.map(|r| &plane[r * p.w..][..p.w]), 1, &mut row);
-                rows_i[(g - g0) * 4 * tw..][..4 * tw].copy_from_slice(&row[..4 * tw]);
-                last[g - g0] = [row[4 * tw], row[4 * tw + 1]];
+                let src = r.map(|r| &plane[r * p.w..][..p.w]);
+                padded_row(src, 1, &mut rows_i[(g - g0) * 4 * tw..][..4 * tw]);
+                let at = |j: usize| src.and_then(|s| s.get(j - 1)).copied().unwrap_or(0.0);
+                last[g - g0] = [at(4 * tw), at(4 * tw + 1)];
             }
             let [d0, d1, d2, d3, d4, d5] = rows_mut::<6>(&mut d, i * 6 * tb, tb, tb);
             // tile k's columns 0..4 are padded columns 4k..4k+4; its columns 4 and 5 are tile k+1's 0 and 1
@@ -536,6 +593,8 @@ fn output_channels(
     let count = per.min(p.o - o0);
     let mut s = vec![0.0f32; 6 * 4 * tb];
     let mut q = vec![0.0f32; 16 * tb];
+    // output row iy of every tile of the block, end to end (4 columns per tile), from one vector scatter
+    let mut rows_out = vec![0.0f32; 4 * tb];
     for o in o0..o0 + count {
         // along the columns: s[ξy·4 + jx] = Σ_ξx Aᵀ[jx][ξx] M[ξy·6 + ξx]
         for y in 0..6 {
@@ -545,27 +604,20 @@ fn output_channels(
         for jx in 0..4 {
             pass(rows::<6>(&s, jx * tb, 4 * tb, tb), rows_mut::<4>(&mut q, jx * tb, 4 * tb, tb), at);
         }
-        for g in g0..g1 {
-            let (n, ty) = (g / p.th, g % p.th);
-            // the first tile row of image n inside this block: the output slice starts at its first pixel row
-            let first_ty = g0.max(n * p.th) - n * p.th;
-            let base = (g - g0) * tw;
-            let dst = &mut out[(n - n0) * count + o - o0];
-            for iy in 0..4 {
+        for iy in 0..4 {
+            interleave4(rows::<4>(&q, iy * 4 * tb, tb, tb), &mut rows_out);
+            for (g, tiles) in (g0..g1).zip(rows_out.chunks(4 * tw)) {
+                let (n, ty) = (g / p.th, g % p.th);
                 let row = 4 * ty + iy;
                 if row >= p.h {
-                    break;
+                    continue;
                 }
+                // the first tile row of image n inside this block: the output slice starts at its first pixel row
+                let first_ty = g0.max(n * p.th) - n * p.th;
+                let dst = &mut out[(n - n0) * count + o - o0];
                 let drow = &mut dst[(row - 4 * first_ty) * p.w..][..p.w];
-                let qs = rows::<4>(&q, iy * 4 * tb + base, tb, tw);
-                let mut groups = drow.chunks_exact_mut(4);
-                for (k, d) in groups.by_ref().enumerate() {
-                    d.copy_from_slice(&[qs[0][k], qs[1][k], qs[2][k], qs[3][k]]);
-                }
-                // a partial last tile
-                for (jx, d) in groups.into_remainder().iter_mut().enumerate() {
-                    *d = qs[jx][p.w / 4];
-                }
+                // a partial last tile's columns past the image are dropped
+                drow.copy_from_slice(&tiles[..p.w]);
                 if let Some(affine) = affine {
                     affine.apply(o, ((n * p.o + o) * p.h + row) * p.w, drow);
                 }
