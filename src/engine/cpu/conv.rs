@@ -170,7 +170,7 @@ fn im2col_band_s2(x: &[f32], d: &Dims, ci: usize, i: usize, band: &mut [f32], ld
 }
 
 /// even[k] = row[2k], odd[k] = row[2k + 1] (odd one shorter for an odd-length row; its last entry untouched).
-fn deinterleave2(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+pub(super) fn deinterleave2(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let pairs = row.len() / 2;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]

@@ -60,13 +60,30 @@ pub fn max_values(x: &Tensor, k: usize, s: usize, p: usize) -> Tensor {
         y.par_chunks_mut(oh * ow).zip(x.data().par_chunks(h * w)).for_each(|(yp, xp)| {
             // rows[iy][ox]: the max over the window's columns in input row iy (−∞ where none is inside)
             let mut rows = vec![f32::NEG_INFINITY; h * ow];
+            // stride 2 (the stem's pool): each row split once into even and odd columns, so each window column
+            // is a contiguous run instead of every other value
+            let (mut even, mut odd) = (vec![0.0f32; w.div_ceil(2)], vec![0.0f32; w.div_ceil(2)]);
             for (r, xr) in rows.chunks_mut(ow).zip(xp.chunks(w)) {
+                if s == 2 {
+                    super::conv::deinterleave2(xr, &mut even, &mut odd);
+                }
                 for j in 0..k {
                     // output columns whose window column j lies inside the row: 0 ≤ ox·s + j − p < w
                     let lo = p.saturating_sub(j).div_ceil(s).min(ow);
                     let hi = if w + p > j { (w + p - j).div_ceil(s).clamp(lo, ow) } else { lo };
-                    for (ox, v) in r[lo..hi].iter_mut().enumerate() {
-                        *v = nan_max(*v, xr[(lo + ox) * s + j - p]);
+                    if lo == hi {
+                        continue;
+                    }
+                    let first = lo * s + j - p;
+                    if s == 2 {
+                        let phase = if first % 2 == 0 { &even } else { &odd };
+                        for (v, &x) in r[lo..hi].iter_mut().zip(&phase[first / 2..]) {
+                            *v = nan_max(*v, x);
+                        }
+                    } else {
+                        for (v, &x) in r[lo..hi].iter_mut().zip(xr[first..].iter().step_by(s)) {
+                            *v = nan_max(*v, x);
+                        }
                     }
                 }
             }
