@@ -11,6 +11,7 @@ mod pool;
 mod prepared;
 mod scratch;
 pub mod winograd;
+mod winograd2;
 
 pub use norm::Affine;
 pub use prepared::{PreparedCpu, keeps_u};

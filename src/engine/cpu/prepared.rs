@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use super::matmul::MatRef;
 use super::packed::{self, PackedLhs};
-use super::{Cpu, conv, winograd};
+use super::{Cpu, conv, winograd, winograd2};
 use super::norm::Affine;
 use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom, EvalAffine};
 use crate::engine::Tensor;
@@ -57,9 +57,30 @@ fn keeps_u_in(x: [usize; 4], wt: [usize; 4], geom: ConvGeom, bytes: usize) -> bo
         && 8 * tiles <= n * h * w
 }
 
-/// A weight's version and shape, and whether it serves a kept-U Winograd convolution (a weight may meet both
-/// ways if batches of different sizes pass: `keeps_u` counts tiles).
-type WeightKey = (u64, [usize; 4], bool);
+/// How a convolution runs on kept weights.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Algo {
+    /// Winograd F(4x4, 3x3) on a kept U.
+    Winograd4,
+    /// Winograd F(2x2, 3x3) on a kept, packed U (`winograd2`): where F(4x4)'s U is too large to keep.
+    Winograd2,
+    Im2col,
+}
+
+/// Whether a convolution that does not keep F(4x4)'s U runs F(2x2) on a kept U (`bytes` per value): where that
+/// U fits `MAX_KEPT_BYTES` (ResNet-34's 512-channel layers in f32: 16.8 MB) and the map is not mostly padding.
+fn keeps_u2(x: [usize; 4], wt: [usize; 4], geom: ConvGeom, bytes: usize) -> bool {
+    let [_, c, h, w] = x;
+    let [o, _, kh, kw] = wt;
+    winograd2::applies(kh, kw, geom.stride, geom.padding)
+        && 16 * o * c * bytes <= MAX_KEPT_BYTES
+        && c.min(o) >= MIN_CHANNELS
+        && winograd2::pays(h, w)
+}
+
+/// A weight's version and shape, and the algorithm it serves (a weight may meet several if batches of
+/// different sizes pass: `keeps_u` counts tiles).
+type WeightKey = (u64, [usize; 4], Algo);
 
 /// What is kept of one convolution weight.
 enum Kept {
@@ -67,6 +88,8 @@ enum Kept {
     U(Vec<f32>),
     /// U's 36 planes, packed.
     PackedU(Vec<PackedLhs>),
+    /// F(2x2)'s U, 16 planes, packed.
+    PackedU2(Vec<PackedLhs>),
     /// The weight as im2col's `[O, C·kh·kw]` left operand, packed.
     Im2col(PackedLhs),
 }
@@ -93,14 +116,21 @@ impl PreparedCpu {
     /// conv2d on the kept weights, then `affine` as the output is written; None where nothing is kept for this
     /// convolution on this CPU (no Winograd U, no AVX-512 for the packed kernels).
     fn conv(&self, x: &Tensor, w: &Tensor, geom: ConvGeom, affine: Option<&Affine>) -> Option<Tensor> {
-        let winograd = keeps_u_in(x.dims4(), w.dims4(), geom, if self.bf16 { 2 } else { 4 });
-        if !winograd && !packed::f32_supported() {
+        let bytes = if self.bf16 { 2 } else { 4 };
+        let algo = if keeps_u_in(x.dims4(), w.dims4(), geom, bytes) {
+            Algo::Winograd4
+        } else if !packed::f32_supported() {
             return None;
-        }
+        } else if keeps_u2(x.dims4(), w.dims4(), geom, bytes) {
+            Algo::Winograd2
+        } else {
+            Algo::Im2col
+        };
         let ([n, c, h, wd], o) = (x.dims4(), w.dims4()[0]);
-        let y = match &*self.kept(x.dims4(), w, geom, winograd) {
+        let y = match &*self.kept(x.dims4(), w, geom, algo) {
             Kept::U(u) => winograd::forward_with(x.data(), u, (n, c, h, wd, o), affine),
             Kept::PackedU(planes) => winograd::forward_packed(x.data(), planes, (n, c, h, wd, o), affine),
+            Kept::PackedU2(planes) => winograd2::forward(x.data(), planes, (n, c, h, wd, o), affine),
             Kept::Im2col(packed) => return Some(conv::forward_packed(x, packed, w.dims4(), geom, affine)),
         };
         Some(Tensor::new(&[n, o, h, wd], y).expect("conv2d output shape matches its data"))
@@ -112,25 +142,33 @@ impl PreparedCpu {
     }
 
     /// The kept form of `w`, built on first use, laid out for the products of input `x`'s shape.
-    fn kept(&self, x: [usize; 4], w: &Tensor, geom: ConvGeom, winograd: bool) -> Arc<Kept> {
+    fn kept(&self, x: [usize; 4], w: &Tensor, geom: ConvGeom, algo: Algo) -> Arc<Kept> {
+        const PACKED: &str = "the caller checked that this CPU runs the packed kernels";
         let shape = w.dims4();
         let [o, c, kh, kw] = shape;
         // A poisoned lock only means another thread panicked mid-insert; the map itself is still consistent.
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.entry((w.version(), shape, winograd))
+        kept.entry((w.version(), shape, algo))
             .or_insert_with(|| {
-                Arc::new(if winograd {
-                    let u = winograd::transform_forward_weights(w.data(), o, c);
-                    let cols = winograd::product_columns(x[0], c, o, x[2], x[3]);
-                    match winograd::pack_forward_weights(&u, o, c, self.bf16, cols) {
-                        Some(planes) => Kept::PackedU(planes),
-                        None => Kept::U(u),
+                Arc::new(match algo {
+                    Algo::Winograd4 => {
+                        let u = winograd::transform_forward_weights(w.data(), o, c);
+                        let cols = winograd::product_columns(x[0], c, o, x[2], x[3]);
+                        match winograd::pack_forward_weights(&u, o, c, self.bf16, cols) {
+                            Some(planes) => Kept::PackedU(planes),
+                            None => Kept::U(u),
+                        }
                     }
-                } else {
-                    let wm = MatRef::new(w.data(), o, c * kh * kw);
-                    let cols = conv::product_columns(x, shape, geom);
-                    let packed = if self.bf16 { PackedLhs::bf16(wm, cols) } else { PackedLhs::f32(wm, cols) };
-                    Kept::Im2col(packed.expect("the caller checked that this CPU runs the packed kernels"))
+                    Algo::Winograd2 => {
+                        let cols = winograd2::product_columns(x[0], x[2], x[3]);
+                        Kept::PackedU2(winograd2::pack_weights(w.data(), o, c, self.bf16, cols).expect(PACKED))
+                    }
+                    Algo::Im2col => {
+                        let wm = MatRef::new(w.data(), o, c * kh * kw);
+                        let cols = conv::product_columns(x, shape, geom);
+                        let packed = if self.bf16 { PackedLhs::bf16(wm, cols) } else { PackedLhs::f32(wm, cols) };
+                        Kept::Im2col(packed.expect(PACKED))
+                    }
                 })
             })
             .clone()
