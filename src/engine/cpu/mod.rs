@@ -10,6 +10,8 @@ pub mod packed;
 mod pool;
 mod prepared;
 mod scratch;
+#[cfg(test)]
+mod test_util;
 pub mod winograd;
 mod winograd2;
 

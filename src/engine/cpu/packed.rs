@@ -529,25 +529,8 @@ tall_kernels!(drive_bf16_tall, block_bf16_tall, u32, "avx512f,avx512bf16",
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cpu::test_util::{rel, values};
     use crate::engine::cpu::matmul::matmul;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn rel(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// Every register block and tail, in both layouts where the rows allow the tall one: rows not multiples of
     /// 8 or 24, columns around 6, 16 and 48, odd depth, depth over one chunk (later chunks add onto the first).

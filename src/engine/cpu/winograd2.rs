@@ -161,26 +161,9 @@ pub fn forward(x: &[f32], planes: &[PackedLhs], shape: (usize, usize, usize, usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cpu::test_util::{rel, values};
     use crate::engine::cpu::{ConvAlgo, conv2d_with, packed};
     use crate::engine::{ConvGeom, EvalAffine, Tensor};
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn rel(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// Against im2col: odd and even sizes, one and several blocks of images, f32 and bf16, and the affine map
     /// (with a residual and the ReLU) applied as in `Backend::conv2d_affine_act`.
