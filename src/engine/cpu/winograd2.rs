@@ -94,68 +94,141 @@ pub fn forward(x: &[f32], planes: &[PackedLhs], shape: (usize, usize, usize, usi
             }
         }
         rows.into_par_iter().enumerate().for_each(|(ci, mut vrows)| {
-            for img in 0..imgs {
-                let xp = &xb[(img * c + ci) * hw..][..hw];
-                let at = |r: isize, q: isize| {
-                    if r < 0 || q < 0 || r as usize >= h || q as usize >= w { 0.0 } else { xp[r as usize * w + q as usize] }
-                };
-                for ty in 0..th {
-                    for tx in 0..tw {
-                        let (r0, q0) = (2 * ty as isize - 1, 2 * tx as isize - 1);
-                        let d: [[f32; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| at(r0 + i as isize, q0 + j as isize)));
-                        // Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]], on the rows then the columns
-                        let bt = |z: [f32; 4]| [z[0] - z[2], z[1] + z[2], z[2] - z[1], z[1] - z[3]];
-                        let e: [[f32; 4]; 4] = {
-                            let cols: [[f32; 4]; 4] = std::array::from_fn(|j| bt([d[0][j], d[1][j], d[2][j], d[3][j]]));
-                            std::array::from_fn(|a| bt([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]))
-                        };
-                        let ti = (img * th + ty) * tw + tx;
-                        // e[a][b] = (Bᵀ d B)[a][b], position a·4 + b as in U
-                        for (a, ea) in e.iter().enumerate() {
-                            for (b, &val) in ea.iter().enumerate() {
-                                vrows[a * 4 + b][ti] = val;
-                            }
-                        }
-                    }
-                }
-            }
+            input_channel(xb, (imgs, c, h, w), ci, &mut vrows);
         });
         // M[ξ] = U[ξ] · V[ξ]
         let mut m = vec![0.0f32; XI * o * t];
         m.par_chunks_mut(o * t).zip(v.par_chunks(c * t)).enumerate().for_each(|(xi, (mx, vx))| {
             planes[xi].multiply(MatRef::new(vx, c, t), mx);
         });
-        // Y = Aᵀ M A per output plane, Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]
+        // Y = Aᵀ M A: each task one output channel, its plane in every image of the block
+        let mut outs: Vec<Vec<&mut [f32]>> = (0..o).map(|_| Vec::with_capacity(imgs)).collect();
+        for (p, plane) in yb.chunks_mut(hw).enumerate() {
+            outs[p % o].push(plane);
+        }
         let first = b * per;
-        yb.par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
-            let (img, oc) = (p / o, p % o);
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let ti = (img * th + ty) * tw + tx;
-                    let mv: [[f32; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|s| m[((r * 4 + s) * o + oc) * t + ti]));
-                    let at = |z: [f32; 4]| [z[0] + z[1] + z[2], z[1] - z[2] - z[3]];
-                    let cols: [[f32; 2]; 4] = std::array::from_fn(|s| at([mv[0][s], mv[1][s], mv[2][s], mv[3][s]]));
-                    for r in 0..2 {
-                        let out = at([cols[0][r], cols[1][r], cols[2][r], cols[3][r]]);
-                        let yy = 2 * ty + r;
-                        if yy >= h {
-                            continue;
-                        }
-                        for (s, &val) in out.iter().enumerate() {
-                            let xx = 2 * tx + s;
-                            if xx < w {
-                                yp[yy * w + xx] = val;
-                            }
-                        }
-                    }
-                }
-            }
+        outs.into_par_iter().enumerate().for_each(|(oc, mut planes)| {
+            output_channel(&m, (o, h, w, t), oc, &mut planes);
             if let Some(affine) = affine {
-                affine.apply(oc, ((first + img) * o + oc) * hw, yp);
+                for (img, yp) in planes.iter_mut().enumerate() {
+                    affine.apply(oc, ((first + img) * o + oc) * hw, yp);
+                }
             }
         });
     }
     y
+}
+
+/// V[ξ][ci][t] = (Bᵀ d B)[ξ] for every tile t of the block's images `xb` (`[imgs, c, h, w]`), into `vrows` (one
+/// row of t per position). The 4x4 patches are gathered lane-major (d[i·4 + j][t]), from each padded input
+/// row's even and odd columns, so both transform passes run over all the block's tiles at once.
+fn input_channel(xb: &[f32], dims: (usize, usize, usize, usize), ci: usize, vrows: &mut [&mut [f32]]) {
+    let (imgs, c, h, w) = dims;
+    let (th, tw, hw) = (h.div_ceil(2), w.div_ceil(2), h * w);
+    let t = imgs * th * tw;
+    let mut d = vec![0.0f32; XI * t];
+    // padded row: column q is input column q − 1, zero outside; tile tx reads columns 2tx..2tx + 4
+    let mut padded = vec![0.0f32; 2 * tw + 2];
+    let (mut even, mut odd) = (vec![0.0f32; tw + 1], vec![0.0f32; tw + 1]);
+    for img in 0..imgs {
+        let xp = &xb[(img * c + ci) * hw..][..hw];
+        for ty in 0..th {
+            let base = (img * th + ty) * tw;
+            for i in 0..4 {
+                padded.fill(0.0);
+                if let Some(r) = (2 * ty + i).checked_sub(1).filter(|&r| r < h) {
+                    padded[1..1 + w].copy_from_slice(&xp[r * w..][..w]);
+                }
+                for (k, pair) in padded.chunks_exact(2).enumerate() {
+                    (even[k], odd[k]) = (pair[0], pair[1]);
+                }
+                // columns 2tx + j: j = 0, 1, 2, 3 are even[tx], odd[tx], even[tx + 1], odd[tx + 1]
+                for (j, src) in [&even[..tw], &odd[..tw], &even[1..], &odd[1..]].into_iter().enumerate() {
+                    d[(i * 4 + j) * t + base..][..tw].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    // Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]] along i, then along j
+    let row = |k: usize| &d[k * t..(k + 1) * t];
+    let mut e = vec![0.0f32; XI * t];
+    for j in 0..4 {
+        let (d0, d1, d2, d3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+        for (k, ek) in e.chunks_mut(t).enumerate().skip(j).step_by(4) {
+            let a = k / 4;
+            for (l, v) in ek.iter_mut().enumerate() {
+                *v = match a {
+                    0 => d0[l] - d2[l],
+                    1 => d1[l] + d2[l],
+                    2 => d2[l] - d1[l],
+                    _ => d1[l] - d3[l],
+                };
+            }
+        }
+    }
+    for a in 0..4 {
+        let e_row = |j: usize| &e[(a * 4 + j) * t..(a * 4 + j + 1) * t];
+        let (e0, e1, e2, e3) = (e_row(0), e_row(1), e_row(2), e_row(3));
+        for b in 0..4 {
+            let dst = &mut vrows[a * 4 + b][..t];
+            for (l, v) in dst.iter_mut().enumerate() {
+                *v = match b {
+                    0 => e0[l] - e2[l],
+                    1 => e1[l] + e2[l],
+                    2 => e2[l] - e1[l],
+                    _ => e1[l] - e3[l],
+                };
+            }
+        }
+    }
+}
+
+/// Y = Aᵀ M A for output channel `oc` over the block's t tiles, into `planes` (that channel's plane in each
+/// image), with Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]] along the columns, then the rows.
+fn output_channel(m: &[f32], dims: (usize, usize, usize, usize), oc: usize, planes: &mut [&mut [f32]]) {
+    let (o, h, w, t) = dims;
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let mrow = |xi: usize| &m[(xi * o + oc) * t..][..t];
+    // s[r·2 + c'] = Σ_s Aᵀ[c'][s] M[r·4 + s]
+    let mut s = vec![0.0f32; 8 * t];
+    for r in 0..4 {
+        let (m0, m1, m2, m3) = (mrow(r * 4), mrow(r * 4 + 1), mrow(r * 4 + 2), mrow(r * 4 + 3));
+        let (s0, s1) = s[r * 2 * t..(r * 2 + 2) * t].split_at_mut(t);
+        for l in 0..t {
+            s0[l] = m0[l] + m1[l] + m2[l];
+            s1[l] = m1[l] - m2[l] - m3[l];
+        }
+    }
+    // q[r'·2 + c'] = Σ_r Aᵀ[r'][r] s[r·2 + c']
+    let mut q = vec![0.0f32; 4 * t];
+    for cc in 0..2 {
+        let srow = |r: usize| &s[(r * 2 + cc) * t..][..t];
+        let (s0, s1, s2, s3) = (srow(0), srow(1), srow(2), srow(3));
+        let (q0, q1) = {
+            let (lo, hi) = q.split_at_mut(2 * t);
+            (&mut lo[cc * t..][..t], &mut hi[cc * t..][..t])
+        };
+        for l in 0..t {
+            q0[l] = s0[l] + s1[l] + s2[l];
+            q1[l] = s1[l] - s2[l] - s3[l];
+        }
+    }
+    for (img, yp) in planes.iter_mut().enumerate() {
+        for ty in 0..th {
+            for r in 0..2 {
+                let yy = 2 * ty + r;
+                if yy >= h {
+                    continue;
+                }
+                let out = &mut yp[yy * w..][..w];
+                let base = (img * th + ty) * tw;
+                let (q0, q1) = (&q[(r * 2) * t + base..][..tw], &q[(r * 2 + 1) * t + base..][..tw]);
+                for (xx, v) in out.iter_mut().enumerate() {
+                    *v = if xx % 2 == 0 { q0[xx / 2] } else { q1[xx / 2] };
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
