@@ -163,7 +163,7 @@ fn im2col_band_s2(x: &[f32], d: &Dims, ci: usize, i: usize, band: &mut [f32], ld
             }
             // output column ox reads input column 2·ox + j − pw
             let first = cols.start * 2 + j - pw;
-            let phase = if first % 2 == 0 { &even } else { &odd };
+            let phase = if first.is_multiple_of(2) { &even } else { &odd };
             out[cols.clone()].copy_from_slice(&phase[first / 2..][..cols.len()]);
         }
     }

@@ -112,7 +112,7 @@ fn pack<T: Copy + Default>(rows: usize, depth: usize, height: usize, value: impl
 /// Whether products with `cols` columns should run with the lanes along the rows (`tall`): where the columns
 /// fill the 16-lane vectors badly (49 = one image's 7x7 map fills 77 %) and the rows come in whole 64-row blocks.
 fn tall_suits(rows: usize, cols: usize) -> bool {
-    rows % TALL_BLOCK == 0 && cols > 0 && 100 * cols < 85 * cols.next_multiple_of(LANES)
+    rows.is_multiple_of(TALL_BLOCK) && cols > 0 && 100 * cols < 85 * cols.next_multiple_of(LANES)
 }
 
 impl PackedLhs {

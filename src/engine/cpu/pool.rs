@@ -76,7 +76,7 @@ pub fn max_values(x: &Tensor, k: usize, s: usize, p: usize) -> Tensor {
                     }
                     let first = lo * s + j - p;
                     if s == 2 {
-                        let phase = if first % 2 == 0 { &even } else { &odd };
+                        let phase = if first.is_multiple_of(2) { &even } else { &odd };
                         for (v, &x) in r[lo..hi].iter_mut().zip(&phase[first / 2..]) {
                             *v = nan_max(*v, x);
                         }
