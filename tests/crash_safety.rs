@@ -51,16 +51,21 @@ fn wait_for_checkpoint(child: &mut Child, dir: &Path) {
 /// Resume for one more step and check that it continued from `step`; the folder is then clean: no temporary
 /// files, every metrics line is JSON.
 fn resume_one_step(dir: &Path, step: u64) {
-    let status = Command::new(BIN)
+    let out = Command::new(BIN)
         .args(["train", "--resume"])
         .arg(dir)
         .args(["--max-steps", &(step + 1).to_string()])
         .env("RAYON_NUM_THREADS", "2")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "resume from step {step} failed: {status}");
+    let names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(
+        out.status.success(),
+        "resume from step {step} failed: {}: {} (folder: {names:?})",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
     let after = checkpoint::load(&dir.join("last.safetensors")).unwrap();
     assert_eq!(after.position.global_step, step + 1, "the resumed run continued from the checkpoint");
     for e in std::fs::read_dir(dir).unwrap() {
