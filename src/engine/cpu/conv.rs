@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
 use super::packed::PackedLhs;
@@ -167,46 +168,6 @@ fn im2col_band_s2(x: &[f32], d: &Dims, ci: usize, i: usize, band: &mut [f32], ld
             out[cols.clone()].copy_from_slice(&phase[first / 2..][..cols.len()]);
         }
     }
-}
-
-/// even[k] = row[2k], odd[k] = row[2k + 1] (odd one shorter for an odd-length row; its last entry untouched).
-pub(super) fn deinterleave2(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let pairs = row.len() / 2;
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if super::packed::f32_supported() {
-        // SAFETY: `f32_supported` checked the CPU for AVX-512F.
-        done = unsafe { deinterleave2_avx512(&row[..2 * pairs], &mut even[..pairs], &mut odd[..pairs]) };
-    }
-    for k in done..pairs {
-        (even[k], odd[k]) = (row[2 * k], row[2 * k + 1]);
-    }
-    if row.len() % 2 == 1 {
-        even[pairs] = row[2 * pairs];
-    }
-}
-
-/// `deinterleave2` for whole groups of 16 pairs; returns how many pairs it did.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn deinterleave2_avx512(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
-    use std::arch::x86_64::*;
-    let pairs = (row.len() / 2).min(even.len()).min(odd.len());
-    let groups = pairs - pairs % 16;
-    let even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    for k in (0..groups).step_by(16) {
-        // SAFETY: k + 16 ≤ groups ≤ pairs, so entries 2k..2k+32 of row and k..k+16 of even and odd exist.
-        unsafe {
-            let (a, b) = (_mm512_loadu_ps(row.as_ptr().add(2 * k)), _mm512_loadu_ps(row.as_ptr().add(2 * k + 16)));
-            _mm512_storeu_ps(even.as_mut_ptr().add(k), _mm512_permutex2var_ps(a, even_idx, b));
-            _mm512_storeu_ps(odd.as_mut_ptr().add(k), _mm512_permutex2var_ps(a, odd_idx, b));
-        }
-    }
-    groups
 }
 
 /// The adjoint of im2col: add every col entry back onto the input position it was read from.

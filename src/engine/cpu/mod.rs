@@ -2,6 +2,7 @@
 
 mod conv;
 mod elementwise;
+mod lanes;
 mod linear;
 mod loss;
 pub mod matmul;

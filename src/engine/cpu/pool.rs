@@ -65,7 +65,7 @@ pub fn max_values(x: &Tensor, k: usize, s: usize, p: usize) -> Tensor {
             let (mut even, mut odd) = (vec![0.0f32; w.div_ceil(2)], vec![0.0f32; w.div_ceil(2)]);
             for (r, xr) in rows.chunks_mut(ow).zip(xp.chunks(w)) {
                 if s == 2 {
-                    super::conv::deinterleave2(xr, &mut even, &mut odd);
+                    super::lanes::deinterleave2(xr, &mut even, &mut odd);
                 }
                 for j in 0..k {
                     // output columns whose window column j lies inside the row: 0 ≤ ox·s + j − p < w

@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use super::lanes::deinterleave2;
 use super::matmul::MatRef;
 use super::norm::Affine;
 use super::packed::PackedLhs;
@@ -139,9 +140,7 @@ fn input_channel(xb: &[f32], dims: (usize, usize, usize, usize), ci: usize, vrow
                 if let Some(r) = (2 * ty + i).checked_sub(1).filter(|&r| r < h) {
                     padded[1..1 + w].copy_from_slice(&xp[r * w..][..w]);
                 }
-                for (k, pair) in padded.chunks_exact(2).enumerate() {
-                    (even[k], odd[k]) = (pair[0], pair[1]);
-                }
+                deinterleave2(&padded, &mut even, &mut odd);
                 // columns 2tx + j: j = 0, 1, 2, 3 are even[tx], odd[tx], even[tx + 1], odd[tx + 1]
                 for (j, src) in [&even[..tw], &odd[..tw], &even[1..], &odd[1..]].into_iter().enumerate() {
                     d[(i * 4 + j) * t + base..][..tw].copy_from_slice(src);
