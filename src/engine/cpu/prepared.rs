@@ -187,10 +187,7 @@ impl Backend for PreparedCpu {
         let [o, _, kh, kw] = w.dims4();
         let (oh, ow) = geom.output_hw(h, wd, kh, kw);
         let fused = Affine::new(affine, [n, o, oh, ow]);
-        self.conv(x, w, geom, Some(&fused)).unwrap_or_else(|| {
-            let y = Cpu.conv2d(x, w, geom);
-            Cpu.affine_act(y, affine.scale, affine.shift, affine.residual, affine.relu)
-        })
+        self.conv(x, w, geom, Some(&fused)).unwrap_or_else(|| Cpu.conv2d_affine_act(x, w, geom, affine))
     }
     fn conv2d_backward(
         &self,
