@@ -269,6 +269,18 @@ unsafe fn drive_bf16_tall(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 
+/// The bounds every driver relies on before it hands raw pointers to its kernels: the packed operand holds at
+/// least `needed` entries, `b` its `depth` rows of `cols`, `dst` `rows`×`cols`; with no depth the product is 0.
+#[cfg(target_arch = "x86_64")]
+fn check_operands<T>(a_len: usize, needed: usize, b: &Operand<T>, rows: usize, dst: &mut [f32]) {
+    assert!(a_len >= needed, "packed operand too short");
+    assert!(b.depth == 0 || b.data.len() >= (b.depth - 1) * b.ld + b.cols, "right operand too short");
+    assert!(dst.len() >= rows * b.cols, "destination too short");
+    if b.depth == 0 {
+        dst[..rows * b.cols].fill(0.0);
+    }
+}
+
 /// Mask of the first `w` lanes (1 ≤ w ≤ 16).
 #[cfg(target_arch = "x86_64")]
 fn lane_mask(w: usize) -> __mmask16 {
@@ -287,12 +299,7 @@ macro_rules! kernels {
         #[target_feature(enable = $features)]
         unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32]) {
             let panel = b.depth * MR;
-            assert!(a.len() >= rows.div_ceil(MR) * panel, "packed operand too short");
-            assert!(b.depth == 0 || b.data.len() >= (b.depth - 1) * b.ld + b.cols, "right operand too short");
-            assert!(dst.len() >= rows * b.cols, "destination too short");
-            if b.depth == 0 {
-                dst[..rows * b.cols].fill(0.0);
-            }
+            check_operands(a.len(), rows.div_ceil(MR) * panel, &b, rows, dst);
             // Depth in chunks, so that one block of the right operand (chunk x 48 columns) stays in L2 while
             // every row of the left one passes over it; later chunks add onto what the earlier ones stored.
             for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
@@ -421,12 +428,7 @@ macro_rules! tall_kernels {
         unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32]) {
             let panel = b.depth * LANES;
             assert!(rows % TALL_BLOCK == 0, "tall panels come in 64-row blocks");
-            assert!(a.len() >= rows / LANES * panel, "packed operand too short");
-            assert!(b.depth == 0 || b.data.len() >= (b.depth - 1) * b.ld + b.cols, "right operand too short");
-            assert!(dst.len() >= rows * b.cols, "destination too short");
-            if b.depth == 0 {
-                dst[..rows * b.cols].fill(0.0);
-            }
+            check_operands(a.len(), rows / LANES * panel, &b, rows, dst);
             for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
                 let depth = DEPTH_CHUNK.min(b.depth - k0);
                 for i in (0..rows).step_by(TALL_BLOCK) {
