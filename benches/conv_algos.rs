@@ -69,7 +69,10 @@ fn main() {
         // Inference with the transformed weight kept across calls (engine::cpu::PreparedCpu).
         let u = winograd::transform_forward_weights(w.data(), o, c);
         let kept = median(&mut || drop(winograd::forward_with(x.data(), &u, (n, c, h, h, o), None)));
-        line += &format!(" | kept U: fwd {kept:7.2} ms{}", if keeps_u(x.dims4(), w.dims4(), geom) { " (used)" } else { "" });
+        line += &format!(
+            " | kept U: fwd {kept:7.2} ms{}",
+            if keeps_u(x.dims4(), w.dims4(), geom) { " (used)" } else { "" }
+        );
         println!("{line}");
     }
 }

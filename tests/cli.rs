@@ -39,7 +39,17 @@ fn predict_json_agrees_with_torchvision() {
     let weights = fixture("tiny/resnet34_w4.pth");
     let labels = fixture("tiny/labels.txt");
     let images = fixture("images");
-    let o = resnet(&["predict", "--weights", path(&weights), "--labels", path(&labels), "--top-k", "3", "--json", path(&images)]);
+    let o = resnet(&[
+        "predict",
+        "--weights",
+        path(&weights),
+        "--labels",
+        path(&labels),
+        "--top-k",
+        "3",
+        "--json",
+        path(&images),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), names.len());
@@ -74,7 +84,16 @@ fn features_file_holds_torchvision_features_and_names() {
     let weights = fixture("tiny/resnet34_w4.pth");
     for layer in ["avgpool", "layer2"] {
         let out = dir.path().join(format!("{layer}.safetensors"));
-        let o = resnet(&["features", "--weights", path(&weights), "--layer", layer, "--out", path(&out), path(&fixture("images"))]);
+        let o = resnet(&[
+            "features",
+            "--weights",
+            path(&weights),
+            "--layer",
+            layer,
+            "--out",
+            path(&out),
+            path(&fixture("images")),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = resnet_rs::weights::safetensors::load(&out).unwrap();
         let files: Vec<std::path::PathBuf> = serde_json::from_str(&got.metadata["files"]).unwrap();
@@ -128,7 +147,10 @@ fn bad_input_gives_one_line_and_exit_code_2() {
     fails_cleanly(&["predict", "--arch", "resnet35", "--weights", w, img], "unknown arch 'resnet35'");
     fails_cleanly(&["predict", "--weights", w, "--labels", "imagenet", img], "1000 labels but the model has 10");
     let out = d.join("feats.safetensors");
-    fails_cleanly(&["features", "--weights", w, "--layer", "layer7", "--out", path(&out), img], "unknown layer 'layer7'");
+    fails_cleanly(
+        &["features", "--weights", w, "--layer", "layer7", "--out", path(&out), img],
+        "unknown layer 'layer7'",
+    );
     assert!(!out.exists(), "nothing is written on failure");
     fails_cleanly(&["info", "--stem", "tiny"], "unknown stem 'tiny'");
 }
@@ -165,9 +187,23 @@ fn train_json_then_eval_on_digits() {
     fails_cleanly(&["train", "--out", path(&run)], "already holds a run");
     fails_cleanly(&["train", "--recipe", path(&dir.path().join("nope.toml"))], "nope.toml");
     fails_cleanly(&["train", "--resume", path(&dir.path().join("gone"))], "gone");
-    fails_cleanly(&["train", "--arch", "resnet18", "--freeze-until", "layer9", "--out", path(&dir.path().join("r2"))], "layer9");
+    fails_cleanly(
+        &["train", "--arch", "resnet18", "--freeze-until", "layer9", "--out", path(&dir.path().join("r2"))],
+        "layer9",
+    );
     fails_cleanly(&["train", "--recipe", "cifar10", "--out", path(&dir.path().join("r3"))], "needs --data");
-    fails_cleanly(&["train", "--recipe", "cifar10", "--data", path(&dir.path().join("none")), "--out", path(&dir.path().join("r4"))], "none");
+    fails_cleanly(
+        &[
+            "train",
+            "--recipe",
+            "cifar10",
+            "--data",
+            path(&dir.path().join("none")),
+            "--out",
+            path(&dir.path().join("r4")),
+        ],
+        "none",
+    );
 }
 
 /// The three resource bombs of the hardening issue, end to end: each is refused before the claimed memory is
@@ -206,7 +242,10 @@ fn resource_bombs_are_refused_before_allocating() {
     let png = [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IEND", &[])].concat();
     let giant = d.join("giant.png");
     std::fs::write(&giant, png).unwrap();
-    fails_cleanly(&["predict", "--weights", path(&tiny), path(&giant)], "giant.png: not a readable JPEG/PNG image: Memory limit");
+    fails_cleanly(
+        &["predict", "--weights", path(&tiny), path(&giant)],
+        "giant.png: not a readable JPEG/PNG image: Memory limit",
+    );
 
     // The PyTorch checkpoint re-zipped with its storage replaced by 256 MiB of deflated zeros (~250 KiB).
     let mut src = zip::ZipArchive::new(std::fs::File::open(&tiny).unwrap()).unwrap();
@@ -227,7 +266,11 @@ fn resource_bombs_are_refused_before_allocating() {
         } else {
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes).unwrap();
-            out.start_file(name, zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+            out.start_file(
+                name,
+                zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+            )
+            .unwrap();
             out.write_all(&bytes).unwrap();
         }
     }

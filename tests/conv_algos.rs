@@ -7,7 +7,6 @@ use common::{Fixture, rel_err, values};
 use resnet_rs::engine::cpu::{ConvAlgo, conv_algo, conv2d_backward_with, conv2d_with};
 use resnet_rs::engine::{ConvGeom, Tensor};
 
-
 /// Direct correlation in f64 with its gradients for `dy`: (y, dx, dw), for a k×k kernel, stride 1, padding p.
 fn naive(x: &Tensor, w: &Tensor, dy: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let [n, c, h, wi] = x.dims4();
@@ -84,7 +83,11 @@ fn winograd_matches_im2col_and_direct_f64_on_odd_shapes() {
             let (ew, ei) = (rel_err(&wino[i], want_i), rel_err(&im2col[i], want_i));
             let between = rel_err(&wino[i], &im2col[i]);
             // measured: Winograd F(4,3) 7e-8..1.3e-6 on these, im2col up to 3.8e-7
-            assert!(ew < 2e-6 && ei < 1e-6 && between < 2e-6, "{:?} {name}: winograd {ew:.2e}, im2col {ei:.2e}, apart {between:.2e}", (n, c, h, w, o));
+            assert!(
+                ew < 2e-6 && ei < 1e-6 && between < 2e-6,
+                "{:?} {name}: winograd {ew:.2e}, im2col {ei:.2e}, apart {between:.2e}",
+                (n, c, h, w, o)
+            );
         }
     }
 }

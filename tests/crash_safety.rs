@@ -59,7 +59,8 @@ fn resume_one_step(dir: &Path, step: u64) {
         .stdout(Stdio::null())
         .output()
         .unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(
         out.status.success(),
         "resume from step {step} failed: {}: {} (folder: {names:?})",
@@ -100,7 +101,8 @@ fn sigkill_at_random_moments_always_leaves_a_resumable_checkpoint() {
         std::thread::sleep(Duration::from_millis(next(&mut seed) % 2500));
         child.kill().unwrap(); // SIGKILL: no handler runs, no buffer is flushed
         child.wait().unwrap();
-        let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         mid_write += names.iter().any(|n| n.contains(".tmp-")) as usize;
         let c = checkpoint::load(&dir.join("last.safetensors"))
             .unwrap_or_else(|e| panic!("trial {trial}: the last checkpoint does not load: {e}"));
@@ -128,7 +130,11 @@ fn sigint_and_sigterm_finish_the_step_checkpoint_and_exit_130() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "SIG{signal}: {stderr}");
         let c = checkpoint::load(&dir.join("last.safetensors")).unwrap();
-        let hint = format!("interrupted after step {}; checkpoint saved, continue with: resnet train --resume {}", c.position.global_step, dir.display());
+        let hint = format!(
+            "interrupted after step {}; checkpoint saved, continue with: resnet train --resume {}",
+            c.position.global_step,
+            dir.display()
+        );
         assert!(stderr.lines().any(|l| l == hint), "SIG{signal}: expected {hint:?} in {stderr}");
         assert!(c.position.global_step > 0, "SIG{signal} came after at least one step");
         resume_one_step(&dir, c.position.global_step);

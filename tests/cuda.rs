@@ -133,7 +133,8 @@ fn features_at_every_tap_match_cpu() {
 fn bf16_vs_f32(model: &mut ResNet, x: &Tensor) -> (f64, usize) {
     let [n, _, h, w] = x.dims4();
     let options = CudaOptions { allow_tf32: false, bf16: true };
-    let got = CudaResNet::with_options(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
+    let got =
+        CudaResNet::with_options(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
     let want = model.forward(&Cpu, x, Mode::Eval);
     let classes = want.shape()[1];
     let top1 = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
@@ -147,11 +148,16 @@ fn bf16_vs_f32(model: &mut ResNet, x: &Tensor) -> (f64, usize) {
 #[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
 fn bf16_stays_close_to_f32_on_the_parity_networks() {
     // w8 widths take the 16-byte vector path of the fused kernel; the ResNet-50 w4 (4-channel stages) the scalar one.
-    for name in ["net_resnet34_w8.safetensors", "net_resnet34_w8_cifar.safetensors", "net_resnet50_w4_cifar.safetensors"] {
+    for name in
+        ["net_resnet34_w8.safetensors", "net_resnet34_w8_cifar.safetensors", "net_resnet50_w4_cifar.safetensors"]
+    {
         let f = load(name);
         let mut model = det_net(&f);
         let (e, same) = bf16_vs_f32(&mut model, f.get("input"));
-        eprintln!("{name}: bf16 vs f32 logits relative error {e:.3e}, top-1 equal in {same} of {} rows", f.get("input").dims4()[0]);
+        eprintln!(
+            "{name}: bf16 vs f32 logits relative error {e:.3e}, top-1 equal in {same} of {} rows",
+            f.get("input").dims4()[0]
+        );
         assert!(e <= 5e-2, "{name}: bf16 relative error {e:.3e}");
     }
 }
@@ -183,7 +189,11 @@ fn a_wrong_input_shape_is_a_one_line_error() {
 /// Runs without ignore: on a machine without libcuda (or without that device) setup must fail with one line.
 #[test]
 fn setup_without_the_device_is_a_one_line_error() {
-    let config = ResNetConfig { stem: Stem::Cifar, widths: [4, 8, 16, 32], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
+    let config = ResNetConfig {
+        stem: Stem::Cifar,
+        widths: [4, 8, 16, 32],
+        ..ResNetConfig::new("resnet18".parse().unwrap(), 10)
+    };
     let model = ResNet::new(config, 0);
     let err = match CudaResNet::new(&model, 4096, 1, 32, 32) {
         Ok(_) => panic!("cuda:4096 cannot exist"),

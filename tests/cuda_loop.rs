@@ -68,7 +68,10 @@ fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     for (args, want) in [
-        (&["--device", "cuda", "--optimizer", "adamw"][..], "--optimizer adamw: the GPU trainer runs SGD only so far (use --device cpu)"),
+        (
+            &["--device", "cuda", "--optimizer", "adamw"][..],
+            "--optimizer adamw: the GPU trainer runs SGD only so far (use --device cpu)",
+        ),
         (&["--device", "cpu", "--dtype", "bf16"][..], "--dtype bf16 needs a GPU (--device cuda); the CPU runs f32"),
     ] {
         let o = resnet(&[&["train", "--out", path(&run)][..], args].concat());
@@ -103,7 +106,19 @@ fn device_auto_trains_wherever_it_can() {
     let dir = tempfile::tempdir().unwrap();
     for (name, opt) in [("sgd", "sgd"), ("adam", "adam")] {
         let run = dir.path().join(name);
-        ok(&["train", "--arch", "resnet18", "--out", path(&run), "--device", "auto", "--optimizer", opt, "--max-steps", "3"]);
+        ok(&[
+            "train",
+            "--arch",
+            "resnet18",
+            "--out",
+            path(&run),
+            "--device",
+            "auto",
+            "--optimizer",
+            opt,
+            "--max-steps",
+            "3",
+        ]);
         assert!(run.join("last.safetensors").exists());
     }
 }
@@ -131,7 +146,9 @@ fn gpu_training_on_digits_reaches_the_cpu_accuracy() {
     };
     let (gpu, gpu_train, gpu_loss) = last_epoch("cuda");
     let (cpu, cpu_train, cpu_loss) = last_epoch("cpu");
-    eprintln!("held-out top-1: GPU {gpu:.4}, CPU {cpu:.4}; train top-1 {gpu_train:.4} / {cpu_train:.4}; loss {gpu_loss:.4} / {cpu_loss:.4}");
+    eprintln!(
+        "held-out top-1: GPU {gpu:.4}, CPU {cpu:.4}; train top-1 {gpu_train:.4} / {cpu_train:.4}; loss {gpu_loss:.4} / {cpu_loss:.4}"
+    );
     assert!((gpu - cpu).abs() <= 0.015, "GPU {gpu} vs CPU {cpu}");
     assert!((gpu_train - cpu_train).abs() <= 0.02, "training accuracy GPU {gpu_train} vs CPU {cpu_train}");
     assert!(gpu > 0.95, "{gpu}");
@@ -266,7 +283,10 @@ fn skip_nonfinite_on_the_gpu_leaves_weights_momentum_and_statistics_bit_for_bit(
     let (outcome, _) = t.step(&batches[1]).unwrap();
     assert_eq!(outcome, StepOutcome::Skipped);
     assert_eq!(t.pos.skipped, 1);
-    assert!(state(&mut t) == before, "a skipped step changes nothing: weights, momentum, running statistics, batch count");
+    assert!(
+        state(&mut t) == before,
+        "a skipped step changes nothing: weights, momentum, running statistics, batch count"
+    );
     let (outcome, _) = t.step(&batches[2]).unwrap();
     assert!(matches!(outcome, StepOutcome::Applied { loss, .. } if loss.is_finite()), "{outcome:?}");
     assert_eq!(t.pos.global_step, 3);
@@ -280,8 +300,14 @@ fn a_nonfinite_gpu_step_stops_with_the_cpu_message() {
     // (the injection, the message's start): a NaN input at step 1, a NaN weight before step 0.
     type Inject = dyn Fn(&mut Trainer, &mut [Batch]);
     let cases: [(&Inject, &str); 2] = [
-        (&|_, b| b[1].images.data_mut()[123] = f32::NAN, "step 1: the input batch holds NaN or infinite values (first non-finite output: conv1)"),
-        (&|t, _| set_weight(&mut t.model, "layer2.0.conv2.weight", 5, f32::NAN), "step 0: weights of layer2.0.conv2 are not finite"),
+        (
+            &|_, b| b[1].images.data_mut()[123] = f32::NAN,
+            "step 1: the input batch holds NaN or infinite values (first non-finite output: conv1)",
+        ),
+        (
+            &|t, _| set_weight(&mut t.model, "layer2.0.conv2.weight", 5, f32::NAN),
+            "step 0: weights of layer2.0.conv2 are not finite",
+        ),
     ];
     for (inject, want) in cases {
         let mut messages = Vec::new();
@@ -322,21 +348,34 @@ fn every_loop_feature_steps_the_same_on_both_devices() {
     for (i, b) in batches.iter().enumerate() {
         let (c, cr) = cpu.step(b).unwrap();
         let (g, gr) = gpu.step(b).unwrap();
-        let (StepOutcome::Applied { loss: cl, top1_hits: ch }, StepOutcome::Applied { loss: gl, top1_hits: gh }) = (c, g) else {
+        let (StepOutcome::Applied { loss: cl, top1_hits: ch }, StepOutcome::Applied { loss: gl, top1_hits: gh }) =
+            (c, g)
+        else {
             panic!("step {i}: {c:?} / {g:?}");
         };
         let tol = if i == 0 { 1e-5 } else { 1e-3 };
         assert!(rel(gl as f64, cl as f64) <= tol, "step {i}: loss GPU {gl} vs CPU {cl}");
         assert!(ch.abs_diff(gh) <= 1, "step {i}: hits GPU {gh} vs CPU {ch}");
         let (cr, gr) = (cr.expect("monitor every step"), gr.expect("monitor every step"));
-        assert!(rel(gr.global_grad_norm, cr.global_grad_norm) <= 1e-3, "step {i}: {} vs {}", gr.global_grad_norm, cr.global_grad_norm);
+        assert!(
+            rel(gr.global_grad_norm, cr.global_grad_norm) <= 1e-3,
+            "step {i}: {} vs {}",
+            gr.global_grad_norm,
+            cr.global_grad_norm
+        );
         assert_eq!(gr.layers.len(), cr.layers.len());
         for (x, y) in gr.layers.iter().zip(&cr.layers) {
             assert_eq!(x.name, y.name);
             let frozen = ["conv1", "bn1", "layer1.", "layer2."].iter().any(|f| x.name.starts_with(f));
             assert!(!frozen, "frozen {} reported", x.name);
             assert!(rel(x.weight_norm, y.weight_norm) <= 1e-4, "step {i}: {} weight norm", x.name);
-            assert!(rel(x.update_ratio, y.update_ratio) <= 2e-2, "step {i}: {} update ratio {} vs {}", x.name, x.update_ratio, y.update_ratio);
+            assert!(
+                rel(x.update_ratio, y.update_ratio) <= 2e-2,
+                "step {i}: {} update ratio {} vs {}",
+                x.name,
+                x.update_ratio,
+                y.update_ratio
+            );
         }
     }
     let (g, _) = state(&mut gpu);
@@ -344,7 +383,9 @@ fn every_loop_feature_steps_the_same_on_both_devices() {
     for p in gpu.model.store.params.iter().filter(|p| !p.trainable) {
         assert_eq!(g[&p.name], init[&p.name], "frozen {} moved on the GPU", p.name);
     }
-    let keys = |s: &std::collections::BTreeMap<String, _>| s.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect::<Vec<_>>();
+    let keys = |s: &std::collections::BTreeMap<String, _>| {
+        s.keys().filter(|k| k.starts_with("optimizer.")).cloned().collect::<Vec<_>>()
+    };
     assert_eq!(keys(&g), keys(&c), "momentum buffers for the same parameters");
 }
 

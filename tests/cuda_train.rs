@@ -89,7 +89,8 @@ fn assert_state(g: &CudaTrainer, cpu: &ResNet) {
     g.download_into(&mut got).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got.store.batches_tracked, cpu.store.batches_tracked);
     let want = cpu.state_dict();
-    let errors = got.state_dict().iter().map(|(name, t)| (rel_err(t.data(), want[name].data()), name.clone())).collect();
+    let errors =
+        got.state_dict().iter().map(|(name, t)| (rel_err(t.data(), want[name].data()), name.clone())).collect();
     report_and_check("updated", errors);
 }
 
@@ -208,7 +209,10 @@ impl Pair {
         report_and_check("running statistics", stats);
         updates.sort_by(|a, b| b.0.total_cmp(&a.0));
         eprintln!("{what}: largest update errors {:?}", &updates[..3]);
-        assert!(updates.iter().all(|(e, _)| *e <= 1e-6), "{what}: the update differs from the CPU optimizer's: {updates:?}");
+        assert!(
+            updates.iter().all(|(e, _)| *e <= 1e-6),
+            "{what}: the update differs from the CPU optimizer's: {updates:?}"
+        );
     }
 }
 
@@ -309,8 +313,11 @@ fn wrong_input_and_target_shapes_are_one_line_errors() {
 }
 
 fn small_model() -> ResNet {
-    let config =
-        ResNetConfig { stem: Stem::Cifar, widths: [4, 8, 16, 32], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
+    let config = ResNetConfig {
+        stem: Stem::Cifar,
+        widths: [4, 8, 16, 32],
+        ..ResNetConfig::new("resnet18".parse().unwrap(), 10)
+    };
     ResNet::new(config, 0)
 }
 
@@ -344,8 +351,10 @@ fn bf16_setup_is_accepted_and_fails_only_for_the_missing_device() {
 fn unsupported_optimizers_and_mismatched_groups_are_one_line_errors() {
     let model = small_model();
     let groups = Optimizer::groups_for(&model.store.params, 0.0, false, 1.0);
-    let adam = TrainOptimizer { kind: OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, groups: groups.clone() };
-    let short = TrainOptimizer { kind: OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups: groups[1..].to_vec() };
+    let adam =
+        TrainOptimizer { kind: OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, groups: groups.clone() };
+    let short =
+        TrainOptimizer { kind: OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups: groups[1..].to_vec() };
     for (opt, want) in [(adam, "SGD only"), (short, "parameter groups")] {
         let err = match CudaTrainer::new(&model, 0, 1, 32, 32, CudaOptions::default(), opt) {
             Ok(_) => panic!("accepted"),
@@ -448,8 +457,14 @@ fn bf16_trainer(model: &ResNet, batch: usize, hw: usize, opt: TrainOptimizer) ->
 }
 
 /// Relative errors per tensor of `got` against `want` (by name), the largest printed, every one at most `tol`.
-fn assert_close_per_tensor(what: &str, got: &[(String, Tensor)], want: &std::collections::BTreeMap<String, Tensor>, tol: f64) {
-    let mut errors: Vec<(f64, String)> = got.iter().map(|(n, t)| (rel_err(t.data(), want[n].data()), n.clone())).collect();
+fn assert_close_per_tensor(
+    what: &str,
+    got: &[(String, Tensor)],
+    want: &std::collections::BTreeMap<String, Tensor>,
+    tol: f64,
+) {
+    let mut errors: Vec<(f64, String)> =
+        got.iter().map(|(n, t)| (rel_err(t.data(), want[n].data()), n.clone())).collect();
     errors.sort_by(|a, b| b.0.total_cmp(&a.0));
     eprintln!("bf16 {what}: largest errors {:?}", &errors[..errors.len().min(6)]);
     let bad: Vec<_> = errors.iter().filter(|(e, _)| e.is_nan() || *e > tol).collect();
@@ -494,7 +509,12 @@ fn bf16_step_is_close_to_cpu(name: &str, nudge: bool) {
         p.grad = Some(grad);
     }
     ref_opt.step(&mut reference.store.params, 0.1, None);
-    assert_close_per_tensor("update (CPU optimizer on the device's gradients)", &weights, &reference.state_dict(), 1e-6);
+    assert_close_per_tensor(
+        "update (CPU optimizer on the device's gradients)",
+        &weights,
+        &reference.state_dict(),
+        1e-6,
+    );
 }
 
 #[test]
@@ -528,7 +548,12 @@ fn rounded_conv_weights(model: &ResNet) -> std::collections::BTreeMap<String, Te
         .params
         .iter()
         .filter(|p| p.value.shape().len() == 4)
-        .map(|p| (p.name.clone(), Tensor::new(p.value.shape(), p.value.data().iter().map(|&v| round_bf16(v)).collect()).unwrap()))
+        .map(|p| {
+            (
+                p.name.clone(),
+                Tensor::new(p.value.shape(), p.value.data().iter().map(|&v| round_bf16(v)).collect()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -563,14 +588,20 @@ fn bf16_weight_copies_are_refreshed_after_every_update() {
     let fresh = first_loss(&m1);
     let stale = first_loss(&stale);
     let (to_fresh, to_stale) = (rel_err(&[loss2], &[fresh]), rel_err(&[loss2], &[stale]));
-    eprintln!("second-step loss {loss2}; fresh trainer {fresh} ({to_fresh:.3e}); stale copies {stale} ({to_stale:.3e})");
+    eprintln!(
+        "second-step loss {loss2}; fresh trainer {fresh} ({to_fresh:.3e}); stale copies {stale} ({to_stale:.3e})"
+    );
     assert!(to_fresh <= 1e-3, "the second step's loss {loss2} is not the updated network's {fresh}");
     assert!(to_stale > 10.0 * to_fresh, "stale and refreshed copies are indistinguishable: {to_stale:.3e}");
-    assert_eq!(copies(&g), {
-        let mut m2 = ResNet::new(m0.config, 1);
-        g.download_into(&mut m2).unwrap();
-        rounded_conv_weights(&m2)
-    }, "after the second update");
+    assert_eq!(
+        copies(&g),
+        {
+            let mut m2 = ResNet::new(m0.config, 1);
+            g.download_into(&mut m2).unwrap();
+            rounded_conv_weights(&m2)
+        },
+        "after the second update"
+    );
 }
 
 /// bf16 and the loop interface: the one read after `forward_backward` sums the (fp32) gradients exactly as the

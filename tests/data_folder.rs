@@ -21,9 +21,7 @@ fn tree(root: &Path) {
     write_png(&root.join("cat/a.PNG"), 20);
     // A JPEG under an upper-case .JPEG extension.
     let jpeg = root.join("cat/c.JPEG");
-    RgbImage::from_pixel(6, 6, Rgb([200, 200, 200]))
-        .save_with_format(&jpeg, image::ImageFormat::Jpeg)
-        .expect("jpeg");
+    RgbImage::from_pixel(6, 6, Rgb([200, 200, 200])).save_with_format(&jpeg, image::ImageFormat::Jpeg).expect("jpeg");
     write_png(&root.join("ant/z.png"), 10);
     write_png(&root.join("ant/nested/deeper.png"), 99); // not read: no recursion
     write_png(&root.join(".ipynb_checkpoints/x.png"), 1); // hidden folder: not a class
@@ -107,10 +105,7 @@ fn errors_name_the_folder_or_file() {
     fs::create_dir_all(dir.path().join("r/a")).expect("mkdir");
     fs::write(dir.path().join("r/a/readme.txt"), b"x").expect("txt");
     let err = ImageFolder::open(&dir.path().join("r")).expect_err("empty class").to_string();
-    assert!(
-        err.starts_with(&dir.path().join("r/a").display().to_string()) && err.contains("no jpg"),
-        "{err}"
-    );
+    assert!(err.starts_with(&dir.path().join("r/a").display().to_string()) && err.contains("no jpg"), "{err}");
 
     // A corrupt image fails on get, and through the loader, naming the file, on one line.
     let bad = dir.path().join("s/a/broken.jpg");

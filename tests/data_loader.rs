@@ -24,14 +24,7 @@ struct Numbers {
 
 impl Numbers {
     fn new(n: usize) -> Numbers {
-        Numbers {
-            n,
-            classes: 10,
-            fail_at: None,
-            panic_at: None,
-            odd_size_at: None,
-            calls: AtomicUsize::new(0),
-        }
+        Numbers { n, classes: 10, fail_at: None, panic_at: None, odd_size_at: None, calls: AtomicUsize::new(0) }
     }
 }
 
@@ -205,8 +198,7 @@ fn a_dataset_error_ends_the_iteration_with_that_error() {
     }
     // Shuffled, the error still surfaces (wherever sample 45 lands) and the pass stops there.
     let ds = Arc::new(Numbers { fail_at: Some(45), ..Numbers::new(200) });
-    let results: Vec<_> =
-        within_seconds(20, move || batches(ds, identity(), None, &cfg(10, 3), 0, 0).collect());
+    let results: Vec<_> = within_seconds(20, move || batches(ds, identity(), None, &cfg(10, 3), 0, 0).collect());
     assert!(results.last().expect("something").is_err());
     assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
 }

@@ -10,9 +10,7 @@ use resnet_rs::data::transforms::{
     BatchMix, Mixed, Op, Pipeline, RandomErasing, random_resized_crop_params, to_tensor,
 };
 use resnet_rs::engine::Tensor;
-use resnet_rs::infer::preprocess::{
-    IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_bilinear_pil,
-};
+use resnet_rs::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_bilinear_pil};
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
@@ -190,8 +188,7 @@ fn normalisation_matches_imagenet_mean_and_std() {
     assert_eq!(t.shape(), &[3, 2, 3]);
     for (x, y, px) in img.enumerate_pixels() {
         for c in 0..3 {
-            let want =
-                (f64::from(px.0[c]) / 255.0 - f64::from(IMAGENET_MEAN[c])) / f64::from(IMAGENET_STD[c]);
+            let want = (f64::from(px.0[c]) / 255.0 - f64::from(IMAGENET_MEAN[c])) / f64::from(IMAGENET_STD[c]);
             let got = t.data()[c * 6 + y as usize * 3 + x as usize];
             assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
         }
@@ -203,8 +200,8 @@ fn normalisation_matches_imagenet_mean_and_std() {
 
 #[test]
 fn eval_pipeline_is_eval_transform() {
-    let cat = load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/cat.png"))
-        .expect("fixture image");
+    let cat =
+        load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/cat.png")).expect("fixture image");
     let eval = Pipeline::imagenet_eval(256, 224);
     assert_eq!(eval.apply(&cat, &mut rng(0)), eval_transform(&cat, 256, 224));
     // The same without the fused path (a no-op between Resize and CenterCrop), and on odd geometries:
@@ -216,11 +213,7 @@ fn eval_pipeline_is_eval_transform() {
         (random_image(9, 70, 3), 12, 12),
     ] {
         let unfused = Pipeline {
-            ops: vec![
-                Op::Resize { shorter: resize },
-                Op::HorizontalFlip { p: 0.0 },
-                Op::CenterCrop { size: crop },
-            ],
+            ops: vec![Op::Resize { shorter: resize }, Op::HorizontalFlip { p: 0.0 }, Op::CenterCrop { size: crop }],
             ..Pipeline::imagenet_eval(resize, crop)
         };
         let want = eval_transform(&img, resize, crop);

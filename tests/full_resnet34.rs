@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::model::Mode;
 use resnet_rs::infer::runner::{DeviceSpec, Precision, Runner};
+use resnet_rs::model::Mode;
 use resnet_rs::{infer, weights};
 
 #[test]
@@ -62,7 +62,8 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
         let low = bf16.forward(&x).unwrap();
         let e = common::rel_err(low.data(), prepared.data());
         // PyTorch's bf16 autocast against its own f32, where the fixture has it (older fixtures do not)
-        let theirs = expected.tensors.get("logits_bf16").map(|t| common::rel_err(t.data(), expected.tensors["logits"].data()));
+        let theirs =
+            expected.tensors.get("logits_bf16").map(|t| common::rel_err(t.data(), expected.tensors["logits"].data()));
         println!(
             "runner bf16: relative error vs f32 logits {e:.2e} (PyTorch bf16 autocast vs its f32: {}), top-1 {:?} (f32 {:?})",
             theirs.map(|t| format!("{t:.2e}")).unwrap_or_else(|| "not in this fixture".into()),

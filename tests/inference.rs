@@ -28,7 +28,13 @@ fn tiny_checkpoint_gives_torchvision_logits_and_features() {
     let x = infer::load_batch(&files).unwrap();
     let logits = model.forward(&Cpu, &x, Mode::Eval);
     common::assert_rows_close("logits", &files, &logits, f.get("logits"));
-    for (layer, tap) in [("layer1", Tap::Layer1), ("layer2", Tap::Layer2), ("layer3", Tap::Layer3), ("layer4", Tap::Layer4), ("avgpool", Tap::AvgPool)] {
+    for (layer, tap) in [
+        ("layer1", Tap::Layer1),
+        ("layer2", Tap::Layer2),
+        ("layer3", Tap::Layer3),
+        ("layer4", Tap::Layer4),
+        ("avgpool", Tap::AvgPool),
+    ] {
         let feats = infer::features(&mut model, &Cpu, &x, tap);
         common::assert_rows_close(layer, &files, &feats, f.get(&format!("features.{layer}")));
     }
@@ -61,12 +67,17 @@ fn strict_loading_lists_every_problem_in_one_error() {
     let config = resnet_rs::model::ResNetConfig::infer_from("resnet34".parse().unwrap(), &state).unwrap();
     let mut model = resnet_rs::model::ResNet::new(config, 0);
     let msg = model.load_state_dict(&state).unwrap_err().to_string();
-    for part in ["missing keys: layer1.0.bn1.running_var", "unexpected keys: layer9.0.conv1.weight", "wrong shapes: layer2.0.conv2.weight"] {
+    for part in [
+        "missing keys: layer1.0.bn1.running_var",
+        "unexpected keys: layer9.0.conv1.weight",
+        "wrong shapes: layer2.0.conv2.weight",
+    ] {
         assert!(msg.contains(part), "{msg}");
     }
     assert!(!msg.contains('\n'));
     // A ResNet-18 checkpoint is not a ResNet-34.
-    let msg = weights::load_model("resnet18".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).err().unwrap().to_string();
+    let msg =
+        weights::load_model("resnet18".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).err().unwrap().to_string();
     assert!(msg.contains("resnet34_w4.pth") && msg.contains("unexpected keys: layer1.2"), "{msg}");
 }
 

@@ -75,7 +75,9 @@ fn summary_counts_match_torchvision_and_the_built_network() {
     let s = summarize(&cfg, 224);
     assert_eq!(s.params, 21_797_672, "torchvision's resnet34 parameter count");
     assert_eq!((s.macs as f64 / 1e9 * 100.0).round() / 100.0, 3.66, "torchvision's 3.66 GMACs at 224²");
-    for (arch, params) in [("resnet18", 11_689_512), ("resnet50", 25_557_032), ("resnet101", 44_549_160), ("resnet152", 60_192_808)] {
+    for (arch, params) in
+        [("resnet18", 11_689_512), ("resnet50", 25_557_032), ("resnet101", 44_549_160), ("resnet152", 60_192_808)]
+    {
         assert_eq!(summarize(&ResNetConfig::new(arch.parse().unwrap(), 1000), 224).params, params, "{arch}");
     }
     let small = ResNetConfig { widths: [8, 16, 32, 64], ..ResNetConfig::new("resnet50".parse().unwrap(), 7) };
@@ -89,7 +91,14 @@ fn state_dict_keys_are_torchvisions() {
     // 218 torchvision entries less the 36 num_batches_tracked, which the checkpoint writer adds.
     assert_eq!(sd.len() + model.batch_norm_names().len(), 218);
     assert_eq!(model.batch_norm_names().len(), 36);
-    for key in ["conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight", "layer2.0.downsample.1.bias", "layer4.2.bn2.weight", "fc.bias"] {
+    for key in [
+        "conv1.weight",
+        "bn1.running_var",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.bias",
+        "layer4.2.bn2.weight",
+        "fc.bias",
+    ] {
         assert!(sd.contains_key(key), "missing {key}");
     }
     assert!(!sd.contains_key("layer1.0.downsample.0.weight"), "layer1 keeps identity shortcuts in resnet34");

@@ -36,7 +36,8 @@ fn trainer(skip_nonfinite: bool) -> (Trainer, Vec<Batch>) {
     let (train, _) = setup::datasets(&r).unwrap();
     let (pipe, _) = setup::pipelines(&r);
     let cfg = LoaderConfig { batch_size: r.batch_size, shuffle: true, drop_last: true, workers: 1, seed: r.seed };
-    let batches: Vec<Batch> = loader::batches(train.clone(), Arc::new(pipe), None, &cfg, 0, 0).take(3).map(|b| b.unwrap()).collect();
+    let batches: Vec<Batch> =
+        loader::batches(train.clone(), Arc::new(pipe), None, &cfg, 0, 0).take(3).map(|b| b.unwrap()).collect();
     let steps = loader::num_batches(train.len(), &cfg) as u64;
     let dir = tempfile::tempdir().unwrap();
     let t = Trainer::new(&args(dir.path(), skip_nonfinite), r, train.num_classes(), steps).unwrap();

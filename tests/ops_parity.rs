@@ -42,7 +42,13 @@ fn batch_norm_training_matches_pytorch_including_running_stats() {
     assert_close("bn y", &out.y, f.get(&k("y")), TOL);
     let [n, _, h, w] = x.dims4();
     let m = (n * h * w) as f32;
-    let rm: Vec<f32> = f.get(&k("running_mean")).data().iter().zip(&out.mean).map(|(r, v)| (1.0 - BN_MOMENTUM) * r + BN_MOMENTUM * v).collect();
+    let rm: Vec<f32> = f
+        .get(&k("running_mean"))
+        .data()
+        .iter()
+        .zip(&out.mean)
+        .map(|(r, v)| (1.0 - BN_MOMENTUM) * r + BN_MOMENTUM * v)
+        .collect();
     let rv: Vec<f32> = f
         .get(&k("running_var"))
         .data()

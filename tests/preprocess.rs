@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use image::{GenericImageView, RgbImage};
-use resnet_rs::infer::preprocess::{
-    eval_transform, load_rgb, preprocess_file, resize_bilinear_pil,
-};
+use resnet_rs::infer::preprocess::{eval_transform, load_rgb, preprocess_file, resize_bilinear_pil};
 use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -23,10 +21,7 @@ struct Reference(Vec<u8>);
 
 impl Reference {
     fn load() -> Self {
-        Reference(
-            std::fs::read(Path::new(FIXTURES).join("preprocess.safetensors"))
-                .expect("read fixture"),
-        )
+        Reference(std::fs::read(Path::new(FIXTURES).join("preprocess.safetensors")).expect("read fixture"))
     }
 
     fn tensors(&self) -> SafeTensors<'_> {
@@ -34,13 +29,8 @@ impl Reference {
     }
 
     fn names(&self, prefix: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .tensors()
-            .names()
-            .into_iter()
-            .filter(|n| n.starts_with(prefix))
-            .map(String::from)
-            .collect();
+        let mut names: Vec<String> =
+            self.tensors().names().into_iter().filter(|n| n.starts_with(prefix)).map(String::from).collect();
         names.sort();
         names
     }
@@ -55,8 +45,7 @@ impl Reference {
     fn rgb(&self, name: &str) -> RgbImage {
         let t = self.tensors().tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((t.dtype(), t.shape().len(), t.shape()[2]), (Dtype::U8, 3, 3), "{name}");
-        RgbImage::from_raw(t.shape()[1] as u32, t.shape()[0] as u32, t.data().to_vec())
-            .expect("HWC size")
+        RgbImage::from_raw(t.shape()[1] as u32, t.shape()[0] as u32, t.data().to_vec()).expect("HWC size")
     }
 
     fn u32s(&self, name: &str) -> Vec<u32> {
@@ -82,11 +71,7 @@ impl Reference {
     fn f32s(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let t = self.tensors().tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let data = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         (t.shape().to_vec(), data)
     }
 }
@@ -262,10 +247,7 @@ fn jpeg_files_preprocess_close_to_torchvision() {
             window.width(),
             window.height()
         );
-        assert!(
-            max <= MAX_JPEG_DECODE_DIFF,
-            "{name}: decoded pixels differ from PIL's by up to {max}"
-        );
+        assert!(max <= MAX_JPEG_DECODE_DIFF, "{name}: decoded pixels differ from PIL's by up to {max}");
         assert!(mean <= 0.6, "{name}: decoded pixels differ from PIL's by {mean} on average");
         for eval in file_evals(&reference, name) {
             let (resize, crop) = eval_sizes(&eval);
@@ -274,10 +256,7 @@ fn jpeg_files_preprocess_close_to_torchvision() {
             assert_eq!(ours.shape(), &shape[..], "{eval}");
             let err = max_abs(ours.data(), &expected);
             println!("{name} {eval}: max abs error vs torchvision {err:.4}");
-            assert!(
-                err <= MAX_JPEG_EVAL_ERR,
-                "{eval}: eval output differs from torchvision's by up to {err}"
-            );
+            assert!(err <= MAX_JPEG_EVAL_ERR, "{eval}: eval output differs from torchvision's by up to {err}");
         }
     }
 }

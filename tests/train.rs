@@ -12,7 +12,14 @@ use resnet_rs::weights;
 
 /// A small, quick variant of the digits recipe (ResNet-18, few steps), so the suite stays fast on 2 cores.
 fn recipe() -> Recipe {
-    Recipe { arch: "resnet18".into(), epochs: 3, warmup_epochs: 1, monitor_every: 5, workers: 2, ..Recipe::load("digits").unwrap() }
+    Recipe {
+        arch: "resnet18".into(),
+        epochs: 3,
+        warmup_epochs: 1,
+        monitor_every: 5,
+        workers: 2,
+        ..Recipe::load("digits").unwrap()
+    }
 }
 
 fn args(recipe: Recipe, dir: &Path) -> TrainArgs {
@@ -43,7 +50,10 @@ fn digits_training_learns_and_repeats_exactly_from_its_seed() {
     assert!(first[2].val_top1 > 0.6, "three epochs of ResNet-18 reach well above chance (10 %): {first:?}");
     let second = trainer::run(args(recipe(), b.path())).unwrap();
     for (x, y) in first.iter().zip(&second) {
-        assert_eq!((x.train_loss, x.val_loss, x.val_top1, x.val_top5), (y.train_loss, y.val_loss, y.val_top1, y.val_top5));
+        assert_eq!(
+            (x.train_loss, x.val_loss, x.val_top1, x.val_top5),
+            (y.train_loss, y.val_loss, y.val_top1, y.val_top5)
+        );
     }
     assert_eq!(checkpoint(a.path()), checkpoint(b.path()));
     let metrics = std::fs::read_to_string(a.path().join("metrics.jsonl")).unwrap();
@@ -79,7 +89,11 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
         std::fs::create_dir(data.path().join(class)).unwrap();
         for f in files {
             for copy in 0..3 {
-                std::fs::copy(common::fixture(&format!("images/{f}")), data.path().join(class).join(format!("{copy}{f}"))).unwrap();
+                std::fs::copy(
+                    common::fixture(&format!("images/{f}")),
+                    data.path().join(class).join(format!("{copy}{f}")),
+                )
+                .unwrap();
             }
         }
     }
@@ -96,7 +110,12 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
         ..recipe()
     };
     let run = tempfile::tempdir().unwrap();
-    let a = TrainArgs { init: Some(init.clone()), freeze_until: Some("layer3".into()), head_lr_scale: 10.0, ..args(r, run.path()) };
+    let a = TrainArgs {
+        init: Some(init.clone()),
+        freeze_until: Some("layer3".into()),
+        head_lr_scale: 10.0,
+        ..args(r, run.path())
+    };
     trainer::run(a).unwrap();
     let before = weights::load_state_dict(&init).unwrap();
     let after = checkpoint(run.path());

@@ -6,8 +6,8 @@ use super::parse_arch;
 use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor, one_hot};
 use crate::error::{Error, Result};
-use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
 use crate::infer::runner::{DeviceSpec, Precision, Runner};
+use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
 use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
@@ -55,7 +55,6 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: BenchCmd) -> Result<()> {
-
     let train = match a.workload.as_str() {
         "infer" => false,
         "train" => true,
@@ -82,7 +81,11 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
     let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
     let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-    let gpu_train = if train { gpu_train_step(&model, a.device, batch, size, options, (&x, &targets), kind, &groups)? } else { None };
+    let gpu_train = if train {
+        gpu_train_step(&model, a.device, batch, size, options, (&x, &targets), kind, &groups)?
+    } else {
+        None
+    };
     let mut step: Box<dyn FnMut() -> Result<()>> = if let Some((name, gpu_step)) = gpu_train {
         device = name;
         gpu_step

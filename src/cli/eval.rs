@@ -64,9 +64,19 @@ pub fn run(a: EvalCmd) -> Result<()> {
     let (_, eval_pipe) = setup::pipelines(&r);
     let size = r.image_size as usize;
     let mut runner = Runner::with_precision(model, a.device, r.batch_size, size, size, a.dtype)?;
-    let rep = evaluate::evaluate_with(&mut |x| runner.forward(x), classes, val, Arc::new(eval_pipe), r.batch_size, r.workers)?;
+    let rep = evaluate::evaluate_with(
+        &mut |x| runner.forward(x),
+        classes,
+        val,
+        Arc::new(eval_pipe),
+        r.batch_size,
+        r.workers,
+    )?;
     if a.json {
-        println!("{}", serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names}));
+        println!(
+            "{}",
+            serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names})
+        );
         return Ok(());
     }
     println!("top-1 {:.2} %  top-5 {:.2} %  loss {:.4}", rep.top1 * 100.0, rep.top5 * 100.0, rep.loss);

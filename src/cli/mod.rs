@@ -16,7 +16,11 @@ use crate::error::Result;
 use crate::model::Arch;
 
 #[derive(Parser)]
-#[command(name = "resnet", version, about = "ResNet-18/34/50/101/152: train, fine-tune, evaluate, predict and extract features")]
+#[command(
+    name = "resnet",
+    version,
+    about = "ResNet-18/34/50/101/152: train, fine-tune, evaluate, predict and extract features"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

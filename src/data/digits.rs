@@ -70,10 +70,7 @@ impl Digits {
                 let v: f64 = field.parse().map_err(|_| bad(format!("{field:?} is not a number")))?;
                 let limit = if count == 64 { 9.0 } else { 16.0 };
                 if !(v.fract() == 0.0 && (0.0..=limit).contains(&v)) {
-                    return Err(bad(format!(
-                        "value {field} is not an integer in 0..={limit} (column {})",
-                        count + 1
-                    )));
+                    return Err(bad(format!("value {field} is not an integer in 0..={limit} (column {})", count + 1)));
                 }
                 if count < 65 {
                     values[count] = v as u8;
@@ -135,14 +132,14 @@ impl Dataset for Digits {
 
     fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
         let (Some(px), Some(&label)) = (self.pixels.get(i), self.labels.get(i)) else {
-            return Err(Error::invalid(format!(
-                "digits sample {i} is out of range ({} samples)",
-                self.len()
-            )));
+            return Err(Error::invalid(format!("digits sample {i} is out of range ({} samples)", self.len())));
         };
-        let img = RgbImage::from_fn(DIGITS_SIDE, DIGITS_SIDE, |x, y| {
-            Rgb([grey_level(px[(y * DIGITS_SIDE + x) as usize]); 3])
-        });
+        let img =
+            RgbImage::from_fn(
+                DIGITS_SIDE,
+                DIGITS_SIDE,
+                |x, y| Rgb([grey_level(px[(y * DIGITS_SIDE + x) as usize]); 3]),
+            );
         Ok((img, usize::from(label)))
     }
 }

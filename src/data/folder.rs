@@ -52,10 +52,7 @@ impl ImageFolder {
                 }
             }
             if samples.len() == before {
-                return Err(Error::file(
-                    &dir,
-                    format!("class folder holds no {} file", IMAGE_EXTENSIONS.join("/")),
-                ));
+                return Err(Error::file(&dir, format!("class folder holds no {} file", IMAGE_EXTENSIONS.join("/"))));
             }
             classes.push(name.to_string());
         }
@@ -81,16 +78,12 @@ impl ImageFolder {
         let train = ImageFolder::open(&train_dir)?;
         let val = ImageFolder::open(&val_dir)?;
         if train.classes != val.classes {
-            let only = |a: &[String], b: &[String]| -> Vec<String> {
-                a.iter().filter(|c| !b.contains(c)).cloned().collect()
-            };
-            let (only_train, only_val) =
-                (only(&train.classes, &val.classes), only(&val.classes, &train.classes));
+            let only =
+                |a: &[String], b: &[String]| -> Vec<String> { a.iter().filter(|c| !b.contains(c)).cloned().collect() };
+            let (only_train, only_val) = (only(&train.classes, &val.classes), only(&val.classes, &train.classes));
             return Err(Error::file(
                 &val_dir,
-                format!(
-                    "classes differ from train/ (only in train/: {only_train:?}; only in val/: {only_val:?})"
-                ),
+                format!("classes differ from train/ (only in train/: {only_train:?}; only in val/: {only_val:?})"),
             ));
         }
         Ok(Some((Arc::new(train), Arc::new(val))))
@@ -131,9 +124,10 @@ impl Dataset for ImageFolder {
     }
 
     fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
-        let (path, label) = self.samples.get(i).ok_or_else(|| {
-            Error::file(&self.root, format!("sample {i} is out of range ({} samples)", self.len()))
-        })?;
+        let (path, label) = self
+            .samples
+            .get(i)
+            .ok_or_else(|| Error::file(&self.root, format!("sample {i} is out of range ({} samples)", self.len())))?;
         Ok((load_rgb(path)?, *label))
     }
 }

@@ -118,8 +118,7 @@ pub fn batches(
         seed: cfg.seed,
         epoch,
     });
-    let first_error =
-        (cfg.batch_size == 0).then(|| Error::invalid("the loader's batch size must be at least 1"));
+    let first_error = (cfg.batch_size == 0).then(|| Error::invalid("the loader's batch size must be at least 1"));
     let next = skip_batches.min(total);
     let shared = Arc::new(Shared {
         state: Mutex::new(State { next_to_take: next, next_to_yield: next, stop: false }),
@@ -240,10 +239,7 @@ fn work(job: &Job, shared: &Shared, sender: &Sender<(usize, Result<Batch>)>, tot
     loop {
         let b = {
             let mut state = shared.lock();
-            while !state.stop
-                && state.next_to_take < total
-                && state.next_to_take >= state.next_to_yield + window
-            {
+            while !state.stop && state.next_to_take < total && state.next_to_take >= state.next_to_yield + window {
                 state = shared.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
             if state.stop || state.next_to_take >= total {

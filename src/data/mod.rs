@@ -19,13 +19,13 @@ pub trait Dataset: Send + Sync {
     fn get(&self, i: usize) -> Result<(RgbImage, usize)>;
 }
 
+pub mod cifar;
 pub mod digits;
+pub mod download;
 pub mod folder;
 pub mod loader;
 pub mod split;
 pub mod transforms;
-pub mod cifar;
-pub mod download;
 
 pub use digits::Digits;
 pub use folder::ImageFolder;

@@ -81,11 +81,7 @@ pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usi
 }
 
 /// Split a dataset into (kept, held-out) subsets with `split_indices`.
-pub fn split_dataset(
-    base: Arc<dyn Dataset>,
-    fraction: f32,
-    seed: u64,
-) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
+pub fn split_dataset(base: Arc<dyn Dataset>, fraction: f32, seed: u64) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
     let (kept, held_out) = split_indices(base.len(), fraction, seed);
     let subset = |indices| -> Arc<dyn Dataset> { Arc::new(Subset { base: base.clone(), indices }) };
     (subset(kept), subset(held_out))
@@ -134,9 +130,10 @@ impl Dataset for Subset {
     }
 
     fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
-        let &j = self.indices.get(i).ok_or_else(|| {
-            Error::invalid(format!("sample {i} is out of range for a subset of {}", self.len()))
-        })?;
+        let &j = self
+            .indices
+            .get(i)
+            .ok_or_else(|| Error::invalid(format!("sample {i} is out of range for a subset of {}", self.len())))?;
         self.base.get(j)
     }
 }

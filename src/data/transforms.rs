@@ -164,8 +164,7 @@ impl Op {
                 }
             }
             Op::RandomResizedCrop { size, scale, ratio } => {
-                let (top, left, h, w) =
-                    random_resized_crop_params(img.width(), img.height(), scale, ratio, rng);
+                let (top, left, h, w) = random_resized_crop_params(img.width(), img.height(), scale, ratio, rng);
                 resized_crop(img, (top, left, h, w), size)
             }
             Op::ColorJitter { brightness, contrast, saturation, hue } => {
@@ -227,11 +226,7 @@ fn crop_padded(img: &RgbImage, left: i64, top: i64, w: u32, h: u32) -> RgbImage 
     let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
     RgbImage::from_fn(w, h, |x, y| {
         let (sx, sy) = (left + i64::from(x), top + i64::from(y));
-        if sx >= 0 && sy >= 0 && sx < iw && sy < ih {
-            *img.get_pixel(sx as u32, sy as u32)
-        } else {
-            Rgb([0; 3])
-        }
+        if sx >= 0 && sy >= 0 && sx < iw && sy < ih { *img.get_pixel(sx as u32, sy as u32) } else { Rgb([0; 3]) }
     })
 }
 
@@ -503,13 +498,7 @@ impl BatchMix {
     /// # Panics
     /// When `images` is not `[labels.len(), C, H, W]` or a label is not below `classes` (the loader checks
     /// both before calling).
-    pub fn mix(
-        &self,
-        images: &mut Tensor,
-        labels: &[usize],
-        classes: usize,
-        rng: &mut Xoshiro256PlusPlus,
-    ) -> Tensor {
+    pub fn mix(&self, images: &mut Tensor, labels: &[usize], classes: usize, rng: &mut Xoshiro256PlusPlus) -> Tensor {
         self.mix_detailed(images, labels, classes, rng).0
     }
 
@@ -525,9 +514,7 @@ impl BatchMix {
         assert_eq!(n, labels.len(), "BatchMix::mix: {n} images but {} labels", labels.len());
         let mut targets = one_hot(labels, classes, self.label_smoothing);
         let beta = |alpha: f32| {
-            (alpha > 0.0 && alpha.is_finite())
-                .then(|| Beta::new(f64::from(alpha), f64::from(alpha)).ok())
-                .flatten()
+            (alpha > 0.0 && alpha.is_finite()).then(|| Beta::new(f64::from(alpha), f64::from(alpha)).ok()).flatten()
         };
         let (mixup, cutmix) = (beta(self.mixup_alpha), beta(self.cutmix_alpha));
         let use_cutmix = match (&mixup, &cutmix) {
@@ -560,8 +547,7 @@ impl BatchMix {
                 for plane in (0..per_image).step_by((height * width).max(1)) {
                     for y in y1..y2 {
                         let row = plane + y * width;
-                        data[dst + row + x1..dst + row + x2]
-                            .copy_from_slice(&original[src + row + x1..src + row + x2]);
+                        data[dst + row + x1..dst + row + x2].copy_from_slice(&original[src + row + x1..src + row + x2]);
                     }
                 }
             }

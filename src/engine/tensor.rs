@@ -40,10 +40,7 @@ impl Tensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
         let numel = checked_numel(shape)?;
         if numel != data.len() {
-            return Err(Error::invalid(format!(
-                "shape {shape:?} needs {numel} values, got {}",
-                data.len()
-            )));
+            return Err(Error::invalid(format!("shape {shape:?} needs {numel} values, got {}", data.len())));
         }
         Ok(Tensor { shape: shape.to_vec(), data, version: next_version() })
     }

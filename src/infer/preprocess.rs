@@ -60,10 +60,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     }
     // zune-jpeg fills in a truncated JPEG with grey where PIL refuses it ("image file is truncated").
     if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(&bytes) {
-        return Err(Error::file(
-            path,
-            "JPEG file is truncated (no end-of-image marker after the image data)",
-        ));
+        return Err(Error::file(path, "JPEG file is truncated (no end-of-image marker after the image data)"));
     }
     let image = crate::error::catch_parser_panic(|| DynamicImage::from_decoder(decoder))
         .ok_or_else(|| Error::file(path, "corrupt image (the decoder gave up on it)"))?
@@ -90,17 +87,14 @@ fn jpeg_reaches_end(data: &[u8]) -> bool {
             0x01 | 0xD0..=0xD7 => continue, // TEM and RSTn stand alone
             _ => {}
         }
-        let Some(len) = data.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-        else {
+        let Some(len) = data.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
             return false;
         };
         i += len;
         if marker == 0xDA {
             // Start of scan: entropy-coded data runs to the next real marker.
             loop {
-                let Some(offset) =
-                    data.get(i..).and_then(|rest| rest.iter().position(|&b| b == 0xFF))
-                else {
+                let Some(offset) = data.get(i..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else {
                     return false;
                 };
                 i += offset;
@@ -118,22 +112,14 @@ fn jpeg_reaches_end(data: &[u8]) -> bool {
 /// which is what `image` does too; 16-bit images are where the two differ.
 fn to_rgb_like_pil(image: DynamicImage) -> RgbImage {
     let (width, height) = (image.width(), image.height());
-    let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| {
-        RgbImage::from_fn(width, height, |x, y| image::Rgb(f(x, y)))
-    };
+    let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(width, height, |x, y| image::Rgb(f(x, y)));
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
         // PIL opens a 16-bit greyscale PNG as mode "I;16", whose RGB conversion clips at 255 instead of scaling.
-        DynamicImage::ImageLuma16(grey) => {
-            from_fn(&|x, y| [grey.get_pixel(x, y).0[0].min(255) as u8; 3])
-        }
+        DynamicImage::ImageLuma16(grey) => from_fn(&|x, y| [grey.get_pixel(x, y).0[0].min(255) as u8; 3]),
         // PIL's unpackers for 16-bit LA, RGB and RGBA PNGs keep the high byte of each sample.
-        DynamicImage::ImageLumaA16(grey) => {
-            from_fn(&|x, y| [(grey.get_pixel(x, y).0[0] >> 8) as u8; 3])
-        }
-        DynamicImage::ImageRgb16(rgb) => {
-            from_fn(&|x, y| rgb.get_pixel(x, y).0.map(|v| (v >> 8) as u8))
-        }
+        DynamicImage::ImageLumaA16(grey) => from_fn(&|x, y| [(grey.get_pixel(x, y).0[0] >> 8) as u8; 3]),
+        DynamicImage::ImageRgb16(rgb) => from_fn(&|x, y| rgb.get_pixel(x, y).0.map(|v| (v >> 8) as u8)),
         DynamicImage::ImageRgba16(rgba) => from_fn(&|x, y| {
             let [r, g, b, _] = rgba.get_pixel(x, y).0;
             [r, g, b].map(|v| (v >> 8) as u8)
@@ -162,8 +148,7 @@ pub fn eval_transform(img: &RgbImage, resize: u32, crop: u32) -> Tensor {
     let crop = crop as usize;
     let (x_off, y_off) = (crop_offset(out_w, crop), crop_offset(out_h, crop));
     // The part of the crop that lies inside the resized image, in resized-image coordinates.
-    let visible =
-        |off: i64, n: usize| off.max(0) as usize..((off + crop as i64).max(0) as usize).min(n);
+    let visible = |off: i64, n: usize| off.max(0) as usize..((off + crop as i64).max(0) as usize).min(n);
     let (xs, ys) = (visible(x_off, out_w), visible(y_off, out_h));
     let window = resample_window(img, (out_w, out_h), xs.clone(), ys.clone());
 
@@ -174,8 +159,7 @@ pub fn eval_transform(img: &RgbImage, resize: u32, crop: u32) -> Tensor {
         for cx in 0..crop {
             // Position in the resized image; outside it (negative or past the end) is padding.
             let (x, y) = (cx as i64 + x_off, cy as i64 + y_off);
-            let inside =
-                x >= 0 && y >= 0 && xs.contains(&(x as usize)) && ys.contains(&(y as usize));
+            let inside = x >= 0 && y >= 0 && xs.contains(&(x as usize)) && ys.contains(&(y as usize));
             let pixel = if inside {
                 let i = ((y as usize - ys.start) * xs.len() + (x as usize - xs.start)) * 3;
                 [window[i], window[i + 1], window[i + 2]]
@@ -185,8 +169,7 @@ pub fn eval_transform(img: &RgbImage, resize: u32, crop: u32) -> Tensor {
             for c in 0..3 {
                 // Same f32 operations as torchvision: convert_image_dtype divides by 255, normalize subtracts
                 // the mean and divides by the std.
-                data[c * plane + cy * crop + cx] =
-                    (pixel[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                data[c * plane + cy * crop + cx] = (pixel[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             }
         }
     }
@@ -214,11 +197,7 @@ fn resized_size(width: usize, height: usize, size: usize) -> (usize, usize) {
 /// `int(round((n - crop) / 2.0))` (Python rounds half to even) or, when the side is too short, minus the
 /// padding torchvision puts before the image (`(crop - n) // 2`).
 fn crop_offset(n: usize, crop: usize) -> i64 {
-    if crop > n {
-        -(((crop - n) / 2) as i64)
-    } else {
-        ((n - crop) as f64 / 2.0).round_ties_even() as i64
-    }
+    if crop > n { -(((crop - n) / 2) as i64) } else { ((n - crop) as f64 / 2.0).round_ties_even() as i64 }
 }
 
 /// Pillow's fixed-point precision for 8-bit images: 32 bits less 8 for the value and 2 for overshoot.
@@ -246,20 +225,16 @@ impl Taps {
             let center = (xx as f64 + 0.5) * scale;
             // `(int)(v + 0.5)` in C truncates towards zero, as `as` does.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax =
-                ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let mut k: Vec<f64> = (xmin..xmax)
-                .map(|x| bilinear_filter((x as f64 - center + 0.5) * inv_filterscale))
-                .collect();
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let mut k: Vec<f64> =
+                (xmin..xmax).map(|x| bilinear_filter((x as f64 - center + 0.5) * inv_filterscale)).collect();
             let ww: f64 = k.iter().sum();
             if ww != 0.0 {
                 k.iter_mut().for_each(|w| *w /= ww);
             }
             let one = f64::from(1u32 << PRECISION_BITS);
             // Round half away from zero, then truncate, as normalize_coeffs_8bpc does.
-            let fixed = k
-                .iter()
-                .map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 });
+            let fixed = k.iter().map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 });
             first.push(xmin);
             weights.push(fixed.collect());
         }
@@ -295,12 +270,7 @@ fn clip8(acc: i64) -> u8 {
 const HALF: i64 = 1 << (PRECISION_BITS - 1);
 
 /// Pixels `xs` x `ys` of the Pillow bilinear resize of `img` to `out` = (width, height), as packed RGB bytes.
-fn resample_window(
-    img: &RgbImage,
-    out: (usize, usize),
-    xs: Range<usize>,
-    ys: Range<usize>,
-) -> Vec<u8> {
+fn resample_window(img: &RgbImage, out: (usize, usize), xs: Range<usize>, ys: Range<usize>) -> Vec<u8> {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let (out_w, out_h) = out;
     if xs.is_empty() || ys.is_empty() || in_w == 0 || in_h == 0 {
@@ -312,11 +282,7 @@ fn resample_window(
     let axis = |in_size: usize, out_size: usize, range: &Range<usize>| {
         if in_size == out_size {
             let n = range.len();
-            Taps {
-                outputs: range.clone(),
-                first: range.clone().collect(),
-                weights: vec![vec![1 << PRECISION_BITS]; n],
-            }
+            Taps { outputs: range.clone(), first: range.clone().collect(), weights: vec![vec![1 << PRECISION_BITS]; n] }
         } else {
             Taps::bilinear(in_size, out_size, range.clone())
         }
@@ -345,35 +311,26 @@ fn resample_window(
 /// output columns `xs`.
 fn horizontal_pass(src: &[u8], width: usize, x0: usize, taps: &Taps, xs: &Range<usize>) -> Vec<u8> {
     let mut out = vec![0u8; src.len() / (width * 3) * xs.len() * 3];
-    out.par_chunks_mut(xs.len() * 3).zip(src.par_chunks(width * 3)).for_each(
-        |(line_out, line_in)| {
-            for (o, px) in xs.clone().zip(line_out.chunks_exact_mut(3)) {
-                let (first, k) = taps.of(o);
-                let mut acc = [HALF; 3];
-                for (&w, p) in k.iter().zip(line_in[(first - x0) * 3..].chunks_exact(3)) {
-                    for c in 0..3 {
-                        acc[c] += i64::from(p[c]) * i64::from(w);
-                    }
-                }
+    out.par_chunks_mut(xs.len() * 3).zip(src.par_chunks(width * 3)).for_each(|(line_out, line_in)| {
+        for (o, px) in xs.clone().zip(line_out.chunks_exact_mut(3)) {
+            let (first, k) = taps.of(o);
+            let mut acc = [HALF; 3];
+            for (&w, p) in k.iter().zip(line_in[(first - x0) * 3..].chunks_exact(3)) {
                 for c in 0..3 {
-                    px[c] = clip8(acc[c]);
+                    acc[c] += i64::from(p[c]) * i64::from(w);
                 }
             }
-        },
-    );
+            for c in 0..3 {
+                px[c] = clip8(acc[c]);
+            }
+        }
+    });
     out
 }
 
 /// Resample the columns `cols` of `src` (RGB, `width` pixels a row, whose first row is input row `y0`) to the
 /// output rows `ys`.
-fn vertical_pass(
-    src: &[u8],
-    width: usize,
-    y0: usize,
-    taps: &Taps,
-    ys: &Range<usize>,
-    cols: Range<usize>,
-) -> Vec<u8> {
+fn vertical_pass(src: &[u8], width: usize, y0: usize, taps: &Taps, ys: &Range<usize>, cols: Range<usize>) -> Vec<u8> {
     let row_len = cols.len() * 3;
     let mut out = vec![0u8; ys.len() * row_len];
     out.par_chunks_mut(row_len).zip(ys.clone().into_par_iter()).for_each(|(line_out, o)| {

@@ -4,8 +4,8 @@ mod block;
 pub mod family;
 pub mod layers;
 mod resnet;
-pub mod summary;
 pub mod store;
+pub mod summary;
 
 pub use family::{Arch, BlockKind, FAMILY, ResNetConfig, STANDARD_WIDTHS, Stem};
 pub use layers::Mode;

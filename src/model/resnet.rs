@@ -79,7 +79,17 @@ impl ResNet {
             stages.push(blocks);
         }
         let fc = Linear::new(&mut root, "fc", config.feature_dim(), config.num_classes);
-        ResNet { config, store, stem, stem_relu: Relu::default(), maxpool, stages, fc, pooled_from: None, first_nonfinite: None }
+        ResNet {
+            config,
+            store,
+            stem,
+            stem_relu: Relu::default(),
+            maxpool,
+            stages,
+            fc,
+            pooled_from: None,
+            first_nonfinite: None,
+        }
     }
 
     /// Logits `[N, classes]` for images `[N, 3, H, W]`.
@@ -173,7 +183,12 @@ impl ResNet {
         let mut any = false;
         for (i, prefix) in ["", "layer1.", "layer2.", "layer3.", "layer4."].iter().enumerate() {
             any |= self.store.params.iter().any(|p| {
-                p.trainable && if i == 0 { p.name.starts_with("conv1.") || p.name.starts_with("bn1.") } else { p.name.starts_with(prefix) }
+                p.trainable
+                    && if i == 0 {
+                        p.name.starts_with("conv1.") || p.name.starts_with("bn1.")
+                    } else {
+                        p.name.starts_with(prefix)
+                    }
             });
             out[i] = any;
         }

@@ -46,7 +46,12 @@ pub struct Store {
 
 impl Store {
     pub fn new(seed: u64) -> Self {
-        Store { params: Vec::new(), buffers: Vec::new(), batches_tracked: 0, rng: Xoshiro256PlusPlus::seed_from_u64(seed) }
+        Store {
+            params: Vec::new(),
+            buffers: Vec::new(),
+            batches_tracked: 0,
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+        }
     }
 
     /// A builder that prefixes every name it creates with `prefix`.

@@ -61,14 +61,17 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         return Err(Error::file(path, "not a resnet-rs training checkpoint (no checksum)"));
     }
     let meta = |key: &str| {
-        loaded.metadata.get(key).ok_or_else(|| Error::file(path, format!("not a training checkpoint (no '{key}' metadata)")))
+        loaded
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::file(path, format!("not a training checkpoint (no '{key}' metadata)")))
     };
     if meta("format")? != FORMAT {
         return Err(Error::file(path, format!("unsupported checkpoint format '{}'", meta("format")?)));
     }
     let recipe = Recipe::parse(meta("recipe")?).map_err(|e| e.in_file(path))?;
-    let position: Position =
-        serde_json::from_str(meta("position")?).map_err(|e| Error::file(path, format!("bad position metadata: {e}")))?;
+    let position: Position = serde_json::from_str(meta("position")?)
+        .map_err(|e| Error::file(path, format!("bad position metadata: {e}")))?;
     let optimizer_steps =
         meta("optimizer_steps")?.parse().map_err(|_| Error::file(path, "bad optimizer_steps metadata"))?;
     let (mut model, mut optimizer) = (BTreeMap::new(), BTreeMap::new());

@@ -49,7 +49,14 @@ mod no_gpu {
         pub fn sync_into(&self, _: &mut ResNet, _: &mut Optimizer) -> Result<()> {
             match *self {}
         }
-        pub fn evaluate(&self, _: &ResNet, _: Arc<dyn Dataset>, _: Arc<Pipeline>, _: usize, _: usize) -> Result<EvalReport> {
+        pub fn evaluate(
+            &self,
+            _: &ResNet,
+            _: Arc<dyn Dataset>,
+            _: Arc<Pipeline>,
+            _: usize,
+            _: usize,
+        ) -> Result<EvalReport> {
             match *self {}
         }
     }
@@ -69,7 +76,10 @@ impl TrainDevice {
     /// this build lacks, an optimiser the GPU trainer does not run.
     pub fn check(&self, recipe: &Recipe) -> Result<()> {
         if self.precision != Precision::F32 && self.device == DeviceSpec::Cpu {
-            return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU runs f32", self.precision)));
+            return Err(Error::invalid(format!(
+                "--dtype {} needs a GPU (--device cuda); the CPU runs f32",
+                self.precision
+            )));
         }
         if let DeviceSpec::Cuda(_) = self.device {
             if !cfg!(feature = "cuda") {
@@ -102,10 +112,16 @@ pub struct GpuStepArgs {
 
 /// What one GPU step did.
 pub enum GpuStep {
-    Applied { loss: f32, top1_hits: usize, report: Option<GradReport> },
+    Applied {
+        loss: f32,
+        top1_hits: usize,
+        report: Option<GradReport>,
+    },
     /// The loss, a gradient or a running statistic went non-finite; nothing was updated (and with
     /// `skip_nonfinite` the running statistics are back as they were).
-    NonFinite { loss: f32 },
+    NonFinite {
+        loss: f32,
+    },
 }
 
 /// The engine a `Trainer` steps with.
@@ -122,7 +138,9 @@ impl StepEngine {
         device.check(recipe)?;
         match device.device {
             DeviceSpec::Cpu => Ok(StepEngine::Cpu),
-            DeviceSpec::Cuda(i) => Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, device.precision)?))),
+            DeviceSpec::Cuda(i) => {
+                Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, device.precision)?)))
+            }
             DeviceSpec::Auto if recipe.optimizer != "sgd" => Ok(StepEngine::Cpu),
             DeviceSpec::Auto => Ok(match GpuSteps::new(model, opt, recipe, 0, device.precision) {
                 Ok(gpu) => StepEngine::Gpu(Box::new(gpu)),

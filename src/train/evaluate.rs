@@ -34,7 +34,14 @@ pub fn hits(logits: &Tensor, labels: &[usize]) -> (usize, usize) {
 }
 
 /// Evaluate the CPU engine's `model` in eval mode.
-pub fn evaluate(model: &mut ResNet, be: &dyn Backend, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>, batch: usize, workers: usize) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &mut ResNet,
+    be: &dyn Backend,
+    ds: Arc<dyn Dataset>,
+    pipe: Arc<Pipeline>,
+    batch: usize,
+    workers: usize,
+) -> Result<EvalReport> {
     let classes = model.config.num_classes;
     evaluate_with(&mut |x| Ok(model.forward(be, x, Mode::Eval)), classes, ds, pipe, batch, workers)
 }
@@ -66,7 +73,7 @@ pub fn evaluate_with(
         }
     }
     let n = n.max(1) as f64;
-    let per_class = confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect();
+    let per_class =
+        confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect();
     Ok(EvalReport { loss: loss_sum / n, top1: top1 as f64 / n, top5: top5 as f64 / n, per_class, confusion })
 }
-

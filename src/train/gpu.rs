@@ -38,7 +38,13 @@ pub struct GpuSteps {
 
 impl GpuSteps {
     /// Upload `model` and the momentum buffers of `opt` to device `device`, for the recipe's batches.
-    pub fn new(model: &ResNet, opt: &Optimizer, recipe: &Recipe, device: usize, precision: Precision) -> Result<GpuSteps> {
+    pub fn new(
+        model: &ResNet,
+        opt: &Optimizer,
+        recipe: &Recipe,
+        device: usize,
+        precision: Precision,
+    ) -> Result<GpuSteps> {
         let options = CudaOptions { allow_tf32: precision == Precision::Tf32, bf16: precision == Precision::Bf16 };
         let optimizer = TrainOptimizer { kind: opt.kind(), groups: opt.groups().to_vec() };
         let size = recipe.image_size as usize;
@@ -135,7 +141,14 @@ impl GpuSteps {
     }
 
     /// Evaluate `model` (synced from this trainer) with the eval executor on the same device and precision.
-    pub fn evaluate(&self, model: &ResNet, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>, batch: usize, workers: usize) -> Result<EvalReport> {
+    pub fn evaluate(
+        &self,
+        model: &ResNet,
+        ds: Arc<dyn Dataset>,
+        pipe: Arc<Pipeline>,
+        batch: usize,
+        workers: usize,
+    ) -> Result<EvalReport> {
         let mut exec: Option<CudaResNet> = None;
         let (device, options, cap) = (self.device, self.options, batch.max(self.batch));
         let mut forward = |x: &crate::engine::Tensor| {

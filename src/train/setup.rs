@@ -15,9 +15,8 @@ use crate::model::{ResNet, ResNetConfig};
 pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
     use crate::data::cifar::{Cifar, CifarKind};
     use crate::data::folder::ImageFolder;
-    let need_path = || {
-        r.data.clone().ok_or_else(|| Error::invalid(format!("dataset '{}' needs --data PATH", r.dataset)))
-    };
+    let need_path =
+        || r.data.clone().ok_or_else(|| Error::invalid(format!("dataset '{}' needs --data PATH", r.dataset)));
     match r.dataset.as_str() {
         "digits" => Ok(crate::data::digits::Digits::load()?.split(r.val_fraction, r.seed)),
         "cifar10" | "cifar100" => {
@@ -32,7 +31,9 @@ pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
                 None => Ok(ImageFolder::open(&root)?.split(r.val_fraction, r.seed)),
             }
         }
-        other => Err(Error::invalid(format!("unknown dataset '{other}' (expected digits, cifar10, cifar100 or folder)"))),
+        other => {
+            Err(Error::invalid(format!("unknown dataset '{other}' (expected digits, cifar10, cifar100 or folder)")))
+        }
     }
 }
 
@@ -59,8 +60,11 @@ pub fn pipelines(r: &Recipe) -> (Pipeline, Pipeline) {
         let j = r.color_jitter;
         train.push(Op::ColorJitter { brightness: j, contrast: j, saturation: j, hue: 0.0 });
     }
-    let erasing =
-        (r.random_erasing > 0.0).then_some(RandomErasing { p: r.random_erasing, scale: (0.02, 0.33), ratio: (0.3, 3.3) });
+    let erasing = (r.random_erasing > 0.0).then_some(RandomErasing {
+        p: r.random_erasing,
+        scale: (0.02, 0.33),
+        ratio: (0.3, 3.3),
+    });
     let eval_ops = if fixed_size || r.random_resized_crop { resize_crop } else { Vec::new() };
     (
         Pipeline { ops: train, mean: r.mean, std: r.std, erasing },
@@ -143,4 +147,3 @@ pub fn freeze_prefixes(until: &str) -> Result<Vec<&'static str>> {
         .ok_or_else(|| Error::invalid(format!("unknown --freeze-until '{until}' (expected stem or layer1..layer4)")))?;
     Ok(ORDER[..=last].iter().flat_map(|(_, p)| p.iter().copied()).collect())
 }
-

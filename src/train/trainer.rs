@@ -132,8 +132,12 @@ impl Trainer {
         {
             return Err(Error::file(path, format!("weights of {layer} are not finite")));
         }
-        let groups =
-            Optimizer::groups_for(&model.store.params, recipe.weight_decay, recipe.no_decay_bn_bias, args.head_lr_scale);
+        let groups = Optimizer::groups_for(
+            &model.store.params,
+            recipe.weight_decay,
+            recipe.no_decay_bn_bias,
+            args.head_lr_scale,
+        );
         let opt = Optimizer::new(setup::optimizer_kind(&recipe)?, groups);
         let sched = setup::schedule(&recipe)?;
         let pos = Position { best_top1: -1.0, ..Position::default() };
@@ -321,7 +325,8 @@ impl Trainer {
 
 /// The first parameter or buffer (in forward order) holding a NaN or an infinity, as a layer name.
 fn nonfinite_state(model: &ResNet) -> Option<String> {
-    monitor::first_nonfinite_weight(&model.store.params).or_else(|| monitor::first_nonfinite_buffer(&model.store.buffers))
+    monitor::first_nonfinite_weight(&model.store.params)
+        .or_else(|| monitor::first_nonfinite_buffer(&model.store.buffers))
 }
 
 fn interrupted(flag: &Option<Arc<AtomicBool>>) -> bool {
@@ -359,7 +364,10 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
     let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
     if !args.resume && last_path.exists() {
-        return Err(Error::file(&args.run_dir, "already holds a run; pass --resume to continue it or choose another --out"));
+        return Err(Error::file(
+            &args.run_dir,
+            "already holds a run; pass --resume to continue it or choose another --out",
+        ));
     }
     crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
 
@@ -367,10 +375,20 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
     if train_ds.is_empty() {
         return Err(Error::invalid("the training set is empty"));
     }
-    let cfg = LoaderConfig { batch_size: recipe.batch_size, shuffle: true, drop_last: true, workers: recipe.workers, seed: recipe.seed };
+    let cfg = LoaderConfig {
+        batch_size: recipe.batch_size,
+        shuffle: true,
+        drop_last: true,
+        workers: recipe.workers,
+        seed: recipe.seed,
+    };
     let steps_per_epoch = loader::num_batches(train_ds.len(), &cfg) as u64;
     if steps_per_epoch == 0 {
-        return Err(Error::invalid(format!("batch size {} exceeds the {} training images", recipe.batch_size, train_ds.len())));
+        return Err(Error::invalid(format!(
+            "batch size {} exceeds the {} training images",
+            recipe.batch_size,
+            train_ds.len()
+        )));
     }
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
     if let Some(c) = &resumed {
@@ -388,11 +406,12 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
 
     let (train_pipe, eval_pipe) = setup::pipelines(&recipe);
     let (train_pipe, eval_pipe) = (Arc::new(train_pipe), Arc::new(eval_pipe));
-    let mix = (recipe.mixup_alpha > 0.0 || recipe.cutmix_alpha > 0.0 || recipe.label_smoothing > 0.0).then_some(BatchMix {
-        mixup_alpha: recipe.mixup_alpha,
-        cutmix_alpha: recipe.cutmix_alpha,
-        label_smoothing: recipe.label_smoothing,
-    });
+    let mix =
+        (recipe.mixup_alpha > 0.0 || recipe.cutmix_alpha > 0.0 || recipe.label_smoothing > 0.0).then_some(BatchMix {
+            mixup_alpha: recipe.mixup_alpha,
+            cutmix_alpha: recipe.cutmix_alpha,
+            label_smoothing: recipe.label_smoothing,
+        });
     let mut metrics = Metrics::open(&args.run_dir)?;
     let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
         bar.abandon();
@@ -403,7 +422,10 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
     let mut reports = Vec::new();
     let show = std::io::stderr().is_terminal();
     while t.pos.epoch < recipe.epochs {
-        let bar = ProgressBar::with_draw_target(Some(steps_per_epoch), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let bar = ProgressBar::with_draw_target(
+            Some(steps_per_epoch),
+            if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        );
         bar.set_style(
             ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
                 .map_err(Error::invalid)?
@@ -414,7 +436,8 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let lr = t.lr();
-        let batches = loader::batches(train_ds.clone(), train_pipe.clone(), mix.clone(), &cfg, t.pos.epoch, t.pos.batch as usize);
+        let batches =
+            loader::batches(train_ds.clone(), train_pipe.clone(), mix.clone(), &cfg, t.pos.epoch, t.pos.batch as usize);
         for batch in batches {
             if interrupted(&args.interrupt) {
                 return stop(&mut t, &bar);
@@ -430,7 +453,12 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
             }
             let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(t.pos.batch);
-            bar.set_message(format!("loss {:.4} acc {:.3} {:.0} img/s", loss_sum / seen.max(1) as f64, correct as f64 / seen.max(1) as f64, ips));
+            bar.set_message(format!(
+                "loss {:.4} acc {:.3} {:.0} img/s",
+                loss_sum / seen.max(1) as f64,
+                correct as f64 / seen.max(1) as f64,
+                ips
+            ));
             if recipe.checkpoint_every > 0 && t.pos.global_step.is_multiple_of(recipe.checkpoint_every) {
                 t.save(&last_path)?;
             }
@@ -460,7 +488,14 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         } else {
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4} top5 {:.4} | {:.0} img/s",
-                report.epoch, recipe.epochs, report.train_loss, report.train_top1, report.val_loss, report.val_top1, report.val_top5, report.images_per_s
+                report.epoch,
+                recipe.epochs,
+                report.train_loss,
+                report.train_top1,
+                report.val_loss,
+                report.val_top1,
+                report.val_top5,
+                report.images_per_s
             );
         }
         t.pos.epoch += 1;

@@ -50,7 +50,9 @@ pub fn config_from_state(arch: Arch, state: &BTreeMap<String, Tensor>, path: &Pa
     if needed > present {
         return Err(Error::file(
             path,
-            format!("{arch} with the widths and classes these shapes imply needs {needed} parameters, the file holds {present} values"),
+            format!(
+                "{arch} with the widths and classes these shapes imply needs {needed} parameters, the file holds {present} values"
+            ),
         ));
     }
     Ok(config)
@@ -63,7 +65,11 @@ pub fn save_model(model: &ResNet, path: &Path, metadata: &BTreeMap<String, Strin
 
 /// One `<bn>.num_batches_tracked` per BN layer, as torchvision's state_dict has them (an i64 scalar each).
 pub fn batch_counts(model: &ResNet) -> BTreeMap<String, i64> {
-    model.batch_norm_names().into_iter().map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked)).collect()
+    model
+        .batch_norm_names()
+        .into_iter()
+        .map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked))
+        .collect()
 }
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.

@@ -65,7 +65,8 @@ pub fn load(path: &Path) -> Result<Loaded> {
 pub fn load_bytes(bytes: &[u8], name: &Path) -> Result<Loaded> {
     // `deserialize` checks the header length, the JSON, and that every tensor's byte range lies inside the
     // buffer and matches its shape and dtype, so nothing below allocates from unchecked sizes.
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::file(name, format!("not a valid safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| Error::file(name, format!("not a valid safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::file(name, e))?;
     let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut views = st.tensors();
@@ -73,7 +74,8 @@ pub fn load_bytes(bytes: &[u8], name: &Path) -> Result<Loaded> {
     let checksum_verified = match metadata.get(CHECKSUM_KEY) {
         None => false,
         Some(stored) => {
-            let computed = checksum(views.iter().map(|(k, v)| (k.as_str(), v.dtype(), v.shape(), Data::Bytes(v.data()))));
+            let computed =
+                checksum(views.iter().map(|(k, v)| (k.as_str(), v.dtype(), v.shape(), Data::Bytes(v.data()))));
             if stored.parse::<u32>().ok() != Some(computed) {
                 return Err(Error::file(
                     name,

@@ -72,11 +72,7 @@ impl Dims {
         let group = MIN_COLS.div_ceil(self.ohw().max(1)).clamp(1, self.n.max(1));
         let groups = self.n.div_ceil(group).max(1);
         let threads = rayon::current_num_threads().max(1);
-        if groups >= threads {
-            (group, groups.div_ceil(threads) * group, 1)
-        } else {
-            (group, groups * group, threads)
-        }
+        if groups >= threads { (group, groups.div_ceil(threads) * group, 1) } else { (group, groups * group, threads) }
     }
 }
 
@@ -290,44 +286,46 @@ fn im2col_forward(x: &Tensor, d: &Dims, product: &Product, keep_bytes: usize, af
         }
     };
     if d.n > 0 && ohw > 0 {
-        y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).enumerate().for_each(|(t, (ys, xs))| {
-            for (i, (yg, xg)) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)).enumerate() {
-                let m = xg.len() / chw;
-                let first = t * per_task + i * group;
-                if m == 1 && d.pointwise() {
-                    product(yg, MatRef::new(xg, ckk, ohw), gemm_threads);
-                    finish(yg, first);
-                    continue;
-                }
-                // For inference kept per thread: a stem's col is 7 MB per image, and fresh pages cost more
-                // than the copy.
-                with_buffer(&COL, ckk * m * ohw, keep_bytes, |col| {
-                    for (j, x_n) in xg.chunks(chw).enumerate() {
-                        if gemm_threads > 1 {
-                            im2col_parallel(x_n, d, col, m * ohw, j * ohw);
-                        } else {
-                            im2col(x_n, d, col, m * ohw, j * ohw);
-                        }
-                    }
-                    let cols = MatRef::new(col, ckk, m * ohw);
-                    if m == 1 {
-                        product(yg, cols, gemm_threads);
+        y.par_chunks_mut(per_task * o * ohw).zip(x.data().par_chunks(per_task * chw)).enumerate().for_each(
+            |(t, (ys, xs))| {
+                for (i, (yg, xg)) in ys.chunks_mut(group * o * ohw).zip(xs.chunks(group * chw)).enumerate() {
+                    let m = xg.len() / chw;
+                    let first = t * per_task + i * group;
+                    if m == 1 && d.pointwise() {
+                        product(yg, MatRef::new(xg, ckk, ohw), gemm_threads);
                         finish(yg, first);
-                        return;
+                        continue;
                     }
-                    with_buffer(&OUT, o * m * ohw, keep_bytes, |out| {
-                        product(out, cols, gemm_threads);
-                        // [O, m·OHW] → m images of [O, OHW]
-                        for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
-                            for (oc, dst) in y_n.chunks_mut(ohw).enumerate() {
-                                dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
+                    // For inference kept per thread: a stem's col is 7 MB per image, and fresh pages cost more
+                    // than the copy.
+                    with_buffer(&COL, ckk * m * ohw, keep_bytes, |col| {
+                        for (j, x_n) in xg.chunks(chw).enumerate() {
+                            if gemm_threads > 1 {
+                                im2col_parallel(x_n, d, col, m * ohw, j * ohw);
+                            } else {
+                                im2col(x_n, d, col, m * ohw, j * ohw);
                             }
                         }
-                        finish(yg, first);
+                        let cols = MatRef::new(col, ckk, m * ohw);
+                        if m == 1 {
+                            product(yg, cols, gemm_threads);
+                            finish(yg, first);
+                            return;
+                        }
+                        with_buffer(&OUT, o * m * ohw, keep_bytes, |out| {
+                            product(out, cols, gemm_threads);
+                            // [O, m·OHW] → m images of [O, OHW]
+                            for (j, y_n) in yg.chunks_mut(o * ohw).enumerate() {
+                                for (oc, dst) in y_n.chunks_mut(ohw).enumerate() {
+                                    dst.copy_from_slice(&out[oc * m * ohw + j * ohw..][..ohw]);
+                                }
+                            }
+                            finish(yg, first);
+                        })
                     })
-                })
-            }
-        });
+                }
+            },
+        );
     }
     Tensor::new(&[d.n, o, d.oh, d.ow], y).expect("conv2d output shape matches its data")
 }
@@ -346,7 +344,13 @@ pub fn product_columns(x: [usize; 4], w_shape: [usize; 4], geom: ConvGeom) -> us
 
 /// The im2col forward with the weight packed once (`PackedLhs` of `[O, C·kh·kw]`, f32 or bf16): for inference.
 /// `affine`, if given, is applied to each image's output right after its product.
-pub fn forward_packed(x: &Tensor, w: &PackedLhs, w_shape: [usize; 4], geom: ConvGeom, affine: Option<&Affine>) -> Tensor {
+pub fn forward_packed(
+    x: &Tensor,
+    w: &PackedLhs,
+    w_shape: [usize; 4],
+    geom: ConvGeom,
+    affine: Option<&Affine>,
+) -> Tensor {
     let [o, c, kh, kw] = w_shape;
     assert!(w.rows() == o && w.depth() == c * kh * kw, "the packed weight is [O, C·kh·kw]");
     let d = Dims::of(x.dims4(), w_shape, geom);

@@ -88,8 +88,12 @@ unsafe fn deinterleave4_avx512(row: &[f32], d: [&mut [f32]; 4]) -> usize {
         // SAFETY: entries 4k..4k+64 of row and k..k+16 of each d_j lie inside the slices (asserted above).
         unsafe {
             let p = row.as_ptr().add(4 * k);
-            let (a0, a1, a2, a3) =
-                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48)));
+            let (a0, a1, a2, a3) = (
+                _mm512_loadu_ps(p),
+                _mm512_loadu_ps(p.add(16)),
+                _mm512_loadu_ps(p.add(32)),
+                _mm512_loadu_ps(p.add(48)),
+            );
             // row[2i] and row[2i + 1] over the 64 entries, then every other one of those
             let (e01, o01) = (_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
             let (e23, o23) = (_mm512_permutex2var_ps(a2, even, a3), _mm512_permutex2var_ps(a2, odd, a3));
@@ -143,12 +147,8 @@ unsafe fn interleave4_avx512(q: [&[f32]; 4], out: &mut [f32]) -> usize {
             let (ab_lo, ab_hi) = (_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
             let (cd_lo, cd_hi) = (_mm512_permutex2var_ps(c, lo, d), _mm512_permutex2var_ps(c, hi, d));
             // (a_k b_k) and (c_k d_k) are 64-bit units: interleave those
-            let (ab_lo, ab_hi, cd_lo, cd_hi) = (
-                _mm512_castps_pd(ab_lo),
-                _mm512_castps_pd(ab_hi),
-                _mm512_castps_pd(cd_lo),
-                _mm512_castps_pd(cd_hi),
-            );
+            let (ab_lo, ab_hi, cd_lo, cd_hi) =
+                (_mm512_castps_pd(ab_lo), _mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_lo), _mm512_castps_pd(cd_hi));
             let p = out.as_mut_ptr().add(4 * k);
             _mm512_storeu_ps(p, _mm512_castpd_ps(_mm512_permutex2var_pd(ab_lo, lo64, cd_lo)));
             _mm512_storeu_ps(p.add(16), _mm512_castpd_ps(_mm512_permutex2var_pd(ab_lo, hi64, cd_lo)));

@@ -123,9 +123,8 @@ mod tests {
         let (m, k, n) = (2 * SPLIT_MIN_ROWS + 37, 70, 45);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729 % 1000) as f32 / 500.0) - 1.0).collect();
-        let want: Vec<f64> = (0..m * n)
-            .map(|ij| (0..k).map(|p| a[ij / n * k + p] as f64 * b[p * n + ij % n] as f64).sum())
-            .collect();
+        let want: Vec<f64> =
+            (0..m * n).map(|ij| (0..k).map(|p| a[ij / n * k + p] as f64 * b[p * n + ij % n] as f64).sum()).collect();
         for threads in [1, 2, 3] {
             let mut dst = vec![1.0f32; m * n];
             matmul(&mut dst, MatRef::new(&a, m, k), MatRef::new(&b, k, n), true, threads);

@@ -16,12 +16,12 @@ mod test_util;
 pub mod winograd;
 mod winograd2;
 
+pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
 pub use norm::Affine;
 pub use prepared::{PreparedCpu, keeps_u};
-pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
 
-use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 use super::Tensor;
+use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
 
 /// max(v, 0) as PyTorch computes it: a NaN stays NaN (`f32::max` would turn it into 0 and hide a blow-up
 /// from the numeric guard), and the select vectorises like `max` does.

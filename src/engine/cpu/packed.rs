@@ -234,20 +234,20 @@ thread_local! {
 fn with_pairs<R>(b: MatRef, f: impl FnOnce(&[u32]) -> R) -> R {
     let (depth, n) = (b.rows, b.cols);
     with_buffer(&PAIRS, depth.div_ceil(2) * n, scratch::INFERENCE_KEEP, |buf| {
-    for (kk, out) in buf.chunks_mut(n).enumerate() {
-        let lo = &b.data[2 * kk * b.row_stride..][..n];
-        if 2 * kk + 1 < depth {
-            let hi = &b.data[(2 * kk + 1) * b.row_stride..][..n];
-            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                *o = pair(l, h);
-            }
-        } else {
-            for (o, &l) in out.iter_mut().zip(lo) {
-                *o = pair(l, 0.0);
+        for (kk, out) in buf.chunks_mut(n).enumerate() {
+            let lo = &b.data[2 * kk * b.row_stride..][..n];
+            if 2 * kk + 1 < depth {
+                let hi = &b.data[(2 * kk + 1) * b.row_stride..][..n];
+                for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                    *o = pair(l, h);
+                }
+            } else {
+                for (o, &l) in out.iter_mut().zip(lo) {
+                    *o = pair(l, 0.0);
+                }
             }
         }
-    }
-    f(buf)
+        f(buf)
     })
 }
 
@@ -303,44 +303,44 @@ macro_rules! kernels {
             // Depth in chunks, so that one block of the right operand (chunk x 48 columns) stays in L2 while
             // every row of the left one passes over it; later chunks add onto what the earlier ones stored.
             for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
-            let depth = DEPTH_CHUNK.min(b.depth - k0);
-            let mut j = 0;
-            while j < b.cols {
-                let w = (b.cols - j).min(3 * LANES);
-                let vecs = w.div_ceil(LANES);
-                let mask = lane_mask(w - (vecs - 1) * LANES);
-                let mut i = 0;
-                while i < rows {
-                    let left = rows - i;
-                    let (step, run): (usize, unsafe fn(_, _, _, _, _, _, _, _, _, _)) = match vecs {
-                        3 => (MR, $block::<8, 3>),
-                        2 => (MR, $block::<8, 2>),
-                        _ if left > 16 => (24, $block::<24, 1>),
-                        _ if left > 8 => (16, $block::<16, 1>),
-                        _ => (8, $block::<8, 1>),
-                    };
-                    let used = step.min(left);
-                    // SAFETY: rows i..i+step lie in panels i/8.. (padded to whole panels), depth k0..k0+depth
-                    // inside each panel and b, columns j..j+w in b's rows and in dst's rows i..i+used, each
-                    // checked above; the kernel touches only unmasked lanes and only `used` rows of dst.
-                    unsafe {
-                        run(
-                            a.as_ptr().add(i / MR * panel + k0 * MR),
-                            panel,
-                            depth,
-                            b.data.as_ptr().add(k0 * b.ld + j),
-                            b.ld,
-                            mask,
-                            dst.as_mut_ptr().add(i * b.cols + j),
-                            b.cols,
-                            used,
-                            k0 > 0,
-                        )
-                    };
-                    i += step;
+                let depth = DEPTH_CHUNK.min(b.depth - k0);
+                let mut j = 0;
+                while j < b.cols {
+                    let w = (b.cols - j).min(3 * LANES);
+                    let vecs = w.div_ceil(LANES);
+                    let mask = lane_mask(w - (vecs - 1) * LANES);
+                    let mut i = 0;
+                    while i < rows {
+                        let left = rows - i;
+                        let (step, run): (usize, unsafe fn(_, _, _, _, _, _, _, _, _, _)) = match vecs {
+                            3 => (MR, $block::<8, 3>),
+                            2 => (MR, $block::<8, 2>),
+                            _ if left > 16 => (24, $block::<24, 1>),
+                            _ if left > 8 => (16, $block::<16, 1>),
+                            _ => (8, $block::<8, 1>),
+                        };
+                        let used = step.min(left);
+                        // SAFETY: rows i..i+step lie in panels i/8.. (padded to whole panels), depth k0..k0+depth
+                        // inside each panel and b, columns j..j+w in b's rows and in dst's rows i..i+used, each
+                        // checked above; the kernel touches only unmasked lanes and only `used` rows of dst.
+                        unsafe {
+                            run(
+                                a.as_ptr().add(i / MR * panel + k0 * MR),
+                                panel,
+                                depth,
+                                b.data.as_ptr().add(k0 * b.ld + j),
+                                b.ld,
+                                mask,
+                                dst.as_mut_ptr().add(i * b.cols + j),
+                                b.cols,
+                                used,
+                                k0 > 0,
+                            )
+                        };
+                        i += step;
+                    }
+                    j += w;
                 }
-                j += w;
-            }
             }
         }
 
@@ -401,17 +401,27 @@ macro_rules! kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-kernels!(drive_f32, block_f32, f32, "avx512f",
+kernels!(
+    drive_f32,
+    block_f32,
+    f32,
+    "avx512f",
     |acc, av, bv| _mm512_fmadd_ps(av, _mm512_castsi512_ps(bv), *acc),
     |p| _mm512_set1_ps(*p),
-    |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast()));
+    |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast())
+);
 
 // SAFETY (the transmutes): __m512i and __m512bh are both 64 bytes of plain bits, valid for any contents.
 #[cfg(target_arch = "x86_64")]
-kernels!(drive_bf16, block_bf16, u32, "avx512f,avx512bf16",
+kernels!(
+    drive_bf16,
+    block_bf16,
+    u32,
+    "avx512f,avx512bf16",
     |acc, av, bv| _mm512_dpbf16_ps(*acc, av, unsafe { std::mem::transmute::<__m512i, __m512bh>(bv) }),
     |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)),
-    |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast()));
+    |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast())
+);
 
 /// Generates the tall driver and kernel for one element type: lanes along 16 rows of the packed operand (one
 /// vector load per 16 rows and step of depth), each of up to 6 columns of the right operand broadcast. The
@@ -516,23 +526,33 @@ macro_rules! tall_kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-tall_kernels!(drive_f32_tall, block_f32_tall, f32, "avx512f",
+tall_kernels!(
+    drive_f32_tall,
+    block_f32_tall,
+    f32,
+    "avx512f",
     |acc, av, bv| _mm512_fmadd_ps(av, bv, *acc),
     |p| _mm512_loadu_ps(p),
-    |p| _mm512_set1_ps(*p));
+    |p| _mm512_set1_ps(*p)
+);
 
 // SAFETY (the transmutes): as for `kernels!` above.
 #[cfg(target_arch = "x86_64")]
-tall_kernels!(drive_bf16_tall, block_bf16_tall, u32, "avx512f,avx512bf16",
+tall_kernels!(
+    drive_bf16_tall,
+    block_bf16_tall,
+    u32,
+    "avx512f,avx512bf16",
     |acc, av, bv| _mm512_dpbf16_ps(*acc, av, bv),
     |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())),
-    |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)));
+    |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32))
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::cpu::test_util::{rel, values};
     use crate::engine::cpu::matmul::matmul;
+    use crate::engine::cpu::test_util::{rel, values};
 
     /// Every register block and tail, in both layouts where the rows allow the tall one: rows not multiples of
     /// 8 or 24, columns around 6, 16 and 48, odd depth, depth over one chunk (later chunks add onto the first).
@@ -541,8 +561,22 @@ mod tests {
         if !f32_supported() {
             return;
         }
-        let shapes = [(1, 1, 1), (8, 3, 16), (13, 7, 5), (24, 64, 16), (40, 33, 49), (64, 64, 196), (70, 9, 97),
-            (20, 2100, 37), (100, 30, 20), (64, 64, 49), (128, 33, 7), (64, 1100, 5), (192, 9, 1), (256, 40, 13)];
+        let shapes = [
+            (1, 1, 1),
+            (8, 3, 16),
+            (13, 7, 5),
+            (24, 64, 16),
+            (40, 33, 49),
+            (64, 64, 196),
+            (70, 9, 97),
+            (20, 2100, 37),
+            (100, 30, 20),
+            (64, 64, 49),
+            (128, 33, 7),
+            (64, 1100, 5),
+            (192, 9, 1),
+            (256, 40, 13),
+        ];
         for &(m, k, n) in &shapes {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             let mut want = vec![0.0; m * n];

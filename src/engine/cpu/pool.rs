@@ -121,7 +121,8 @@ pub fn max_backward(dy: &Tensor, argmax: &[u32], x_shape: [usize; 4]) -> Tensor 
 pub fn avg_forward(x: &Tensor) -> Tensor {
     let [n, c, h, w] = x.dims4();
     let hw = (h * w).max(1);
-    let y: Vec<f32> = x.data().chunks(hw).map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32).collect();
+    let y: Vec<f32> =
+        x.data().chunks(hw).map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32).collect();
     Tensor::new(&[n, c], y).expect("avg pool output shape")
 }
 
@@ -146,7 +147,9 @@ mod tests {
     /// wider than the padding, a NaN (which wins) and −∞ inputs.
     #[test]
     fn values_match_the_indexed_pool() {
-        for &(h, w, k, s, p) in &[(112, 112, 3, 2, 1), (7, 9, 3, 2, 1), (5, 5, 2, 2, 0), (6, 4, 3, 1, 1), (3, 3, 3, 3, 1), (1, 1, 1, 1, 0)] {
+        for &(h, w, k, s, p) in
+            &[(112, 112, 3, 2, 1), (7, 9, 3, 2, 1), (5, 5, 2, 2, 0), (6, 4, 3, 1, 1), (3, 3, 3, 3, 1), (1, 1, 1, 1, 0)]
+        {
             let mut v: Vec<f32> = (0..2 * 3 * h * w).map(|i| ((i * 7919 % 1013) as f32 / 500.0) - 1.0).collect();
             v[h * w / 2] = f32::NAN;
             v[h * w + 1] = f32::NEG_INFINITY;

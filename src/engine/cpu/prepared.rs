@@ -21,11 +21,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::matmul::MatRef;
+use super::norm::Affine;
 use super::packed::{self, PackedLhs};
 use super::{Cpu, conv, winograd, winograd2};
-use super::norm::Affine;
-use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom, EvalAffine};
 use crate::engine::Tensor;
+use crate::engine::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom, EvalAffine};
 
 /// Largest U kept per convolution (in the precision it is kept in).
 const MAX_KEPT_BYTES: usize = 20 << 20;

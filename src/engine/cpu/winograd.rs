@@ -28,9 +28,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::lanes::{deinterleave4, interleave4};
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
-use super::lanes::{deinterleave4, interleave4};
 use super::packed::PackedLhs;
 use super::scratch::{self, with_buffer};
 
@@ -721,7 +721,8 @@ mod tests {
                                 for kj in 0..3 {
                                     let (r, q) = ((i + ki).wrapping_sub(1), (j + kj).wrapping_sub(1));
                                     if r < h && q < w {
-                                        let (xi, wi) = (((b * c + ic) * h + r) * w + q, ((oc * c + ic) * 3 + ki) * 3 + kj);
+                                        let (xi, wi) =
+                                            (((b * c + ic) * h + r) * w + q, ((oc * c + ic) * 3 + ki) * 3 + kj);
                                         y[yi] += x[xi] as f64 * wt[wi] as f64;
                                         dx[xi] += dy[yi] as f64 * wt[wi] as f64;
                                         dw[wi] += dy[yi] as f64 * x[xi] as f64;
@@ -777,7 +778,8 @@ mod tests {
     #[test]
     fn forward_and_gradients_match_direct_convolution() {
         // the last is wide enough (38 tiles) for the vector gather of 16-tile groups and its scalar rest
-        let shapes = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 5, 5, 7, 3), (3, 7, 13, 14, 6), (2, 4, 7, 7, 9), (1, 2, 5, 150, 3)];
+        let shapes =
+            [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 5, 5, 7, 3), (3, 7, 13, 14, 6), (2, 4, 7, 7, 9), (1, 2, 5, 150, 3)];
         for (seed, &(n, c, h, w, o)) in shapes.iter().enumerate() {
             let x = values(n * c * h * w, seed as u64 + 1);
             let wt = values(o * c * 9, seed as u64 + 100);

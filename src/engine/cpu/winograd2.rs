@@ -72,7 +72,12 @@ pub fn product_columns(n: usize, h: usize, w: usize) -> usize {
 
 /// y = conv2d(x, w) (3x3, stride 1, padding 1) for x `[n, c, h, w]` and the 16 packed planes of `pack_weights`,
 /// with `affine` applied to each output plane as it is finished.
-pub fn forward(x: &[f32], planes: &[PackedLhs], shape: (usize, usize, usize, usize, usize), affine: Option<&Affine>) -> Vec<f32> {
+pub fn forward(
+    x: &[f32],
+    planes: &[PackedLhs],
+    shape: (usize, usize, usize, usize, usize),
+    affine: Option<&Affine>,
+) -> Vec<f32> {
     let (n, c, h, w, o) = shape;
     assert!(planes.len() == XI && planes.iter().all(|u| u.rows() == o && u.depth() == c), "16 planes of O×C");
     assert_eq!(x.len(), n * c * h * w, "x is [n, c, h, w]");
@@ -244,7 +249,9 @@ mod tests {
         if !packed::f32_supported() {
             return;
         }
-        for &(n, c, h, w, o) in &[(1, 3, 1, 1, 2), (2, 5, 7, 7, 16), (3, 16, 6, 9, 8), (40, 4, 5, 5, 3), (1, 64, 14, 13, 64)] {
+        for &(n, c, h, w, o) in
+            &[(1, 3, 1, 1, 2), (2, 5, 7, 7, 16), (3, 16, 6, 9, 8), (40, 4, 5, 5, 3), (1, 64, 14, 13, 64)]
+        {
             let x = Tensor::new(&[n, c, h, w], values(n * c * h * w, 1)).unwrap();
             let wt = Tensor::new(&[o, c, 3, 3], values(o * c * 9, 2)).unwrap();
             let want = conv2d_with(&x, &wt, ConvGeom::square(1, 1), ConvAlgo::Im2col);

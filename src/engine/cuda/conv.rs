@@ -32,10 +32,7 @@ impl DnnHandle {
             )));
         }
         let handle = dnn::create_handle().map_err(cuda_err("creating the cuDNN handle"))?;
-        let handle = DnnHandle {
-            raw: handle,
-            stream: stream.clone(),
-        };
+        let handle = DnnHandle { raw: handle, stream: stream.clone() };
         // SAFETY: the handle was just created and the stream is alive for as long as the handle (held above).
         unsafe { dnn::set_stream(handle.raw, handle.stream.cu_stream() as sys::cudaStream_t) }
             .map_err(cuda_err("binding cuDNN to the stream"))?;
@@ -74,8 +71,7 @@ impl Drop for ConvDesc {
 }
 
 pub(super) fn int(v: usize) -> Result<c_int> {
-    c_int::try_from(v)
-        .map_err(|_| Error::invalid(format!("CUDA: dimension {v} is too large for cuDNN")))
+    c_int::try_from(v).map_err(|_| Error::invalid(format!("CUDA: dimension {v} is too large for cuDNN")))
 }
 
 /// How activations and weights are stored on the device.
@@ -111,20 +107,11 @@ impl Storage {
 
 /// Tensor descriptor of logical dims `[N, C, H, W]` in `storage`'s type and layout.
 pub(super) fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
-    let d = TensorDesc(
-        dnn::create_tensor_descriptor().map_err(cuda_err("creating a tensor descriptor"))?,
-    );
+    let d = TensorDesc(dnn::create_tensor_descriptor().map_err(cuda_err("creating a tensor descriptor"))?);
     let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
     // SAFETY: `d` is a live descriptor; the call only stores the dimensions.
-    unsafe {
-        dnn::set_tensor4d_descriptor(
-            d.0,
-            storage.format(),
-            storage.data_type(),
-            dims,
-        )
-    }
-    .map_err(cuda_err("describing a tensor"))?;
+    unsafe { dnn::set_tensor4d_descriptor(d.0, storage.format(), storage.data_type(), dims) }
+        .map_err(cuda_err("describing a tensor"))?;
     Ok(d)
 }
 
@@ -142,8 +129,7 @@ pub struct ConvShape {
 impl ConvShape {
     pub fn y(&self) -> [usize; 4] {
         let [n, _, h, w] = self.x;
-        let (oh, ow) =
-            ConvGeom::square(self.stride, self.pad).output_hw(h, w, self.kernel, self.kernel);
+        let (oh, ow) = ConvGeom::square(self.stride, self.pad).output_hw(h, w, self.kernel, self.kernel);
         [n, self.out_channels, oh, ow]
     }
 
@@ -219,9 +205,7 @@ impl ConvPlan {
         let k = int(shape.kernel)?;
         let x = tensor_desc(shape.x, storage)?;
         let y = tensor_desc(shape.y(), storage)?;
-        let w = FilterDesc(
-            dnn::create_filter_descriptor().map_err(cuda_err("creating a filter descriptor"))?,
-        );
+        let w = FilterDesc(dnn::create_filter_descriptor().map_err(cuda_err("creating a filter descriptor"))?);
         // SAFETY: `w` is a live descriptor; the call only stores the logical dimensions [O, C, kh, kw] (stored
         // OIHW for NCHW, OHWI for NHWC).
         unsafe {
@@ -233,10 +217,8 @@ impl ConvPlan {
             )
         }
         .map_err(cuda_err("describing a filter"))?;
-        let conv = ConvDesc(
-            dnn::create_convolution_descriptor()
-                .map_err(cuda_err("creating a convolution descriptor"))?,
-        );
+        let conv =
+            ConvDesc(dnn::create_convolution_descriptor().map_err(cuda_err("creating a convolution descriptor"))?);
         let (pad, stride) = (int(shape.pad)?, int(shape.stride)?);
         let math = if storage == Storage::Bf16Nhwc {
             sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
@@ -271,11 +253,7 @@ impl ConvPlan {
             .result()
             .map_err(cuda_err("computing a convolution's output size"))?;
         let want = shape.y();
-        if dims
-            .iter()
-            .zip(want)
-            .any(|(&a, b)| usize::try_from(a).ok() != Some(b))
-        {
+        if dims.iter().zip(want).any(|(&a, b)| usize::try_from(a).ok() != Some(b)) {
             return Err(Error::invalid(format!(
                 "CUDA: cuDNN computes output {dims:?} for {shape:?}, expected {want:?}"
             )));
@@ -293,34 +271,16 @@ impl ConvPlan {
         };
         // The search reports the workspace of its own trial; ask again for these descriptors and keep the larger.
         // SAFETY: the handle and all four descriptors are live and fully set; `algo` came from cuDNN.
-        let asked = unsafe {
-            dnn::get_convolution_forward_workspace_size(dev.dnn.raw(), x.0, w.0, conv.0, y.0, algo)
-        }
-        .map_err(cuda_err("sizing a convolution workspace"))?;
+        let asked = unsafe { dnn::get_convolution_forward_workspace_size(dev.dnn.raw(), x.0, w.0, conv.0, y.0, algo) }
+            .map_err(cuda_err("sizing a convolution workspace"))?;
         let workspace = searched.max(asked);
-        Ok(ConvPlan {
-            shape,
-            storage,
-            x,
-            w,
-            conv,
-            y,
-            algo,
-            workspace,
-        })
+        Ok(ConvPlan { shape, storage, x, w, conv, y, algo, workspace })
     }
 
     /// y = conv(x, w), enqueued on the device's stream, with buffers of the plan's storage (`f32`, or `u16` holding
     /// bf16 bits). The element size and buffer lengths are checked here, which is what makes the cuDNN call sound:
     /// it reads N·C·H·W and O·C·k·k values and writes N·O·OH·OW, within those buffers.
-    pub fn forward<T>(
-        &self,
-        dev: &Device,
-        x: &Buf<T>,
-        w: &Buf<T>,
-        y: &Buf<T>,
-        workspace: &Buf<u8>,
-    ) -> Result<()> {
+    pub fn forward<T>(&self, dev: &Device, x: &Buf<T>, w: &Buf<T>, y: &Buf<T>, workspace: &Buf<u8>) -> Result<()> {
         let need_x: usize = self.shape.x.iter().product();
         let need_y: usize = self.shape.y().iter().product();
         if std::mem::size_of::<T>() != self.storage.bytes() {
@@ -330,15 +290,8 @@ impl ConvPlan {
                 self.storage
             )));
         }
-        if x.len < need_x
-            || w.len < self.shape.weight_len()
-            || y.len < need_y
-            || workspace.len < self.workspace
-        {
-            return Err(Error::invalid(format!(
-                "CUDA: buffers too small for convolution {:?}",
-                self.shape
-            )));
+        if x.len < need_x || w.len < self.shape.weight_len() || y.len < need_y || workspace.len < self.workspace {
+            return Err(Error::invalid(format!("CUDA: buffers too small for convolution {:?}", self.shape)));
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: descriptors are live and describe tensors of the plan's storage, whose element size and counts
@@ -417,9 +370,5 @@ fn find_algorithm(
     .map_err(cuda_err("searching convolution algorithms"))?;
     usable(tensor_ops, &perf, returned)
         .find_map(|p| fwd_algo(p.algo).map(|a| (a, p.memory)))
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "CUDA: cuDNN has no usable forward algorithm for {shape:?}"
-            ))
-        })
+        .ok_or_else(|| Error::invalid(format!("CUDA: cuDNN has no usable forward algorithm for {shape:?}")))
 }

@@ -38,10 +38,15 @@ pub(super) fn load_kernels(
     source: &str,
     what: &'static str,
 ) -> Result<(Arc<CudaModule>, impl Fn(&str) -> Result<CudaFunction> + use<>)> {
-    let ptx = cudarc::nvrtc::compile_ptx(source).map_err(|e| Error::invalid(format!("CUDA: compiling {what} with NVRTC failed: {e:?}")))?;
+    let ptx = cudarc::nvrtc::compile_ptx(source)
+        .map_err(|e| Error::invalid(format!("CUDA: compiling {what} with NVRTC failed: {e:?}")))?;
     let module = dev.ctx.load_module(ptx).map_err(|e| Error::invalid(format!("CUDA: loading {what} failed: {e:?}")))?;
     let lookup = module.clone();
-    let find = move |name: &str| lookup.load_function(name).map_err(|e| Error::invalid(format!("CUDA: kernel {name} of {what} not found: {e:?}")));
+    let find = move |name: &str| {
+        lookup
+            .load_function(name)
+            .map_err(|e| Error::invalid(format!("CUDA: kernel {name} of {what} not found: {e:?}")))
+    };
     Ok((module, find))
 }
 
@@ -67,17 +72,12 @@ impl Device {
             ));
         }
         let count = guarded("driver initialisation", || {
-            CudaContext::device_count().map_err(|e| {
-                Error::invalid(format!(
-                    "CUDA: no usable CUDA device ({e:?}); use --device cpu"
-                ))
-            })
+            CudaContext::device_count()
+                .map_err(|e| Error::invalid(format!("CUDA: no usable CUDA device ({e:?}); use --device cpu")))
         })?;
         let count = usize::try_from(count).unwrap_or(0);
         if count == 0 {
-            return Err(Error::invalid(
-                "CUDA: the driver found no CUDA device (use --device cpu)",
-            ));
+            return Err(Error::invalid("CUDA: the driver found no CUDA device (use --device cpu)"));
         }
         if index >= count {
             return Err(Error::invalid(format!(
@@ -88,30 +88,14 @@ impl Device {
         // SAFETY: as above, probes only.
         let present = unsafe {
             [
-                (
-                    "cuDNN 9 (libcudnn.so.9)",
-                    cudarc::cudnn::sys::is_culib_present(),
-                ),
-                (
-                    "cuBLAS (libcublas.so.13 or .so.12)",
-                    blas_sys::is_culib_present(),
-                ),
-                (
-                    "NVRTC (libnvrtc.so.13 or .so.12)",
-                    cudarc::nvrtc::sys::is_culib_present(),
-                ),
+                ("cuDNN 9 (libcudnn.so.9)", cudarc::cudnn::sys::is_culib_present()),
+                ("cuBLAS (libcublas.so.13 or .so.12)", blas_sys::is_culib_present()),
+                ("NVRTC (libnvrtc.so.13 or .so.12)", cudarc::nvrtc::sys::is_culib_present()),
             ]
         };
-        let missing: Vec<&str> = present
-            .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(name, _)| *name)
-            .collect();
+        let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect();
         if !missing.is_empty() {
-            return Err(Error::invalid(format!(
-                "CUDA: library not found: {}; {LIBRARY_HINT}",
-                missing.join(", ")
-            )));
+            return Err(Error::invalid(format!("CUDA: library not found: {}; {LIBRARY_HINT}", missing.join(", "))));
         }
         guarded("device setup", || {
             let ctx = CudaContext::new(index).map_err(cuda_err("creating the device context"))?;
@@ -119,8 +103,7 @@ impl Device {
             // would record only cost time; no buffer is ever touched from a second stream.
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
-            let blas =
-                CudaBlas::new(stream.clone()).map_err(cuda_err("creating the cuBLAS handle"))?;
+            let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("creating the cuBLAS handle"))?;
             let math = if allow_tf32 {
                 blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
             } else {
@@ -131,40 +114,27 @@ impl Device {
                 .result()
                 .map_err(cuda_err("setting the cuBLAS math mode"))?;
             let dnn = DnnHandle::new(&stream)?;
-            Ok(Device {
-                ctx,
-                stream,
-                blas,
-                dnn,
-                allow_tf32,
-            })
+            Ok(Device { ctx, stream, blas, dnn, allow_tf32 })
         })
     }
 
     /// "NVIDIA H100 80GB HBM3 (cuda:0, sm_90)", for logs and bench output.
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown device".into());
-        let cc = self
-            .ctx
-            .compute_capability()
-            .map(|(a, b)| format!(", sm_{a}{b}"))
-            .unwrap_or_default();
+        let cc = self.ctx.compute_capability().map(|(a, b)| format!(", sm_{a}{b}")).unwrap_or_default();
         format!("{name} (cuda:{}{cc})", self.ctx.ordinal())
     }
 
     /// `len` zeroed values on the device.
-    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        len: usize,
-    ) -> Result<Buf<T>> {
-        let mem = self
-            .stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(cuda_err("allocating device memory"))?;
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize) -> Result<Buf<T>> {
+        let mem = self.stream.alloc_zeros::<T>(len.max(1)).map_err(cuda_err("allocating device memory"))?;
         Ok(Buf::wrap(mem, &self.stream, len))
     }
 
-    pub fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<Buf<T>> {
+    pub fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        data: &[T],
+    ) -> Result<Buf<T>> {
         let mut buf = self.zeros(data.len())?;
         self.write(&mut buf, data)?;
         Ok(buf)
@@ -173,45 +143,35 @@ impl Device {
     /// Copy `data` into the start of `buf`.
     pub fn write<T: cudarc::driver::DeviceRepr>(&self, buf: &mut Buf<T>, data: &[T]) -> Result<()> {
         if data.len() > buf.len {
-            return Err(Error::invalid(format!(
-                "CUDA: {} values do not fit a buffer of {}",
-                data.len(),
-                buf.len
-            )));
+            return Err(Error::invalid(format!("CUDA: {} values do not fit a buffer of {}", data.len(), buf.len)));
         }
         if data.is_empty() {
             return Ok(());
         }
         let mut dst = buf.mem.slice_mut(0..data.len());
-        self.stream
-            .memcpy_htod(data, &mut dst)
-            .map_err(cuda_err("copying to the device"))
+        self.stream.memcpy_htod(data, &mut dst).map_err(cuda_err("copying to the device"))
     }
 
     /// The first `len` values of `buf`, after everything enqueued before has finished.
     pub fn read<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
         if len > buf.len {
-            return Err(Error::invalid(format!(
-                "CUDA: cannot read {len} values from a buffer of {}",
-                buf.len
-            )));
+            return Err(Error::invalid(format!("CUDA: cannot read {len} values from a buffer of {}", buf.len)));
         }
         let mut out = vec![T::default(); len];
         if len > 0 {
-            self.stream
-                .memcpy_dtoh(&buf.mem.slice(0..len), &mut out)
-                .map_err(cuda_err("copying from the device"))?;
+            self.stream.memcpy_dtoh(&buf.mem.slice(0..len), &mut out).map_err(cuda_err("copying from the device"))?;
         }
-        self.stream
-            .synchronize()
-            .map_err(cuda_err("waiting for the device"))?;
+        self.stream.synchronize().map_err(cuda_err("waiting for the device"))?;
         Ok(out)
     }
 
     /// Copy the first `len` values of `src` into `dst`, in stream order (a device-side snapshot or restore).
     pub fn copy(&self, src: &Buf<f32>, dst: &mut Buf<f32>, len: usize) -> Result<()> {
         if len > src.len || len > dst.len {
-            return Err(Error::invalid(format!("CUDA: cannot copy {len} values between buffers of {} and {}", src.len, dst.len)));
+            return Err(Error::invalid(format!(
+                "CUDA: cannot copy {len} values between buffers of {} and {}",
+                src.len, dst.len
+            )));
         }
         if len == 0 {
             return Ok(());

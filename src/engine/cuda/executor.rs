@@ -115,13 +115,7 @@ pub struct CudaResNet {
 
 impl CudaResNet {
     /// Upload `model` to device `device` (TF32 off) for batches of up to `batch` images of `h`×`w`.
-    pub fn new(
-        model: &ResNet,
-        device: usize,
-        batch: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<CudaResNet> {
+    pub fn new(model: &ResNet, device: usize, batch: usize, h: usize, w: usize) -> Result<CudaResNet> {
         Self::with_options(model, device, batch, h, w, CudaOptions::default())
     }
 
@@ -134,30 +128,20 @@ impl CudaResNet {
         options: CudaOptions,
     ) -> Result<CudaResNet> {
         if batch == 0 || h == 0 || w == 0 {
-            return Err(Error::invalid(format!(
-                "CUDA: empty input shape: batch {batch}, {h}x{w}"
-            )));
+            return Err(Error::invalid(format!("CUDA: empty input shape: batch {batch}, {h}x{w}")));
         }
         // The graph is checked against the model before the device is touched, so a model this executor does not
         // describe fails the same way on every machine.
         let mut b = Builder::new(model);
         b.network()?;
         b.index.check_all_used()?;
-        let Builder {
-            nodes,
-            norms: norm_specs,
-            fc,
-            ..
-        } = b;
+        let Builder { nodes, norms: norm_specs, fc, .. } = b;
 
         let dev = Device::open(device, options.allow_tf32)?;
         guarded("uploading the network", || {
             let kernels = Kernels::load(&dev)?;
             let table = TensorTable::upload(&dev, &model.store)?;
-            let norms = norm_specs
-                .iter()
-                .map(|&(t, c)| Norm::new(&dev, t, c))
-                .collect::<Result<Vec<_>>>()?;
+            let norms = norm_specs.iter().map(|&(t, c)| Norm::new(&dev, t, c)).collect::<Result<Vec<_>>>()?;
             for norm in &norms {
                 norm.fold(&dev, &kernels, &table.tensors)?;
             }
@@ -258,10 +242,7 @@ impl CudaResNet {
             return Err(Error::invalid(format!("CUDA: batch {n} outside this executor's 1..={}", self.batch)));
         }
         self.ensure_plan(n)?;
-        let plan = self
-            .plans
-            .get(&n)
-            .ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+        let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
         let slot = |s: Slot| match s {
             Slot::Input => &self.input,
             Slot::Act(i) => &self.acts[i],
@@ -274,26 +255,22 @@ impl CudaResNet {
         let mut convs = plan.convs.iter();
         for (node, &dims) in self.nodes.iter().zip(&plan.dims) {
             match *node {
-                Node::Conv {
-                    weight, src, dst, ..
-                } => {
-                    let conv = convs.next().ok_or_else(|| {
-                        Error::invalid("CUDA: plan has fewer convolutions than the graph")
-                    })?;
+                Node::Conv { weight, src, dst, .. } => {
+                    let conv = convs
+                        .next()
+                        .ok_or_else(|| Error::invalid("CUDA: plan has fewer convolutions than the graph"))?;
                     match &self.half {
-                        None => conv.forward(dev, slot(src), &self.table.tensors[weight], slot(dst), &self.workspace)?,
+                        None => {
+                            conv.forward(dev, slot(src), &self.table.tensors[weight], slot(dst), &self.workspace)?
+                        }
                         Some(half) => {
-                            let w = half.weights.get(&weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                            let w =
+                                half.weights.get(&weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
                             conv.forward(dev, half.slot(src), w, half.slot(dst), &self.workspace)?
                         }
                     }
                 }
-                Node::Norm {
-                    norm,
-                    dst,
-                    residual,
-                    relu,
-                } => {
+                Node::Norm { norm, dst, residual, relu } => {
                     let bn = &self.norms[norm];
                     match &self.half {
                         None => bn.apply(dev, k, slot(dst), slot(dst), residual.map(slot), dims, relu)?,
@@ -305,9 +282,7 @@ impl CudaResNet {
                 }
                 Node::MaxPool { src, dst } => match &self.half {
                     None => k.max_pool(dev, slot(src), slot(dst), dims, pool_out(dims))?,
-                    Some(half) => {
-                        k.max_pool_bf16(dev, half.slot(src), half.slot(dst), dims, pool_out(dims))?
-                    }
+                    Some(half) => k.max_pool_bf16(dev, half.slot(src), half.slot(dst), dims, pool_out(dims))?,
                 },
                 Node::AvgPool { src, tap } => {
                     if tap != until && tap != Tap::AvgPool {
@@ -339,9 +314,7 @@ impl CudaResNet {
 
     fn download(&self, model: &mut ResNet) -> Result<()> {
         if model.config != self.config {
-            return Err(Error::invalid(
-                "CUDA: download_into needs a model of the executor's configuration",
-            ));
+            return Err(Error::invalid("CUDA: download_into needs a model of the executor's configuration"));
         }
         self.table.download(&self.dev, &mut model.store, "executor")
     }
@@ -352,13 +325,7 @@ impl CudaResNet {
             return Ok(());
         }
         let storage = if self.half.is_some() { Storage::Bf16Nhwc } else { Storage::F32Nchw };
-        let plan = build_plan(
-            &self.dev,
-            &mut self.algos,
-            &self.nodes,
-            [n, 3, self.hw.0, self.hw.1],
-            storage,
-        )?;
+        let plan = build_plan(&self.dev, &mut self.algos, &self.nodes, [n, 3, self.hw.0, self.hw.1], storage)?;
         match &mut self.half {
             None if self.acts.first().is_none_or(|a| a.len < plan.activation) => {
                 self.acts = (0..SLOTS).map(|_| self.dev.zeros(plan.activation)).collect::<Result<_>>()?;
@@ -389,35 +356,15 @@ fn build_plan(
     storage: Storage,
 ) -> Result<Plan> {
     let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
-    let mut plan = Plan {
-        convs: Vec::new(),
-        dims: Vec::new(),
-        activation: 0,
-        workspace: 0,
-    };
+    let mut plan = Plan { convs: Vec::new(), dims: Vec::new(), activation: 0, workspace: 0 };
     let get = |m: &HashMap<Slot, [usize; 4]>, s: Slot| {
-        m.get(&s)
-            .copied()
-            .ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
+        m.get(&s).copied().ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
     };
     for node in nodes {
         let (dims, out) = match *node {
-            Node::Conv {
-                out_channels,
-                kernel,
-                stride,
-                src,
-                dst,
-                ..
-            } => {
+            Node::Conv { out_channels, kernel, stride, src, dst, .. } => {
                 let x = get(&slot_dims, src)?;
-                let shape = ConvShape {
-                    x,
-                    out_channels,
-                    kernel,
-                    stride,
-                    pad: kernel / 2,
-                };
+                let shape = ConvShape { x, out_channels, kernel, stride, pad: kernel / 2 };
                 let conv = ConvPlan::new(dev, algos, shape, storage)?;
                 plan.workspace = plan.workspace.max(conv.workspace);
                 plan.convs.push(conv);
@@ -474,28 +421,13 @@ impl<'a> Builder<'a> {
         relu: bool,
     ) -> Result<()> {
         let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
-        self.nodes.push(Node::Conv {
-            weight,
-            out_channels: cout,
-            kernel,
-            stride,
-            src,
-            dst,
-        });
+        self.nodes.push(Node::Conv { weight, out_channels: cout, kernel, stride, src, dst });
         let mut t = [0; 4];
-        for (slot, leaf) in t
-            .iter_mut()
-            .zip(["weight", "bias", "running_mean", "running_var"])
-        {
+        for (slot, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
             *slot = self.index.take(&format!("{bn}.{leaf}"), &[cout])?;
         }
         self.norms.push((t, cout));
-        self.nodes.push(Node::Norm {
-            norm: self.norms.len() - 1,
-            dst,
-            residual,
-            relu,
-        });
+        self.nodes.push(Node::Norm { norm: self.norms.len() - 1, dst, residual, relu });
         Ok(())
     }
 
@@ -504,29 +436,12 @@ impl<'a> Builder<'a> {
         let c0 = cfg.widths[0];
         let mut cur = match cfg.stem {
             Stem::ImageNet => {
-                self.conv_bn(
-                    "conv1",
-                    "bn1",
-                    (3, c0, 7, 2),
-                    (Slot::Input, Slot::Act(0)),
-                    None,
-                    true,
-                )?;
-                self.nodes.push(Node::MaxPool {
-                    src: Slot::Act(0),
-                    dst: Slot::Act(1),
-                });
+                self.conv_bn("conv1", "bn1", (3, c0, 7, 2), (Slot::Input, Slot::Act(0)), None, true)?;
+                self.nodes.push(Node::MaxPool { src: Slot::Act(0), dst: Slot::Act(1) });
                 1
             }
             Stem::Cifar => {
-                self.conv_bn(
-                    "conv1",
-                    "bn1",
-                    (3, c0, 3, 1),
-                    (Slot::Input, Slot::Act(0)),
-                    None,
-                    true,
-                )?;
+                self.conv_bn("conv1", "bn1", (3, c0, 3, 1), (Slot::Input, Slot::Act(0)), None, true)?;
                 0
             }
         };
@@ -535,28 +450,15 @@ impl<'a> Builder<'a> {
         for (i, (&width, &depth)) in cfg.widths.iter().zip(&cfg.arch.layers).enumerate() {
             for b in 0..depth {
                 let stride = if i > 0 && b == 0 { 2 } else { 1 };
-                cur = self.block(
-                    &format!("layer{}.{b}", i + 1),
-                    kind,
-                    cin,
-                    width,
-                    stride,
-                    cur,
-                )?;
+                cur = self.block(&format!("layer{}.{b}", i + 1), kind, cin, width, stride, cur)?;
                 cin = width * kind.expansion();
             }
             let tap = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4][i];
             self.nodes.push(Node::AvgPool { src: Slot::Act(cur), tap });
         }
-        self.nodes.push(Node::AvgPool {
-            src: Slot::Act(cur),
-            tap: Tap::AvgPool,
-        });
+        self.nodes.push(Node::AvgPool { src: Slot::Act(cur), tap: Tap::AvgPool });
         let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
-        self.fc = (
-            self.index.take("fc.weight", &[classes, fin])?,
-            self.index.take("fc.bias", &[classes])?,
-        );
+        self.fc = (self.index.take("fc.weight", &[classes, fin])?, self.index.take("fc.bias", &[classes])?);
         self.nodes.push(Node::Fc);
         Ok(())
     }
@@ -574,9 +476,7 @@ impl<'a> Builder<'a> {
         cur: usize,
     ) -> Result<usize> {
         let free = |busy: &[usize]| {
-            (0..SLOTS)
-                .find(|s| !busy.contains(s))
-                .ok_or_else(|| Error::invalid("CUDA: out of activation slots"))
+            (0..SLOTS).find(|s| !busy.contains(s)).ok_or_else(|| Error::invalid("CUDA: out of activation slots"))
         };
         let cout = width * kind.expansion();
         let res = if stride != 1 || cin != cout {
@@ -596,11 +496,7 @@ impl<'a> Builder<'a> {
         };
         let specs: Vec<(usize, usize, usize, usize)> = match kind {
             BlockKind::Basic => vec![(cin, width, 3, stride), (width, width, 3, 1)],
-            BlockKind::Bottleneck => vec![
-                (cin, width, 1, 1),
-                (width, width, 3, stride),
-                (width, cout, 1, 1),
-            ],
+            BlockKind::Bottleneck => vec![(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)],
         };
         let mut src = cur;
         for (u, &spec) in specs.iter().enumerate() {

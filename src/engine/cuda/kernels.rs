@@ -202,24 +202,15 @@ const THREADS: u32 = 256;
 /// A grid-stride launch over `total` items: enough blocks to cover them, capped (the kernels loop).
 fn grid(total: usize) -> LaunchConfig {
     let blocks = total.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn i32_of(v: usize) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| Error::invalid(format!("CUDA: size {v} is too large for a kernel argument")))
+    i32::try_from(v).map_err(|_| Error::invalid(format!("CUDA: size {v} is too large for a kernel argument")))
 }
 
 fn check(what: &str, ok: bool) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("CUDA: buffer too small for {what}")))
-    }
+    if ok { Ok(()) } else { Err(Error::invalid(format!("CUDA: buffer too small for {what}"))) }
 }
 
 pub struct Kernels {
@@ -239,15 +230,8 @@ impl Kernels {
     pub fn load(dev: &Device) -> Result<Kernels> {
         let ptx = cudarc::nvrtc::compile_ptx([SOURCE_F32, BF16, SOURCE_BF16].concat())
             .map_err(cuda_err("compiling the kernels with NVRTC"))?;
-        let module = dev
-            .ctx
-            .load_module(ptx)
-            .map_err(cuda_err("loading the kernels"))?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(cuda_err("finding a kernel"))
-        };
+        let module = dev.ctx.load_module(ptx).map_err(cuda_err("loading the kernels"))?;
+        let f = |name: &str| module.load_function(name).map_err(cuda_err("finding a kernel"));
         Ok(Kernels {
             bn_fold: f("bn_fold")?,
             scale_shift_act: f("scale_shift_act")?,
@@ -273,27 +257,13 @@ impl Kernels {
         shift: &Buf<f32>,
         channels: usize,
     ) -> Result<()> {
-        check(
-            "bn_fold",
-            [gamma, beta, mean, var, scale, shift]
-                .iter()
-                .all(|b| b.len >= channels),
-        )?;
+        check("bn_fold", [gamma, beta, mean, var, scale, shift].iter().all(|b| b.len >= channels))?;
         let c = i32_of(channels)?;
         let mut b = dev.stream.launch_builder(&self.bn_fold);
-        b.arg(&gamma.ptr)
-            .arg(&beta.ptr)
-            .arg(&mean.ptr)
-            .arg(&var.ptr)
-            .arg(&eps)
-            .arg(&scale.ptr)
-            .arg(&shift.ptr)
-            .arg(&c);
+        b.arg(&gamma.ptr).arg(&beta.ptr).arg(&mean.ptr).arg(&var.ptr).arg(&eps).arg(&scale.ptr).arg(&shift.ptr).arg(&c);
         // SAFETY: the argument list matches bn_fold's signature (six float* as u64, float, int); every thread
         // touches index < channels, and all six buffers hold at least `channels` floats (checked above).
-        unsafe { b.launch(grid(channels)) }
-            .map(drop)
-            .map_err(cuda_err("bn_fold"))
+        unsafe { b.launch(grid(channels)) }.map(drop).map_err(cuda_err("bn_fold"))
     }
 
     /// y = act(x·scale + shift + res) over an NCHW tensor of `dims`; `y` may be `x`.
@@ -312,26 +282,16 @@ impl Kernels {
         let [_, c, h, w] = dims;
         let total: usize = dims.iter().product();
         let fits = y.len >= total && x.len >= total && res.is_none_or(|r| r.len >= total);
-        check(
-            "scale_shift_act",
-            fits && scale.len >= c && shift.len >= c && c > 0 && h * w > 0,
-        )?;
-        let (total_i, plane, channels, relu) =
-            (total as i64, (h * w) as i64, i32_of(c)?, i32::from(relu));
+        check("scale_shift_act", fits && scale.len >= c && shift.len >= c && c > 0 && h * w > 0)?;
+        let (total_i, plane, channels, relu) = (total as i64, (h * w) as i64, i32_of(c)?, i32::from(relu));
         let res_ptr: u64 = res.map_or(0, |r| r.ptr);
         let mut b = dev.stream.launch_builder(&self.scale_shift_act);
-        b.arg(&y.ptr)
-            .arg(&x.ptr)
-            .arg(&res_ptr)
-            .arg(&scale.ptr)
-            .arg(&shift.ptr);
+        b.arg(&y.ptr).arg(&x.ptr).arg(&res_ptr).arg(&scale.ptr).arg(&shift.ptr);
         b.arg(&total_i).arg(&plane).arg(&channels).arg(&relu);
         // SAFETY: arguments match scale_shift_act's signature (five float* as u64, two long long, two int); indices
         // stay below `total`, which y, x and res (when not null) hold, and channel indices below `c`, which scale
         // and shift hold (checked above). y == x is allowed: each thread reads then writes its own element.
-        unsafe { b.launch(grid(total)) }
-            .map(drop)
-            .map_err(cuda_err("scale_shift_act"))
+        unsafe { b.launch(grid(total)) }.map(drop).map_err(cuda_err("scale_shift_act"))
     }
 
     /// 3x3/2 max-pool with padding 1 of `x` (`dims`) into `y`, which gets `out_hw`.
@@ -345,80 +305,42 @@ impl Kernels {
     ) -> Result<()> {
         let [n, c, h, w] = dims;
         let (oh, ow) = out_hw;
-        check(
-            "max_pool",
-            x.len >= n * c * h * w && y.len >= n * c * oh * ow && oh > 0 && ow > 0,
-        )?;
+        check("max_pool", x.len >= n * c * h * w && y.len >= n * c * oh * ow && oh > 0 && ow > 0)?;
         let planes = (n * c) as i64;
         let (h, w, oh, ow) = (i32_of(h)?, i32_of(w)?, i32_of(oh)?, i32_of(ow)?);
         let mut b = dev.stream.launch_builder(&self.max_pool);
-        b.arg(&x.ptr)
-            .arg(&y.ptr)
-            .arg(&planes)
-            .arg(&h)
-            .arg(&w)
-            .arg(&oh)
-            .arg(&ow);
+        b.arg(&x.ptr).arg(&y.ptr).arg(&planes).arg(&h).arg(&w).arg(&oh).arg(&ow);
         // SAFETY: arguments match max_pool_3x3s2 (two float* as u64, long long, four int); outputs are indexed
         // below planes·oh·ow and inputs below planes·h·w (window clipped to the plane), both checked above.
-        unsafe { b.launch(grid(n * c * out_hw.0 * out_hw.1)) }
-            .map(drop)
-            .map_err(cuda_err("max_pool"))
+        unsafe { b.launch(grid(n * c * out_hw.0 * out_hw.1)) }.map(drop).map_err(cuda_err("max_pool"))
     }
 
     /// Plane means of `x` (`dims`) into `y` as `[N, C]`.
-    pub fn avg_pool(
-        &self,
-        dev: &Device,
-        x: &Buf<f32>,
-        y: &Buf<f32>,
-        dims: [usize; 4],
-    ) -> Result<()> {
+    pub fn avg_pool(&self, dev: &Device, x: &Buf<f32>, y: &Buf<f32>, dims: [usize; 4]) -> Result<()> {
         let [n, c, h, w] = dims;
-        check(
-            "avg_pool",
-            x.len >= n * c * h * w && y.len >= n * c && h * w > 0,
-        )?;
+        check("avg_pool", x.len >= n * c * h * w && y.len >= n * c && h * w > 0)?;
         let (planes, plane) = (i32_of(n * c)?, i32_of(h * w)?);
         let warps_per_block = (THREADS / 32) as usize;
         let blocks = u32::try_from((n * c).div_ceil(warps_per_block).max(1))
             .map_err(|_| Error::invalid("CUDA: too many planes for avg_pool"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = dev.stream.launch_builder(&self.avg_pool);
         b.arg(&x.ptr).arg(&y.ptr).arg(&planes).arg(&plane);
         // SAFETY: arguments match global_avg_pool (two float* as u64, two int); a warp handles plane < planes,
         // reading planes·plane floats of x and writing planes floats of y, both checked above. THREADS is a
         // multiple of 32, so no warp straddles a block.
-        unsafe { b.launch(cfg) }
-            .map(drop)
-            .map_err(cuda_err("avg_pool"))
+        unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("avg_pool"))
     }
 
     /// y[r, :] += bias for a row-major `[rows, cols]` y.
-    pub fn add_bias(
-        &self,
-        dev: &Device,
-        y: &Buf<f32>,
-        bias: &Buf<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        check(
-            "add_bias",
-            y.len >= rows * cols && bias.len >= cols && cols > 0,
-        )?;
+    pub fn add_bias(&self, dev: &Device, y: &Buf<f32>, bias: &Buf<f32>, rows: usize, cols: usize) -> Result<()> {
+        check("add_bias", y.len >= rows * cols && bias.len >= cols && cols > 0)?;
         let (r, c) = (i32_of(rows)?, i32_of(cols)?);
         let mut b = dev.stream.launch_builder(&self.add_bias);
         b.arg(&y.ptr).arg(&bias.ptr).arg(&r).arg(&c);
         // SAFETY: arguments match add_bias (two float* as u64, two int); indices stay below rows·cols in y and
         // below cols in bias, both checked above.
-        unsafe { b.launch(grid(rows * cols)) }
-            .map(drop)
-            .map_err(cuda_err("add_bias"))
+        unsafe { b.launch(grid(rows * cols)) }.map(drop).map_err(cuda_err("add_bias"))
     }
 
     /// fp32 `[n, c, hw]` → bf16 bits `[n, hw, c]` (NCHW images to NHWC; OIHW weights to OHWI).

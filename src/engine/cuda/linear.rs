@@ -25,13 +25,9 @@ pub fn forward(
     fout: usize,
 ) -> Result<()> {
     if x.len < rows * fin || w.len < fout * fin || y.len < rows * fout {
-        return Err(Error::invalid(
-            "CUDA: buffers too small for the linear layer",
-        ));
+        return Err(Error::invalid("CUDA: buffers too small for the linear layer"));
     }
-    let int = |v: usize| {
-        c_int::try_from(v).map_err(|_| Error::invalid(format!("CUDA: {v} is too large for cuBLAS")))
-    };
+    let int = |v: usize| c_int::try_from(v).map_err(|_| Error::invalid(format!("CUDA: {v} is too large for cuBLAS")));
     let (m, n, k) = (int(fout)?, int(rows)?, int(fin)?);
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: with the layouts above cuBLAS reads k·m floats of w (= out·in), k·n of x (= N·in) and writes m·n of

@@ -18,25 +18,13 @@ pub struct Norm {
 
 impl Norm {
     pub fn new(dev: &Device, tensors: [usize; 4], channels: usize) -> Result<Norm> {
-        Ok(Norm {
-            tensors,
-            channels,
-            scale: dev.zeros(channels)?,
-            shift: dev.zeros(channels)?,
-        })
+        Ok(Norm { tensors, channels, scale: dev.zeros(channels)?, shift: dev.zeros(channels)? })
     }
 
     /// Recompute scale and shift from the current weight, bias and running statistics.
     pub fn fold(&self, dev: &Device, kernels: &Kernels, table: &[Buf<f32>]) -> Result<()> {
         let [g, b, m, v] = self.tensors.map(|i| &table[i]);
-        kernels.bn_fold(
-            dev,
-            [g, b, m, v],
-            BN_EPS,
-            &self.scale,
-            &self.shift,
-            self.channels,
-        )
+        kernels.bn_fold(dev, [g, b, m, v], BN_EPS, &self.scale, &self.shift, self.channels)
     }
 
     /// y = act(x·scale + shift + res) over `dims`, in place when `y` is `x`.

@@ -59,7 +59,8 @@ fn set_math(conv: sys::cudnnConvolutionDescriptor_t, math: u32) -> Result<()> {
     };
     // SAFETY: `conv` is a live descriptor owned by the caller's plan; the call only stores the math type, which
     // cuDNN reads when the next call that takes the descriptor is made (on this thread, in program order).
-    unsafe { cudarc::cudnn::result::set_convolution_math_type(conv, math) }.map_err(cuda_err("setting a convolution's math type"))
+    unsafe { cudarc::cudnn::result::set_convolution_math_type(conv, math) }
+        .map_err(cuda_err("setting a convolution's math type"))
 }
 
 /// What a backward algorithm is cached by: the shape, TF32 permission and storage.
@@ -136,7 +137,13 @@ pub struct TrainConv {
 impl TrainConv {
     /// `storage`: fp32 NCHW, or bf16 NHWC with fp32 accumulation (x, w, y and their gradients all bf16: cuDNN's
     /// legacy API runs bf16 convolutions only with every tensor bf16, compute type FLOAT).
-    pub fn new(dev: &Device, algos: &mut TrainAlgos, shape: ConvShape, need_dx: bool, storage: Storage) -> Result<TrainConv> {
+    pub fn new(
+        dev: &Device,
+        algos: &mut TrainAlgos,
+        shape: ConvShape,
+        need_dx: bool,
+        storage: Storage,
+    ) -> Result<TrainConv> {
         let fwd = ConvPlan::new(dev, &mut algos.forward, shape, storage)?;
         let (h, x, w, conv, y) = (dev.dnn.raw(), fwd.x.0, fwd.w.0, fwd.conv.0, fwd.y.0);
         let data = if need_dx {
@@ -148,7 +155,16 @@ impl TrainConv {
             // requested count, laid out as cudnnConvolutionBwdDataAlgoPerf_t (asserted in cuda/conv.rs); cuDNN allocates its
             // own trial buffers; the algorithm passed to the size query came from cuDNN.
             let find = |perf: &mut [AlgoPerf], n: &mut c_int| unsafe {
-                sys::cudnnFindConvolutionBackwardDataAlgorithm(h, w, y, conv, x, perf.len() as c_int, n, perf.as_mut_ptr().cast())
+                sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                    h,
+                    w,
+                    y,
+                    conv,
+                    x,
+                    perf.len() as c_int,
+                    n,
+                    perf.as_mut_ptr().cast(),
+                )
             };
             let size = |a, bytes: &mut usize| unsafe {
                 sys::cudnnGetConvolutionBackwardDataWorkspaceSize(h, w, y, conv, x, a, bytes)
@@ -163,19 +179,23 @@ impl TrainConv {
         // cudnnGetConvolutionBackwardFilterWorkspaceSize (x, dy, the convolution, dw = the forward's w), with room
         // for the requested count of cudnnConvolutionBwdFilterAlgoPerf_t.
         let find = |perf: &mut [AlgoPerf], n: &mut c_int| unsafe {
-            sys::cudnnFindConvolutionBackwardFilterAlgorithm(h, x, y, conv, w, perf.len() as c_int, n, perf.as_mut_ptr().cast())
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                h,
+                x,
+                y,
+                conv,
+                w,
+                perf.len() as c_int,
+                n,
+                perf.as_mut_ptr().cast(),
+            )
         };
         let size = |a, bytes: &mut usize| unsafe {
             sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(h, x, y, conv, w, a, bytes)
         };
         let filter = choose(dev, &mut algos.filter, spec, conv, filter_algo, find, size)?;
         let workspace = fwd.workspace.max(filter.1).max(data.map_or(0, |d| d.1));
-        Ok(TrainConv {
-            fwd,
-            data,
-            filter,
-            workspace,
-        })
+        Ok(TrainConv { fwd, data, filter, workspace })
     }
 
     pub fn shape(&self) -> ConvShape {
@@ -230,9 +250,8 @@ impl TrainConv {
         accumulate: bool,
         ws: &Buf<u8>,
     ) -> Result<()> {
-        let (algo, _, math) = self
-            .data
-            .ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
+        let (algo, _, math) =
+            self.data.ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
         self.check(dx, w, dy, ws)?;
         self.use_math(math)?;
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
@@ -265,14 +284,7 @@ impl TrainConv {
     }
 
     /// dw = conv_backward_filter(x, dy), overwriting dw (in the plan's storage: bf16 OHWI for bf16).
-    pub fn backward_filter(
-        &self,
-        dev: &Device,
-        x: ActRef,
-        dy: ActRef,
-        dw: ActRef,
-        ws: &Buf<u8>,
-    ) -> Result<()> {
+    pub fn backward_filter(&self, dev: &Device, x: ActRef, dy: ActRef, dw: ActRef, ws: &Buf<u8>) -> Result<()> {
         self.check(x, dw, dy, ws)?;
         self.use_math(self.filter.2)?;
         let (alpha, beta) = (1.0f32, 0.0f32);

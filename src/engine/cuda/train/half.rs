@@ -469,7 +469,10 @@ impl HalfKernels {
     ) -> Result<()> {
         let [n, c, h, w] = dims;
         let (total, out) = (n * c * h * w, n * c * oh * ow);
-        fits("max_pool_bwd_bf16", dy.len >= out && arg.len >= out && y.len >= total && dx.len >= total && oh > 0 && ow > 0 && c > 0)?;
+        fits(
+            "max_pool_bwd_bf16",
+            dy.len >= out && arg.len >= out && y.len >= total && dx.len >= total && oh > 0 && ow > 0 && c > 0,
+        )?;
         let (n_i, c_i, h, w, oh, ow) = (n as i64, int(c)?, int(h)?, int(w)?, int(oh)?, int(ow)?);
         let mut b = dev.stream.launch_builder(&self.pool_bwd);
         b.arg(&dy.ptr).arg(&arg.ptr).arg(&y.ptr).arg(&dx.ptr).arg(&n_i).arg(&c_i).arg(&h).arg(&w).arg(&oh).arg(&ow);
@@ -479,7 +482,14 @@ impl HalfKernels {
     }
 
     /// dx (logical `dims`, bf16 NHWC) = dy[n, c] / (H·W) masked by the pooled ReLU output y.
-    pub(super) fn avg_pool_backward(&self, dev: &Device, dy: &Buf<f32>, y: &Buf<u16>, dx: &Buf<u16>, dims: [usize; 4]) -> Result<()> {
+    pub(super) fn avg_pool_backward(
+        &self,
+        dev: &Device,
+        dy: &Buf<f32>,
+        y: &Buf<u16>,
+        dx: &Buf<u16>,
+        dims: [usize; 4],
+    ) -> Result<()> {
         let [n, c, h, w] = dims;
         let total = n * c * h * w;
         fits("avg_pool_bwd_bf16", dy.len >= n * c && y.len >= total && dx.len >= total && c > 0 && h * w > 0)?;
@@ -492,7 +502,15 @@ impl HalfKernels {
     }
 
     /// bf16 `[n, hw, c]` → fp32 `[n, c, hw]` (OHWI weight gradients to OIHW).
-    pub(super) fn to_f32_nchw(&self, dev: &Device, x: &Buf<u16>, y: &Buf<f32>, n: usize, c: usize, hw: usize) -> Result<()> {
+    pub(super) fn to_f32_nchw(
+        &self,
+        dev: &Device,
+        x: &Buf<u16>,
+        y: &Buf<f32>,
+        n: usize,
+        c: usize,
+        hw: usize,
+    ) -> Result<()> {
         let total = n * c * hw;
         fits("to_f32_nchw", x.len >= total && y.len >= total && c > 0 && hw > 0)?;
         let (n_i, c_i, hw_i) = (n as i64, int(c)?, int(hw)?);

@@ -26,8 +26,8 @@ use self::conv::{TrainAlgos, TrainConv};
 use self::half::{Act, ActRef, HalfKernels, MAX_SPLITS, mixed};
 use self::kernels::{SgdArgs, TrainKernels};
 use self::norm::{BnScratch, TrainNorm};
-use self::stats::{LoopKernels, LoopState};
 pub use self::stats::StepCheck;
+use self::stats::{LoopKernels, LoopState};
 use super::conv::{ConvShape, Storage};
 use super::device::{Buf, Device, guarded};
 use super::executor::CudaOptions;
@@ -216,7 +216,13 @@ fn unit_shapes(specs: &[UnitSpec], n: usize, (h, w): (usize, usize)) -> (Vec<Con
                 [stem[0], stem[1], oh, ow]
             }
         };
-        shapes.push(ConvShape { x, out_channels: s.out_channels, kernel: s.kernel, stride: s.stride, pad: s.kernel / 2 });
+        shapes.push(ConvShape {
+            x,
+            out_channels: s.out_channels,
+            kernel: s.kernel,
+            stride: s.stride,
+            pad: s.kernel / 2,
+        });
     }
     (shapes, pooled)
 }
@@ -432,7 +438,9 @@ impl CudaTrainer {
     fn conv_weight(&self, w: usize) -> Result<ActRef<'_>> {
         match &self.half {
             None => Ok(ActRef::F32(&self.table.tensors[w])),
-            Some(half) => half.weights.get(&w).map(ActRef::Bf16).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight")),
+            Some(half) => {
+                half.weights.get(&w).map(ActRef::Bf16).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))
+            }
         }
     }
 
@@ -470,7 +478,9 @@ impl CudaTrainer {
             if let (0, Some(pool)) = (i, &self.pool) {
                 match (&unit.a, &pool.y) {
                     (Act::F32(a), Act::F32(py)) => k.max_pool(dev, a, py, &pool.arg, y, pool_out(y))?,
-                    (Act::Bf16(a), Act::Bf16(py)) => self.half()?.kernels.max_pool(dev, a, py, &pool.arg, y, pool_out(y))?,
+                    (Act::Bf16(a), Act::Bf16(py)) => {
+                        self.half()?.kernels.max_pool(dev, a, py, &pool.arg, y, pool_out(y))?
+                    }
                     _ => return Err(mixed("the max-pool")),
                 }
             }
@@ -511,7 +521,14 @@ impl CudaTrainer {
             }
             (Act::Bf16(c), ActRef::Bf16(dy), ActRef::Bf16(dc)) => {
                 let half = self.half()?;
-                unit.norm.backward_bf16(dev, (c, dy, dc), y[0] * y[2] * y[3], &self.table.tensors, grads, &half.bn_scratch())?;
+                unit.norm.backward_bf16(
+                    dev,
+                    (c, dy, dc),
+                    y[0] * y[2] * y[3],
+                    &self.table.tensors,
+                    grads,
+                    &half.bn_scratch(),
+                )?;
                 conv.backward_filter(dev, self.src(spec.src)?, ActRef::Bf16(dc), ActRef::Bf16(&half.dw), ws)?;
                 let s = conv.shape();
                 half.kernels.to_f32_nchw(dev, &half.dw, dw, s.out_channels, s.x[1], s.kernel * s.kernel)
@@ -521,7 +538,14 @@ impl CudaTrainer {
     }
 
     fn backward_data(&self, plan: &Plan, u: usize, dc: ActRef, dx: ActRef, accumulate: bool) -> Result<()> {
-        plan.convs[u].backward_data(&self.dev, self.conv_weight(self.specs[u].weight)?, dc, dx, accumulate, &self.workspace)
+        plan.convs[u].backward_data(
+            &self.dev,
+            self.conv_weight(self.specs[u].weight)?,
+            dc,
+            dx,
+            accumulate,
+            &self.workspace,
+        )
     }
 
     /// g = g masked by the ReLU output y, in place, over `n` values.
@@ -542,7 +566,9 @@ impl CudaTrainer {
         let (last, dims) = self.last_unit(plan)?;
         match (self.units[last].a.r(), g0) {
             (ActRef::F32(a), ActRef::F32(g)) => k.avg_pool_backward(dev, &self.dfeatures, a, g, dims)?,
-            (ActRef::Bf16(a), ActRef::Bf16(g)) => self.half()?.kernels.avg_pool_backward(dev, &self.dfeatures, a, g, dims)?,
+            (ActRef::Bf16(a), ActRef::Bf16(g)) => {
+                self.half()?.kernels.avg_pool_backward(dev, &self.dfeatures, a, g, dims)?
+            }
             _ => return Err(mixed("the average pool's backward")),
         }
         // Each block takes the gradient of its output in g0 and leaves that of its input there.
@@ -575,7 +601,9 @@ impl CudaTrainer {
             Some(pool) => {
                 let (arg, out) = (&pool.arg, pool_out(stem_y));
                 match (g0, stem.a.r(), g1) {
-                    (ActRef::F32(dy), ActRef::F32(a), ActRef::F32(dx)) => k.max_pool_backward(dev, dy, arg, a, dx, stem_y, out)?,
+                    (ActRef::F32(dy), ActRef::F32(a), ActRef::F32(dx)) => {
+                        k.max_pool_backward(dev, dy, arg, a, dx, stem_y, out)?
+                    }
                     (ActRef::Bf16(dy), ActRef::Bf16(a), ActRef::Bf16(dx)) => {
                         self.half()?.kernels.max_pool_backward(dev, dy, arg, a, dx, stem_y, out)?
                     }
@@ -630,7 +658,10 @@ impl CudaTrainer {
             let mut out = Vec::new();
             for (i, g) in self.grads.iter().enumerate() {
                 if self.trainable[i] {
-                    out.push((self.table.names[i].clone(), Tensor::new(&self.table.shapes[i], self.dev.read(g, g.len)?)?));
+                    out.push((
+                        self.table.names[i].clone(),
+                        Tensor::new(&self.table.shapes[i], self.dev.read(g, g.len)?)?,
+                    ));
                 }
             }
             Ok(out)
@@ -648,7 +679,8 @@ impl CudaTrainer {
                     None => self.dev.read(master, master.len)?,
                     Some(half) => {
                         let wide = self.dev.zeros(master.len)?;
-                        let copy = half.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                        let copy =
+                            half.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
                         let cin = master.len / (s.out_channels * s.kernel * s.kernel).max(1);
                         half.kernels.to_f32_nchw(&self.dev, copy, &wide, s.out_channels, cin, s.kernel * s.kernel)?;
                         self.dev.read(&wide, master.len)?
@@ -720,7 +752,14 @@ impl<'a> Walker<'a> {
     }
 
     /// Add the unit `conv` + `bn` with (cin, cout, kernel, stride) reading `src`; returns its index.
-    fn unit(&mut self, conv: &str, bn: &str, dims: (usize, usize, usize, usize), src: Src, post: Post) -> Result<usize> {
+    fn unit(
+        &mut self,
+        conv: &str,
+        bn: &str,
+        dims: (usize, usize, usize, usize),
+        src: Src,
+        post: Post,
+    ) -> Result<usize> {
         let (cin, cout, kernel, stride) = dims;
         let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
         let mut t = [0; 4];
@@ -755,7 +794,13 @@ impl<'a> Walker<'a> {
     }
 
     /// One residual block reading `input`; returns where its output lives.
-    fn block(&mut self, prefix: &str, kind: BlockKind, (cin, width, stride): (usize, usize, usize), input: Src) -> Result<Src> {
+    fn block(
+        &mut self,
+        prefix: &str,
+        kind: BlockKind,
+        (cin, width, stride): (usize, usize, usize),
+        input: Src,
+    ) -> Result<Src> {
         let cout = width * kind.expansion();
         let downsample = if stride != 1 || cin != cout {
             let ds = format!("{prefix}.downsample");

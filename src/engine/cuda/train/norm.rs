@@ -45,13 +45,9 @@ impl TrainNorm {
 
     fn check(&self, table: &[Buf<f32>], bufs: &[&Buf<f32>], len: usize) -> Result<()> {
         let c = self.channels;
-        let ok = self.tensors.iter().all(|&i| table.get(i).is_some_and(|b| b.len >= c))
-            && bufs.iter().all(|b| b.len >= len);
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::invalid("CUDA: buffers too small for batch norm"))
-        }
+        let ok =
+            self.tensors.iter().all(|&i| table.get(i).is_some_and(|b| b.len >= c)) && bufs.iter().all(|b| b.len >= len);
+        if ok { Ok(()) } else { Err(Error::invalid("CUDA: buffers too small for batch norm")) }
     }
 
     /// y = γ·(x − μ_B)/σ_B + β over `x` described by `x_desc` (`len` floats), updating the running statistics.
@@ -160,9 +156,22 @@ pub(super) struct BnScratch<'a> {
 impl TrainNorm {
     /// bf16 NHWC train-mode BN statistics of x (`rows` = N·H·W): the saved mean and 1/σ, the running statistics
     /// moved, and the folded scale and shift in `scratch.scale_shift`.
-    pub(super) fn forward_bf16(&self, dev: &Device, x: &Buf<u16>, rows: usize, table: &[Buf<f32>], scratch: &BnScratch) -> Result<()> {
+    pub(super) fn forward_bf16(
+        &self,
+        dev: &Device,
+        x: &Buf<u16>,
+        rows: usize,
+        table: &[Buf<f32>],
+        scratch: &BnScratch,
+    ) -> Result<()> {
         let [g, b, rm, rv] = self.tensors.map(|i| &table[i]);
-        let bufs = BnBufs { gamma: g, beta: b, running: [rm, rv], saved: [&self.save_mean, &self.save_invstd], out: scratch.scale_shift };
+        let bufs = BnBufs {
+            gamma: g,
+            beta: b,
+            running: [rm, rv],
+            saved: [&self.save_mean, &self.save_invstd],
+            out: scratch.scale_shift,
+        };
         let k = BnConsts { eps: BN_EPS, momentum: BN_MOMENTUM };
         scratch.kernels.bn_forward(dev, x, &bufs, scratch.partials, (rows, self.channels), k)
     }
@@ -180,7 +189,13 @@ impl TrainNorm {
         scratch: &BnScratch,
     ) -> Result<()> {
         let [g, b, rm, rv] = self.tensors.map(|i| &table[i]);
-        let bufs = BnBufs { gamma: g, beta: b, running: [rm, rv], saved: [&self.save_mean, &self.save_invstd], out: [dgamma, dbeta] };
+        let bufs = BnBufs {
+            gamma: g,
+            beta: b,
+            running: [rm, rv],
+            saved: [&self.save_mean, &self.save_invstd],
+            out: [dgamma, dbeta],
+        };
         scratch.kernels.bn_backward(dev, x, dy, dx, &bufs, scratch.partials, (rows, self.channels))
     }
 }

@@ -110,7 +110,13 @@ pub(super) struct LoopKernels {
 impl LoopKernels {
     pub(super) fn load(dev: &Device) -> Result<LoopKernels> {
         let (module, f) = load_kernels(dev, SOURCE, "the training loop's kernels")?;
-        Ok(LoopKernels { sum_squares: f("sum_squares")?, sum_squares_bf16: f("sum_squares_bf16")?, loss_hits: f("loss_hits")?, scale_all: f("scale_all")?, _module: module })
+        Ok(LoopKernels {
+            sum_squares: f("sum_squares")?,
+            sum_squares_bf16: f("sum_squares_bf16")?,
+            loss_hits: f("loss_hits")?,
+            scale_all: f("scale_all")?,
+            _module: module,
+        })
     }
 }
 
@@ -141,7 +147,14 @@ impl Table {
     }
 
     /// out[offset + k] = Σ table[k]² (or Σ (table[k] − minus[k])²), enqueued.
-    fn sum_squares(&self, dev: &Device, k: &LoopKernels, minus: Option<&Table>, out: &Buf<f64>, offset: usize) -> Result<()> {
+    fn sum_squares(
+        &self,
+        dev: &Device,
+        k: &LoopKernels,
+        minus: Option<&Table>,
+        out: &Buf<f64>,
+        offset: usize,
+    ) -> Result<()> {
         if self.count == 0 {
             return Ok(());
         }
@@ -191,7 +204,13 @@ pub(super) struct LoopState {
 
 impl LoopState {
     /// `tensors`: parameters then buffers, as the trainer holds them; `grads` and `trainable` per parameter.
-    pub(super) fn new(dev: &Device, batch: usize, tensors: &[Buf<f32>], grads: &[Buf<f32>], trainable: &[bool]) -> Result<LoopState> {
+    pub(super) fn new(
+        dev: &Device,
+        batch: usize,
+        tensors: &[Buf<f32>],
+        grads: &[Buf<f32>],
+        trainable: &[bool],
+    ) -> Result<LoopState> {
         let params = grads.len();
         let trainable: Vec<usize> = (0..params).filter(|&i| trainable[i]).collect();
         let grads = Table::new(dev, &trainable.iter().map(|&i| (&grads[i], grads[i].len)).collect::<Vec<_>>())?;
@@ -243,7 +262,9 @@ impl CudaTrainer {
         }
         let labels = labels
             .iter()
-            .map(|&l| if l < classes { int(l) } else { Err(Error::invalid(format!("CUDA: label {l} of {classes} classes"))) })
+            .map(|&l| {
+                if l < classes { int(l) } else { Err(Error::invalid(format!("CUDA: label {l} of {classes} classes"))) }
+            })
             .collect::<Result<Vec<i32>>>()?;
         guarded("checking the step", || {
             let (dev, k, s) = (&self.dev, &self.loop_kernels, &mut self.looping);
@@ -289,7 +310,11 @@ impl CudaTrainer {
             let mut b = self.dev.stream.launch_builder(&self.loop_kernels.scale_all);
             b.arg(&table.ptrs.ptr).arg(&table.lens.ptr).arg(&c);
             let blocks = longest.div_ceil(THREADS as usize).clamp(1, 1024) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks, table.count as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, table.count as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: arguments match scale_all (float* const*, const long long*, float); block row y scales
             // table[y] below lens[y], which that gradient buffer holds (`Table::new`); rows are distinct buffers.
             unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("scale_all"))
@@ -301,7 +326,8 @@ impl CudaTrainer {
         let first = self.trainable.len();
         guarded("saving running statistics", || {
             if self.looping.stats_copy.is_empty() {
-                self.looping.stats_copy = self.table.tensors[first..].iter().map(|t| self.dev.zeros(t.len)).collect::<Result<_>>()?;
+                self.looping.stats_copy =
+                    self.table.tensors[first..].iter().map(|t| self.dev.zeros(t.len)).collect::<Result<_>>()?;
             }
             for (src, dst) in self.table.tensors[first..].iter().zip(&mut self.looping.stats_copy) {
                 self.dev.copy(src, dst, src.len)?;
@@ -387,7 +413,11 @@ impl CudaTrainer {
                 .and_then(|name| self.table.names[..params].iter().position(|n| n == name))
                 .ok_or_else(|| Error::invalid(format!("CUDA: unexpected optimizer state {key}")))?;
             if t.shape() != self.table.shapes[i] {
-                return Err(Error::invalid(format!("CUDA: {key} is {:?}, expected {:?}", t.shape(), self.table.shapes[i])));
+                return Err(Error::invalid(format!(
+                    "CUDA: {key} is {:?}, expected {:?}",
+                    t.shape(),
+                    self.table.shapes[i]
+                )));
             }
             found[i] = Some(t);
         }
@@ -420,11 +450,13 @@ impl CudaTrainer {
             // One table per precision (a bf16 trainer's activations, the fp32 logits), sums put back in order.
             let mut sums = vec![0.0; outputs.len()];
             for bf16 in [false, true] {
-                let at: Vec<usize> = (0..outputs.len()).filter(|&i| matches!(outputs[i].1, ActRef::Bf16(_)) == bf16).collect();
+                let at: Vec<usize> =
+                    (0..outputs.len()).filter(|&i| matches!(outputs[i].1, ActRef::Bf16(_)) == bf16).collect();
                 if at.is_empty() {
                     continue;
                 }
-                let table = Table::of(&self.dev, &at.iter().map(|&i| (outputs[i].1, outputs[i].2)).collect::<Vec<_>>())?;
+                let table =
+                    Table::of(&self.dev, &at.iter().map(|&i| (outputs[i].1, outputs[i].2)).collect::<Vec<_>>())?;
                 let out = self.dev.zeros(table.count)?;
                 table.sum_squares(&self.dev, &self.loop_kernels, None, &out, 0)?;
                 for (&i, s) in at.iter().zip(self.dev.read(&out, table.count)?) {
