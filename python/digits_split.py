@@ -59,6 +59,29 @@ def split_indices(n, fraction, seed):
     return sorted(perm[k:]), sorted(perm[:k])
 
 
+def stratified_split_indices(labels, fraction, seed):
+    """ImageFolder's split (`resnet_rs::data::split::stratified_split_indices`): walk the same permutation and
+    hold out the first held_out_count(n_c, fraction) samples of each class c (at least one of a class with two
+    or more samples when fraction > 0). Returns (kept, held_out), each sorted ascending."""
+    count = {}
+    for label in labels:
+        count[label] = count.get(label, 0) + 1
+    want = {}
+    for label, n in count.items():
+        k = held_out_count(n, fraction)
+        want[label] = 1 if k == 0 and n >= 2 and fraction > 0 else k
+    taken = {label: 0 for label in count}
+    kept, held_out = [], []
+    for i in permutation(len(labels), seed):
+        label = labels[i]
+        if taken[label] < want[label]:
+            taken[label] += 1
+            held_out.append(i)
+        else:
+            kept.append(i)
+    return sorted(kept), sorted(held_out)
+
+
 def digits_split(test_fraction, seed):
     """(train_indices, test_indices) into sklearn.datasets.load_digits(), as Digits::split gives them."""
     return split_indices(DIGITS_LEN, test_fraction, seed)

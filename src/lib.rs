@@ -1,5 +1,8 @@
 //! resnet-rs: ResNet-18/34/50/101/152 with torchvision-compatible weights on a small engine of our own.
 
+#[macro_use]
+mod named;
+
 pub mod cli;
 pub mod data;
 pub mod engine;

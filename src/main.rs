@@ -7,9 +7,9 @@ fn main() {
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
         Err(e) => {
-            // Usage errors follow the same rule as every other error: one line, exit code 2.
-            let msg = e.to_string();
-            eprintln!("{} (see --help)", msg.lines().next().unwrap_or("error: invalid arguments"));
+            // Usage errors follow the same rule as every other error: one line, exit code 2. clap's tip ("a
+            // similar argument exists") and the names of missing arguments are kept; its usage lines are not.
+            eprintln!("{} (see --help)", one_line_usage_error(&e.to_string()));
             std::process::exit(2);
         }
     };
@@ -25,4 +25,15 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// clap's multi-line usage error as one line: every line up to the usage summary, trimmed and joined.
+fn one_line_usage_error(msg: &str) -> String {
+    let parts: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    if parts.is_empty() { "error: invalid arguments".to_string() } else { parts.join(" ") }
 }

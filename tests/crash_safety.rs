@@ -15,7 +15,7 @@ fn write_recipe(dir: &Path) -> String {
     use resnet_rs::train::recipe::Recipe;
     let path = dir.join("crash.toml");
     let r = Recipe {
-        arch: "resnet18".into(),
+        arch: "resnet18".parse().unwrap(),
         batch_size: 16,
         epochs: 3,
         workers: 1,

@@ -222,17 +222,22 @@ fn checkpoints_hand_a_run_over_between_cpu_and_gpu() {
 }
 
 fn recipe() -> Recipe {
-    Recipe { arch: "resnet18".into(), batch_size: 16, workers: 1, monitor_every: 0, ..Recipe::load("digits").unwrap() }
+    Recipe {
+        arch: "resnet18".parse().unwrap(),
+        batch_size: 16,
+        workers: 1,
+        monitor_every: 0,
+        ..Recipe::load("digits").unwrap()
+    }
 }
 
-fn args(dir: &Path, skip_nonfinite: bool, freeze_until: Option<&str>) -> TrainArgs {
+fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
     TrainArgs {
         recipe: recipe(),
         run_dir: dir.to_path_buf(),
         resume: false,
-        init: None,
-        freeze_until: freeze_until.map(String::from),
-        head_lr_scale: 1.0,
+        resume_epochs: None,
+        announce: None,
         skip_nonfinite,
         max_steps: None,
         json: false,
@@ -253,7 +258,8 @@ fn trainer(r: Recipe, skip_nonfinite: bool, freeze_until: Option<&str>, n: usize
     let batches = loader::batches(train.clone(), Arc::new(pipe), mix, &cfg, 0, 0).take(n).map(|b| b.unwrap()).collect();
     let steps = loader::num_batches(train.len(), &cfg) as u64;
     let dir = tempfile::tempdir().unwrap();
-    let t = Trainer::new(&args(dir.path(), skip_nonfinite, freeze_until), r, train.num_classes(), steps).unwrap();
+    let r = Recipe { freeze_until: freeze_until.map(|f| f.parse().unwrap()), ..r };
+    let t = Trainer::new(&args(dir.path(), skip_nonfinite), r, train.num_classes(), steps).unwrap();
     (t, batches)
 }
 
@@ -333,7 +339,7 @@ fn a_nonfinite_gpu_step_stops_with_the_cpu_message() {
 #[ignore = "needs a CUDA device: run with --features cuda -- --ignored on a GPU machine"]
 fn every_loop_feature_steps_the_same_on_both_devices() {
     let r = Recipe {
-        schedule: "onecycle".into(),
+        schedule: resnet_rs::train::recipe::ScheduleName::Onecycle,
         label_smoothing: 0.1,
         clip_grad_norm: 0.5,
         monitor_every: 1,

@@ -69,9 +69,17 @@ fn split_is_seeded_disjoint_and_complete() {
     assert_eq!(all, (0..30).collect::<Vec<u8>>());
     let (_, val2) = ImageFolder::open(dir.path()).expect("open").split(0.2, 7);
     assert_eq!(shades(&val), shades(&val2));
-    // The indices are those of split_indices (and of python/digits_split.py's split_indices).
-    let (_, held) = resnet_rs::data::split::split_indices(30, 0.2, 7);
-    assert_eq!(shades(&val), held.iter().map(|&i| i as u8).collect::<Vec<_>>());
+    // Stratified: 2 of each class's 10, at the indices python/digits_split.py's stratified_split_indices gives.
+    assert_eq!(shades(&val), [1, 4, 11, 18, 20, 25]);
+    let labels: Vec<usize> = (0..30).map(|i| i / 10).collect();
+    let (_, held) = resnet_rs::data::split::stratified_split_indices(&labels, 0.2, 7);
+    assert_eq!(held, [1, 4, 11, 18, 20, 25]);
+    // A class of one stays in training; a class of two or more always gives one to validation.
+    let uneven = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 3];
+    assert_eq!(
+        resnet_rs::data::split::stratified_split_indices(&uneven, 0.1, 3),
+        (vec![0, 1, 4, 5, 6, 7, 8, 9, 11, 12], vec![2, 3, 10])
+    );
 }
 
 #[test]

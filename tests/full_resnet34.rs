@@ -21,7 +21,7 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
     let files: Vec<PathBuf> =
         expected.metadata["files"].split(',').map(|n| common::fixture(&format!("images/{n}"))).collect();
     let mut model = weights::load_model("resnet34".parse().unwrap(), &dir.join("resnet34.pth")).unwrap();
-    let x = infer::load_batch(&files).unwrap();
+    let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     let logits = model.forward(&Cpu, &x, Mode::Eval);
     let e32 = common::rel_err(logits.data(), expected.tensors["logits"].data());
     let e64 = common::rel_err(logits.data(), expected.tensors["logits64"].data());

@@ -25,7 +25,7 @@ fn tiny_checkpoint_gives_torchvision_logits_and_features() {
     assert_eq!(model.config.num_classes, 10);
     assert_eq!(model.config.widths, [4, 8, 16, 32]);
     assert_eq!(model.store.batches_tracked, 7);
-    let x = infer::load_batch(&files).unwrap();
+    let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     let logits = model.forward(&Cpu, &x, Mode::Eval);
     common::assert_rows_close("logits", &files, &logits, f.get("logits"));
     for (layer, tap) in [
@@ -52,7 +52,7 @@ fn saved_checkpoint_loads_back_with_identical_outputs() {
     assert_eq!(loaded.tensors["layer3.1.bn2.num_batches_tracked"].data(), &[7.0]);
     assert_eq!(loaded.tensors.len(), 218);
     let mut back = weights::load_model("resnet34".parse().unwrap(), &path).unwrap();
-    let x = infer::load_batch(&[fixture("images/cat.png")]).unwrap();
+    let x = infer::load_batch(&[fixture("images/cat.png")], &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     assert_eq!(model.forward(&Cpu, &x, Mode::Eval), back.forward(&Cpu, &x, Mode::Eval));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "no temporary file is left behind: {leftovers:?}");
@@ -87,7 +87,7 @@ fn batch_of_one_matches_batched_forward() {
     let f = Fixture::load("tiny/expected.safetensors");
     let files = images(&f);
     let mut model = weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();
-    let x = infer::load_batch(&files).unwrap();
+    let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     let all = model.forward(&Cpu, &x, Mode::Eval);
     let one_by_one = infer::batched(&x, 1, |b| Ok(model.forward(&Cpu, b, Mode::Eval))).unwrap();
     assert!(common::rel_err(one_by_one.data(), all.data()) < 1e-6);
@@ -125,7 +125,7 @@ fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
     let f = Fixture::load("tiny/expected.safetensors");
     let files = images(&f);
     let load = || weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();
-    let x = infer::load_batch(&files).unwrap();
+    let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     let [n, _, h, w] = x.dims4();
     let mut f32_runner = Runner::with_precision(load(), DeviceSpec::Cpu, n, h, w, Precision::F32).unwrap();
     let logits = f32_runner.forward(&x).unwrap();

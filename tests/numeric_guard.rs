@@ -12,7 +12,13 @@ use resnet_rs::train::trainer::{StepOutcome, TrainArgs, Trainer};
 use resnet_rs::weights;
 
 fn recipe() -> Recipe {
-    Recipe { arch: "resnet18".into(), batch_size: 16, workers: 1, monitor_every: 0, ..Recipe::load("digits").unwrap() }
+    Recipe {
+        arch: "resnet18".parse().unwrap(),
+        batch_size: 16,
+        workers: 1,
+        monitor_every: 0,
+        ..Recipe::load("digits").unwrap()
+    }
 }
 
 fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
@@ -20,9 +26,8 @@ fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
         recipe: recipe(),
         run_dir: dir.to_path_buf(),
         resume: false,
-        init: None,
-        freeze_until: None,
-        head_lr_scale: 1.0,
+        resume_epochs: None,
+        announce: None,
         skip_nonfinite,
         max_steps: None,
         json: false,
@@ -120,7 +125,9 @@ fn fine_tuning_from_weights_holding_a_nan_is_refused_up_front() {
     set_weight(&mut model, "layer4.1.conv1.weight", 9, f32::NAN);
     let init = dir.path().join("init.safetensors");
     weights::save_model(&model, &init, &Default::default()).unwrap();
-    let a = TrainArgs { init: Some(init), ..args(&dir.path().join("run"), false) };
+    let mut a = args(&dir.path().join("run"), false);
+    a.recipe.weights = Some(init);
+    a.recipe.stem = resnet_rs::model::Stem::ImageNet;
     let msg = resnet_rs::train::trainer::run(a).err().unwrap().to_string();
     assert!(msg.contains("init.safetensors") && msg.contains("weights of layer4.1.conv1 are not finite"), "{msg}");
 }

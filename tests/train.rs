@@ -13,7 +13,7 @@ use resnet_rs::weights;
 /// A small, quick variant of the digits recipe (ResNet-18, few steps), so the suite stays fast on 2 cores.
 fn recipe() -> Recipe {
     Recipe {
-        arch: "resnet18".into(),
+        arch: "resnet18".parse().unwrap(),
         epochs: 3,
         warmup_epochs: 1,
         monitor_every: 5,
@@ -27,9 +27,8 @@ fn args(recipe: Recipe, dir: &Path) -> TrainArgs {
         recipe,
         run_dir: dir.to_path_buf(),
         resume: false,
-        init: None,
-        freeze_until: None,
-        head_lr_scale: 1.0,
+        resume_epochs: None,
+        announce: None,
         skip_nonfinite: false,
         max_steps: None,
         json: false,
@@ -99,9 +98,9 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
     }
     let init = common::fixture("tiny/resnet34_w4.pth");
     let r = Recipe {
-        arch: "resnet34".into(),
-        stem: "imagenet".into(),
-        dataset: "folder".into(),
+        arch: "resnet34".parse().unwrap(),
+        stem: resnet_rs::model::Stem::ImageNet,
+        dataset: resnet_rs::train::recipe::DatasetKind::Folder,
         data: Some(data.path().to_path_buf()),
         image_size: 64,
         val_fraction: 0.25,
@@ -110,12 +109,13 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
         ..recipe()
     };
     let run = tempfile::tempdir().unwrap();
-    let a = TrainArgs {
-        init: Some(init.clone()),
-        freeze_until: Some("layer3".into()),
+    let r = Recipe {
+        weights: Some(init.clone()),
+        freeze_until: Some(resnet_rs::train::recipe::Stage::Layer3),
         head_lr_scale: 10.0,
-        ..args(r, run.path())
+        ..r
     };
+    let a = args(r, run.path());
     trainer::run(a).unwrap();
     let before = weights::load_state_dict(&init).unwrap();
     let after = checkpoint(run.path());

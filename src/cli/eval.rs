@@ -1,26 +1,35 @@
+//! `resnet eval`: a checkpoint's accuracy on a dataset's held-out split, with the preprocessing it carries.
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::infer::runner::{DeviceSpec, Precision, Runner};
-use crate::train::recipe::Recipe;
-use crate::train::{checkpoint, evaluate, setup};
+use crate::model::Arch;
+use crate::train::recipe::{DatasetKind, Recipe};
+use crate::train::{checkpoint, defaults, evaluate, setup};
 
 #[derive(Args)]
 pub struct EvalCmd {
-    /// A checkpoint: a training run's last/best.safetensors (its recipe is used) or any torchvision-format file.
+    /// A checkpoint: a training run's last/best.safetensors (its recipe, split and preprocessing are used) or any
+    /// torchvision-format file.
     #[arg(long)]
     weights: PathBuf,
-    /// Recipe for the dataset and preprocessing when the checkpoint carries none (default: digits).
+    /// Recipe for the dataset, split and preprocessing, instead of the checkpoint's (default for a file without
+    /// one: recognised from --data, else digits).
     #[arg(long)]
     recipe: Option<String>,
-    /// Dataset location, overriding the recipe's.
+    /// Dataset location, overriding the recipe's; the dataset kind is recognised from the folder.
     #[arg(long)]
     data: Option<PathBuf>,
-    #[arg(long)]
-    arch: Option<String>,
+    /// digits, cifar10, cifar100 or folder, when recognising it from --data is not wanted.
+    #[arg(long, value_parser = <DatasetKind as crate::train::recipe::FlagValue>::parser())]
+    dataset: Option<DatasetKind>,
+    /// Read off the file; if given, it must agree.
+    #[arg(long, value_parser = super::parse_arch)]
+    arch: Option<Arch>,
     /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -28,58 +37,87 @@ pub struct EvalCmd {
     /// also tf32 (TF32 tensor-core convolutions).
     #[arg(long, default_value = "f32")]
     dtype: Precision,
+    /// Also list every image with its label and top-1 prediction.
+    #[arg(long)]
+    per_image: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: EvalCmd) -> Result<()> {
-    // A training checkpoint carries its recipe and the network; any other weights file holds the network only.
-    let checkpoint = checkpoint::load(&a.weights).ok();
-    let mut r = match (&a.recipe, &checkpoint) {
-        (Some(name), _) => Recipe::load(name)?,
-        (None, Some(c)) => c.recipe.clone(),
-        (None, None) => Recipe::load("digits")?,
+    let opened = checkpoint::open_model(&a.weights, a.arch)?;
+    let detected = match (a.dataset, &a.data) {
+        (Some(kind), _) => Some(kind),
+        (None, Some(path)) => Some(defaults::detect(path)?),
+        (None, None) => None,
     };
+    let mut r = match (&a.recipe, &opened.recipe) {
+        (Some(name), _) => Recipe::load(name)?,
+        (None, Some(r)) => r.clone(),
+        (None, None) => match detected {
+            Some(DatasetKind::Folder) => Recipe::load("folder")?,
+            Some(DatasetKind::Cifar10 | DatasetKind::Cifar100) => Recipe::load("cifar10")?,
+            Some(DatasetKind::Digits) | None => Recipe::load("digits")?,
+        },
+    };
+    if let Some(kind) = detected {
+        r.dataset = kind;
+    }
     if let Some(d) = a.data {
         r.data = Some(d);
     }
-    if let Some(arch) = a.arch {
-        r.arch = arch;
-    }
-    let arch = r.arch.parse()?;
-    let model = match &checkpoint {
-        Some(c) => crate::weights::model_from_state(arch, &c.model, &a.weights)?,
-        None => crate::weights::load_model(arch, &a.weights)?,
+    // The network's own preprocessing, unless a recipe was named for this evaluation.
+    let pre = match &a.recipe {
+        Some(_) => setup::preprocess(&r),
+        None => opened.card.preprocess.clone(),
     };
+    let model = opened.model;
     let (_, val) = setup::datasets(&r)?;
     let classes = val.num_classes();
     if classes != model.config.num_classes {
-        return Err(crate::Error::file(
+        return Err(Error::file(
             &a.weights,
             format!("has {} classes but the dataset has {classes}", model.config.num_classes),
         ));
     }
     let names = val.class_names();
-    let (_, eval_pipe) = setup::pipelines(&r);
-    let size = r.image_size as usize;
+    if let Some(trained) = opened.card.classes.as_ref().filter(|t| **t != names) {
+        return Err(Error::file(&a.weights, format!("was trained on classes {trained:?}, the dataset has {names:?}")));
+    }
+    let size = pre.size as usize;
     let mut runner = Runner::with_precision(model, a.device, r.batch_size, size, size, a.dtype)?;
     let rep = evaluate::evaluate_with(
         &mut |x| runner.forward(x),
         classes,
-        val,
-        Arc::new(eval_pipe),
+        val.clone(),
+        Arc::new(pre.pipeline()),
         r.batch_size,
         r.workers,
     )?;
+    let images: Vec<serde_json::Value> = if a.per_image {
+        rep.predictions
+            .iter()
+            .enumerate()
+            .map(|(i, &(l, p))| serde_json::json!({"file": val.source(i), "label": names[l], "predicted": names[p]}))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let top5 = classes > 5;
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"top1": rep.top1, "top5": rep.top5, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names})
-        );
+        let mut obj = serde_json::json!({"top1": rep.top1, "loss": rep.loss, "per_class": rep.per_class, "confusion": rep.confusion, "classes": names});
+        if top5 {
+            obj["top5"] = rep.top5.into();
+        }
+        if a.per_image {
+            obj["images"] = images.into();
+        }
+        println!("{obj}");
         return Ok(());
     }
-    println!("top-1 {:.2} %  top-5 {:.2} %  loss {:.4}", rep.top1 * 100.0, rep.top5 * 100.0, rep.loss);
+    let top5 = if top5 { format!("  top-5 {:.2} %", rep.top5 * 100.0) } else { String::new() };
+    println!("top-1 {:.2} %{top5}  loss {:.4}  ({} images)", rep.top1 * 100.0, rep.loss, rep.predictions.len());
     println!("per-class accuracy:");
     for (name, acc) in names.iter().zip(&rep.per_class) {
         println!("  {name:<20} {:.2} %", acc * 100.0);
@@ -87,6 +125,14 @@ pub fn run(a: EvalCmd) -> Result<()> {
     println!("confusion matrix (rows: true class, columns: predicted):");
     for row in &rep.confusion {
         println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+    }
+    for img in &images {
+        println!(
+            "{}  label {}  predicted {}",
+            img["file"].as_str().unwrap_or_default(),
+            img["label"],
+            img["predicted"]
+        );
     }
     Ok(())
 }

@@ -16,7 +16,8 @@ pub struct FeaturesArgs {
     /// avgpool, fc, or layer1..layer4 (spatially averaged).
     #[arg(long, default_value = "avgpool")]
     layer: String,
-    /// Output .safetensors: "features" [N, D] f32, file names in the metadata ("files", a JSON array).
+    /// Output by extension: .safetensors ("features" [N, D] f32, file names in the metadata key "files", a JSON
+    /// array) or .npy (NumPy's format; the file names beside it in OUT.files.json).
     #[arg(long)]
     out: PathBuf,
     /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
@@ -33,22 +34,76 @@ pub struct FeaturesArgs {
 
 pub fn run(a: FeaturesArgs) -> Result<()> {
     let tap: Tap = a.layer.parse()?;
-    let model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
+    let out_kind = OutKind::of(&a.out)?;
+    let opened = a.model.open()?;
+    let arch = opened.card.arch;
+    let model = opened.model;
     let files = infer::collect_images(&a.images)?;
-    let x = infer::load_batch(&files)?;
+    let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
     let batch = a.model.batch_size as usize;
     let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;
     let feats = infer::batched(&x, batch, |b| runner.features(b, tap))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    let metadata = BTreeMap::from([
-        ("files".to_string(), serde_json::to_string(&names).map_err(Error::invalid)?),
-        ("layer".to_string(), a.layer.clone()),
-        ("arch".to_string(), a.model.arch.to_string()),
-    ]);
-    let tensors = BTreeMap::from([("features".to_string(), feats)]);
-    crate::weights::safetensors::save(&a.out, &tensors, &BTreeMap::new(), &metadata)?;
-    let [n, d] = tensors["features"].dims2();
-    eprintln!("wrote {n}x{d} features from {} to {}", a.layer, a.out.display());
+    let files_json = serde_json::to_string(&names).map_err(Error::invalid)?;
+    let [n, d] = feats.dims2();
+    match out_kind {
+        OutKind::Safetensors => {
+            let metadata = BTreeMap::from([
+                ("files".to_string(), files_json),
+                ("layer".to_string(), a.layer.clone()),
+                ("arch".to_string(), arch.to_string()),
+            ]);
+            let tensors = BTreeMap::from([("features".to_string(), feats)]);
+            crate::weights::safetensors::save(&a.out, &tensors, &BTreeMap::new(), &metadata)?;
+            eprintln!("wrote {n}x{d} features from {} to {}", a.layer, a.out.display());
+        }
+        OutKind::Npy => {
+            let names_path = a.out.with_extension("files.json");
+            crate::weights::write_atomic(&names_path, files_json.as_bytes())?;
+            crate::weights::write_atomic(&a.out, &npy_f32(&feats))?;
+            eprintln!(
+                "wrote {n}x{d} features from {} to {} (file names in {})",
+                a.layer,
+                a.out.display(),
+                names_path.display()
+            );
+        }
+    }
     Ok(())
+}
+
+/// What `--out` is written as, by its extension.
+enum OutKind {
+    Safetensors,
+    Npy,
+}
+
+impl OutKind {
+    fn of(path: &std::path::Path) -> Result<OutKind> {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("safetensors") => Ok(OutKind::Safetensors),
+            Some("npy") => Ok(OutKind::Npy),
+            _ => Err(Error::file(path, "--out must end in .safetensors or .npy (the format follows the extension)")),
+        }
+    }
+}
+
+/// A 2-d little-endian f32 array in NumPy's `.npy` format, version 1.0: the magic, a header dict padded with
+/// spaces to a multiple of 64 bytes and ending in a newline, then the values in C order.
+fn npy_f32(t: &crate::engine::Tensor) -> Vec<u8> {
+    let [n, d] = t.dims2();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {d}), }}");
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + t.data().len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    // The padded header is well below 64 KiB, so its length fits the 2-byte field.
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in t.data() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
 }

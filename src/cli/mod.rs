@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::Result;
 use crate::model::Arch;
+use crate::train::checkpoint::Opened;
+use crate::train::recipe::FlagValue;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +37,7 @@ enum Command {
     /// Write one feature vector per image (avgpool, fc or a pooled stage) to a safetensors file.
     Features(features::FeaturesArgs),
     /// Train or fine-tune (default: ResNet-34 on the bundled 8x8 digits).
-    Train(train::TrainCmd),
+    Train(Box<train::TrainCmd>),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's held-out split.
     Eval(eval::EvalCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
@@ -45,16 +47,52 @@ enum Command {
 /// Architecture and checkpoint, shared by the subcommands that run a network.
 #[derive(Args)]
 struct ModelArgs {
-    /// resnet18, resnet34, resnet50, resnet101 or resnet152.
-    #[arg(long, default_value = "resnet34", value_parser = parse_arch)]
-    arch: Arch,
-    /// Weights: a torchvision state_dict (.pth) or a .safetensors file with torchvision's key names. Classes,
-    /// stem and widths are read off the file's shapes.
+    /// Weights: one of our checkpoints (its arch, stem, class names and preprocessing are used), or a
+    /// torchvision state_dict (.pth or .safetensors, which gets torchvision's ImageNet preprocessing).
     #[arg(long)]
     weights: PathBuf,
+    /// resnet18, resnet34, resnet50, resnet101 or resnet152: read off the file; if given, it must agree.
+    #[arg(long, value_parser = parse_arch)]
+    arch: Option<Arch>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_size: u64,
+    /// Network input side (the centre crop), overriding the checkpoint's.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(8..=4096))]
+    image_size: Option<u32>,
+    /// Shorter side the image is resized to before the centre crop, overriding the checkpoint's.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    resize: Option<u32>,
+    /// Per-channel mean R,G,B, overriding the checkpoint's.
+    #[arg(long, value_parser = <[f32; 3] as FlagValue>::parser())]
+    mean: Option<[f32; 3]>,
+    /// Per-channel std R,G,B, overriding the checkpoint's.
+    #[arg(long, value_parser = <[f32; 3] as FlagValue>::parser())]
+    std: Option<[f32; 3]>,
+}
+
+impl ModelArgs {
+    /// The network and its card, with the preprocessing flags laid over the card's.
+    fn open(&self) -> Result<Opened> {
+        let mut opened = crate::train::checkpoint::open_model(&self.weights, self.arch)?;
+        let pre = &mut opened.card.preprocess;
+        if let Some(size) = self.image_size {
+            // A new crop keeps the checkpoint's resize/crop ratio unless --resize is given too.
+            pre.resize = (u64::from(pre.resize) * u64::from(size) / u64::from(pre.size.max(1))) as u32;
+            pre.size = size;
+        }
+        if let Some(resize) = self.resize {
+            pre.resize = resize;
+        }
+        if let Some(mean) = self.mean {
+            pre.mean = mean.to_vec();
+        }
+        if let Some(std) = self.std {
+            pre.std = std.to_vec();
+        }
+        pre.validate().map_err(|e| e.in_file(&self.weights))?;
+        Ok(opened)
+    }
 }
 
 fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
@@ -66,7 +104,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Features(a) => features::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
     }

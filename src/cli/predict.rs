@@ -11,7 +11,8 @@ use crate::infer::runner::{DeviceSpec, Precision, Runner};
 pub struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Class names: "imagenet" (torchvision's 1000) or a text file with one name per line.
+    /// Class names: "imagenet" (torchvision's 1000) or a text file with one name per line (default: the
+    /// checkpoint's, else "class N").
     #[arg(long)]
     labels: Option<String>,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -32,10 +33,14 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
-    let model = crate::weights::load_model(a.model.arch, &a.model.weights)?;
-    let labels = infer::labels::load(a.labels.as_deref(), model.config.num_classes)?;
+    let opened = a.model.open()?;
+    let model = opened.model;
+    let labels = match (a.labels.as_deref(), opened.card.classes) {
+        (None, Some(names)) => names,
+        (spec, _) => infer::labels::load(spec, model.config.num_classes)?,
+    };
     let files = infer::collect_images(&a.images)?;
-    let x = infer::load_batch(&files)?;
+    let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
     let batch = a.model.batch_size as usize;
     let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;

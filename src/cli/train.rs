@@ -1,3 +1,5 @@
+//! `resnet train`: pick the recipe (named, or recognised from `--data`), lay the flags over it, and run.
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -5,66 +7,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::train::defaults;
 use crate::train::device::{DeviceSpec, Precision, TrainDevice};
-use crate::train::recipe::Recipe;
+use crate::train::recipe::{DatasetKind, Recipe, RecipeFlags};
 use crate::train::trainer::{self, TrainArgs};
 
 #[derive(Args)]
 pub struct TrainCmd {
-    /// A bundled recipe (digits, cifar10, imagenet) or a TOML file; flags below override its fields.
-    #[arg(long, default_value = "digits")]
-    recipe: String,
+    /// A bundled recipe (digits, cifar10, imagenet, folder) or a TOML file. Default: recognised from --data
+    /// (an ImageFolder gets `folder` adapted to its images and to --weights; CIFAR batches get cifar10), else digits.
+    #[arg(long)]
+    recipe: Option<String>,
     /// Run folder for checkpoints and metrics.jsonl (default: runs/<recipe>, numbered if taken).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint, exactly where it stopped.
+    /// Continue the run in this folder from its last checkpoint, exactly where it stopped, with the recipe stored
+    /// there (only --epochs, --max-steps, --device, --dtype and --json may be given with it).
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
-    /// Dataset location: the CIFAR folder (or where to download it) or an ImageFolder root.
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Fetch CIFAR-10/100 into --data (checksum verified) if it is not there yet.
     #[arg(long)]
     download: bool,
-    #[arg(long)]
-    arch: Option<String>,
-    #[arg(long)]
-    epochs: Option<u64>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    lr: Option<f32>,
-    /// sgd, adam or adamw.
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// constant, step, multistep, cosine or onecycle.
-    #[arg(long)]
-    schedule: Option<String>,
-    #[arg(long)]
-    weight_decay: Option<f32>,
-    #[arg(long)]
-    label_smoothing: Option<f32>,
-    #[arg(long)]
-    mixup: Option<f32>,
-    #[arg(long)]
-    cutmix: Option<f32>,
-    #[arg(long)]
-    clip_grad_norm: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Data loader threads.
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Fine-tune from this torchvision-format checkpoint (.pth or .safetensors); the head is replaced when the
-    /// dataset's class count differs.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Freeze the stem and the stages up to this one: stem, layer1, layer2, layer3 or layer4.
-    #[arg(long)]
-    freeze_until: Option<String>,
-    /// Learning rate of the fc head relative to --lr.
-    #[arg(long, default_value_t = 1.0)]
-    head_lr_scale: f32,
     /// Skip (and count) steps whose gradients are not finite instead of stopping.
     #[arg(long)]
     skip_nonfinite: bool,
@@ -82,12 +45,8 @@ pub struct TrainCmd {
     /// PyTorch's autocast: bf16 activations and convolutions, fp32 master weights, optimiser state and BN statistics).
     #[arg(long, default_value = "f32")]
     dtype: Precision,
-}
-
-fn set<T>(field: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *field = v;
-    }
+    #[command(flatten)]
+    fields: RecipeFlags,
 }
 
 fn free_run_dir(name: &str) -> PathBuf {
@@ -98,55 +57,113 @@ fn free_run_dir(name: &str) -> PathBuf {
         .unwrap_or(base)
 }
 
+/// The recipe a fresh run trains with, its name (for the run folder), and what the start-up line should add.
+fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
+    let f = &a.fields;
+    let data = f.data.clone().flatten();
+    let mut notes = Vec::new();
+    let kind = match (&a.recipe, f.dataset, &data) {
+        (Some(_), _, _) => None,
+        (None, Some(kind), _) => Some(kind),
+        (None, None, Some(path)) if a.download && !path.exists() => Some(DatasetKind::Cifar10),
+        (None, None, Some(path)) => Some(defaults::detect(path)?),
+        (None, None, None) => None,
+    };
+    let (mut r, name) = match (&a.recipe, kind) {
+        (Some(name), _) => {
+            let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
+            (Recipe::load(name)?, stem)
+        }
+        (None, Some(DatasetKind::Folder)) => (Recipe::load("folder")?, "folder".into()),
+        (None, Some(k @ (DatasetKind::Cifar10 | DatasetKind::Cifar100))) => {
+            (Recipe { dataset: k, ..Recipe::load("cifar10")? }, k.to_string())
+        }
+        (None, Some(DatasetKind::Digits) | None) => (Recipe::load("digits")?, "digits".into()),
+    };
+    let folder_defaults = a.recipe.is_none() && r.dataset == DatasetKind::Folder;
+    if let (true, None, Some(root)) = (folder_defaults, f.image_size, &data)
+        && f.weights.clone().flatten().is_none()
+    {
+        let short = defaults::median_short_side(root)?;
+        defaults::adapt_to_images(&mut r, short);
+        notes.push(format!("images of median shorter side {short} px"));
+    }
+    if let Some(w) = f.weights.clone().flatten() {
+        defaults::adapt_to_weights(&mut r, &w, folder_defaults)?;
+    }
+    let (base_lr, base_batch) = (r.lr, r.batch_size);
+    f.apply(&mut r);
+    if let (Some(batch), None) = (f.batch_size, f.lr)
+        && batch != base_batch
+    {
+        r.lr = base_lr * batch as f32 / base_batch as f32;
+        notes.push(format!(
+            "lr {} = {base_lr} x {batch}/{base_batch} (linear scaling for --batch-size {batch}; --lr sets it)",
+            r.lr
+        ));
+    }
+    r.validate()?;
+    Ok((r, name, notes))
+}
+
 pub fn run(a: TrainCmd) -> Result<()> {
-    let mut r = Recipe::load(&a.recipe)?;
-    set(&mut r.data, a.data.map(Some));
-    set(&mut r.arch, a.arch);
-    set(&mut r.epochs, a.epochs);
-    set(&mut r.batch_size, a.batch_size);
-    set(&mut r.lr, a.lr);
-    set(&mut r.optimizer, a.optimizer);
-    set(&mut r.schedule, a.schedule);
-    set(&mut r.weight_decay, a.weight_decay);
-    set(&mut r.label_smoothing, a.label_smoothing);
-    set(&mut r.mixup_alpha, a.mixup);
-    set(&mut r.cutmix_alpha, a.cutmix);
-    set(&mut r.clip_grad_norm, a.clip_grad_norm);
-    set(&mut r.seed, a.seed);
-    set(&mut r.workers, a.workers);
-    if r.batch_size == 0 || r.epochs == 0 {
-        return Err(Error::invalid("--batch-size and --epochs must be at least 1"));
-    }
     let device = TrainDevice { device: a.device, precision: a.dtype };
-    // Before any download; a resumed run's own recipe is checked again by `run_on`.
-    device.check(&r)?;
-    if a.download {
-        download(&r)?;
-    }
     let resume = a.resume.is_some();
-    let run_dir = match (a.resume, a.out) {
-        (Some(dir), _) => dir,
-        (None, Some(dir)) => dir,
-        (None, None) => free_run_dir(Path::new(&a.recipe).file_stem().and_then(|s| s.to_str()).unwrap_or("run")),
+    let (recipe, run_dir, announce) = match &a.resume {
+        Some(dir) => {
+            let mut given = a.fields.given();
+            given.retain(|flag| flag != "--epochs");
+            if a.recipe.is_some() {
+                given.push("--recipe".into());
+            }
+            if a.download {
+                given.push("--download".into());
+            }
+            if a.skip_nonfinite {
+                given.push("--skip-nonfinite".into());
+            }
+            if !given.is_empty() {
+                return Err(Error::invalid(format!(
+                    "--resume continues {} with the recipe stored in it, so {} cannot apply; only --epochs, --max-steps, --device, --dtype and --json can be given with --resume",
+                    dir.display(),
+                    given.join(", ")
+                )));
+            }
+            (Recipe::default(), dir.clone(), None)
+        }
+        None => {
+            let (r, name, notes) = choose_recipe(&a)?;
+            // Before any download; the run checks it again.
+            device.check(&r)?;
+            if a.download {
+                download(&r)?;
+            }
+            let dir = a.out.clone().unwrap_or_else(|| free_run_dir(&name));
+            let extra = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+            (r.clone(), dir, Some(format!("training {}{extra}", r.summary())))
+        }
     };
     let args = TrainArgs {
-        recipe: r,
+        recipe,
         run_dir: run_dir.clone(),
         resume,
-        init: a.weights,
-        freeze_until: a.freeze_until,
-        head_lr_scale: a.head_lr_scale,
+        resume_epochs: if resume { a.fields.epochs } else { None },
         skip_nonfinite: a.skip_nonfinite,
+        announce,
         max_steps: a.max_steps,
         json: a.json,
         interrupt: Some(interrupt_flag()?),
     };
     let reports = trainer::run_on(args, device)?;
     if let (false, Some(last)) = (a.json, reports.last()) {
+        let best = crate::train::checkpoint::load(&run_dir.join("best.safetensors"))?.position;
         eprintln!(
-            "held-out accuracy: top-1 {:.2} %, top-5 {:.2} % (checkpoints in {})",
+            "best held-out top-1 {:.2} % at epoch {} in {} (last epoch {}: {:.2} %; resume or extend with --resume {})",
+            best.best_top1 * 100.0,
+            best.best_epoch,
+            run_dir.join("best.safetensors").display(),
+            last.epoch,
             last.val_top1 * 100.0,
-            last.val_top5 * 100.0,
             run_dir.display()
         );
     }
@@ -171,10 +188,12 @@ fn interrupt_flag() -> Result<Arc<AtomicBool>> {
 
 fn download(r: &crate::train::recipe::Recipe) -> Result<()> {
     use crate::data::cifar::CifarKind;
-    let kind = match r.dataset.as_str() {
-        "cifar10" => CifarKind::Cifar10,
-        "cifar100" => CifarKind::Cifar100,
-        other => return Err(Error::invalid(format!("--download fetches cifar10 or cifar100, not '{other}'"))),
+    let kind = match r.dataset {
+        DatasetKind::Cifar10 => CifarKind::Cifar10,
+        DatasetKind::Cifar100 => CifarKind::Cifar100,
+        other => {
+            return Err(Error::invalid(format!("--download fetches cifar10 or cifar100, not '{other}'")));
+        }
     };
     let dest = r.data.clone().ok_or_else(|| Error::invalid("--download needs --data DIR to download into"))?;
     let (url, md5) = crate::data::download::cifar_url(kind);

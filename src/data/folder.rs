@@ -15,9 +15,9 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use super::Dataset;
-use super::split::split_dataset;
+use super::split::{stratified_split_indices, subsets};
 use crate::error::{Error, Result};
-use crate::infer::preprocess::load_rgb;
+use crate::infer::preprocess::{image_header, load_rgb};
 
 /// Extensions (lower case) of the files a class folder contributes.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -60,8 +60,8 @@ impl ImageFolder {
     }
 
     /// `root/train` and `root/val` as two ImageFolders with the same classes, or `None` when `root` has
-    /// neither sub-folder. Fails when only one exists, when either cannot be opened, or when their classes
-    /// differ.
+    /// neither sub-folder. Fails when only one exists, when either cannot be opened, when an image header is
+    /// bad (`scan`), or when their classes differ.
     #[allow(clippy::type_complexity)]
     pub fn open_train_val(root: &Path) -> Result<Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>> {
         let (train_dir, val_dir) = (root.join("train"), root.join("val"));
@@ -77,6 +77,8 @@ impl ImageFolder {
         }
         let train = ImageFolder::open(&train_dir)?;
         let val = ImageFolder::open(&val_dir)?;
+        train.scan()?;
+        val.scan()?;
         if train.classes != val.classes {
             let only =
                 |a: &[String], b: &[String]| -> Vec<String> { a.iter().filter(|c| !b.contains(c)).cloned().collect() };
@@ -89,10 +91,19 @@ impl ImageFolder {
         Ok(Some((Arc::new(train), Arc::new(val))))
     }
 
-    /// Seeded (train, val) split, **not stratified**, with the algorithm of `crate::data::split` (the same as
-    /// `Digits::split`): `floor(len * val_fraction + 0.5)` samples go to val.
+    /// Seeded (train, val) split, stratified per class (`crate::data::split::stratified_split_indices`):
+    /// `floor(n_c * val_fraction + 0.5)` samples of each class c go to val, at least one of a class with two.
     pub fn split(self, val_fraction: f32, seed: u64) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
-        split_dataset(Arc::new(self), val_fraction, seed)
+        let labels: Vec<usize> = self.samples.iter().map(|(_, l)| *l).collect();
+        let indices = stratified_split_indices(&labels, val_fraction, seed);
+        subsets(Arc::new(self), indices)
+    }
+
+    /// Read every image's header (in parallel): the first file that is not a readable image of an accepted
+    /// size is named in the error, before any training starts. Returns each sample's (width, height).
+    pub fn scan(&self) -> Result<Vec<(u32, u32)>> {
+        use rayon::prelude::*;
+        self.samples.par_iter().map(|(path, _)| image_header(path)).collect()
     }
 
     pub fn root(&self) -> &Path {
@@ -121,6 +132,10 @@ impl Dataset for ImageFolder {
 
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
+    }
+
+    fn source(&self, i: usize) -> String {
+        self.samples.get(i).map_or_else(|| format!("#{i}"), |(p, _)| p.display().to_string())
     }
 
     fn get(&self, i: usize) -> Result<(RgbImage, usize)> {

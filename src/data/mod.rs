@@ -15,6 +15,10 @@ pub trait Dataset: Send + Sync {
     }
     fn num_classes(&self) -> usize;
     fn class_names(&self) -> Vec<String>;
+    /// Where sample `i` comes from, for per-image reports: a file path, or `#i` for a bundled set.
+    fn source(&self, i: usize) -> String {
+        format!("#{i}")
+    }
     /// Image and label of sample `i` (< len). Called from loader worker threads.
     fn get(&self, i: usize) -> Result<(RgbImage, usize)>;
 }

@@ -2,8 +2,8 @@
 //!
 //! # The split algorithm
 //!
-//! `split_indices(n, fraction, seed)` (used by `Digits::split` and `ImageFolder::split`) is a plain,
-//! **not stratified**, shuffle split:
+//! `split_indices(n, fraction, seed)` (used by `Digits::split`; `ImageFolder::split` stratifies it per class
+//! with `stratified_split_indices`) is a plain, **not stratified**, shuffle split:
 //!
 //! 1. A SplitMix64 generator starts from `state = seed`. Each draw does, in wrapping 64-bit arithmetic:
 //!    `state += 0x9E3779B97F4A7C15; z = state; z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9;
@@ -80,11 +80,52 @@ pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usi
     (kept, held_out)
 }
 
-/// Split a dataset into (kept, held-out) subsets with `split_indices`.
-pub fn split_dataset(base: Arc<dyn Dataset>, fraction: f32, seed: u64) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
-    let (kept, held_out) = split_indices(base.len(), fraction, seed);
+/// The stratified split of samples labelled `labels` (ImageFolder's): the same seeded permutation as
+/// `split_indices`, walked in order, holds out the first `held_out_count(n_c, fraction)` samples of each class
+/// c, and at least one of every class that has two or more samples when the fraction is above 0, so that
+/// every class is measured. Returns (kept, held-out), each sorted ascending.
+pub fn stratified_split_indices(labels: &[usize], fraction: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let classes = labels.iter().copied().max().map_or(0, |m| m + 1);
+    let mut count = vec![0usize; classes];
+    for &l in labels {
+        count[l] += 1;
+    }
+    let want: Vec<usize> = count
+        .iter()
+        .map(|&n| {
+            let k = held_out_count(n, fraction);
+            if k == 0 && n >= 2 && fraction > 0.0 { 1 } else { k }
+        })
+        .collect();
+    let mut taken = vec![0usize; classes];
+    let (mut kept, mut held_out) = (Vec::new(), Vec::new());
+    for i in permutation(labels.len(), seed) {
+        let c = labels[i];
+        if taken[c] < want[c] {
+            taken[c] += 1;
+            held_out.push(i);
+        } else {
+            kept.push(i);
+        }
+    }
+    held_out.sort_unstable();
+    kept.sort_unstable();
+    (kept, held_out)
+}
+
+/// Split a dataset into (kept, held-out) subsets at the given indices.
+pub fn subsets(
+    base: Arc<dyn Dataset>,
+    (kept, held_out): (Vec<usize>, Vec<usize>),
+) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
     let subset = |indices| -> Arc<dyn Dataset> { Arc::new(Subset { base: base.clone(), indices }) };
     (subset(kept), subset(held_out))
+}
+
+/// Split a dataset into (kept, held-out) subsets with `split_indices`.
+pub fn split_dataset(base: Arc<dyn Dataset>, fraction: f32, seed: u64) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
+    let indices = split_indices(base.len(), fraction, seed);
+    subsets(base, indices)
 }
 
 /// The samples of `base` at `indices`, in that order (sample `i` of the subset is `base[indices[i]]`).
@@ -127,6 +168,10 @@ impl Dataset for Subset {
 
     fn class_names(&self) -> Vec<String> {
         self.base.class_names()
+    }
+
+    fn source(&self, i: usize) -> String {
+        self.indices.get(i).map_or_else(|| format!("#{i}"), |&j| self.base.source(j))
     }
 
     fn get(&self, i: usize) -> Result<(RgbImage, usize)> {

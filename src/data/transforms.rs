@@ -17,7 +17,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Beta, Distribution};
 
 use crate::engine::{Tensor, one_hot};
-use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_bilinear_pil};
+pub use crate::infer::preprocess::to_tensor;
+use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, resize_bilinear_pil};
 
 /// One image-level operation, applied to the 8-bit RGB image in pipeline order.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,7 +44,7 @@ pub enum Op {
     /// is capped at 16384 pixels (as torchvision's `max_size` would), a guard against extreme aspect ratios.
     Resize { shorter: u32 },
     /// `CenterCrop(size)`: torchvision's centre offsets, black padding where the image is smaller. Directly
-    /// after a `Resize` the pair is computed by `crate::infer::preprocess::eval_transform`, which resamples
+    /// after a `Resize` the pair is computed by `crate::infer::preprocess::resize_center_crop`, which resamples
     /// only the cropped window (same bytes, bounded memory whatever the aspect ratio).
     CenterCrop { size: u32 },
 }
@@ -125,6 +126,12 @@ impl Pipeline {
         cur.into_owned()
     }
 
+    /// A pipeline without random ops (an evaluation transform) applied to one image.
+    pub fn evaluate(&self, img: &RgbImage) -> Tensor {
+        use rand::SeedableRng;
+        self.apply(img, &mut Xoshiro256PlusPlus::seed_from_u64(0))
+    }
+
     /// Augment one image into a normalised `[3, H, W]` tensor.
     pub fn apply(&self, img: &RgbImage, rng: &mut Xoshiro256PlusPlus) -> Tensor {
         let img = self.apply_ops(img, rng);
@@ -134,21 +141,6 @@ impl Pipeline {
         }
         t
     }
-}
-
-/// torchvision's `ToTensor` + `Normalize`: `(v / 255 - mean[c]) / std[c]` in f32 (the operations
-/// `eval_transform` uses), as `[3, H, W]`.
-pub fn to_tensor(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Tensor {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let plane = w * h;
-    let mut t = Tensor::zeros(&[3, h, w]);
-    let data = t.data_mut();
-    for (i, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            data[c * plane + i] = (f32::from(px.0[c]) / 255.0 - mean[c]) / std[c];
-        }
-    }
-    t
 }
 
 impl Op {
@@ -302,25 +294,15 @@ fn crop_offset(n: u32, crop: u32) -> i64 {
     if crop > n { -i64::from((crop - n) / 2) } else { (f64::from(n - crop) / 2.0).round_ties_even() as i64 }
 }
 
-/// `Resize(shorter)` then `CenterCrop(crop)` through `eval_transform`, which computes only the window. Its
-/// ImageNet-normalised output is mapped back to bytes: the f32 round trip is off by less than 1e-4 of a
-/// level, so rounding recovers Pillow's bytes exactly.
+/// `Resize(shorter)` then `CenterCrop(crop)` through `crate::infer::preprocess::resize_center_crop`, which
+/// resamples only the cropped window (the same bytes as the two ops one after the other).
 fn resize_center_crop(img: &RgbImage, shorter: u32, crop: u32) -> RgbImage {
     let (w, h) = resized_size(img.width(), img.height(), shorter);
     if u64::from(w.max(h)) >= MAX_RESIZE_SIDE {
-        // The cap changed the geometry that eval_transform would use: go the long way.
+        // The cap changed the geometry that the windowed resize would use: go the long way.
         return center_crop(&resize(img, shorter), crop);
     }
-    let t = eval_transform(img, shorter, crop);
-    let plane = (crop as usize) * (crop as usize);
-    let data = t.data();
-    RgbImage::from_fn(crop, crop, |x, y| {
-        let i = y as usize * crop as usize + x as usize;
-        Rgb(std::array::from_fn(|c| {
-            let v = (data[c * plane + i] * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255.0;
-            v.round().clamp(0.0, 255.0) as u8
-        }))
-    })
+    crate::infer::preprocess::resize_center_crop(img, shorter, crop)
 }
 
 /// PIL's greyscale level (ITU-R 601-2 luma, `L = R*299/1000 + G*587/1000 + B*114/1000`), as a float.
@@ -460,8 +442,12 @@ impl RandomErasing {
         if rng.random::<f32>() >= self.p {
             return;
         }
-        let &[channels, height, width] = t.shape() else { return };
-        let Some((top, left, h, w)) = self.params(height, width, rng) else { return };
+        let &[channels, height, width] = t.shape() else {
+            return;
+        };
+        let Some((top, left, h, w)) = self.params(height, width, rng) else {
+            return;
+        };
         let data = t.data_mut();
         for c in 0..channels {
             for y in top..top + h {

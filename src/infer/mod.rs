@@ -1,5 +1,6 @@
 //! Inference: preprocessing, class predictions and feature extraction over batches of image files.
 
+pub mod card;
 pub mod labels;
 pub mod preprocess;
 pub mod runner;
@@ -57,16 +58,18 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Decode and preprocess `paths` on all cores into one `[N, 3, CROP, CROP]` batch. The first bad file stops it.
-pub fn load_batch(paths: &[PathBuf]) -> Result<Tensor> {
+/// Decode and preprocess `paths` on all cores into one `[N, 3, size, size]` batch, with the network's own
+/// evaluation preprocessing. The first bad file stops it.
+pub fn load_batch(paths: &[PathBuf], pre: &card::Preprocess) -> Result<Tensor> {
+    let pipe = pre.pipeline();
     let images: Vec<Tensor> =
-        paths.par_iter().map(|p| preprocess::preprocess_file(p, RESIZE, CROP)).collect::<Result<_>>()?;
-    let per = (3 * CROP * CROP) as usize;
-    let mut data = Vec::with_capacity(images.len() * per);
+        paths.par_iter().map(|p| Ok(pipe.evaluate(&preprocess::load_rgb(p)?))).collect::<Result<_>>()?;
+    let side = pre.size as usize;
+    let mut data = Vec::with_capacity(images.len() * 3 * side * side);
     for img in &images {
         data.extend_from_slice(img.data());
     }
-    Tensor::new(&[images.len(), 3, CROP as usize, CROP as usize], data)
+    Tensor::new(&[images.len(), 3, side, side], data)
 }
 
 /// The `k` most probable classes of each row of `logits`, as (class, softmax probability), best first.

@@ -41,6 +41,19 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     reader.limits(limits);
     // Building the decoder reads the header (and only the header) of the file.
     let decoder = reader.into_decoder().map_err(|e| fail("not a readable JPEG/PNG image", &e))?;
+    check_size(path, &decoder)?;
+    // zune-jpeg fills in a truncated JPEG with grey where PIL refuses it ("image file is truncated").
+    if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(&bytes) {
+        return Err(Error::file(path, "JPEG file is truncated (no end-of-image marker after the image data)"));
+    }
+    let image = crate::error::catch_parser_panic(|| DynamicImage::from_decoder(decoder))
+        .ok_or_else(|| Error::file(path, "corrupt image (the decoder gave up on it)"))?
+        .map_err(|e| fail("cannot decode image", &e))?;
+    Ok(to_rgb_like_pil(image))
+}
+
+/// Refuse an image whose header claims no pixels, too many, or more than 1 GiB to decode.
+fn check_size(path: &Path, decoder: &impl ImageDecoder) -> Result<(u32, u32)> {
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(Error::file(path, format!("image has zero size ({width}x{height})")));
@@ -58,14 +71,24 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
             format!("image is {width}x{height} {:?}, more than 1 GiB to decode", decoder.color_type()),
         ));
     }
-    // zune-jpeg fills in a truncated JPEG with grey where PIL refuses it ("image file is truncated").
-    if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(&bytes) {
-        return Err(Error::file(path, "JPEG file is truncated (no end-of-image marker after the image data)"));
+    Ok((width, height))
+}
+
+/// Read only the header of an image file: (width, height), or the error `load_rgb` would give for a file
+/// that is not a JPEG/PNG or claims an unacceptable size. What only a full decode finds (a truncated or
+/// corrupt pixel stream) is left to `load_rgb`.
+pub fn image_header(path: &Path) -> Result<(u32, u32)> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| Error::file(path, format!("{what}: {e}"));
+    let file = std::fs::File::open(path).map_err(|e| fail("cannot read image", &e))?;
+    let mut reader = ImageReader::new(std::io::BufReader::new(file));
+    if let Ok(format) = ImageFormat::from_path(path) {
+        reader.set_format(format);
     }
-    let image = crate::error::catch_parser_panic(|| DynamicImage::from_decoder(decoder))
+    let reader = reader.with_guessed_format().map_err(|e| fail("cannot read image", &e))?;
+    let decoder = crate::error::catch_parser_panic(|| reader.into_decoder())
         .ok_or_else(|| Error::file(path, "corrupt image (the decoder gave up on it)"))?
-        .map_err(|e| fail("cannot decode image", &e))?;
-    Ok(to_rgb_like_pil(image))
+        .map_err(|e| fail("not a readable JPEG/PNG image", &e))?;
+    check_size(path, &decoder)
 }
 
 /// Walk a JPEG's markers from SOI to EOI: segments are skipped by their length and entropy-coded data up to
@@ -80,7 +103,9 @@ fn jpeg_reaches_end(data: &[u8]) -> bool {
         while data.get(i) == Some(&0xFF) {
             i += 1; // fill bytes
         }
-        let Some(&marker) = data.get(i) else { return false };
+        let Some(&marker) = data.get(i) else {
+            return false;
+        };
         i += 1;
         match marker {
             0xD9 => return true,
@@ -136,44 +161,66 @@ pub fn resize_bilinear_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage 
     RgbImage::from_raw(width, height, data).unwrap_or_else(|| RgbImage::new(width, height))
 }
 
-/// torchvision eval transform: Resize(resize) on the shorter side, CenterCrop(crop), to [0,1], normalise.
-/// Returns [3, crop, crop].
+/// torchvision eval transform: Resize(resize) on the shorter side, CenterCrop(crop), to [0,1], normalise with
+/// ImageNet's mean/std. Returns [3, crop, crop].
+pub fn eval_transform(img: &RgbImage, resize: u32, crop: u32) -> Tensor {
+    to_tensor(&resize_center_crop(img, resize, crop), IMAGENET_MEAN, IMAGENET_STD)
+}
+
+/// The bytes of torchvision's `Resize(resize)` + `CenterCrop(crop)`.
 ///
 /// Only the cropped window of the resized image is computed: every output pixel of Pillow's resize depends
 /// on its own filter taps alone, so this gives the same bytes while keeping memory bounded by the crop even
-/// for extreme aspect ratios. Where the resized image is smaller than the crop, torchvision pads with black
-/// (0 before normalisation), and so do we; an empty image is all padding.
-pub fn eval_transform(img: &RgbImage, resize: u32, crop: u32) -> Tensor {
+/// for extreme aspect ratios. Where the resized image is smaller than the crop, torchvision pads with black,
+/// and so do we; an empty image is all padding. An image already of the resized size is not resampled
+/// (Pillow's `resize` returns a copy then), so a crop of the image's own size is the image itself.
+pub fn resize_center_crop(img: &RgbImage, resize: u32, crop: u32) -> RgbImage {
     let (out_w, out_h) = resized_size(img.width() as usize, img.height() as usize, resize as usize);
     let crop = crop as usize;
     let (x_off, y_off) = (crop_offset(out_w, crop), crop_offset(out_h, crop));
     // The part of the crop that lies inside the resized image, in resized-image coordinates.
     let visible = |off: i64, n: usize| off.max(0) as usize..((off + crop as i64).max(0) as usize).min(n);
     let (xs, ys) = (visible(x_off, out_w), visible(y_off, out_h));
-    let window = resample_window(img, (out_w, out_h), xs.clone(), ys.clone());
-
-    let mut tensor = Tensor::zeros(&[3, crop, crop]);
-    let plane = crop * crop;
-    let data = tensor.data_mut();
+    let same = (out_w, out_h) == (img.width() as usize, img.height() as usize);
+    let window = if same {
+        let mut w = Vec::with_capacity(xs.len() * ys.len() * 3);
+        for y in ys.clone() {
+            let row = &img.as_raw()[(y * out_w + xs.start) * 3..(y * out_w + xs.end) * 3];
+            w.extend_from_slice(row);
+        }
+        w
+    } else {
+        resample_window(img, (out_w, out_h), xs.clone(), ys.clone())
+    };
+    let mut out = vec![0u8; crop * crop * 3];
     for cy in 0..crop {
         for cx in 0..crop {
             // Position in the resized image; outside it (negative or past the end) is padding.
             let (x, y) = (cx as i64 + x_off, cy as i64 + y_off);
             let inside = x >= 0 && y >= 0 && xs.contains(&(x as usize)) && ys.contains(&(y as usize));
-            let pixel = if inside {
+            if inside {
                 let i = ((y as usize - ys.start) * xs.len() + (x as usize - xs.start)) * 3;
-                [window[i], window[i + 1], window[i + 2]]
-            } else {
-                [0; 3]
-            };
-            for c in 0..3 {
-                // Same f32 operations as torchvision: convert_image_dtype divides by 255, normalize subtracts
-                // the mean and divides by the std.
-                data[c * plane + cy * crop + cx] = (pixel[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                out[(cy * crop + cx) * 3..][..3].copy_from_slice(&window[i..i + 3]);
             }
         }
     }
-    tensor
+    // The buffer holds exactly crop * crop pixels.
+    RgbImage::from_raw(crop as u32, crop as u32, out).unwrap_or_else(|| RgbImage::new(crop as u32, crop as u32))
+}
+
+/// torchvision's `ToTensor` + `Normalize`: `(v / 255 - mean[c]) / std[c]` in f32, the operations
+/// torchvision runs, as `[3, H, W]`.
+pub fn to_tensor(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Tensor {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let plane = w * h;
+    let mut t = Tensor::zeros(&[3, h, w]);
+    let data = t.data_mut();
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = (f32::from(px.0[c]) / 255.0 - mean[c]) / std[c];
+        }
+    }
+    t
 }
 
 /// load_rgb + eval_transform.

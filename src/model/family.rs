@@ -58,6 +58,52 @@ impl fmt::Display for Arch {
     }
 }
 
+impl Arch {
+    /// The names of the family, in table order.
+    pub fn names() -> Vec<&'static str> {
+        FAMILY.iter().map(|a| a.name).collect()
+    }
+
+    /// The family member a state_dict holds, read off its keys: the block kind from `layer1.0.conv3` (only
+    /// bottlenecks have one), the depth of each stage from its highest block index. A file that matches none
+    /// is named by what it holds.
+    pub fn infer_from(state: &BTreeMap<String, Tensor>) -> Result<Arch> {
+        let block = if state.contains_key("layer1.0.conv3.weight") { BlockKind::Bottleneck } else { BlockKind::Basic };
+        let mut layers = [0usize; 4];
+        for key in state.keys() {
+            let Some(rest) = key.strip_prefix("layer") else {
+                continue;
+            };
+            let mut parts = rest.split('.');
+            let (Some(stage), Some(index)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if let (Ok(stage @ 1..=4), Ok(index)) = (stage.parse::<usize>(), index.parse::<usize>()) {
+                layers[stage - 1] = layers[stage - 1].max(index.saturating_add(1));
+            }
+        }
+        FAMILY.iter().find(|a| a.block == block && a.layers == layers).copied().ok_or_else(|| {
+            Error::invalid(format!(
+                "its keys hold a {block:?}-block network with {layers:?} blocks per stage, which is none of {}",
+                Arch::names().join(", ")
+            ))
+        })
+    }
+}
+
+impl serde::Serialize for Arch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Arch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Arch, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stem {
     /// 7x7/2 convolution, BN, ReLU, 3x3/2 max-pool: for 224² inputs.
@@ -74,6 +120,28 @@ impl FromStr for Stem {
             "cifar" => Ok(Stem::Cifar),
             _ => Err(Error::invalid(format!("unknown stem '{s}' (expected imagenet or cifar)"))),
         }
+    }
+}
+
+impl fmt::Display for Stem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stem::ImageNet => "imagenet",
+            Stem::Cifar => "cifar",
+        })
+    }
+}
+
+impl serde::Serialize for Stem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Stem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Stem, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

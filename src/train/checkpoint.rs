@@ -1,7 +1,8 @@
 //! Training checkpoints: one safetensors file holding the network under torchvision's keys (so it loads into
-//! PyTorch or `resnet predict` as is), the optimiser state under `optimizer.*`, and in the metadata the recipe
-//! and the loop's position, plus a checksum verified on load. Written atomically: a crash leaves the previous
-//! checkpoint intact.
+//! PyTorch or `resnet predict` as is), the optimiser state under `optimizer.*`, and in the metadata the recipe,
+//! the loop's position and the model card (arch, stem, class names, evaluation preprocessing: what `predict`
+//! needs to give the answers `eval` measured), plus a checksum verified on load. Written atomically: a crash
+//! leaves the previous checkpoint intact. `open_model` opens any weights file for inference.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,8 @@ use super::optim::Optimizer;
 use super::recipe::Recipe;
 use crate::engine::Tensor;
 use crate::error::{Error, Result};
-use crate::model::ResNet;
+use crate::infer::card::{ModelCard, Preprocess};
+use crate::model::{Arch, ResNet};
 use crate::weights;
 
 pub const FORMAT: &str = "resnet-rs-train/1";
@@ -20,6 +22,7 @@ pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// Where the loop stands. All randomness derives from (seed, epoch, index), so this is the whole RNG state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Position {
     /// Current epoch (0-based) and how many of its batches are done.
     pub epoch: u64,
@@ -27,6 +30,8 @@ pub struct Position {
     /// Optimiser steps taken in total (the schedule's clock).
     pub global_step: u64,
     pub best_top1: f64,
+    /// The epoch (1-based) whose evaluation gave `best_top1`, which `best.safetensors` holds.
+    pub best_epoch: u64,
     /// Steps skipped for non-finite gradients (`--skip-nonfinite`).
     pub skipped: u64,
 }
@@ -39,20 +44,85 @@ pub struct Checkpoint {
     pub optimizer_steps: u64,
 }
 
-pub fn save(path: &Path, model: &ResNet, opt: &Optimizer, recipe: &Recipe, pos: &Position) -> Result<()> {
+pub fn save(
+    path: &Path,
+    model: &ResNet,
+    opt: &Optimizer,
+    recipe: &Recipe,
+    pos: &Position,
+    card: &ModelCard,
+) -> Result<()> {
     let mut tensors = model.state_dict();
     let (state, steps) = opt.state(&model.store.params);
     for (k, v) in state {
         tensors.insert(format!("{OPTIMIZER_PREFIX}{k}"), v);
     }
-    let metadata = BTreeMap::from([
+    let mut metadata = card.to_metadata()?;
+    metadata.extend([
         ("format".to_string(), FORMAT.to_string()),
-        ("arch".to_string(), recipe.arch.clone()),
         ("recipe".to_string(), recipe.to_toml()),
         ("position".to_string(), serde_json::to_string(pos).map_err(Error::invalid)?),
         ("optimizer_steps".to_string(), steps.to_string()),
     ]);
     weights::safetensors::save(path, &tensors, &weights::batch_counts(model), &metadata)
+}
+
+/// A network opened for inference with what it takes to run it.
+pub struct Opened {
+    pub model: ResNet,
+    /// From the file's metadata; for our older checkpoints from their recipe; else torchvision's ImageNet
+    /// defaults without class names.
+    pub card: ModelCard,
+    /// The training recipe, when the file is one of our training checkpoints.
+    pub recipe: Option<Recipe>,
+}
+
+/// Open any weights file we read (a training checkpoint, our safetensors, a torchvision `.pth`) for inference.
+/// The architecture is read off the keys; `arch`, when given, must agree, and a mismatch names what the file
+/// holds.
+pub fn open_model(path: &Path, arch: Option<Arch>) -> Result<Opened> {
+    let (state, meta) = weights::read(path)?;
+    let found = Arch::infer_from(&state).map_err(|e| e.in_file(path))?;
+    if let Some(want) = arch
+        && want != found
+    {
+        return Err(Error::file(
+            path,
+            format!("holds a {found}, not a {want} (--arch can be left out: it is read off the file)"),
+        ));
+    }
+    let model = weights::model_from_state(found, &state, path)?;
+    let recipe = match meta.get("recipe") {
+        Some(text) if meta.get("format").map(String::as_str) == Some(FORMAT) => {
+            Some(Recipe::parse(text).map_err(|e| e.in_file(path))?)
+        }
+        _ => None,
+    };
+    let card = match ModelCard::from_metadata(&meta).map_err(|e| e.in_file(path))? {
+        Some(card) => card,
+        None => match &recipe {
+            Some(r) => super::setup::card(r, None),
+            None => {
+                ModelCard { arch: found, stem: model.config.stem, classes: None, preprocess: Preprocess::imagenet() }
+            }
+        },
+    };
+    if card.arch != found || card.stem != model.config.stem {
+        return Err(Error::file(
+            path,
+            format!(
+                "metadata describes a {} ({} stem) but the weights hold a {found} ({} stem)",
+                card.arch, card.stem, model.config.stem
+            ),
+        ));
+    }
+    if let Some(names) = card.classes.as_ref().filter(|n| n.len() != model.config.num_classes) {
+        return Err(Error::file(
+            path,
+            format!("metadata names {} classes but the network has {}", names.len(), model.config.num_classes),
+        ));
+    }
+    Ok(Opened { model, card, recipe })
 }
 
 pub fn load(path: &Path) -> Result<Checkpoint> {

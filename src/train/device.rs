@@ -85,7 +85,7 @@ impl TrainDevice {
             if !cfg!(feature = "cuda") {
                 return Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD));
             }
-            if recipe.optimizer != "sgd" {
+            if recipe.optimizer != super::recipe::OptimizerName::Sgd {
                 return Err(Error::invalid(format!(
                     "--optimizer {}: the GPU trainer runs SGD only so far (use --device cpu)",
                     recipe.optimizer
@@ -141,7 +141,7 @@ impl StepEngine {
             DeviceSpec::Cuda(i) => {
                 Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, device.precision)?)))
             }
-            DeviceSpec::Auto if recipe.optimizer != "sgd" => Ok(StepEngine::Cpu),
+            DeviceSpec::Auto if recipe.optimizer != super::recipe::OptimizerName::Sgd => Ok(StepEngine::Cpu),
             DeviceSpec::Auto => Ok(match GpuSteps::new(model, opt, recipe, 0, device.precision) {
                 Ok(gpu) => StepEngine::Gpu(Box::new(gpu)),
                 Err(_) => StepEngine::Cpu,

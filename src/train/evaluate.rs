@@ -19,6 +19,9 @@ pub struct EvalReport {
     pub per_class: Vec<f64>,
     /// confusion[true][predicted]
     pub confusion: Vec<Vec<u64>>,
+    /// (label, top-1 prediction) of every sample, in dataset order.
+    #[serde(skip)]
+    pub predictions: Vec<(usize, usize)>,
 }
 
 /// Top-1/top-5 hits of a batch.
@@ -60,6 +63,7 @@ pub fn evaluate_with(
     let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0 };
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
     let mut confusion = vec![vec![0u64; classes]; classes];
+    let mut predictions = Vec::with_capacity(ds.len());
     for b in loader::batches(ds, pipe, None, &cfg, 0, 0) {
         let b = b?;
         let logits = forward(&b.images)?;
@@ -68,12 +72,21 @@ pub fn evaluate_with(
         loss_sum += loss as f64 * b.labels.len() as f64;
         (top1, top5, n) = (top1 + h1, top5 + h5, n + b.labels.len());
         for (row, &l) in logits.data().chunks(classes).zip(&b.labels) {
-            let pred = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+            // The first of equal maxima, as `infer::top_k` (and so `predict`) ranks them.
+            let pred = (0..row.len()).fold(0, |best, i| if row[i].total_cmp(&row[best]).is_gt() { i } else { best });
             confusion[l][pred] += 1;
+            predictions.push((l, pred));
         }
     }
     let n = n.max(1) as f64;
     let per_class =
         confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect();
-    Ok(EvalReport { loss: loss_sum / n, top1: top1 as f64 / n, top5: top5 as f64 / n, per_class, confusion })
+    Ok(EvalReport {
+        loss: loss_sum / n,
+        top1: top1 as f64 / n,
+        top5: top5 as f64 / n,
+        per_class,
+        confusion,
+        predictions,
+    })
 }

@@ -1,6 +1,7 @@
 //! Training: optimisers, learning-rate schedules, the loop, monitoring and checkpoints.
 
 pub mod checkpoint;
+pub mod defaults;
 pub mod device;
 pub mod evaluate;
 #[cfg(feature = "cuda")]

@@ -4,12 +4,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::optim::OptimizerKind;
-use super::recipe::Recipe;
+use super::recipe::{DatasetKind, OptimizerName, Recipe, ScheduleName, Stage};
 use super::schedule::Schedule;
 use crate::data::Dataset;
 use crate::data::transforms::{Op, Pipeline, RandomErasing};
 use crate::error::{Error, Result};
-use crate::model::{ResNet, ResNetConfig};
+use crate::infer::card::{ModelCard, Preprocess};
+use crate::model::{Arch, ResNet, ResNetConfig};
 
 /// Train and validation sets as the recipe names them.
 pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
@@ -17,37 +18,71 @@ pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
     use crate::data::folder::ImageFolder;
     let need_path =
         || r.data.clone().ok_or_else(|| Error::invalid(format!("dataset '{}' needs --data PATH", r.dataset)));
-    match r.dataset.as_str() {
-        "digits" => Ok(crate::data::digits::Digits::load()?.split(r.val_fraction, r.seed)),
-        "cifar10" | "cifar100" => {
-            let kind = if r.dataset == "cifar10" { CifarKind::Cifar10 } else { CifarKind::Cifar100 };
+    match r.dataset {
+        DatasetKind::Digits => Ok(crate::data::digits::Digits::load()?.split(r.val_fraction, r.seed)),
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            let kind = if r.dataset == DatasetKind::Cifar10 { CifarKind::Cifar10 } else { CifarKind::Cifar100 };
             let dir = need_path()?;
             Ok((Arc::new(Cifar::open(&dir, kind, true)?), Arc::new(Cifar::open(&dir, kind, false)?)))
         }
-        "folder" => {
+        DatasetKind::Folder => {
             let root = need_path()?;
             match ImageFolder::open_train_val(&root)? {
                 Some(pair) => Ok(pair),
-                None => Ok(ImageFolder::open(&root)?.split(r.val_fraction, r.seed)),
+                None => {
+                    let folder = ImageFolder::open(&root)?;
+                    folder.scan()?;
+                    Ok(folder.split(r.val_fraction, r.seed))
+                }
             }
         }
-        other => {
-            Err(Error::invalid(format!("unknown dataset '{other}' (expected digits, cifar10, cifar100 or folder)")))
-        }
     }
+}
+
+/// Refuse data that cannot train a classifier, in one line, before a run folder exists: fewer than two
+/// classes, an empty training set, an empty validation split.
+pub fn check_datasets(r: &Recipe, train: &dyn Dataset, val: &dyn Dataset) -> Result<()> {
+    let place = r.data.as_ref().map_or_else(|| r.dataset.to_string(), |d| d.display().to_string());
+    if train.num_classes() < 2 {
+        return Err(Error::invalid(format!(
+            "{place}: a classifier needs at least two classes, this dataset has {} ({})",
+            train.num_classes(),
+            train.class_names().join(", ")
+        )));
+    }
+    if train.is_empty() {
+        return Err(Error::invalid(format!("{place}: the training set is empty")));
+    }
+    if val.is_empty() {
+        return Err(Error::invalid(format!(
+            "{place}: the validation split is empty ({} training images, --val-fraction {} holds out none); add images, raise --val-fraction or give root/train/ and root/val/",
+            train.len(),
+            r.val_fraction
+        )));
+    }
+    Ok(())
+}
+
+/// The evaluation preprocessing a recipe trains for: what its checkpoints carry and `eval` runs.
+pub fn preprocess(r: &Recipe) -> Preprocess {
+    Preprocess { channels: 3, size: r.image_size, resize: r.eval_resize(), mean: r.mean.to_vec(), std: r.std.to_vec() }
+}
+
+/// The model card of a network trained with `r` on classes named `classes`.
+pub fn card(r: &Recipe, classes: Option<Vec<String>>) -> ModelCard {
+    ModelCard { arch: r.arch, stem: r.stem, classes, preprocess: preprocess(r) }
 }
 
 /// Training and evaluation preprocessing from the recipe.
 pub fn pipelines(r: &Recipe) -> (Pipeline, Pipeline) {
     let size = r.image_size;
-    let resize_crop = vec![Op::Resize { shorter: size * 8 / 7 }, Op::CenterCrop { size }];
-    let fixed_size = r.dataset == "folder";
     let mut train = Vec::new();
     if r.random_resized_crop {
         train.push(Op::RandomResizedCrop { size, scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0) });
     } else {
-        if fixed_size {
-            train.extend(resize_crop.iter().cloned());
+        if r.dataset == DatasetKind::Folder {
+            // A folder's images have any size: bring them to the evaluation crop first.
+            train.extend([Op::Resize { shorter: r.eval_resize() }, Op::CenterCrop { size }]);
         }
         if r.crop_padding > 0 {
             train.push(Op::RandomCrop { size, padding: r.crop_padding });
@@ -65,61 +100,61 @@ pub fn pipelines(r: &Recipe) -> (Pipeline, Pipeline) {
         scale: (0.02, 0.33),
         ratio: (0.3, 3.3),
     });
-    let eval_ops = if fixed_size || r.random_resized_crop { resize_crop } else { Vec::new() };
-    (
-        Pipeline { ops: train, mean: r.mean, std: r.std, erasing },
-        Pipeline { ops: eval_ops, mean: r.mean, std: r.std, erasing: None },
-    )
+    (Pipeline { ops: train, mean: r.mean, std: r.std, erasing }, preprocess(r).pipeline())
 }
 
-pub fn optimizer_kind(r: &Recipe) -> Result<OptimizerKind> {
+pub fn optimizer_kind(r: &Recipe) -> OptimizerKind {
     let (beta1, beta2) = r.adam_betas;
-    Ok(match r.optimizer.as_str() {
-        "sgd" => OptimizerKind::Sgd { momentum: r.momentum, nesterov: r.nesterov },
-        "adam" => OptimizerKind::Adam { beta1, beta2, eps: r.adam_eps },
-        "adamw" => OptimizerKind::AdamW { beta1, beta2, eps: r.adam_eps },
-        other => return Err(Error::invalid(format!("unknown optimizer '{other}' (expected sgd, adam or adamw)"))),
-    })
+    match r.optimizer {
+        OptimizerName::Sgd => OptimizerKind::Sgd { momentum: r.momentum, nesterov: r.nesterov },
+        OptimizerName::Adam => OptimizerKind::Adam { beta1, beta2, eps: r.adam_eps },
+        OptimizerName::Adamw => OptimizerKind::AdamW { beta1, beta2, eps: r.adam_eps },
+    }
 }
 
-pub fn schedule(r: &Recipe) -> Result<Schedule> {
-    Ok(match r.schedule.as_str() {
-        "constant" => Schedule::Constant,
-        "step" => Schedule::Step { step_size: r.step_size.max(1), gamma: r.gamma },
-        "multistep" => Schedule::MultiStep { milestones: r.milestones.clone(), gamma: r.gamma },
-        "cosine" => Schedule::Cosine {
+pub fn schedule(r: &Recipe) -> Schedule {
+    match r.schedule {
+        ScheduleName::Constant => Schedule::Constant,
+        ScheduleName::Step => Schedule::Step { step_size: r.step_size.max(1), gamma: r.gamma },
+        ScheduleName::Multistep => Schedule::MultiStep { milestones: r.milestones.clone(), gamma: r.gamma },
+        ScheduleName::Cosine => Schedule::Cosine {
             warmup_epochs: r.warmup_epochs,
             warmup_start_factor: r.warmup_start_factor,
             min_lr: r.min_lr,
         },
-        "onecycle" => Schedule::OneCycle {
+        ScheduleName::Onecycle => Schedule::OneCycle {
             pct_start: 0.3,
             div_factor: 25.0,
             final_div_factor: 1e4,
             max_momentum: 0.95,
             base_momentum: 0.85,
         },
-        other => {
-            return Err(Error::invalid(format!(
-                "unknown schedule '{other}' (expected constant, step, multistep, cosine or onecycle)"
-            )));
-        }
-    })
+    }
 }
 
-/// The network to train: fresh from the recipe, or a checkpoint with its head replaced for `classes`.
+/// The network to train: fresh from the recipe, or a checkpoint with its head replaced for `classes`. A
+/// checkpoint must hold the recipe's arch and stem (`resnet train` takes both from `--weights` unless told).
 pub fn build_model(r: &Recipe, classes: usize, init: Option<&Path>) -> Result<ResNet> {
-    let arch = r.arch.parse()?;
     let Some(path) = init else {
         let config = ResNetConfig {
-            stem: r.stem.parse()?,
+            stem: r.stem,
             zero_init_residual: r.zero_init_residual,
-            ..ResNetConfig::new(arch, classes)
+            ..ResNetConfig::new(r.arch, classes)
         };
         return Ok(ResNet::new(config, r.seed));
     };
     let mut state = crate::weights::load_state_dict(path)?;
+    let arch = Arch::infer_from(&state).map_err(|e| e.in_file(path))?;
     let found = crate::weights::config_from_state(arch, &state, path)?;
+    if (arch, found.stem) != (r.arch, r.stem) {
+        return Err(Error::file(
+            path,
+            format!(
+                "holds a {arch} with the {} stem, not the {} with the {} stem asked for",
+                found.stem, r.arch, r.stem
+            ),
+        ));
+    }
     let config = ResNetConfig { num_classes: classes, ..found };
     let mut model = ResNet::new(config, r.seed);
     if found.num_classes != classes {
@@ -133,17 +168,19 @@ pub fn build_model(r: &Recipe, classes: usize, init: Option<&Path>) -> Result<Re
     Ok(model)
 }
 
-pub fn freeze_prefixes(until: &str) -> Result<Vec<&'static str>> {
-    const ORDER: [(&str, &[&str]); 5] = [
-        ("stem", &["conv1.", "bn1."]),
-        ("layer1", &["layer1."]),
-        ("layer2", &["layer2."]),
-        ("layer3", &["layer3."]),
-        ("layer4", &["layer4."]),
+/// The parameter-name prefixes `--freeze-until until` freezes: the stem and every stage up to `until`.
+pub fn freeze_prefixes(until: Stage) -> Vec<&'static str> {
+    const ORDER: [(Stage, &[&str]); 5] = [
+        (Stage::Stem, &["conv1.", "bn1."]),
+        (Stage::Layer1, &["layer1."]),
+        (Stage::Layer2, &["layer2."]),
+        (Stage::Layer3, &["layer3."]),
+        (Stage::Layer4, &["layer4."]),
     ];
-    let last = ORDER
+    ORDER
         .iter()
-        .position(|(n, _)| *n == until)
-        .ok_or_else(|| Error::invalid(format!("unknown --freeze-until '{until}' (expected stem or layer1..layer4)")))?;
-    Ok(ORDER[..=last].iter().flat_map(|(_, p)| p.iter().copied()).collect())
+        .take_while(|(s, _)| *s != until)
+        .chain(ORDER.iter().filter(|(s, _)| *s == until))
+        .flat_map(|(_, p)| p.iter().copied())
+        .collect()
 }

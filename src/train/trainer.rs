@@ -32,13 +32,12 @@ pub struct TrainArgs {
     pub run_dir: PathBuf,
     /// Continue the run in `run_dir` from its last checkpoint (the recipe stored there wins).
     pub resume: bool,
-    /// Fine-tune from a torchvision-format checkpoint; the head is replaced when the class count differs.
-    pub init: Option<PathBuf>,
-    /// Freeze the stem and every stage up to and including this one ("stem", "layer1".."layer4").
-    pub freeze_until: Option<String>,
-    /// Learning-rate multiplier for the `fc` head.
-    pub head_lr_scale: f32,
+    /// With `resume`: extend (or shorten) the run to this many epochs; the schedule's horizon moves from the
+    /// resumed step on, and `metrics.jsonl` gets a note saying so.
+    pub resume_epochs: Option<u64>,
     pub skip_nonfinite: bool,
+    /// Printed (to stderr) once the data has been checked, before the run folder is made: the start-up line.
+    pub announce: Option<String>,
     /// Stop (with a checkpoint) after this many optimiser steps in total.
     pub max_steps: Option<u64>,
     /// One JSON object per epoch on stdout.
@@ -92,7 +91,9 @@ impl Metrics {
 
 /// A run killed mid-write leaves a last line without its newline; cut it so that every line stays JSON.
 fn drop_partial_line(path: &Path) -> Result<()> {
-    let Ok(text) = std::fs::read(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read(path) else {
+        return Ok(());
+    };
     if text.is_empty() || text.ends_with(b"\n") {
         return Ok(());
     }
@@ -107,6 +108,8 @@ pub struct Trainer {
     pub opt: Optimizer,
     pub recipe: Recipe,
     pub pos: Position,
+    /// The training set's class names, written into every checkpoint's model card.
+    pub class_names: Option<Vec<String>>,
     sched: Schedule,
     steps_per_epoch: u64,
     skip_nonfinite: bool,
@@ -122,10 +125,10 @@ impl Trainer {
     /// `classes` classes and `steps_per_epoch` batches per epoch.
     pub fn new(args: &TrainArgs, recipe: Recipe, classes: usize, steps_per_epoch: u64) -> Result<Trainer> {
         // A resumed run takes its weights from the checkpoint (`restore`), not from `--weights`.
-        let init = if args.resume { None } else { args.init.as_deref() };
+        let init = if args.resume { None } else { recipe.weights.as_deref() };
         let mut model = setup::build_model(&recipe, classes, init)?;
-        if let Some(until) = &args.freeze_until {
-            model.set_trainable(&setup::freeze_prefixes(until)?, false);
+        if let Some(until) = recipe.freeze_until {
+            model.set_trainable(&setup::freeze_prefixes(until), false);
         }
         if let Some(path) = init
             && let Some(layer) = nonfinite_state(&model)
@@ -136,16 +139,17 @@ impl Trainer {
             &model.store.params,
             recipe.weight_decay,
             recipe.no_decay_bn_bias,
-            args.head_lr_scale,
+            recipe.head_lr_scale,
         );
-        let opt = Optimizer::new(setup::optimizer_kind(&recipe)?, groups);
-        let sched = setup::schedule(&recipe)?;
+        let opt = Optimizer::new(setup::optimizer_kind(&recipe), groups);
+        let sched = setup::schedule(&recipe);
         let pos = Position { best_top1: -1.0, ..Position::default() };
         Ok(Trainer {
             model,
             opt,
             recipe,
             pos,
+            class_names: None,
             sched,
             steps_per_epoch,
             skip_nonfinite: args.skip_nonfinite,
@@ -319,7 +323,8 @@ impl Trainer {
         if let Some(layer) = nonfinite_state(&self.model) {
             return Err(Error::file(path, format!("refusing to save a checkpoint: {layer} is not finite")));
         }
-        checkpoint::save(path, &self.model, &self.opt, &self.recipe, &self.pos)
+        let card = setup::card(&self.recipe, self.class_names.clone());
+        checkpoint::save(path, &self.model, &self.opt, &self.recipe, &self.pos, &card)
     }
 }
 
@@ -359,38 +364,70 @@ impl Drop for FreshDir<'_> {
 pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> {
     let last_path = args.run_dir.join("last.safetensors");
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
-    let recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
+    let mut recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
+    let mut note = None;
+    if let (Some(c), Some(epochs)) = (&resumed, args.resume_epochs) {
+        if epochs < c.position.epoch || epochs == 0 {
+            return Err(Error::file(
+                &args.run_dir,
+                format!(
+                    "has already trained {} epochs; --epochs {epochs} cannot shorten it below that",
+                    c.position.epoch
+                ),
+            ));
+        }
+        if epochs != recipe.epochs {
+            note = Some(format!(
+                "epochs changed from {} to {epochs} at step {} (epoch {}): the schedule's horizon moves from here on",
+                recipe.epochs, c.position.global_step, c.position.epoch
+            ));
+            recipe.epochs = epochs;
+        }
+    }
+    if let Some(c) = &resumed
+        && c.position.epoch >= recipe.epochs
+    {
+        eprintln!(
+            "{}: the run is finished ({} of {} epochs, best top-1 {:.2} %); extend it with: resnet train --resume {} --epochs N",
+            args.run_dir.display(),
+            c.position.epoch,
+            recipe.epochs,
+            c.position.best_top1.max(0.0) * 100.0,
+            args.run_dir.display()
+        );
+        return Ok(Vec::new());
+    }
+    recipe.validate()?;
     device.check(&recipe)?;
-    let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
-    std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
     if !args.resume && last_path.exists() {
         return Err(Error::file(
             &args.run_dir,
             "already holds a run; pass --resume to continue it or choose another --out",
         ));
     }
-    crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
-
+    // Everything about the data is checked before the run folder exists.
     let (train_ds, val_ds) = setup::datasets(&recipe)?;
-    if train_ds.is_empty() {
-        return Err(Error::invalid("the training set is empty"));
-    }
+    setup::check_datasets(&recipe, train_ds.as_ref(), val_ds.as_ref())?;
+    // A training set smaller than one batch runs as one partial batch (PyTorch's drop_last=False); otherwise
+    // the last incomplete batch is dropped, so every step sees a full batch.
+    let drop_last = train_ds.len() >= recipe.batch_size;
     let cfg = LoaderConfig {
         batch_size: recipe.batch_size,
         shuffle: true,
-        drop_last: true,
+        drop_last,
         workers: recipe.workers,
         seed: recipe.seed,
     };
     let steps_per_epoch = loader::num_batches(train_ds.len(), &cfg) as u64;
-    if steps_per_epoch == 0 {
-        return Err(Error::invalid(format!(
-            "batch size {} exceeds the {} training images",
-            recipe.batch_size,
-            train_ds.len()
-        )));
-    }
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
+    t.class_names = Some(train_ds.class_names());
+
+    if let Some(line) = &args.announce {
+        eprintln!("{line}");
+    }
+    let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
+    std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
+    crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
     if let Some(c) = &resumed {
         t.restore(c, &last_path)?;
     }
@@ -413,6 +450,11 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
             label_smoothing: recipe.label_smoothing,
         });
     let mut metrics = Metrics::open(&args.run_dir)?;
+    if let Some(message) = &note {
+        metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
+        eprintln!("{message}");
+    }
+    let show_top5 = train_ds.num_classes() > 5;
     let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
         bar.abandon();
         t.save(&last_path)?;
@@ -486,15 +528,15 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         if args.json {
             println!("{}", serde_json::to_string(&report).map_err(Error::invalid)?);
         } else {
+            let top5 = if show_top5 { format!(" top5 {:.4}", report.val_top5) } else { String::new() };
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4} top5 {:.4} | {:.0} img/s",
+                "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4}{top5} | {:.0} img/s",
                 report.epoch,
                 recipe.epochs,
                 report.train_loss,
                 report.train_top1,
                 report.val_loss,
                 report.val_top1,
-                report.val_top5,
                 report.images_per_s
             );
         }
@@ -503,6 +545,7 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         let improved = eval.top1 > t.pos.best_top1;
         if improved {
             t.pos.best_top1 = eval.top1;
+            t.pos.best_epoch = t.pos.epoch;
         }
         t.save(&last_path)?;
         if improved {

@@ -16,13 +16,19 @@ use crate::model::{Arch, ResNet, ResNetConfig};
 /// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
 /// A training checkpoint's optimiser state (`optimizer.*`) is left out: only the network is returned.
 pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(read(path)?.0)
+}
+
+/// `load_state_dict` and the file's metadata (a safetensors header's `__metadata__`; none for a `.pth`).
+pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
     if bytes.starts_with(b"PK\x03\x04") {
-        pth::load_pth_bytes(&bytes, path)
+        Ok((pth::load_pth_bytes(&bytes, path)?, BTreeMap::new()))
     } else if bytes.len() >= 8 && bytes.get(8) == Some(&b'{') {
-        let mut tensors = safetensors::load_bytes(&bytes, path)?.tensors;
+        let loaded = safetensors::load_bytes(&bytes, path)?;
+        let mut tensors = loaded.tensors;
         tensors.retain(|k, _| !k.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX));
-        Ok(tensors)
+        Ok((tensors, loaded.metadata))
     } else {
         Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"))
     }
@@ -97,7 +103,9 @@ fn temporary_prefix(name: &str) -> String {
 /// Remove the temporaries of `names` in `dir` that `write_atomic` left when its writer was killed before the
 /// rename.
 pub fn remove_stale_temporaries(dir: &Path, names: &[&str]) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let prefixes: Vec<String> = names.iter().map(|n| temporary_prefix(n)).collect();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

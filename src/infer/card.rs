@@ -1,0 +1,136 @@
+//! What it takes to run a trained network on a new image, carried in the checkpoint's metadata so that
+//! `predict`, `features` and `eval` preprocess exactly as training evaluated: the architecture and stem, the
+//! class names, and the evaluation preprocessing (torchvision's `Resize(resize)`, `CenterCrop(size)`,
+//! `ToTensor`, `Normalize(mean, std)` over `channels` channels).
+//!
+//! Keys (safetensors metadata, all strings): `arch`, `stem`, `classes` (a JSON array of names) and
+//! `preprocess` (a JSON object: `channels`, `size`, `resize`, `mean`, `std`). A file without `preprocess`
+//! (a torchvision export, say) gets torchvision's ImageNet defaults: 256, 224 and ImageNet's mean/std.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::transforms::{Op, Pipeline};
+use crate::error::{Error, Result};
+use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::model::{Arch, Stem};
+
+/// The evaluation preprocessing of a network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Input channels (3: RGB).
+    pub channels: usize,
+    /// Side of the square network input (the centre crop).
+    pub size: u32,
+    /// Shorter side the image is resized to before the crop; equal to `size` for images that already have
+    /// the network's size (digits, CIFAR), where it changes nothing (PIL copies an image resized to its own size).
+    pub resize: u32,
+    /// Per-channel normalisation after scaling to [0, 1].
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Preprocess {
+    /// torchvision's ImageNet evaluation transform.
+    pub fn imagenet() -> Preprocess {
+        Preprocess {
+            channels: 3,
+            size: crate::infer::CROP,
+            resize: crate::infer::RESIZE,
+            mean: IMAGENET_MEAN.to_vec(),
+            std: IMAGENET_STD.to_vec(),
+        }
+    }
+
+    /// Refuse what no image could be preprocessed with (a hand-edited or hostile file).
+    pub fn validate(&self) -> Result<()> {
+        if self.channels != 3 || self.mean.len() != 3 || self.std.len() != 3 {
+            return Err(Error::invalid(format!(
+                "preprocessing for {} channels (mean {:?}, std {:?}): only 3-channel RGB is supported",
+                self.channels, self.mean, self.std
+            )));
+        }
+        if !(8..=4096).contains(&self.size) || !(1..=16384).contains(&self.resize) {
+            return Err(Error::invalid(format!(
+                "preprocessing size {} / resize {} is out of range",
+                self.size, self.resize
+            )));
+        }
+        if self.std.iter().chain(&self.mean).any(|v| !v.is_finite()) || self.std.iter().any(|&s| s <= 0.0) {
+            return Err(Error::invalid("preprocessing mean/std must be finite and the std above 0"));
+        }
+        Ok(())
+    }
+
+    fn rgb(v: &[f32]) -> [f32; 3] {
+        std::array::from_fn(|c| v.get(c).copied().unwrap_or(0.0))
+    }
+
+    /// The transform as a `Pipeline` (the one evaluation during training runs, so `predict` and `eval` agree
+    /// image for image).
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline {
+            ops: vec![Op::Resize { shorter: self.resize }, Op::CenterCrop { size: self.size }],
+            mean: Self::rgb(&self.mean),
+            std: Self::rgb(&self.std),
+            erasing: None,
+        }
+    }
+
+    /// One line for start-up messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}x{}x{} (shorter side to {}, centre crop {}), mean {:?}, std {:?}",
+            self.channels, self.size, self.size, self.resize, self.size, self.mean, self.std
+        )
+    }
+}
+
+/// Architecture, classes and preprocessing of a network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelCard {
+    pub arch: Arch,
+    pub stem: Stem,
+    /// Class names in label order, when the file knows them.
+    pub classes: Option<Vec<String>>,
+    pub preprocess: Preprocess,
+}
+
+impl ModelCard {
+    /// The card's metadata entries.
+    pub fn to_metadata(&self) -> Result<BTreeMap<String, String>> {
+        let mut m = BTreeMap::from([
+            ("arch".to_string(), self.arch.to_string()),
+            ("stem".to_string(), self.stem.to_string()),
+            ("preprocess".to_string(), serde_json::to_string(&self.preprocess).map_err(Error::invalid)?),
+        ]);
+        if let Some(classes) = &self.classes {
+            m.insert("classes".to_string(), serde_json::to_string(classes).map_err(Error::invalid)?);
+        }
+        Ok(m)
+    }
+
+    /// The card in a file's metadata; `None` when the file has no `preprocess` entry. Errors are `Invalid`
+    /// (attach the file with `in_file`).
+    pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Option<ModelCard>> {
+        let Some(pre) = m.get("preprocess") else {
+            return Ok(None);
+        };
+        let preprocess: Preprocess =
+            serde_json::from_str(pre).map_err(|e| Error::invalid(format!("bad 'preprocess' metadata: {e}")))?;
+        preprocess.validate()?;
+        let field = |k: &str| m.get(k).ok_or_else(|| Error::invalid(format!("has 'preprocess' but no '{k}' metadata")));
+        let arch: Arch = field("arch")?.parse()?;
+        let stem: Stem = field("stem")?.parse()?;
+        let classes = match m.get("classes") {
+            Some(text) => Some(
+                serde_json::from_str::<Vec<String>>(text)
+                    .map_err(|e| Error::invalid(format!("bad 'classes' metadata: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Some(ModelCard { arch, stem, classes, preprocess }))
+    }
+}
