@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use image::{GrayImage, Luma};
+use resnet_rs::data::shapes;
 
 fn resnet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_resnet")).args(args).output().expect("the binary runs")
@@ -19,33 +19,12 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A 28x28 grayscale image of class `class` (0: horizontal stripes, 1: vertical stripes, 2: a bright centre
-/// blob), shifted and noised by `i` so that no two are alike.
-fn sample(class: usize, i: usize) -> GrayImage {
-    let mut state = (class as u64 * 1000 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut noise = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 58) as i32
-    };
-    let shift = (i % 4) as u32;
-    GrayImage::from_fn(28, 28, |x, y| {
-        let on = match class {
-            0 => ((y + shift) / 3).is_multiple_of(2),
-            1 => ((x + shift) / 3).is_multiple_of(2),
-            _ => (x as i32 - 14 - shift as i32).pow(2) + (y as i32 - 14).pow(2) < 60,
-        };
-        Luma([(if on { 200 } else { 40 } + noise() * 4).clamp(0, 255) as u8])
-    })
-}
-
-/// `root/<name>/<i>.png` for each class name with `per_class` images.
+/// `root/<name>/<i>.png`: the synthetic shapes of `resnet_rs::data::shapes` under the given class names.
 fn folder(root: &Path, classes: &[&str], per_class: usize) {
     for (c, name) in classes.iter().enumerate() {
         std::fs::create_dir_all(root.join(name)).expect("mkdir");
         for i in 0..per_class {
-            sample(c, i).save(root.join(name).join(format!("{i:03}.png"))).expect("png");
+            shapes::sample(c, i).save(root.join(name).join(format!("{i:03}.png"))).expect("png");
         }
     }
 }

@@ -127,12 +127,8 @@ pub fn run(a: EvalCmd) -> Result<()> {
         println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
     }
     for img in &images {
-        println!(
-            "{}  label {}  predicted {}",
-            img["file"].as_str().unwrap_or_default(),
-            img["label"],
-            img["predicted"]
-        );
+        let field = |k: &str| img[k].as_str().unwrap_or_default().to_string();
+        println!("{}  label {}  predicted {}", field("file"), field("label"), field("predicted"));
     }
     Ok(())
 }

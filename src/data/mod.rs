@@ -28,6 +28,7 @@ pub mod digits;
 pub mod download;
 pub mod folder;
 pub mod loader;
+pub mod shapes;
 pub mod split;
 pub mod transforms;
 
