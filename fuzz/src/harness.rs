@@ -203,6 +203,9 @@ fn run_safetensors(data: &[u8]) -> Outcome {
                 let numel: usize = t.shape().iter().product();
                 assert_eq!(t.data().len(), numel, "tensor {k}: data length vs shape");
             }
+            // The model card and the arch a checkpoint's metadata and keys describe (`open_model`'s reading).
+            let _ = resnet_rs::infer::card::ModelCard::from_metadata(&loaded.metadata);
+            let _ = resnet_rs::model::Arch::infer_from(&loaded.tensors);
             let mut ranks: Vec<char> =
                 loaded.tensors.values().map(|t| char::from(b'a' + t.shape().len().min(25) as u8)).collect();
             ranks.sort();
@@ -247,6 +250,12 @@ fn run_recipe(data: &[u8]) -> Outcome {
             let again =
                 Recipe::parse(&toml).unwrap_or_else(|e| panic!("to_toml() output does not parse back: {e}\n{toml}"));
             assert_eq!(again.to_toml(), toml, "recipe does not round-trip through to_toml()");
+            // A recipe that validates becomes a start-up line and a model card that validates too.
+            if recipe.validate().is_ok() {
+                let _ = recipe.summary();
+                let card = resnet_rs::train::setup::card(&recipe, None);
+                card.preprocess.validate().unwrap_or_else(|e| panic!("a valid recipe gave an invalid card: {e}"));
+            }
             Outcome::Accepted(String::new())
         }
         Err(e) => Outcome::Rejected(e.to_string()),

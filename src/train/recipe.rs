@@ -409,6 +409,9 @@ impl Recipe {
         if !(8..=4096).contains(&self.image_size) {
             return bad("image-size", "must be between 8 and 4096 pixels");
         }
+        if self.eval_resize > 16384 {
+            return bad("eval-resize", "must be at most 16384 pixels (0: derived from --image-size)");
+        }
         if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
             return bad("std", "and --mean must be finite, the std above 0");
         }
@@ -424,7 +427,7 @@ impl Recipe {
     pub fn eval_resize(&self) -> u32 {
         match (self.eval_resize, self.dataset, self.random_resized_crop) {
             (0, DatasetKind::Digits | DatasetKind::Cifar10 | DatasetKind::Cifar100, false) => self.image_size,
-            (0, _, _) => self.image_size * 8 / 7,
+            (0, _, _) => (u64::from(self.image_size) * 8 / 7).min(u64::from(u32::MAX)) as u32,
             (r, _, _) => r,
         }
     }

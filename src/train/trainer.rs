@@ -36,7 +36,7 @@ pub struct TrainArgs {
     /// resumed step on, and `metrics.jsonl` gets a note saying so.
     pub resume_epochs: Option<u64>,
     pub skip_nonfinite: bool,
-    /// Printed (to stderr) once the data has been checked, before the run folder is made: the start-up line.
+    /// Printed (to stderr) once the data has been checked and the device opened: the start-up line.
     pub announce: Option<String>,
     /// Stop (with a checkpoint) after this many optimiser steps in total.
     pub max_steps: Option<u64>,
@@ -422,9 +422,6 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
     t.class_names = Some(train_ds.class_names());
 
-    if let Some(line) = &args.announce {
-        eprintln!("{line}");
-    }
     let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
     crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
@@ -432,6 +429,10 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         t.restore(c, &last_path)?;
     }
     t.use_device(device)?;
+    // Everything that can refuse the run has run: say what it trains.
+    if let Some(line) = &args.announce {
+        eprintln!("{line}");
+    }
     if let Some(name) = t.gpu_name() {
         eprintln!("training on {name}");
     }
