@@ -55,11 +55,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
     let mut r = match (&a.recipe, &opened.recipe) {
         (Some(name), _) => Recipe::load(name)?,
         (None, Some(r)) => r.clone(),
-        (None, None) => match detected {
-            Some(DatasetKind::Folder) => Recipe::load("folder")?,
-            Some(DatasetKind::Cifar10 | DatasetKind::Cifar100) => Recipe::load("cifar10")?,
-            Some(DatasetKind::Digits) | None => Recipe::load("digits")?,
-        },
+        (None, None) => defaults::recipe_for(detected.unwrap_or(DatasetKind::Digits))?,
     };
     if let Some(kind) = detected {
         r.dataset = kind;
@@ -95,12 +91,9 @@ pub fn run(a: EvalCmd) -> Result<()> {
         r.batch_size,
         r.workers,
     )?;
-    let images: Vec<serde_json::Value> = if a.per_image {
-        rep.predictions
-            .iter()
-            .enumerate()
-            .map(|(i, &(l, p))| serde_json::json!({"file": val.source(i), "label": names[l], "predicted": names[p]}))
-            .collect()
+    // (file, label, prediction) of every image, with --per-image.
+    let images: Vec<(String, &str, &str)> = if a.per_image {
+        rep.predictions.iter().enumerate().map(|(i, &(l, p))| (val.source(i), &*names[l], &*names[p])).collect()
     } else {
         Vec::new()
     };
@@ -111,6 +104,10 @@ pub fn run(a: EvalCmd) -> Result<()> {
             obj["top5"] = rep.top5.into();
         }
         if a.per_image {
+            let images: Vec<_> = images
+                .iter()
+                .map(|(file, label, predicted)| serde_json::json!({"file": file, "label": label, "predicted": predicted}))
+                .collect();
             obj["images"] = images.into();
         }
         println!("{obj}");
@@ -126,9 +123,8 @@ pub fn run(a: EvalCmd) -> Result<()> {
     for row in &rep.confusion {
         println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
     }
-    for img in &images {
-        let field = |k: &str| img[k].as_str().unwrap_or_default().to_string();
-        println!("{}  label {}  predicted {}", field("file"), field("label"), field("predicted"));
+    for (file, label, predicted) in &images {
+        println!("{file}  label {label}  predicted {predicted}");
     }
     Ok(())
 }

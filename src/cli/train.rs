@@ -74,11 +74,10 @@ fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
             let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
             (Recipe::load(name)?, stem)
         }
-        (None, Some(DatasetKind::Folder)) => (Recipe::load("folder")?, "folder".into()),
-        (None, Some(k @ (DatasetKind::Cifar10 | DatasetKind::Cifar100))) => {
-            (Recipe { dataset: k, ..Recipe::load("cifar10")? }, k.to_string())
+        (None, kind) => {
+            let kind = kind.unwrap_or(DatasetKind::Digits);
+            (defaults::recipe_for(kind)?, kind.to_string())
         }
-        (None, Some(DatasetKind::Digits) | None) => (Recipe::load("digits")?, "digits".into()),
     };
     let folder_defaults = a.recipe.is_none() && r.dataset == DatasetKind::Folder;
     if let (true, None, Some(root)) = (folder_defaults, f.image_size, &data)

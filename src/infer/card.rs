@@ -64,8 +64,14 @@ impl Preprocess {
         Ok(())
     }
 
-    fn rgb(v: &[f32]) -> [f32; 3] {
-        std::array::from_fn(|c| v.get(c).copied().unwrap_or(0.0))
+    /// The mean as one value per RGB channel (`validate` checks there are three).
+    pub fn mean_rgb(&self) -> [f32; 3] {
+        std::array::from_fn(|c| self.mean.get(c).copied().unwrap_or(0.0))
+    }
+
+    /// The std as one value per RGB channel (`validate` checks there are three).
+    pub fn std_rgb(&self) -> [f32; 3] {
+        std::array::from_fn(|c| self.std.get(c).copied().unwrap_or(1.0))
     }
 
     /// The transform as a `Pipeline` (the one evaluation during training runs, so `predict` and `eval` agree
@@ -73,18 +79,10 @@ impl Preprocess {
     pub fn pipeline(&self) -> Pipeline {
         Pipeline {
             ops: vec![Op::Resize { shorter: self.resize }, Op::CenterCrop { size: self.size }],
-            mean: Self::rgb(&self.mean),
-            std: Self::rgb(&self.std),
+            mean: self.mean_rgb(),
+            std: self.std_rgb(),
             erasing: None,
         }
-    }
-
-    /// One line for start-up messages.
-    pub fn describe(&self) -> String {
-        format!(
-            "{}x{}x{} (shorter side to {}, centre crop {}), mean {:?}, std {:?}",
-            self.channels, self.size, self.size, self.resize, self.size, self.mean, self.std
-        )
     }
 }
 

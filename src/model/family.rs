@@ -45,10 +45,11 @@ impl FromStr for Arch {
     type Err = Error;
     fn from_str(s: &str) -> Result<Arch> {
         let key = s.to_ascii_lowercase().replace(['-', '_'], "");
-        FAMILY.iter().find(|a| a.name == key).copied().ok_or_else(|| {
-            let names: Vec<_> = FAMILY.iter().map(|a| a.name).collect();
-            Error::invalid(format!("unknown arch '{s}' (expected one of {})", names.join(", ")))
-        })
+        FAMILY
+            .iter()
+            .find(|a| a.name == key)
+            .copied()
+            .ok_or_else(|| Error::invalid(format!("unknown arch '{s}' (expected one of {})", Arch::names().join(", "))))
     }
 }
 

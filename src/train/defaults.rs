@@ -44,6 +44,16 @@ pub fn detect(path: &Path) -> Result<DatasetKind> {
     ))
 }
 
+/// The bundled recipe a dataset of `kind` starts from when no recipe is named: `folder` for an ImageFolder,
+/// `cifar10` for CIFAR-10 and CIFAR-100, `digits` for the digits.
+pub fn recipe_for(kind: DatasetKind) -> Result<Recipe> {
+    Ok(match kind {
+        DatasetKind::Folder => Recipe::load("folder")?,
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => Recipe { dataset: kind, ..Recipe::load("cifar10")? },
+        DatasetKind::Digits => Recipe::load("digits")?,
+    })
+}
+
 /// The median shorter side of (up to 256, evenly spaced) images of the folder's training part.
 pub fn median_short_side(root: &Path) -> Result<u32> {
     let train = root.join("train");
@@ -89,8 +99,8 @@ pub fn adapt_to_weights(r: &mut Recipe, weights: &Path, folder_defaults: bool) -
     let pre = &card.preprocess;
     r.image_size = pre.size;
     r.eval_resize = pre.resize;
-    r.mean = std::array::from_fn(|c| pre.mean.get(c).copied().unwrap_or(0.0));
-    r.std = std::array::from_fn(|c| pre.std.get(c).copied().unwrap_or(1.0));
+    r.mean = pre.mean_rgb();
+    r.std = pre.std_rgb();
     r.random_resized_crop = card.stem == Stem::ImageNet;
     r.crop_padding = if r.random_resized_crop { 0 } else { (pre.size / 8).max(1) };
     r.lr = 0.01;
