@@ -32,9 +32,9 @@ pub struct Cli {
 enum Command {
     /// Layer table, parameter count, multiply-accumulates and fp32 size of an architecture.
     Info(info::InfoArgs),
-    /// Classify images with a torchvision-format checkpoint (.pth or .safetensors).
+    /// Classify images with one of our checkpoints or a torchvision-format file (.pth or .safetensors).
     Predict(predict::PredictArgs),
-    /// Write one feature vector per image (avgpool, fc or a pooled stage) to a safetensors file.
+    /// Write one feature vector per image (avgpool, fc or a pooled stage) to a .safetensors or .npy file.
     Features(features::FeaturesArgs),
     /// Train or fine-tune (default: ResNet-34 on the bundled 8x8 digits).
     Train(Box<train::TrainCmd>),
