@@ -52,13 +52,16 @@ def main():
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from this state_dict (safetensors) instead of a seeded initialisation")
+    ap.add_argument("--no-augment", action="store_true", help="no random crop or flip (resnet-rs: --crop-padding 0 --hflip false)")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(2)
     size = a.size
     to_input = [T.ToTensor(), T.Normalize(MEAN, STD)]
     fit = [T.Resize(size), T.CenterCrop(size)]
-    train_tf = T.Compose(fit + [T.RandomCrop(size, padding=max(size // 8, 1)), T.RandomHorizontalFlip()] + to_input)
+    augment = [] if a.no_augment else [T.RandomCrop(size, padding=max(size // 8, 1)), T.RandomHorizontalFlip()]
+    train_tf = T.Compose(fit + augment + to_input)
     eval_tf = T.Compose(fit + to_input)
     rgb = lambda p: torchvision.datasets.folder.default_loader(p)  # noqa: E731 (PIL, converted to RGB)
     train = torchvision.datasets.ImageFolder(f"{a.root}/train", train_tf, loader=rgb)
@@ -68,6 +71,10 @@ def main():
     loader = torch.utils.data.DataLoader(train, a.batch_size, shuffle=True, drop_last=drop_last)
     val_loader = torch.utils.data.DataLoader(val, 64)
     m = model(len(train.classes))
+    if a.init:
+        from safetensors.torch import load_file
+
+        m.load_state_dict(load_file(a.init))
     lr = 0.05 * a.batch_size / 64
     opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     spe = len(loader)

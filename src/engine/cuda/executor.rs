@@ -23,6 +23,7 @@ enum Slot {
 }
 
 /// One step of the network, independent of the batch size.
+#[derive(Debug)]
 enum Node {
     Conv {
         weight: usize,
@@ -348,27 +349,19 @@ fn pool_out(dims: [usize; 4]) -> (usize, usize) {
     ConvGeom::square(2, 1).output_hw(dims[2], dims[3], 3, 3)
 }
 
-fn build_plan(
-    dev: &Device,
-    algos: &mut AlgoCache,
-    nodes: &[Node],
-    input: [usize; 4],
-    storage: Storage,
-) -> Result<Plan> {
+/// Each node's input dims and, for a node that writes a slot, that slot and its dims: the plan's shapes, a pure
+/// function of the graph and the input.
+fn node_shapes(nodes: &[Node], input: [usize; 4]) -> Result<Vec<([usize; 4], Option<(Slot, [usize; 4])>)>> {
     let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
-    let mut plan = Plan { convs: Vec::new(), dims: Vec::new(), activation: 0, workspace: 0 };
     let get = |m: &HashMap<Slot, [usize; 4]>, s: Slot| {
         m.get(&s).copied().ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
     };
+    let mut out = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let (dims, out) = match *node {
+        let shapes = match *node {
             Node::Conv { out_channels, kernel, stride, src, dst, .. } => {
                 let x = get(&slot_dims, src)?;
-                let shape = ConvShape { x, out_channels, kernel, stride, pad: kernel / 2 };
-                let conv = ConvPlan::new(dev, algos, shape, storage)?;
-                plan.workspace = plan.workspace.max(conv.workspace);
-                plan.convs.push(conv);
-                (x, Some((dst, shape.y())))
+                (x, Some((dst, conv_shape(x, out_channels, kernel, stride).y())))
             }
             Node::Norm { dst, .. } => (get(&slot_dims, dst)?, None),
             Node::MaxPool { src, dst } => {
@@ -379,9 +372,34 @@ fn build_plan(
             Node::AvgPool { src, .. } => (get(&slot_dims, src)?, None),
             Node::Fc => ([input[0], 0, 1, 1], None),
         };
-        if let Some((dst, y)) = out {
-            plan.activation = plan.activation.max(y.iter().product());
+        if let Some((dst, y)) = shapes.1 {
             slot_dims.insert(dst, y);
+        }
+        out.push(shapes);
+    }
+    Ok(out)
+}
+
+fn conv_shape(x: [usize; 4], out_channels: usize, kernel: usize, stride: usize) -> ConvShape {
+    ConvShape { x, out_channels, kernel, stride, pad: kernel / 2 }
+}
+
+fn build_plan(
+    dev: &Device,
+    algos: &mut AlgoCache,
+    nodes: &[Node],
+    input: [usize; 4],
+    storage: Storage,
+) -> Result<Plan> {
+    let mut plan = Plan { convs: Vec::new(), dims: Vec::new(), activation: 0, workspace: 0 };
+    for (node, (dims, out)) in nodes.iter().zip(node_shapes(nodes, input)?) {
+        if let Node::Conv { out_channels, kernel, stride, .. } = *node {
+            let conv = ConvPlan::new(dev, algos, conv_shape(dims, out_channels, kernel, stride), storage)?;
+            plan.workspace = plan.workspace.max(conv.workspace);
+            plan.convs.push(conv);
+        }
+        if let Some((_, y)) = out {
+            plan.activation = plan.activation.max(y.iter().product());
         }
         plan.dims.push(dims);
     }
@@ -514,5 +532,42 @@ impl<'a> Builder<'a> {
             src = dst;
         }
         Ok(src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device graph is a pure function of the model: its nodes and shapes for every family member on both
+    //! stems are pinned in `tests/fixtures/cuda_graphs/executor.txt` (written once from the hand-written
+    //! `Builder`, before the network was described once in `model::graph`), so a change to the wiring is seen
+    //! without a GPU. `RESNET_WRITE_FIXTURES=1` rewrites the file.
+    use super::*;
+    use crate::model::Arch;
+
+    fn describe(arch: &str, stem: Stem) -> String {
+        let arch: Arch = arch.parse().expect("a family member");
+        let config = ResNetConfig { stem, widths: [4, 8, 16, 32], ..ResNetConfig::new(arch, 10) };
+        let model = ResNet::new(config, 0);
+        let mut b = Builder::new(&model);
+        b.network().expect("the builder describes the model");
+        b.index.check_all_used().expect("every tensor used");
+        let input = if stem == Stem::Cifar { [2, 3, 32, 32] } else { [2, 3, 64, 64] };
+        let shapes = node_shapes(&b.nodes, input).expect("shapes");
+        let mut out = format!("## {arch} {stem} input {input:?} fc {:?} norms {:?}\n", b.fc, b.norms);
+        for (node, (dims, y)) in b.nodes.iter().zip(shapes) {
+            out += &format!("{node:?} in {dims:?} out {y:?}\n");
+        }
+        out
+    }
+
+    #[test]
+    fn device_graph_is_pinned() {
+        let mut text = String::new();
+        for arch in ["resnet18", "resnet34", "resnet50", "resnet101"] {
+            for stem in [Stem::ImageNet, Stem::Cifar] {
+                text += &describe(arch, stem);
+            }
+        }
+        crate::engine::cuda::pinned("executor.txt", &text);
     }
 }

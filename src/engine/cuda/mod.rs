@@ -86,4 +86,20 @@ mod table;
 mod train;
 
 pub use executor::{CudaOptions, CudaResNet};
+
+/// Compare `text` with the committed `tests/fixtures/cuda_graphs/NAME` (rewritten when
+/// `RESNET_WRITE_FIXTURES=1`): how the device graphs' tests pin a pure function of the model without a GPU.
+#[cfg(test)]
+fn pinned(name: &str, text: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cuda_graphs").join(name);
+    if std::env::var_os("RESNET_WRITE_FIXTURES").is_some() {
+        std::fs::create_dir_all(path.parent().expect("a folder")).expect("fixture folder");
+        std::fs::write(&path, text).expect("fixture written");
+    }
+    let want = std::fs::read_to_string(&path).expect("fixture present (RESNET_WRITE_FIXTURES=1 writes it)");
+    for (i, (got, want)) in text.lines().zip(want.lines()).enumerate() {
+        assert_eq!(got, want, "{name}: line {} differs", i + 1);
+    }
+    assert_eq!(text.lines().count(), want.lines().count(), "{name}: line count differs");
+}
 pub use train::{CudaTrainer, StepCheck, TrainOptimizer};

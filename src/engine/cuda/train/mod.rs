@@ -67,6 +67,7 @@ enum Post {
 }
 
 /// One conv+BN unit, independent of the batch size.
+#[derive(Debug)]
 struct UnitSpec {
     weight: usize,
     out_channels: usize,
@@ -86,6 +87,7 @@ struct UnitBufs {
 }
 
 /// A residual block: its units in order and its shortcut projection, as indices into the unit list.
+#[derive(Debug)]
 struct BlockSpec {
     units: Vec<usize>,
     downsample: Option<usize>,
@@ -824,5 +826,44 @@ impl<'a> Walker<'a> {
         }
         self.blocks.push(BlockSpec { units, downsample });
         Ok(src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The training graph is a pure function of the model: its units, blocks and convolution shapes for every
+    //! family member on both stems are pinned in `tests/fixtures/cuda_graphs/trainer.txt` (written once from the
+    //! hand-written `Walker`, before the network was described once in `model::graph`).
+    use super::*;
+    use crate::model::Arch;
+
+    fn describe(arch: &str, stem: Stem) -> String {
+        let arch: Arch = arch.parse().expect("a family member");
+        let config = ResNetConfig { stem, widths: [4, 8, 16, 32], ..ResNetConfig::new(arch, 10) };
+        let model = ResNet::new(config, 0);
+        let mut b = Walker::new(&model);
+        b.network().expect("the walker describes the model");
+        b.index.check_all_used().expect("every tensor used");
+        let hw = if stem == Stem::Cifar { (32, 32) } else { (64, 64) };
+        let (shapes, pooled) = unit_shapes(&b.specs, 2, hw);
+        let mut out = format!("## {arch} {stem} input {hw:?} fc {:?} pooled {pooled:?}\n", b.fc);
+        for (spec, shape) in b.specs.iter().zip(&shapes) {
+            out += &format!("{spec:?} x {:?} y {:?}\n", shape.x, shape.y());
+        }
+        for block in &b.blocks {
+            out += &format!("{block:?}\n");
+        }
+        out
+    }
+
+    #[test]
+    fn training_graph_is_pinned() {
+        let mut text = String::new();
+        for arch in ["resnet18", "resnet34", "resnet50", "resnet101"] {
+            for stem in [Stem::ImageNet, Stem::Cifar] {
+                text += &describe(arch, stem);
+            }
+        }
+        crate::engine::cuda::pinned("trainer.txt", &text);
     }
 }
