@@ -349,9 +349,11 @@ fn pool_out(dims: [usize; 4]) -> (usize, usize) {
     ConvGeom::square(2, 1).output_hw(dims[2], dims[3], 3, 3)
 }
 
-/// Each node's input dims and, for a node that writes a slot, that slot and its dims: the plan's shapes, a pure
-/// function of the graph and the input.
-fn node_shapes(nodes: &[Node], input: [usize; 4]) -> Result<Vec<([usize; 4], Option<(Slot, [usize; 4])>)>> {
+/// A node's input dims and, for a node that writes a slot, that slot and its dims.
+type NodeShape = ([usize; 4], Option<(Slot, [usize; 4])>);
+
+/// Every node's shapes: a pure function of the graph and the input.
+fn node_shapes(nodes: &[Node], input: [usize; 4]) -> Result<Vec<NodeShape>> {
     let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
     let get = |m: &HashMap<Slot, [usize; 4]>, s: Slot| {
         m.get(&s).copied().ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
