@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use super::graph::Pool;
 use super::store::{BufferId, Init, ParamId, Path, Store};
 use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
 
@@ -181,20 +182,27 @@ impl Relu {
     }
 }
 
-/// 3x3/2 max-pool with padding 1, the ImageNet stem's.
-#[derive(Default)]
+/// The ImageNet stem's max-pool (3x3/2, padding 1: `graph::Pool`).
 pub struct MaxPool {
+    spec: Pool,
     record: Option<(Vec<u32>, [usize; 4])>,
 }
 
 impl MaxPool {
-    pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode) -> Tensor {
-        if mode == Mode::Eval {
-            return be.max_pool2d_values(x, 3, 2, 1);
-        }
-        let (y, argmax) = be.max_pool2d(x, 3, 2, 1);
+    pub fn new(spec: Pool) -> Self {
+        MaxPool { spec, record: None }
+    }
+
+    pub fn forward_train(&mut self, be: &dyn Backend, x: &Tensor) -> Tensor {
+        let Pool { kernel, stride, padding } = self.spec;
+        let (y, argmax) = be.max_pool2d(x, kernel, stride, padding);
         self.record = Some((argmax, x.dims4()));
         y
+    }
+
+    pub fn forward_eval(&self, be: &dyn Backend, x: &Tensor) -> Tensor {
+        let Pool { kernel, stride, padding } = self.spec;
+        be.max_pool2d_values(x, kernel, stride, padding)
     }
 
     pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {

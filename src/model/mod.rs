@@ -1,12 +1,13 @@
 //! The ResNet family: the architecture table, the blocks, and the network with its named parameters.
 
-mod block;
 pub mod family;
+pub mod graph;
 pub mod layers;
 mod resnet;
 pub mod store;
 pub mod summary;
 
 pub use family::{Arch, BlockKind, FAMILY, ResNetConfig, STANDARD_WIDTHS, Stem};
+pub use graph::Graph;
 pub use layers::Mode;
 pub use resnet::{ResNet, Tap};

@@ -1,11 +1,12 @@
-//! The whole network: stem, four stages of blocks, global average pool, fully connected head.
+//! The whole network on the CPU: one conv+BN layer per unit of `Graph`, the stem's max-pool and the classifier;
+//! forward walks the graph in order, backward in reverse (the records each layer keeps are in `layers`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::block::Block;
-use super::family::{ResNetConfig, Stem};
-use super::layers::{ConvBn, Linear, MaxPool, Mode, Relu};
+use super::family::ResNetConfig;
+use super::graph::{Graph, Post, Src};
+use super::layers::{ConvBn, Linear, MaxPool, Mode};
 use super::store::Store;
 use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -40,12 +41,16 @@ impl std::str::FromStr for Tap {
 
 pub struct ResNet {
     pub config: ResNetConfig,
+    /// The wiring every forward, backward and executor walks.
+    pub graph: Graph,
     pub store: Store,
-    stem: ConvBn,
-    stem_relu: Relu,
+    /// One conv+BN layer per graph unit, in the graph's order.
+    units: Vec<ConvBn>,
     maxpool: Option<MaxPool>,
-    stages: Vec<Vec<Block>>,
     fc: Linear,
+    /// Record: each unit's output after its ReLU (the sign mask of the ReLU's gradient, shared with the records
+    /// of the convolutions that read it); `None` for a projection, which has no ReLU.
+    outputs: Vec<Option<Arc<Tensor>>>,
     /// Record: shape of the pooled feature map.
     pooled_from: Option<[usize; 4]>,
     /// The first layer (stem or block, in forward order) whose output held a NaN or an infinity during the last
@@ -53,39 +58,71 @@ pub struct ResNet {
     first_nonfinite: Option<String>,
 }
 
+/// The value a unit reads among those computed so far; `None` for the images, which the caller holds.
+fn computed<'a, T>(src: Src, pooled: &'a Option<T>, values: &'a [Option<T>]) -> Option<&'a T> {
+    const ORDER: &str = "the graph lists a unit after the units it reads";
+    match src {
+        Src::Images => None,
+        Src::Pool => Some(pooled.as_ref().expect(ORDER)),
+        Src::Unit(i) => Some(values[i].as_ref().expect(ORDER)),
+    }
+}
+
+/// Drop the values no later unit reads.
+fn release<T>(done: &[Src], pooled: &mut Option<T>, values: &mut [Option<T>]) {
+    for &src in done {
+        match src {
+            Src::Images => {}
+            Src::Pool => *pooled = None,
+            Src::Unit(i) => values[i] = None,
+        }
+    }
+}
+
+/// Where the gradient of `src` accumulates.
+fn gradient_of<'a>(
+    src: Src,
+    images: &'a mut Option<Tensor>,
+    pool: &'a mut Option<Tensor>,
+    units: &'a mut [Option<Tensor>],
+) -> &'a mut Option<Tensor> {
+    match src {
+        Src::Images => images,
+        Src::Pool => pool,
+        Src::Unit(i) => &mut units[i],
+    }
+}
+
+/// Accumulate a gradient into `slot` (the first contribution is moved in).
+fn accumulate(be: &dyn Backend, slot: &mut Option<Tensor>, g: Tensor) {
+    *slot = Some(match slot.take() {
+        Some(acc) => be.add(acc, &g),
+        None => g,
+    });
+}
+
 impl ResNet {
-    /// A network with torchvision's initialisation, drawn from `seed`.
+    /// A network with torchvision's initialisation, drawn from `seed` in torchvision's module order.
     pub fn new(config: ResNetConfig, seed: u64) -> Self {
+        let graph = Graph::of(&config);
         let mut store = Store::new(seed);
         let mut root = store.root();
-        let c0 = config.widths[0];
-        let (stem, maxpool) = match config.stem {
-            Stem::ImageNet => (ConvBn::new(&mut root, "conv1", "bn1", 3, c0, 7, 2, false), Some(MaxPool::default())),
-            Stem::Cifar => (ConvBn::new(&mut root, "conv1", "bn1", 3, c0, 3, 1, false), None),
-        };
-        let kind = config.arch.block;
-        let mut cin = c0;
-        let mut stages = Vec::new();
-        for (i, (&width, &depth)) in config.widths.iter().zip(&config.arch.layers).enumerate() {
-            let mut stage_path = root.pp(format!("layer{}", i + 1));
-            let blocks = (0..depth)
-                .map(|b| {
-                    let stride = if i > 0 && b == 0 { 2 } else { 1 };
-                    let block = Block::new(&mut stage_path.pp(b), kind, cin, width, stride, config.zero_init_residual);
-                    cin = width * kind.expansion();
-                    block
-                })
-                .collect();
-            stages.push(blocks);
+        let mut units: Vec<Option<ConvBn>> = graph.units.iter().map(|_| None).collect();
+        for u in graph.module_order() {
+            let unit = &graph.units[u];
+            let zero_bn = config.zero_init_residual && matches!(unit.post, Post::AddRelu(_));
+            let (ci, co) = (unit.in_channels, unit.out_channels);
+            units[u] = Some(ConvBn::new(&mut root, &unit.conv, &unit.bn, ci, co, unit.kernel, unit.stride, zero_bn));
         }
-        let fc = Linear::new(&mut root, "fc", config.feature_dim(), config.num_classes);
+        let fc = Linear::new(&mut root, "fc", graph.features, graph.classes);
+        let units = units.into_iter().map(|u| u.expect("module_order lists every unit")).collect();
         ResNet {
             config,
+            maxpool: graph.pool.map(MaxPool::new),
+            outputs: graph.units.iter().map(|_| None).collect(),
+            graph,
             store,
-            stem,
-            stem_relu: Relu::default(),
-            maxpool,
-            stages,
+            units,
             fc,
             pooled_from: None,
             first_nonfinite: None,
@@ -97,51 +134,106 @@ impl ResNet {
         self.forward_to(be, x, mode, Tap::Fc)
     }
 
+    /// The unit after which `tap` (a stage output) is taken.
+    fn tap_unit(&self, tap: Tap) -> Option<usize> {
+        let stage = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4].iter().position(|&t| t == tap)?;
+        Some(self.graph.stage_output(stage))
+    }
+
     /// Run up to `tap` and return its output (a feature map for layer1..layer4, a matrix for avgpool and fc).
     pub fn forward_to(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode, tap: Tap) -> Tensor {
-        assert_eq!(x.shape().get(1), Some(&3), "input must be [N, 3, H, W]");
-        let train = mode == Mode::Train;
-        if train {
-            self.store.batches_tracked += 1;
-        }
-        let s = &mut self.store;
-        let first_nonfinite = &mut self.first_nonfinite;
-        *first_nonfinite = None;
-        let mut watch = |name: &dyn Fn() -> String, h: &Tensor| {
-            if train && first_nonfinite.is_none() && !h.all_finite() {
-                *first_nonfinite = Some(name());
-            }
+        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, 3, H, W]");
+        let stop = self.tap_unit(tap);
+        let pooled = match mode {
+            Mode::Train => match self.forward_train(be, x, stop) {
+                Ok(h) => {
+                    self.pooled_from = Some(h.dims4());
+                    be.global_avg_pool(&h)
+                }
+                Err(stage_output) => return Arc::unwrap_or_clone(stage_output),
+            },
+            Mode::Eval => match self.forward_eval(be, x, stop) {
+                Ok(h) => be.global_avg_pool(&h),
+                Err(stage_output) => return stage_output,
+            },
         };
-        let mut h = match mode {
-            // The stem's record needs its own copy of the caller's input.
-            Mode::Train => self.stem_relu.forward_train(be, self.stem.forward_train(be, s, &Arc::new(x.clone()))),
-            Mode::Eval => Arc::new(self.stem.forward_eval(be, s, x, None, true)),
-        };
-        watch(&|| "conv1".into(), &h);
-        if let Some(pool) = &mut self.maxpool {
-            h = Arc::new(pool.forward(be, &h, mode));
-        }
-        let taps = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4];
-        for (i, (stage, &stage_tap)) in self.stages.iter_mut().zip(&taps).enumerate() {
-            for (b, block) in stage.iter_mut().enumerate() {
-                h = block.forward(be, s, h, mode);
-                watch(&|| format!("layer{}.{b}", i + 1), &h);
-            }
-            if tap == stage_tap {
-                // A copy only in training mode, where the block's record shares the map.
-                return Arc::unwrap_or_clone(h);
-            }
-        }
-        if mode == Mode::Train {
-            self.pooled_from = Some(h.dims4());
-        }
-        let pooled = be.global_avg_pool(&h);
         if tap == Tap::AvgPool {
             return pooled;
         }
-        let logits = self.fc.forward(be, s, pooled, mode);
-        watch(&|| "fc".into(), &logits);
+        let logits = self.fc.forward(be, &self.store, pooled, mode);
+        if mode == Mode::Train && self.first_nonfinite.is_none() && !logits.all_finite() {
+            self.first_nonfinite = Some("fc".into());
+        }
         logits
+    }
+
+    /// The training-mode walk over the graph: every unit records what its backward needs. `Ok` holds the last
+    /// feature map; `Err` the output of unit `stop` when the walk ends there.
+    fn forward_train(
+        &mut self,
+        be: &dyn Backend,
+        x: &Tensor,
+        stop: Option<usize>,
+    ) -> std::result::Result<Arc<Tensor>, Arc<Tensor>> {
+        self.store.batches_tracked += 1;
+        self.first_nonfinite = None;
+        let done_after = self.graph.released_after();
+        // The stem's record needs its own copy of the caller's input.
+        let images = Arc::new(x.clone());
+        let mut values: Vec<Option<Arc<Tensor>>> = self.graph.units.iter().map(|_| None).collect();
+        let mut pooled: Option<Arc<Tensor>> = None;
+        for (u, unit) in self.graph.units.iter().enumerate() {
+            let input = computed(unit.src, &pooled, &values).unwrap_or(&images);
+            let y = self.units[u].forward_train(be, &mut self.store, input);
+            let out = Arc::new(match unit.post {
+                Post::Linear => y,
+                Post::Relu => be.relu(y),
+                Post::AddRelu(shortcut) => be.add_relu(y, computed(shortcut, &pooled, &values).unwrap_or(&images)),
+            });
+            self.outputs[u] = (unit.post != Post::Linear).then(|| Arc::clone(&out));
+            if self.first_nonfinite.is_none()
+                && (u == 0 || self.graph.block_ending_at(u).is_some())
+                && !out.all_finite()
+            {
+                let name = self.graph.block_ending_at(u).map_or("conv1".to_string(), |b| b.name.clone());
+                self.first_nonfinite = Some(name);
+            }
+            if stop == Some(u) {
+                return Err(out);
+            }
+            if let (0, Some(pool)) = (u, &mut self.maxpool) {
+                pooled = Some(Arc::new(pool.forward_train(be, &out)));
+            }
+            values[u] = Some(out);
+            // The records that still need a released value hold their own reference.
+            release(&done_after[u], &mut pooled, &mut values);
+        }
+        Ok(values.pop().flatten().expect("the last unit's output is the feature map"))
+    }
+
+    /// The inference walk: batch norm, the residual add and the ReLU fused into each convolution; nothing kept.
+    fn forward_eval(&self, be: &dyn Backend, x: &Tensor, stop: Option<usize>) -> std::result::Result<Tensor, Tensor> {
+        let done_after = self.graph.released_after();
+        let mut values: Vec<Option<Tensor>> = self.graph.units.iter().map(|_| None).collect();
+        let mut pooled: Option<Tensor> = None;
+        for (u, unit) in self.graph.units.iter().enumerate() {
+            let input = computed(unit.src, &pooled, &values).unwrap_or(x);
+            let (shortcut, relu) = match unit.post {
+                Post::Linear => (None, false),
+                Post::Relu => (None, true),
+                Post::AddRelu(s) => (Some(computed(s, &pooled, &values).unwrap_or(x)), true),
+            };
+            let out = self.units[u].forward_eval(be, &self.store, input, shortcut, relu);
+            if stop == Some(u) {
+                return Err(out);
+            }
+            if let (0, Some(pool)) = (u, &self.maxpool) {
+                pooled = Some(pool.forward_eval(be, &out));
+            }
+            values[u] = Some(out);
+            release(&done_after[u], &mut pooled, &mut values);
+        }
+        Ok(values.pop().flatten().expect("the last unit's output is the feature map"))
     }
 
     /// The first layer whose output went non-finite in the last training-mode forward (`conv1` for the stem,
@@ -151,48 +243,54 @@ impl ResNet {
     }
 
     /// Backpropagate the gradient of the loss with respect to the logits of the last training-mode forward,
-    /// accumulating parameter gradients. Returns the input gradient when asked for; otherwise stops as soon as no
-    /// trainable parameter is left below.
+    /// accumulating parameter gradients: the graph walked in reverse, each unit's output gradient complete when
+    /// its turn comes (every reader of a value runs after it). Returns the input gradient when asked for;
+    /// otherwise stops as soon as no trainable parameter is left below.
     pub fn backward(&mut self, be: &dyn Backend, dlogits: &Tensor, want_input_grad: bool) -> Option<Tensor> {
-        let trainable_below = self.trainable_prefix();
+        let trainable_upto = self.trainable_upto();
         let s = &mut self.store;
-        let mut g = self.fc.backward(be, s, dlogits, true).expect("dx was requested");
+        let g = self.fc.backward(be, s, dlogits, true).expect("dx was requested");
         let shape = self.pooled_from.take().expect("backward called without a training-mode forward");
-        g = be.global_avg_pool_backward(&g, shape);
-        for (i, stage) in self.stages.iter_mut().enumerate().rev() {
-            if !want_input_grad && !trainable_below[i + 1] {
+        let mut grads: Vec<Option<Tensor>> = self.graph.units.iter().map(|_| None).collect();
+        let (mut d_pool, mut d_images) = (None, None);
+        grads[self.graph.output()] = Some(be.global_avg_pool_backward(&g, shape));
+        for (u, unit) in self.graph.units.iter().enumerate().rev() {
+            if !want_input_grad && !trainable_upto[u] {
                 return None;
             }
-            for block in stage.iter_mut().rev() {
-                g = block.backward(be, s, g);
+            if let (0, Some(pool)) = (u, &mut self.maxpool) {
+                let dy = d_pool.take().expect("the units after the stem read the pool");
+                grads[0] = Some(pool.backward(be, &dy));
+            }
+            let dy = grads[u].take().expect("every unit's output is read");
+            let d = match unit.post {
+                Post::Linear => dy,
+                Post::Relu | Post::AddRelu(_) => {
+                    be.relu_backward(dy, &self.outputs[u].take().expect("backward called without a forward"))
+                }
+            };
+            let need_dx = u != 0 || want_input_grad;
+            let dx = self.units[u].backward(be, s, &d, need_dx);
+            if let Post::AddRelu(shortcut) = unit.post {
+                accumulate(be, gradient_of(shortcut, &mut d_images, &mut d_pool, &mut grads), d);
+            }
+            if let Some(dx) = dx {
+                accumulate(be, gradient_of(unit.src, &mut d_images, &mut d_pool, &mut grads), dx);
             }
         }
-        if !want_input_grad && !trainable_below[0] {
-            return None;
-        }
-        if let Some(pool) = &mut self.maxpool {
-            g = pool.backward(be, &g);
-        }
-        g = self.stem_relu.backward(be, g);
-        self.stem.backward(be, s, &g, want_input_grad)
+        d_images
     }
 
-    /// For each of [stem, layer1, .., layer4]: does it or anything before it hold a trainable parameter?
-    fn trainable_prefix(&self) -> [bool; 5] {
-        let mut out = [false; 5];
+    /// For each unit in graph order: does it or any unit before it hold a trainable parameter?
+    fn trainable_upto(&self) -> Vec<bool> {
         let mut any = false;
-        for (i, prefix) in ["", "layer1.", "layer2.", "layer3.", "layer4."].iter().enumerate() {
-            any |= self.store.params.iter().any(|p| {
-                p.trainable
-                    && if i == 0 {
-                        p.name.starts_with("conv1.") || p.name.starts_with("bn1.")
-                    } else {
-                        p.name.starts_with(prefix)
-                    }
-            });
-            out[i] = any;
-        }
-        out
+        self.units
+            .iter()
+            .map(|u| {
+                any |= [u.conv.weight, u.bn.weight, u.bn.bias].iter().any(|&p| self.store.trainable(p));
+                any
+            })
+            .collect()
     }
 
     /// Number of learnable parameters.

@@ -10,10 +10,11 @@ use super::norm::Norm;
 use super::table::{TensorIndex, TensorTable};
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
-use crate::model::{BlockKind, ResNet, ResNetConfig, Stem, Tap};
+use crate::model::graph::{Post, Src};
+use crate::model::{ResNet, ResNetConfig, Tap};
 
 /// Activation slots: the block input, the shortcut and one unit's output are live at once, so three suffice
-/// (see `Builder::block`).
+/// (see `DeviceGraph::of`).
 const SLOTS: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -133,10 +134,7 @@ impl CudaResNet {
         }
         // The graph is checked against the model before the device is touched, so a model this executor does not
         // describe fails the same way on every machine.
-        let mut b = Builder::new(model);
-        b.network()?;
-        b.index.check_all_used()?;
-        let Builder { nodes, norms: norm_specs, fc, .. } = b;
+        let DeviceGraph { nodes, norms: norm_specs, fc } = DeviceGraph::of(model)?;
 
         let dev = Device::open(device, options.allow_tf32)?;
         guarded("uploading the network", || {
@@ -408,133 +406,80 @@ fn build_plan(
     Ok(plan)
 }
 
-/// Walks the model's configuration as `ResNet::new` does, emitting nodes and checking every tensor it names
-/// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
-struct Builder<'a> {
-    model: &'a ResNet,
-    index: TensorIndex<'a>,
+/// The device graph: `model.graph` as nodes over activation slots, with the BN layers' and the classifier's
+/// tensors as indices into the tensor table, every tensor checked against the store by name and shape (and none
+/// left over), so the device graph and the CPU model cannot silently diverge.
+struct DeviceGraph {
     nodes: Vec<Node>,
     /// Per BN layer: tensor indices of weight, bias, running mean, running variance; channels.
     norms: Vec<([usize; 4], usize)>,
     fc: (usize, usize),
 }
 
-impl<'a> Builder<'a> {
-    fn new(model: &'a ResNet) -> Self {
-        Builder {
-            model,
-            index: TensorIndex::new(&model.store, "executor"),
-            nodes: Vec::new(),
-            norms: Vec::new(),
-            fc: (0, 0),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn conv_bn(
-        &mut self,
-        conv: &str,
-        bn: &str,
-        (cin, cout, kernel, stride): (usize, usize, usize, usize),
-        (src, dst): (Slot, Slot),
-        residual: Option<Slot>,
-        relu: bool,
-    ) -> Result<()> {
-        let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
-        self.nodes.push(Node::Conv { weight, out_channels: cout, kernel, stride, src, dst });
-        let mut t = [0; 4];
-        for (slot, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
-            *slot = self.index.take(&format!("{bn}.{leaf}"), &[cout])?;
-        }
-        self.norms.push((t, cout));
-        self.nodes.push(Node::Norm { norm: self.norms.len() - 1, dst, residual, relu });
-        Ok(())
-    }
-
-    fn network(&mut self) -> Result<()> {
-        let cfg = self.model.config;
-        let c0 = cfg.widths[0];
-        let mut cur = match cfg.stem {
-            Stem::ImageNet => {
-                self.conv_bn("conv1", "bn1", (3, c0, 7, 2), (Slot::Input, Slot::Act(0)), None, true)?;
-                self.nodes.push(Node::MaxPool { src: Slot::Act(0), dst: Slot::Act(1) });
-                1
+impl DeviceGraph {
+    /// Each unit writes the lowest slot that holds no value it or a later node still reads; ResNet's widest point
+    /// (a block's input or projection, one unit's input and its output) needs three.
+    fn of(model: &ResNet) -> Result<DeviceGraph> {
+        let g = &model.graph;
+        let mut index = TensorIndex::new(&model.store, "executor");
+        let last_readers = g.last_readers();
+        let last_pool_reader = g.last_pool_reader();
+        let (mut nodes, mut norms) = (Vec::new(), Vec::new());
+        let mut unit_slots: Vec<usize> = Vec::with_capacity(g.units.len());
+        let mut pool_slot = None;
+        let taps = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4];
+        let stage_taps: Vec<(usize, Tap)> = (0..4).map(|i| (g.stage_output(i), taps[i])).collect();
+        for (u, unit) in g.units.iter().enumerate() {
+            let slot = |s: Src| match s {
+                Src::Images => Slot::Input,
+                Src::Pool => Slot::Act(pool_slot.expect("the pool runs right after the stem")),
+                Src::Unit(i) => Slot::Act(unit_slots[i]),
+            };
+            let mut busy: Vec<usize> = (0..u).filter(|&i| last_readers[i] >= Some(u)).map(|i| unit_slots[i]).collect();
+            busy.extend(pool_slot.filter(|_| last_pool_reader >= Some(u)));
+            let dst = free_slot(&busy)?;
+            let (cin, cout, kernel) = (unit.in_channels, unit.out_channels, unit.kernel);
+            let weight = index.take(&format!("{}.weight", unit.conv), &[cout, cin, kernel, kernel])?;
+            nodes.push(Node::Conv {
+                weight,
+                out_channels: cout,
+                kernel,
+                stride: unit.stride,
+                src: slot(unit.src),
+                dst: Slot::Act(dst),
+            });
+            let mut t = [0; 4];
+            for (i, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
+                *i = index.take(&format!("{}.{leaf}", unit.bn), &[cout])?;
             }
-            Stem::Cifar => {
-                self.conv_bn("conv1", "bn1", (3, c0, 3, 1), (Slot::Input, Slot::Act(0)), None, true)?;
-                0
+            norms.push((t, cout));
+            let (residual, relu) = match unit.post {
+                Post::Linear => (None, false),
+                Post::Relu => (None, true),
+                Post::AddRelu(s) => (Some(slot(s)), true),
+            };
+            nodes.push(Node::Norm { norm: norms.len() - 1, dst: Slot::Act(dst), residual, relu });
+            unit_slots.push(dst);
+            if let (Src::Images, Some(_)) = (unit.src, g.pool) {
+                let p = free_slot(&[dst])?;
+                nodes.push(Node::MaxPool { src: Slot::Act(dst), dst: Slot::Act(p) });
+                pool_slot = Some(p);
             }
-        };
-        let kind = cfg.arch.block;
-        let mut cin = c0;
-        for (i, (&width, &depth)) in cfg.widths.iter().zip(&cfg.arch.layers).enumerate() {
-            for b in 0..depth {
-                let stride = if i > 0 && b == 0 { 2 } else { 1 };
-                cur = self.block(&format!("layer{}.{b}", i + 1), kind, cin, width, stride, cur)?;
-                cin = width * kind.expansion();
+            if let Some(&(_, tap)) = stage_taps.iter().find(|(end, _)| *end == u) {
+                nodes.push(Node::AvgPool { src: Slot::Act(dst), tap });
             }
-            let tap = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4][i];
-            self.nodes.push(Node::AvgPool { src: Slot::Act(cur), tap });
         }
-        self.nodes.push(Node::AvgPool { src: Slot::Act(cur), tap: Tap::AvgPool });
-        let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
-        self.fc = (self.index.take("fc.weight", &[classes, fin])?, self.index.take("fc.bias", &[classes])?);
-        self.nodes.push(Node::Fc);
-        Ok(())
+        nodes.push(Node::AvgPool { src: Slot::Act(unit_slots[g.output()]), tap: Tap::AvgPool });
+        let fc = (index.take("fc.weight", &[g.classes, g.features])?, index.take("fc.bias", &[g.classes])?);
+        nodes.push(Node::Fc);
+        index.check_all_used()?;
+        Ok(DeviceGraph { nodes, norms, fc })
     }
+}
 
-    /// One residual block reading slot `cur`; returns the slot holding its output. Live at any time: the
-    /// residual (the input or the shortcut's output), the unit's input and the unit's output, so a free slot is
-    /// always left among three.
-    fn block(
-        &mut self,
-        prefix: &str,
-        kind: BlockKind,
-        cin: usize,
-        width: usize,
-        stride: usize,
-        cur: usize,
-    ) -> Result<usize> {
-        let free = |busy: &[usize]| {
-            (0..SLOTS).find(|s| !busy.contains(s)).ok_or_else(|| Error::invalid("CUDA: out of activation slots"))
-        };
-        let cout = width * kind.expansion();
-        let res = if stride != 1 || cin != cout {
-            let d = free(&[cur])?;
-            let ds = format!("{prefix}.downsample");
-            self.conv_bn(
-                &format!("{ds}.0"),
-                &format!("{ds}.1"),
-                (cin, cout, 1, stride),
-                (Slot::Act(cur), Slot::Act(d)),
-                None,
-                false,
-            )?;
-            d
-        } else {
-            cur
-        };
-        let specs: Vec<(usize, usize, usize, usize)> = match kind {
-            BlockKind::Basic => vec![(cin, width, 3, stride), (width, width, 3, 1)],
-            BlockKind::Bottleneck => vec![(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)],
-        };
-        let mut src = cur;
-        for (u, &spec) in specs.iter().enumerate() {
-            let last = u + 1 == specs.len();
-            let dst = free(&[res, src])?;
-            let residual = last.then_some(Slot::Act(res));
-            self.conv_bn(
-                &format!("{prefix}.conv{}", u + 1),
-                &format!("{prefix}.bn{}", u + 1),
-                spec,
-                (Slot::Act(src), Slot::Act(dst)),
-                residual,
-                true,
-            )?;
-            src = dst;
-        }
-        Ok(src)
-    }
+/// The lowest activation slot not in `busy`.
+fn free_slot(busy: &[usize]) -> Result<usize> {
+    (0..SLOTS).find(|s| !busy.contains(s)).ok_or_else(|| Error::invalid("CUDA: out of activation slots"))
 }
 
 #[cfg(test)]
@@ -544,15 +489,13 @@ mod tests {
     //! `Builder`, before the network was described once in `model::graph`), so a change to the wiring is seen
     //! without a GPU. `RESNET_WRITE_FIXTURES=1` rewrites the file.
     use super::*;
-    use crate::model::Arch;
+    use crate::model::{Arch, Stem};
 
     fn describe(arch: &str, stem: Stem) -> String {
         let arch: Arch = arch.parse().expect("a family member");
         let config = ResNetConfig { stem, widths: [4, 8, 16, 32], ..ResNetConfig::new(arch, 10) };
         let model = ResNet::new(config, 0);
-        let mut b = Builder::new(&model);
-        b.network().expect("the builder describes the model");
-        b.index.check_all_used().expect("every tensor used");
+        let b = DeviceGraph::of(&model).expect("the device graph describes the model");
         let input = if stem == Stem::Cifar { [2, 3, 32, 32] } else { [2, 3, 64, 64] };
         let shapes = node_shapes(&b.nodes, input).expect("shapes");
         let mut out = format!("## {arch} {stem} input {input:?} fc {:?} norms {:?}\n", b.fc, b.norms);

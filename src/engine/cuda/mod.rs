@@ -32,8 +32,9 @@
 //!
 //! - **An executor, not a `Backend`.** The engine's `Tensor` is a host `Vec<f32>` and the `Backend` trait passes
 //!   host tensors, so a per-op CUDA backend would copy every activation to the device and back on every op. Like
-//!   llm.c, `CudaResNet` instead knows the fixed ResNet graph: it reads the block structure from the model's
-//!   configuration (checking every tensor name and shape against the store, and that no tensor is left over),
+//!   llm.c, `CudaResNet` instead runs the fixed ResNet graph: it walks the model's `Graph` once into a list of
+//!   nodes over activation slots (checking every tensor name and shape against the store, and that no tensor is
+//!   left over),
 //!   uploads parameters and BN buffers once, and runs the whole forward on the device. Only the images go in and
 //!   the logits come out.
 //! - **What is cached.** Per batch size, a plan: cuDNN descriptors and the algorithm of every convolution. The

@@ -35,7 +35,8 @@ use super::kernels::Kernels;
 use super::table::{TensorIndex, TensorTable};
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
-use crate::model::{BlockKind, ResNet, ResNetConfig, Stem};
+use crate::model::graph::{Post, Src};
+use crate::model::{ResNet, ResNetConfig};
 use crate::train::optim::{OptimizerKind, ParamGroup, widen};
 
 /// The optimiser a `CudaTrainer` applies, as `train::optim::Optimizer` takes it: the kind and one group per
@@ -44,26 +45,6 @@ use crate::train::optim::{OptimizerKind, ParamGroup, widen};
 pub struct TrainOptimizer {
     pub kind: OptimizerKind,
     pub groups: Vec<ParamGroup>,
-}
-
-/// Where a unit reads its input.
-#[derive(Clone, Copy, Debug)]
-enum Src {
-    Images,
-    /// The stem's max-pool output.
-    Pool,
-    /// The BN/ReLU output of unit i.
-    Act(usize),
-}
-
-/// What follows a unit's batch norm.
-#[derive(Clone, Copy, Debug)]
-enum Post {
-    Relu,
-    /// relu(bn + the residual), the block's output.
-    AddRelu(Src),
-    /// Nothing: a shortcut projection.
-    Linear,
 }
 
 /// One conv+BN unit, independent of the batch size.
@@ -210,7 +191,7 @@ fn unit_shapes(specs: &[UnitSpec], n: usize, (h, w): (usize, usize)) -> (Vec<Con
     for s in specs {
         let x = match s.src {
             Src::Images => [n, 3, h, w],
-            Src::Act(u) => shapes[u].y(),
+            Src::Unit(u) => shapes[u].y(),
             Src::Pool => {
                 let stem = shapes[0].y();
                 pooled = Some(stem);
@@ -259,10 +240,7 @@ impl CudaTrainer {
         }
         // The graph is checked against the model before the device is touched, so a model the trainer does not
         // describe fails the same way on every machine.
-        let mut b = Walker::new(model);
-        b.network()?;
-        b.index.check_all_used()?;
-        let Walker { specs, blocks, fc, .. } = b;
+        let TrainGraph { specs, blocks, fc } = TrainGraph::of(model)?;
         let (shapes, pooled) = unit_shapes(&specs, batch, (h, w));
         let storage = if options.bf16 { Storage::Bf16Nhwc } else { Storage::F32Nchw };
         let dev = Device::open(device, options.allow_tf32)?;
@@ -427,7 +405,7 @@ impl CudaTrainer {
                 Some(half) => ActRef::Bf16(&half.input),
             }),
             Src::Pool => self.pool.as_ref().map(|p| p.y.r()).ok_or_else(|| Error::invalid("CUDA: no max-pool")),
-            Src::Act(u) => Ok(self.units[u].a.r()),
+            Src::Unit(u) => Ok(self.units[u].a.r()),
         }
     }
 
@@ -737,95 +715,41 @@ impl CudaTrainer {
     }
 }
 
-/// Walks the model's configuration as `ResNet::new` does, emitting units and checking every tensor it names
-/// against the store (name and shape), so the device graph and the CPU model cannot silently diverge.
-struct Walker<'a> {
-    model: &'a ResNet,
-    index: TensorIndex<'a>,
+/// The training graph: `model.graph`'s units, blocks and classifier as indices into the tensor table, every
+/// tensor checked against the store by name and shape (and none left over), so the device graph and the CPU
+/// model cannot silently diverge.
+struct TrainGraph {
     specs: Vec<UnitSpec>,
     blocks: Vec<BlockSpec>,
     fc: (usize, usize),
 }
 
-impl<'a> Walker<'a> {
-    fn new(model: &'a ResNet) -> Self {
-        let index = TensorIndex::new(&model.store, "trainer");
-        Walker { model, index, specs: Vec::new(), blocks: Vec::new(), fc: (0, 0) }
-    }
-
-    /// Add the unit `conv` + `bn` with (cin, cout, kernel, stride) reading `src`; returns its index.
-    fn unit(
-        &mut self,
-        conv: &str,
-        bn: &str,
-        dims: (usize, usize, usize, usize),
-        src: Src,
-        post: Post,
-    ) -> Result<usize> {
-        let (cin, cout, kernel, stride) = dims;
-        let weight = self.index.take(&format!("{conv}.weight"), &[cout, cin, kernel, kernel])?;
-        let mut t = [0; 4];
-        for (slot, leaf) in t.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
-            *slot = self.index.take(&format!("{bn}.{leaf}"), &[cout])?;
-        }
-        self.specs.push(UnitSpec { weight, out_channels: cout, kernel, stride, src, post, bn: t });
-        Ok(self.specs.len() - 1)
-    }
-
-    fn network(&mut self) -> Result<()> {
-        let cfg = self.model.config;
-        let c0 = cfg.widths[0];
-        let (stem_dims, pooled) = match cfg.stem {
-            Stem::ImageNet => ((3, c0, 7, 2), true),
-            Stem::Cifar => ((3, c0, 3, 1), false),
-        };
-        let stem = self.unit("conv1", "bn1", stem_dims, Src::Images, Post::Relu)?;
-        let mut cur = if pooled { Src::Pool } else { Src::Act(stem) };
-        let kind = cfg.arch.block;
-        let mut cin = c0;
-        for (i, (&width, &depth)) in cfg.widths.iter().zip(&cfg.arch.layers).enumerate() {
-            for b in 0..depth {
-                let stride = if i > 0 && b == 0 { 2 } else { 1 };
-                cur = self.block(&format!("layer{}.{b}", i + 1), kind, (cin, width, stride), cur)?;
-                cin = width * kind.expansion();
+impl TrainGraph {
+    fn of(model: &ResNet) -> Result<TrainGraph> {
+        let g = &model.graph;
+        let mut index = TensorIndex::new(&model.store, "trainer");
+        let mut specs = Vec::with_capacity(g.units.len());
+        for unit in &g.units {
+            let (cin, cout, kernel) = (unit.in_channels, unit.out_channels, unit.kernel);
+            let weight = index.take(&format!("{}.weight", unit.conv), &[cout, cin, kernel, kernel])?;
+            let mut bn = [0; 4];
+            for (slot, leaf) in bn.iter_mut().zip(["weight", "bias", "running_mean", "running_var"]) {
+                *slot = index.take(&format!("{}.{leaf}", unit.bn), &[cout])?;
             }
+            specs.push(UnitSpec {
+                weight,
+                out_channels: cout,
+                kernel,
+                stride: unit.stride,
+                src: unit.src,
+                post: unit.post,
+                bn,
+            });
         }
-        let (classes, fin) = (cfg.num_classes, cfg.feature_dim());
-        self.fc = (self.index.take("fc.weight", &[classes, fin])?, self.index.take("fc.bias", &[classes])?);
-        Ok(())
-    }
-
-    /// One residual block reading `input`; returns where its output lives.
-    fn block(
-        &mut self,
-        prefix: &str,
-        kind: BlockKind,
-        (cin, width, stride): (usize, usize, usize),
-        input: Src,
-    ) -> Result<Src> {
-        let cout = width * kind.expansion();
-        let downsample = if stride != 1 || cin != cout {
-            let ds = format!("{prefix}.downsample");
-            Some(self.unit(&format!("{ds}.0"), &format!("{ds}.1"), (cin, cout, 1, stride), input, Post::Linear)?)
-        } else {
-            None
-        };
-        let residual = downsample.map_or(input, Src::Act);
-        let specs: Vec<(usize, usize, usize, usize)> = match kind {
-            BlockKind::Basic => vec![(cin, width, 3, stride), (width, width, 3, 1)],
-            BlockKind::Bottleneck => vec![(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)],
-        };
-        let mut units = Vec::with_capacity(specs.len());
-        let mut src = input;
-        for (u, &spec) in specs.iter().enumerate() {
-            let post = if u + 1 == specs.len() { Post::AddRelu(residual) } else { Post::Relu };
-            let conv = format!("{prefix}.conv{}", u + 1);
-            let unit = self.unit(&conv, &format!("{prefix}.bn{}", u + 1), spec, src, post)?;
-            units.push(unit);
-            src = Src::Act(unit);
-        }
-        self.blocks.push(BlockSpec { units, downsample });
-        Ok(src)
+        let blocks = g.blocks.iter().map(|b| BlockSpec { units: b.main.clone(), downsample: b.downsample }).collect();
+        let fc = (index.take("fc.weight", &[g.classes, g.features])?, index.take("fc.bias", &[g.classes])?);
+        index.check_all_used()?;
+        Ok(TrainGraph { specs, blocks, fc })
     }
 }
 
@@ -833,17 +757,15 @@ impl<'a> Walker<'a> {
 mod tests {
     //! The training graph is a pure function of the model: its units, blocks and convolution shapes for every
     //! family member on both stems are pinned in `tests/fixtures/cuda_graphs/trainer.txt` (written once from the
-    //! hand-written `Walker`, before the network was described once in `model::graph`).
+    //! hand-written `Walker`, before the network was described once in `model::graph`; `Act(i)` is now `Unit(i)`).
     use super::*;
-    use crate::model::Arch;
+    use crate::model::{Arch, Stem};
 
     fn describe(arch: &str, stem: Stem) -> String {
         let arch: Arch = arch.parse().expect("a family member");
         let config = ResNetConfig { stem, widths: [4, 8, 16, 32], ..ResNetConfig::new(arch, 10) };
         let model = ResNet::new(config, 0);
-        let mut b = Walker::new(&model);
-        b.network().expect("the walker describes the model");
-        b.index.check_all_used().expect("every tensor used");
+        let b = TrainGraph::of(&model).expect("the training graph describes the model");
         let hw = if stem == Stem::Cifar { (32, 32) } else { (64, 64) };
         let (shapes, pooled) = unit_shapes(&b.specs, 2, hw);
         let mut out = format!("## {arch} {stem} input {hw:?} fc {:?} pooled {pooled:?}\n", b.fc);
