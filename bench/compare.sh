@@ -11,6 +11,8 @@
 # ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
+# BASELINE=/path/to/an/older/resnet also runs that binary right after ours in every round (same workloads,
+# same flags) and adds a table of ours against it: the before/after check of a refactor, in one run.
 # PYTHON selects the interpreter (default python3); it must import torch and torchvision (onnxruntime and
 # onnx for the ORT variant; without them that variant is skipped with a note). Builds
 # $CARGO_TARGET_DIR/release/resnet (default target/) first when it is missing.
@@ -48,6 +50,10 @@ fi
 ORT_VERSION="$("$PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || echo "not installed")"
 
 BIN="${CARGO_TARGET_DIR:-target}/release/resnet"
+if [[ -n "${BASELINE:-}" && ! -x "$BASELINE" ]]; then
+    echo "compare.sh: BASELINE=$BASELINE is not an executable" >&2
+    exit 2
+fi
 if [[ ! -x "$BIN" ]]; then
     echo "compare.sh: $BIN missing; building it (cargo build --release)" >&2
     cargo build --release >&2
@@ -77,6 +83,14 @@ for w in "${WORKLOADS[@]}"; do
                 --warmup "$WARMUP" --json >>"$OUT/$tag.ours.jsonl"; then
             echo "compare.sh: resnet bench failed ($workload b$batch ${size}px)" >&2
             exit 1
+        fi
+        if [[ -n "${BASELINE:-}" ]]; then
+            echo "[$((SECONDS - start))s] $workload b$batch ${size}px round $r/$ROUNDS: baseline" >&2
+            if ! "$BASELINE" bench --workload "$workload" --batch "$batch" --size "$size" --runs "$RUNS" \
+                    --warmup "$WARMUP" --json >>"$OUT/$tag.base.jsonl"; then
+                echo "compare.sh: the baseline's resnet bench failed ($workload b$batch ${size}px)" >&2
+                exit 1
+            fi
         fi
         if [[ $workload == infer && $OUR_BF16 == 1 ]] && ! "$BIN" bench --workload "$workload" --batch "$batch" \
                 --size "$size" --runs "$RUNS" --warmup "$WARMUP" --dtype bf16 --json >>"$OUT/$tag.ours.jsonl"; then
@@ -114,7 +128,7 @@ def fmt(v, spec):
     return format(v, spec) if v is not None else "-"
 
 
-rows, details = [], []
+rows, details, before_after = [], [], []
 for w in sys.argv[2:]:
     workload, batch, size = w.split()
     tag = f"{workload}_b{batch}_s{size}"
@@ -158,6 +172,10 @@ for w in sys.argv[2:]:
                          fmt(t_rss, ".0f"), fmt(rss_ratio, ".2f")))
         else:
             rows.append((label, f"{ours_ms:.1f}", "- (none ran)", "-", fmt(ours_rss, ".0f"), "-", "-"))
+    base = [r["median_ms"] for r in load(out / f"{tag}.base.jsonl")]
+    if base and "f32" in ours:
+        b = statistics.median(base)
+        before_after.append((name, f"{ours['f32'][0]:.1f}", f"{b:.1f}", f"{ours['f32'][0] / b:.3f}", str(len(base))))
     for dtype, (ms, rss, n) in sorted(ours.items()):
         details.append((name, "ours" if dtype == "f32" else f"ours {dtype}", f"{ms:.1f}", "-", fmt(rss, ".0f"), str(n), ""))
     for v in ("eager", "channels_last", "compile", "bf16", "ort"):
@@ -190,4 +208,7 @@ table(("workload", "ours ms", "best other ms (variant)", "ours/best", "ours RSS 
       rows)
 print()
 table(("workload", "contender", "median ms", "ours/this", "peak RSS MiB", "rounds", "note"), details)
+if before_after:
+    print()
+    table(("workload", "ours ms", "baseline ms", "ours/baseline", "rounds"), before_after)
 EOF

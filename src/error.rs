@@ -1,5 +1,8 @@
-//! One error type for everything a user can hand us. Every variant renders as a single line that names the
-//! offending file (when there is one) and the problem; the CLI maps them to exit code 2 (130 for an interrupt).
+//! One error type for everything a user can hand us, and for the machine failing under us. Every variant renders
+//! as a single line that names the offending file (when there is one) and the problem. The CLI's exit codes say
+//! whose fault it is: 2 for bad input (a file, a flag, a request), 3 for the device (a missing or failing GPU,
+//! driver or CUDA library, device memory exhausted), 130 for an interrupt. A broken internal invariant is a bug
+//! and panics instead.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,10 @@ pub enum Error {
     /// A bad argument or an inconsistent request (unknown arch, unknown layer, shape mismatch, ...).
     #[error("{0}")]
     Invalid(String),
+    /// The GPU, its driver or a CUDA library is missing or failed (device memory exhausted included): nothing
+    /// the input could change; the CLI exits with 3.
+    #[error("{0}")]
+    Device(String),
     /// Training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint; the CLI exits with 130.
     #[error("interrupted after step {step}; checkpoint saved, continue with: resnet train --resume {}", run_dir.display())]
     Interrupted { step: u64, run_dir: PathBuf },
@@ -26,6 +33,10 @@ impl Error {
 
     pub fn invalid(msg: impl Display) -> Self {
         Error::Invalid(one_line(&msg.to_string()))
+    }
+
+    pub fn device(msg: impl Display) -> Self {
+        Error::Device(one_line(&msg.to_string()))
     }
 
     /// Attach a file name to an error that was raised without one (e.g. by a parser working on bytes).

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod infer;
 pub mod model;
+pub mod target;
 pub mod train;
 pub mod weights;
 

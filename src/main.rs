@@ -20,6 +20,11 @@ fn main() {
             eprintln!("{e}");
             std::process::exit(130);
         }
+        // The device, not the input: a missing or failing GPU, driver or CUDA library.
+        Err(e @ resnet_rs::error::Error::Device(_)) => {
+            eprintln!("error: {e}");
+            std::process::exit(3);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);

@@ -11,8 +11,9 @@ use std::path::Path;
 use common::{Fixture, assert_close, det_net, rel_err};
 use resnet_rs::engine::Tensor;
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::engine::cuda::{CudaOptions, CudaResNet};
+use resnet_rs::engine::cuda::CudaResNet;
 use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem, Tap};
+use resnet_rs::target::Precision;
 
 /// Fixtures next to the working directory first: the test binary is built on one machine and run from a copy of
 /// the repository on the GPU machine, where the build's CARGO_MANIFEST_DIR does not exist.
@@ -106,7 +107,7 @@ fn tf32_option_runs_and_stays_close() {
     let mut model = det_net(&f);
     let x = f.get("input");
     let [n, _, h, w] = x.dims4();
-    let mut g = CudaResNet::with_options(&model, 0, n, h, w, CudaOptions { allow_tf32: true, bf16: false }).unwrap();
+    let mut g = CudaResNet::with_precision(&model, 0, n, h, w, Precision::Tf32).unwrap();
     let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu, x, Mode::Eval).data());
     assert!(e <= 1e-2, "TF32 logits: relative error {e:.3e}");
 }
@@ -132,9 +133,9 @@ fn features_at_every_tap_match_cpu() {
 /// bf16 logits against the CPU's fp32: the relative error, and how many rows keep their top-1 class.
 fn bf16_vs_f32(model: &mut ResNet, x: &Tensor) -> (f64, usize) {
     let [n, _, h, w] = x.dims4();
-    let options = CudaOptions { allow_tf32: false, bf16: true };
+    let options = Precision::Bf16;
     let got =
-        CudaResNet::with_options(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
+        CudaResNet::with_precision(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
     let want = model.forward(&Cpu, x, Mode::Eval);
     let classes = want.shape()[1];
     let top1 = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
@@ -195,10 +196,15 @@ fn setup_without_the_device_is_a_one_line_error() {
         ..ResNetConfig::new("resnet18".parse().unwrap(), 10)
     };
     let model = ResNet::new(config, 0);
-    let err = match CudaResNet::new(&model, 4096, 1, 32, 32) {
+    let e = match CudaResNet::new(&model, 4096, 1, 32, 32) {
         Ok(_) => panic!("cuda:4096 cannot exist"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
+    let err = e.to_string();
     assert!(err.starts_with("CUDA: ") && !err.contains('\n'), "{err}");
+    // Whose fault: a device index the machine lacks is the user's flag (exit 2); no driver, no device or a
+    // missing library is the machine's (Error::Device, exit 3).
+    let users = err.contains("there is no device cuda:4096");
+    assert_eq!(matches!(e, resnet_rs::Error::Device(_)), !users, "{err}");
     eprintln!("{err}");
 }

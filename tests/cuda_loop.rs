@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use resnet_rs::data::loader::{self, Batch, LoaderConfig};
 use resnet_rs::model::ResNet;
-use resnet_rs::train::device::{DeviceSpec, Precision, TrainDevice};
+use resnet_rs::target::{DeviceSpec, Precision, Target};
 use resnet_rs::train::recipe::Recipe;
 use resnet_rs::train::setup;
 use resnet_rs::train::trainer::{StepOutcome, TrainArgs, Trainer};
 
-const GPU: TrainDevice = TrainDevice { device: DeviceSpec::Cuda(0), precision: Precision::F32 };
+const GPU: Target = Target { device: DeviceSpec::Cuda(0), precision: Precision::F32 };
 
 /// The `resnet` binary: $RESNET_BIN (bench/gpu.sh sets it: the tests run from a copy of the repository on the GPU
 /// machine, where the build's path does not exist), else the one cargo built.
@@ -72,7 +72,10 @@ fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
             &["--device", "cuda", "--optimizer", "adamw"][..],
             "--optimizer adamw: the GPU trainer runs SGD only so far (use --device cpu)",
         ),
-        (&["--device", "cpu", "--dtype", "bf16"][..], "--dtype bf16 needs a GPU (--device cuda); the CPU runs f32"),
+        (
+            &["--device", "cpu", "--dtype", "bf16"][..],
+            "--dtype bf16 needs a GPU (--device cuda) to train; the CPU trains in f32",
+        ),
     ] {
         let o = resnet(&[&["train", "--out", path(&run)][..], args].concat());
         let err = String::from_utf8_lossy(&o.stderr);
@@ -83,7 +86,8 @@ fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
     assert!(!run.exists());
 }
 
-/// `--device cuda` where no GPU opens (no driver here): one line, exit 2, and no run folder left behind. On a GPU
+/// `--device cuda` where no GPU opens (no driver here): one line, exit 3 (the device, not the input; 2 in a build
+/// without the `cuda` feature, which is the user's choice of binary), and no run folder left behind. On a GPU
 /// machine the same command trains, which the GPU tests below check.
 #[test]
 fn a_gpu_that_does_not_open_leaves_no_run_folder() {
@@ -94,7 +98,7 @@ fn a_gpu_that_does_not_open_leaves_no_run_folder() {
         return;
     }
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(o.status.code(), Some(if cfg!(feature = "cuda") { 3 } else { 2 }), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(!run.exists(), "a failed start left {}", run.display());
 }
@@ -317,7 +321,7 @@ fn a_nonfinite_gpu_step_stops_with_the_cpu_message() {
     ];
     for (inject, want) in cases {
         let mut messages = Vec::new();
-        for device in [TrainDevice::CPU, GPU] {
+        for device in [Target::CPU, GPU] {
             let (mut t, mut batches) = trainer(recipe(), false, None, 2);
             inject(&mut t, &mut batches);
             t.use_device(device).unwrap();

@@ -21,9 +21,10 @@ use std::path::Path;
 
 use common::{Fixture, det_net, rel_err};
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::engine::cuda::{CudaOptions, CudaTrainer, TrainOptimizer};
+use resnet_rs::engine::cuda::{CudaTrainer, TrainOptimizer};
 use resnet_rs::engine::{Backend, Tensor, one_hot};
 use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem};
+use resnet_rs::target::Precision;
 use resnet_rs::train::optim::{Optimizer, OptimizerKind};
 
 const TOL: f64 = 2e-4;
@@ -48,7 +49,7 @@ fn optimizers(model: &ResNet, s: Sgd) -> (Optimizer, TrainOptimizer) {
 }
 
 fn trainer(model: &ResNet, batch: usize, hw: usize, opt: TrainOptimizer, tf32: bool) -> CudaTrainer {
-    let t = CudaTrainer::new(model, 0, batch, hw, hw, CudaOptions { allow_tf32: tf32, bf16: false }, opt)
+    let t = CudaTrainer::new(model, 0, batch, hw, hw, if tf32 { Precision::Tf32 } else { Precision::F32 }, opt)
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("device: {}", t.device_name());
     t
@@ -326,7 +327,7 @@ fn small_model() -> ResNet {
 fn setup_without_the_device_is_a_one_line_error() {
     let model = small_model();
     let (_, opt) = optimizers(&model, Sgd(0.9, false, 0.0, false, 1.0));
-    let err = match CudaTrainer::new(&model, 4096, 1, 32, 32, CudaOptions::default(), opt) {
+    let err = match CudaTrainer::new(&model, 4096, 1, 32, 32, Precision::F32, opt) {
         Ok(_) => panic!("cuda:4096 cannot exist"),
         Err(e) => e.to_string(),
     };
@@ -339,7 +340,7 @@ fn setup_without_the_device_is_a_one_line_error() {
 fn bf16_setup_is_accepted_and_fails_only_for_the_missing_device() {
     let model = small_model();
     let (_, opt) = optimizers(&model, Sgd(0.9, false, 0.0, false, 1.0));
-    let err = match CudaTrainer::new(&model, 4096, 1, 32, 32, CudaOptions { allow_tf32: false, bf16: true }, opt) {
+    let err = match CudaTrainer::new(&model, 4096, 1, 32, 32, Precision::Bf16, opt) {
         Ok(_) => panic!("cuda:4096 cannot exist"),
         Err(e) => e.to_string(),
     };
@@ -356,7 +357,7 @@ fn unsupported_optimizers_and_mismatched_groups_are_one_line_errors() {
     let short =
         TrainOptimizer { kind: OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, groups: groups[1..].to_vec() };
     for (opt, want) in [(adam, "SGD only"), (short, "parameter groups")] {
-        let err = match CudaTrainer::new(&model, 0, 1, 32, 32, CudaOptions::default(), opt) {
+        let err = match CudaTrainer::new(&model, 0, 1, 32, 32, Precision::F32, opt) {
             Ok(_) => panic!("accepted"),
             Err(e) => e.to_string(),
         };
@@ -434,7 +435,7 @@ fn the_training_loop_interface_matches_the_host_view() {
     assert!(err.starts_with("CUDA: ") && err.contains("nope") && !err.contains('\n'), "{err}");
 }
 
-// ---- bf16 mixed precision (`CudaOptions { bf16: true }`) ----
+// ---- bf16 mixed precision (`Precision::Bf16`) ----
 //
 // bf16 keeps 8 significant bits: one rounding is off by up to 2^-9 ≈ 2e-3 relative. A bf16 step rounds the
 // images, every convolution weight, every activation and every activation gradient, through 17 to 50 layers
@@ -450,8 +451,7 @@ fn the_training_loop_interface_matches_the_host_view() {
 // These are first estimates from the rounding analysis, to be tightened from what the first GPU run prints.
 
 fn bf16_trainer(model: &ResNet, batch: usize, hw: usize, opt: TrainOptimizer) -> CudaTrainer {
-    let t = CudaTrainer::new(model, 0, batch, hw, hw, CudaOptions { allow_tf32: false, bf16: true }, opt)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let t = CudaTrainer::new(model, 0, batch, hw, hw, Precision::Bf16, opt).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("device: {} (bf16)", t.device_name());
     t
 }

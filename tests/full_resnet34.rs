@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::infer::runner::{DeviceSpec, Precision, Runner};
+use resnet_rs::infer::runner::Runner;
 use resnet_rs::model::Mode;
+use resnet_rs::target::{DeviceSpec, Precision, Target};
 use resnet_rs::{infer, weights};
 
 #[test]
@@ -52,13 +53,14 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
 
     // The inference runner (weights packed once) in f32, and in bf16 where the CPU has AVX512-BF16.
     let [n, _, h, w] = x.dims4();
-    let mut runner = Runner::with_precision(model, DeviceSpec::Cpu, n, h, w, Precision::F32).unwrap();
+    let mut runner =
+        Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::F32 }, n, h, w).unwrap();
     let prepared = runner.forward(&x).unwrap();
     let e = common::rel_err(prepared.data(), expected.tensors["logits"].data());
     println!("runner f32: relative error vs PyTorch f32 logits {e:.2e}");
     assert!(e < 1e-3);
     let model = weights::load_model("resnet34".parse().unwrap(), &dir.join("resnet34.pth")).unwrap();
-    if let Ok(mut bf16) = Runner::with_precision(model, DeviceSpec::Cpu, n, h, w, Precision::Bf16) {
+    if let Ok(mut bf16) = Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::Bf16 }, n, h, w) {
         let low = bf16.forward(&x).unwrap();
         let e = common::rel_err(low.data(), prepared.data());
         // PyTorch's bf16 autocast against its own f32, where the fixture has it (older fixtures do not)

@@ -160,13 +160,13 @@ fn bundled_recipes_parse_and_bad_ones_are_named() {
 #[test]
 #[cfg(not(feature = "cuda"))]
 fn device_auto_without_gpu_support_is_the_cpu_loop() {
-    use resnet_rs::train::device::{DeviceSpec, Precision, TrainDevice};
+    use resnet_rs::target::{DeviceSpec, Precision, Target};
     let (cpu, auto) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     trainer::run(TrainArgs { max_steps: Some(6), ..args(recipe(), cpu.path()) }).unwrap();
-    let device = TrainDevice { device: DeviceSpec::Auto, precision: Precision::F32 };
+    let device = Target { device: DeviceSpec::Auto, precision: Precision::F32 };
     trainer::run_on(TrainArgs { max_steps: Some(6), ..args(recipe(), auto.path()) }, device).unwrap();
     assert_eq!(checkpoint(cpu.path()), checkpoint(auto.path()));
-    let gpu = TrainDevice { device: DeviceSpec::Cuda(0), ..device };
+    let gpu = Target { device: DeviceSpec::Cuda(0), ..device };
     let run = auto.path().join("gpu");
     let err = trainer::run_on(args(recipe(), &run), gpu).unwrap_err().to_string();
     assert!(err.contains("--features cuda") && !err.contains('\n'), "{err}");

@@ -6,8 +6,9 @@ use super::parse_arch;
 use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor, one_hot};
 use crate::error::{Error, Result};
-use crate::infer::runner::{DeviceSpec, Precision, Runner};
+use crate::infer::runner::Runner;
 use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
+use crate::target::{Job, Target, TargetArgs};
 use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
@@ -29,18 +30,13 @@ pub struct BenchCmd {
     /// Input height and width (default: 224 for infer, 32 for train).
     #[arg(long)]
     size: Option<usize>,
-    /// f32; bf16 (autocast-like: on a GPU, or for infer on a CPU with AVX512-BF16); on a GPU also tf32 (TF32
-    /// tensor-core convolutions, PyTorch's GPU default).
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Timed runs (after `--warmup` untimed ones).
     #[arg(long, default_value_t = 5)]
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// cpu, cuda, cuda:N or auto (the CUDA path needs a build with feature `cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
     /// One JSON line: median_ms, min_ms, max_ms, images_per_s, peak_rss_mib.
     #[arg(long)]
     json: bool,
@@ -66,10 +62,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let mut device = "cpu".to_string();
     let stem = a.stem.unwrap_or(if train { Stem::Cifar } else { Stem::ImageNet });
     let classes = a.classes.unwrap_or(if train { 10 } else { 1000 }).max(1);
-    if train && a.dtype != Precision::F32 && a.device == DeviceSpec::Cpu {
-        return Err(Error::invalid(format!("--dtype {} needs a GPU (--device cuda); the CPU trains in f32", a.dtype)));
-    }
-    let options = (a.dtype == Precision::Tf32, a.dtype == Precision::Bf16);
+    let target = a.target.target();
     let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
     // Deterministic, image-like input; the values do not change the work done.
     let x = Tensor::new(
@@ -81,11 +74,8 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
     let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
     let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-    let gpu_train = if train {
-        gpu_train_step(&model, a.device, batch, size, options, (&x, &targets), kind, &groups)?
-    } else {
-        None
-    };
+    let gpu_train =
+        if train { gpu_train_step(&model, target, (batch, size), (&x, &targets), kind, &groups)? } else { None };
     let mut step: Box<dyn FnMut() -> Result<()>> = if let Some((name, gpu_step)) = gpu_train {
         device = name;
         gpu_step
@@ -102,7 +92,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
             Ok(())
         })
     } else {
-        let runner = runner.insert(Runner::with_precision(model, a.device, batch, size, size, a.dtype)?);
+        let runner = runner.insert(Runner::open(model, target, batch, size, size)?);
         device = runner.describe();
         runner.timed_forward(&x)?
     };
@@ -125,7 +115,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": a.dtype.to_string(),
+                "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": target.precision.to_string(),
                 "threads": rayon::current_num_threads(), "device": device, "median_ms": median, "min_ms": times[0],
                 "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss, "setup_ms": setup_ms,
             })
@@ -150,43 +140,30 @@ type TimedStep = Box<dyn FnMut() -> Result<()>>;
 
 /// A device-resident training step for `--workload train` on a GPU: the batch is staged once and each call runs
 /// one whole SGD step on it and waits for the device. None where the step runs on the CPU (`--device cpu`, or
-/// `auto` without a usable GPU). `(allow_tf32, bf16)`: the precision, as `CudaOptions` takes it.
-#[allow(clippy::too_many_arguments)]
+/// `auto` without a usable GPU).
 fn gpu_train_step(
     model: &ResNet,
-    device: DeviceSpec,
-    batch: usize,
-    size: usize,
-    (allow_tf32, bf16): (bool, bool),
+    target: Target,
+    (batch, size): (usize, usize),
     (x, targets): (&Tensor, &Tensor),
     kind: OptimizerKind,
     groups: &[crate::train::optim::ParamGroup],
 ) -> Result<Option<(String, TimedStep)>> {
+    let cpu = |(), _| Ok(None);
     #[cfg(feature = "cuda")]
-    {
-        use crate::engine::cuda::{CudaOptions, CudaTrainer, TrainOptimizer};
-        let index = match device {
-            DeviceSpec::Cpu => return Ok(None),
-            DeviceSpec::Cuda(i) => i,
-            DeviceSpec::Auto => 0,
-        };
+    let gpu = |&(): &(), index, precision| {
+        use crate::engine::cuda::{CudaTrainer, TrainOptimizer};
         let optimizer = TrainOptimizer { kind, groups: groups.to_vec() };
-        let built = CudaTrainer::new(model, index, batch, size, size, CudaOptions { allow_tf32, bf16 }, optimizer);
-        let mut trainer = match (built, device) {
-            (Ok(t), _) => t,
-            (Err(_), DeviceSpec::Auto) => return Ok(None),
-            (Err(e), _) => return Err(e),
-        };
+        let mut trainer = CudaTrainer::new(model, index, batch, size, size, precision, optimizer)?;
         let n = trainer.stage(x, targets)?;
         let name = trainer.device_name();
-        Ok(Some((name, Box::new(move || trainer.step_staged(n, 0.01).map(drop)))))
-    }
+        let step: TimedStep = Box::new(move || trainer.step_staged(n, 0.01).map(drop));
+        Ok(Some((name, step)))
+    };
     #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (model, batch, size, allow_tf32, bf16, x, targets, kind, groups);
-        match device {
-            DeviceSpec::Cuda(_) => Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD)),
-            _ => Ok(None),
-        }
-    }
+    let gpu = |&(): &(), _, _| {
+        let _ = (model, batch, size, x, targets, kind, groups);
+        Err(Error::invalid(crate::target::NO_GPU_BUILD))
+    };
+    target.resolve(Job::Train { optimizer: "sgd" })?.open((), cpu, gpu)
 }

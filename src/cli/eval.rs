@@ -6,8 +6,9 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::error::{Error, Result};
-use crate::infer::runner::{DeviceSpec, Precision, Runner};
+use crate::infer::runner::Runner;
 use crate::model::Arch;
+use crate::target::TargetArgs;
 use crate::train::recipe::{DatasetKind, Recipe};
 use crate::train::{checkpoint, defaults, evaluate, setup};
 
@@ -30,13 +31,8 @@ pub struct EvalCmd {
     /// Read off the file; if given, it must agree.
     #[arg(long, value_parser = super::parse_arch)]
     arch: Option<Arch>,
-    /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// f32; bf16 (bf16 convolution operands, fp32 accumulation: on a GPU, or a CPU with AVX512-BF16); on a GPU
-    /// also tf32 (TF32 tensor-core convolutions).
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Also list every image with its label and top-1 prediction.
     #[arg(long)]
     per_image: bool,
@@ -82,7 +78,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
         return Err(Error::file(&a.weights, format!("was trained on classes {trained:?}, the dataset has {names:?}")));
     }
     let size = pre.size as usize;
-    let mut runner = Runner::with_precision(model, a.device, r.batch_size, size, size, a.dtype)?;
+    let mut runner = Runner::open(model, a.target.target(), r.batch_size, size, size)?;
     let rep = evaluate::evaluate_with(
         &mut |x| runner.forward(x),
         classes,

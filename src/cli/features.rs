@@ -6,8 +6,9 @@ use clap::Args;
 use super::ModelArgs;
 use crate::error::{Error, Result};
 use crate::infer;
-use crate::infer::runner::{DeviceSpec, Precision, Runner};
+use crate::infer::runner::Runner;
 use crate::model::Tap;
+use crate::target::TargetArgs;
 
 #[derive(Args)]
 pub struct FeaturesArgs {
@@ -20,13 +21,8 @@ pub struct FeaturesArgs {
     /// array) or .npy (NumPy's format; the file names beside it in OUT.files.json).
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda, cuda:N or auto (a GPU when this build has the `cuda` feature and finds one).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// f32; bf16 (bf16 convolution operands, fp32 accumulation: on a GPU, or a CPU with AVX512-BF16); on a GPU
-    /// also tf32 (TF32 tensor-core convolutions).
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
+    #[command(flatten)]
+    target: TargetArgs,
     /// JPEG or PNG files, or directories of them.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -42,7 +38,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
     let batch = a.model.batch_size as usize;
-    let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;
+    let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
     let feats = infer::batched(&x, batch, |b| runner.features(b, tap))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let files_json = serde_json::to_string(&names).map_err(Error::invalid)?;

@@ -5,7 +5,8 @@ use clap::Args;
 use super::ModelArgs;
 use crate::error::Result;
 use crate::infer;
-use crate::infer::runner::{DeviceSpec, Precision, Runner};
+use crate::infer::runner::Runner;
+use crate::target::TargetArgs;
 
 #[derive(Args)]
 pub struct PredictArgs {
@@ -20,13 +21,8 @@ pub struct PredictArgs {
     /// One JSON object per image on stdout.
     #[arg(long)]
     json: bool,
-    /// Where to run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature and finds one).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// f32; bf16 (bf16 convolution operands, fp32 accumulation: on a GPU, or a CPU with AVX512-BF16); on a GPU
-    /// also tf32 (TF32 tensor-core convolutions).
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
+    #[command(flatten)]
+    target: TargetArgs,
     /// JPEG or PNG files, or directories of them.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -43,7 +39,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
     let batch = a.model.batch_size as usize;
-    let mut runner = Runner::with_precision(model, a.device, batch, h, w, a.dtype)?;
+    let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
     let logits = infer::batched(&x, batch, |b| runner.forward(b))?;
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {

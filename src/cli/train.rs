@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::target::TargetArgs;
 use crate::train::defaults;
-use crate::train::device::{DeviceSpec, Precision, TrainDevice};
+use crate::train::device::train_job;
 use crate::train::recipe::{DatasetKind, Recipe, RecipeFlags};
 use crate::train::trainer::{self, TrainArgs};
 
@@ -37,14 +38,11 @@ pub struct TrainCmd {
     /// One JSON object per epoch on stdout; progress goes to stderr.
     #[arg(long)]
     json: bool,
-    /// Where the steps run: cpu, cuda, cuda:N, or auto (a GPU when this build has the `cuda` feature, finds one
-    /// and the optimizer is SGD). Checkpoints are the same either way: a run resumes on any device.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// f32, or on a GPU tf32 (TF32 tensor-core convolutions and matrix products) or bf16 (mixed precision as
-    /// PyTorch's autocast: bf16 activations and convolutions, fp32 master weights, optimiser state and BN statistics).
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
+    /// Where the steps run and in what arithmetic (on a GPU, bf16 is mixed precision as PyTorch's autocast: bf16
+    /// activations and convolutions, fp32 master weights, optimiser state and BN statistics). Checkpoints are the
+    /// same either way: a run resumes on any device.
+    #[command(flatten)]
+    target: TargetArgs,
     #[command(flatten)]
     fields: RecipeFlags,
 }
@@ -106,7 +104,7 @@ fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
 }
 
 pub fn run(a: TrainCmd) -> Result<()> {
-    let device = TrainDevice { device: a.device, precision: a.dtype };
+    let device = a.target.target();
     let resume = a.resume.is_some();
     let (recipe, run_dir, announce) = match &a.resume {
         Some(dir) => {
@@ -133,7 +131,7 @@ pub fn run(a: TrainCmd) -> Result<()> {
         None => {
             let (r, name, notes) = choose_recipe(&a)?;
             // Before any download; the run checks it again.
-            device.check(&r)?;
+            device.resolve(train_job(&r))?;
             if a.download {
                 download(&r)?;
             }

@@ -7,9 +7,9 @@
 use super::monitor::GradReport;
 use super::optim::Optimizer;
 use super::recipe::Recipe;
-use crate::error::{Error, Result};
-pub use crate::infer::runner::{DeviceSpec, Precision};
+use crate::error::Result;
 use crate::model::ResNet;
+use crate::target::{Job, Target};
 
 #[cfg(feature = "cuda")]
 pub use super::gpu::GpuSteps;
@@ -20,12 +20,13 @@ pub use no_gpu::GpuSteps;
 mod no_gpu {
     use std::sync::Arc;
 
-    use super::{GpuStep, GpuStepArgs, Precision};
+    use super::{GpuStep, GpuStepArgs};
     use crate::data::Dataset;
     use crate::data::loader::Batch;
     use crate::data::transforms::Pipeline;
     use crate::error::{Error, Result};
     use crate::model::ResNet;
+    use crate::target::Precision;
     use crate::train::evaluate::EvalReport;
     use crate::train::optim::Optimizer;
     use crate::train::recipe::Recipe;
@@ -35,7 +36,7 @@ mod no_gpu {
 
     impl GpuSteps {
         pub fn new(_: &ResNet, _: &Optimizer, _: &Recipe, _: usize, _: Precision) -> Result<GpuSteps> {
-            Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD))
+            Err(Error::invalid(crate::target::NO_GPU_BUILD))
         }
         pub fn describe(&self) -> String {
             match *self {}
@@ -59,40 +60,6 @@ mod no_gpu {
         ) -> Result<EvalReport> {
             match *self {}
         }
-    }
-}
-
-/// `--device` and `--dtype` of a training run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TrainDevice {
-    pub device: DeviceSpec,
-    pub precision: Precision,
-}
-
-impl TrainDevice {
-    pub const CPU: TrainDevice = TrainDevice { device: DeviceSpec::Cpu, precision: Precision::F32 };
-
-    /// Refuse up front, in one line naming the flag, what cannot run: a GPU dtype (tf32, bf16) on the CPU, a GPU
-    /// this build lacks, an optimiser the GPU trainer does not run.
-    pub fn check(&self, recipe: &Recipe) -> Result<()> {
-        if self.precision != Precision::F32 && self.device == DeviceSpec::Cpu {
-            return Err(Error::invalid(format!(
-                "--dtype {} needs a GPU (--device cuda); the CPU runs f32",
-                self.precision
-            )));
-        }
-        if let DeviceSpec::Cuda(_) = self.device {
-            if !cfg!(feature = "cuda") {
-                return Err(Error::invalid(crate::infer::runner::NO_GPU_BUILD));
-            }
-            if recipe.optimizer != super::recipe::OptimizerName::Sgd {
-                return Err(Error::invalid(format!(
-                    "--optimizer {}: the GPU trainer runs SGD only so far (use --device cpu)",
-                    recipe.optimizer
-                )));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -124,6 +91,11 @@ pub enum GpuStep {
     },
 }
 
+/// What a training run asks of its target.
+pub fn train_job(recipe: &Recipe) -> Job {
+    Job::Train { optimizer: recipe.optimizer.name() }
+}
+
 /// The engine a `Trainer` steps with.
 pub enum StepEngine {
     Cpu,
@@ -131,22 +103,11 @@ pub enum StepEngine {
 }
 
 impl StepEngine {
-    /// The engine for `device`, starting from the host model and optimiser as they stand (a fresh run, or one just
-    /// restored from a checkpoint). `auto` takes the first GPU when this build has one and the recipe's optimiser
-    /// runs there, else the CPU.
-    pub fn open(device: TrainDevice, model: &ResNet, opt: &Optimizer, recipe: &Recipe) -> Result<StepEngine> {
-        device.check(recipe)?;
-        match device.device {
-            DeviceSpec::Cpu => Ok(StepEngine::Cpu),
-            DeviceSpec::Cuda(i) => {
-                Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, device.precision)?)))
-            }
-            DeviceSpec::Auto if recipe.optimizer != super::recipe::OptimizerName::Sgd => Ok(StepEngine::Cpu),
-            DeviceSpec::Auto => Ok(match GpuSteps::new(model, opt, recipe, 0, device.precision) {
-                Ok(gpu) => StepEngine::Gpu(Box::new(gpu)),
-                Err(_) => StepEngine::Cpu,
-            }),
-        }
+    /// The engine for `target` (resolved in `Target::resolve`), starting from the host model and optimiser as
+    /// they stand (a fresh run, or one just restored from a checkpoint).
+    pub fn open(target: Target, model: &ResNet, opt: &Optimizer, recipe: &Recipe) -> Result<StepEngine> {
+        let gpu = |&(): &(), i, p| Ok(StepEngine::Gpu(Box::new(GpuSteps::new(model, opt, recipe, i, p)?)));
+        target.resolve(train_job(recipe))?.open((), |(), _| Ok(StepEngine::Cpu), gpu)
     }
 
     /// The GPU's name, or None on the CPU.

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::device::{GpuStep, GpuStepArgs, Precision};
+use super::device::{GpuStep, GpuStepArgs};
 use super::evaluate::{EvalReport, evaluate_with};
 use super::monitor::{self, GradReport, LayerStats, NonFinite};
 use super::optim::{Optimizer, clip_coefficient};
@@ -19,14 +19,15 @@ use super::recipe::Recipe;
 use crate::data::Dataset;
 use crate::data::loader::Batch;
 use crate::data::transforms::Pipeline;
-use crate::engine::cuda::{CudaOptions, CudaResNet, CudaTrainer, TrainOptimizer};
+use crate::engine::cuda::{CudaResNet, CudaTrainer, TrainOptimizer};
 use crate::error::Result;
 use crate::model::ResNet;
+use crate::target::Precision;
 
 pub struct GpuSteps {
     trainer: CudaTrainer,
     device: usize,
-    options: CudaOptions,
+    precision: Precision,
     /// Parameter names and whether each is trainable, in the store's order.
     params: Vec<(String, bool)>,
     /// Optimiser steps applied, as the CPU optimiser counts them (a checkpoint's `optimizer_steps`).
@@ -45,15 +46,14 @@ impl GpuSteps {
         device: usize,
         precision: Precision,
     ) -> Result<GpuSteps> {
-        let options = CudaOptions { allow_tf32: precision == Precision::Tf32, bf16: precision == Precision::Bf16 };
         let optimizer = TrainOptimizer { kind: opt.kind(), groups: opt.groups().to_vec() };
         let size = recipe.image_size as usize;
         let batch = recipe.batch_size;
-        let mut trainer = CudaTrainer::new(model, device, batch, size, size, options, optimizer)?;
+        let mut trainer = CudaTrainer::new(model, device, batch, size, size, precision, optimizer)?;
         let (state, opt_steps) = opt.state(&model.store.params);
         trainer.load_momentum_state(&state)?;
         let params = model.store.params.iter().map(|p| (p.name.clone(), p.trainable)).collect();
-        Ok(GpuSteps { trainer, device, options, params, opt_steps, grad_sumsq: Vec::new(), batch })
+        Ok(GpuSteps { trainer, device, precision, params, opt_steps, grad_sumsq: Vec::new(), batch })
     }
 
     pub fn describe(&self) -> String {
@@ -150,13 +150,13 @@ impl GpuSteps {
         workers: usize,
     ) -> Result<EvalReport> {
         let mut exec: Option<CudaResNet> = None;
-        let (device, options, cap) = (self.device, self.options, batch.max(self.batch));
+        let (device, precision, cap) = (self.device, self.precision, batch.max(self.batch));
         let mut forward = |x: &crate::engine::Tensor| {
             let gpu = match &mut exec {
                 Some(gpu) => gpu,
                 None => {
                     let [_, _, h, w] = x.dims4();
-                    exec.insert(CudaResNet::with_options(model, device, cap, h, w, options)?)
+                    exec.insert(CudaResNet::with_precision(model, device, cap, h, w, precision)?)
                 }
             };
             gpu.forward(x)

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::checkpoint::{self, Position};
-use super::device::{GpuStep, GpuStepArgs, StepEngine, TrainDevice};
+use super::device::{GpuStep, GpuStepArgs, StepEngine, train_job};
 use super::evaluate::{EvalReport, evaluate, hits};
 use super::monitor::{self, NonFinite};
 use super::optim::{Optimizer, clip_grad_norm};
@@ -26,6 +26,7 @@ use crate::engine::cpu::Cpu;
 use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{Mode, ResNet};
+use crate::target::Target;
 
 pub struct TrainArgs {
     pub recipe: Recipe,
@@ -161,7 +162,7 @@ impl Trainer {
 
     /// Run the following steps on `device`, starting from the model and optimiser state as they stand. Refuses
     /// (one line naming the flag) what that device cannot run.
-    pub fn use_device(&mut self, device: TrainDevice) -> Result<()> {
+    pub fn use_device(&mut self, device: Target) -> Result<()> {
         self.sync_host()?;
         self.engine = StepEngine::open(device, &self.model, &self.opt, &self.recipe)?;
         Ok(())
@@ -338,9 +339,9 @@ fn interrupted(flag: &Option<Arc<AtomicBool>>) -> bool {
     flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
 }
 
-/// Train on the CPU: `run_on(args, TrainDevice::CPU)`.
+/// Train on the CPU: `run_on(args, Target::CPU)`.
 pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
-    run_on(args, TrainDevice::CPU)
+    run_on(args, Target::CPU)
 }
 
 /// A run folder this call created: removed again if the run stops before its first checkpoint (a dataset that
@@ -361,7 +362,7 @@ impl Drop for FreshDir<'_> {
 
 /// Train with the steps on `device`; checkpoints are the same whichever device wrote them, so a run resumes on
 /// any device.
-pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> {
+pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     let last_path = args.run_dir.join("last.safetensors");
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
     let mut recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
@@ -398,7 +399,7 @@ pub fn run_on(args: TrainArgs, device: TrainDevice) -> Result<Vec<EpochReport>> 
         return Ok(Vec::new());
     }
     recipe.validate()?;
-    device.check(&recipe)?;
+    device.resolve(train_job(&recipe))?;
     if !args.resume && last_path.exists() {
         return Err(Error::file(
             &args.run_dir,

@@ -18,13 +18,13 @@ const LIBRARY_HINT: &str = "install them with `pip install nvidia-cudnn-cu13 nvi
 
 /// A cudarc error as one of ours, saying which step failed.
 pub(super) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::invalid(format!("CUDA: {what} failed: {e:?}"))
+    move |e| Error::device(format!("CUDA: {what} failed: {e:?}"))
 }
 
 /// Run `f`, turning a panic inside cudarc (a library that lacks a symbol this build calls) into an error.
 pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_parser_panic(f).unwrap_or_else(|| {
-        Err(Error::invalid(format!(
+        Err(Error::device(format!(
             "CUDA: {what} failed: a CUDA library lacks a function this build calls \
              (it needs a CUDA 12.x/13.x driver, cuBLAS 12/13, NVRTC 12/13 and cuDNN 9)"
         )))
@@ -39,13 +39,11 @@ pub(super) fn load_kernels(
     what: &'static str,
 ) -> Result<(Arc<CudaModule>, impl Fn(&str) -> Result<CudaFunction> + use<>)> {
     let ptx = cudarc::nvrtc::compile_ptx(source)
-        .map_err(|e| Error::invalid(format!("CUDA: compiling {what} with NVRTC failed: {e:?}")))?;
-    let module = dev.ctx.load_module(ptx).map_err(|e| Error::invalid(format!("CUDA: loading {what} failed: {e:?}")))?;
+        .map_err(|e| Error::device(format!("CUDA: compiling {what} with NVRTC failed: {e:?}")))?;
+    let module = dev.ctx.load_module(ptx).map_err(|e| Error::device(format!("CUDA: loading {what} failed: {e:?}")))?;
     let lookup = module.clone();
     let find = move |name: &str| {
-        lookup
-            .load_function(name)
-            .map_err(|e| Error::invalid(format!("CUDA: kernel {name} of {what} not found: {e:?}")))
+        lookup.load_function(name).map_err(|e| Error::device(format!("CUDA: kernel {name} of {what} not found: {e:?}")))
     };
     Ok((module, find))
 }
@@ -66,18 +64,18 @@ impl Device {
     pub fn open(index: usize, allow_tf32: bool) -> Result<Device> {
         // SAFETY: the probe only dlopen()s candidate library names and closes them again; no symbol is called.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::invalid(
+            return Err(Error::device(
                 "CUDA: the NVIDIA driver library (libcuda.so.1) was not found: this machine has no NVIDIA driver \
                  installed (use --device cpu)",
             ));
         }
         let count = guarded("driver initialisation", || {
             CudaContext::device_count()
-                .map_err(|e| Error::invalid(format!("CUDA: no usable CUDA device ({e:?}); use --device cpu")))
+                .map_err(|e| Error::device(format!("CUDA: no usable CUDA device ({e:?}); use --device cpu")))
         })?;
         let count = usize::try_from(count).unwrap_or(0);
         if count == 0 {
-            return Err(Error::invalid("CUDA: the driver found no CUDA device (use --device cpu)"));
+            return Err(Error::device("CUDA: the driver found no CUDA device (use --device cpu)"));
         }
         if index >= count {
             return Err(Error::invalid(format!(
@@ -95,7 +93,7 @@ impl Device {
         };
         let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect();
         if !missing.is_empty() {
-            return Err(Error::invalid(format!("CUDA: library not found: {}; {LIBRARY_HINT}", missing.join(", "))));
+            return Err(Error::device(format!("CUDA: library not found: {}; {LIBRARY_HINT}", missing.join(", "))));
         }
         guarded("device setup", || {
             let ctx = CudaContext::new(index).map_err(cuda_err("creating the device context"))?;
@@ -142,9 +140,7 @@ impl Device {
 
     /// Copy `data` into the start of `buf`.
     pub fn write<T: cudarc::driver::DeviceRepr>(&self, buf: &mut Buf<T>, data: &[T]) -> Result<()> {
-        if data.len() > buf.len {
-            return Err(Error::invalid(format!("CUDA: {} values do not fit a buffer of {}", data.len(), buf.len)));
-        }
+        assert!(data.len() <= buf.len, "CUDA: {} values do not fit a buffer of {}", data.len(), buf.len);
         if data.is_empty() {
             return Ok(());
         }
@@ -154,9 +150,7 @@ impl Device {
 
     /// The first `len` values of `buf`, after everything enqueued before has finished.
     pub fn read<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
-        if len > buf.len {
-            return Err(Error::invalid(format!("CUDA: cannot read {len} values from a buffer of {}", buf.len)));
-        }
+        assert!(len <= buf.len, "CUDA: cannot read {len} values from a buffer of {}", buf.len);
         let mut out = vec![T::default(); len];
         if len > 0 {
             self.stream.memcpy_dtoh(&buf.mem.slice(0..len), &mut out).map_err(cuda_err("copying from the device"))?;

@@ -12,6 +12,7 @@ use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
 use crate::model::graph::{Post, Src};
 use crate::model::{ResNet, ResNetConfig, Tap};
+use crate::target::Precision;
 
 /// Activation slots: the block input, the shortcut and one unit's output are live at once, so three suffice
 /// (see `DeviceGraph::of`).
@@ -64,19 +65,7 @@ struct Plan {
     workspace: usize,
 }
 
-/// Construction options beyond the device index.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CudaOptions {
-    /// Let cuDNN and cuBLAS use TF32 tensor cores for fp32 (faster on Ampere and later, about 1e-3 relative error).
-    /// Off by default, and off for every parity test.
-    pub allow_tf32: bool,
-    /// Run the convolutions on bf16 NHWC activations and weights with fp32 accumulation (PyTorch's autocast on
-    /// channels-last tensors); BN, residual and ReLU compute in fp32 and round to bf16, pooling and the classifier
-    /// stay fp32. The fp32 weights stay the master copy (`download_into`).
-    pub bf16: bool,
-}
-
-/// The bf16 copies the `bf16` option runs on: conv weights (OHWI), the staged images and the activation slots
+/// The bf16 copies `Precision::Bf16` runs on: conv weights (OHWI), the staged images and the activation slots
 /// (NHWC), as bf16 bit patterns.
 struct Half {
     weights: HashMap<usize, Buf<u16>>,
@@ -118,16 +107,20 @@ pub struct CudaResNet {
 impl CudaResNet {
     /// Upload `model` to device `device` (TF32 off) for batches of up to `batch` images of `h`×`w`.
     pub fn new(model: &ResNet, device: usize, batch: usize, h: usize, w: usize) -> Result<CudaResNet> {
-        Self::with_options(model, device, batch, h, w, CudaOptions::default())
+        Self::with_precision(model, device, batch, h, w, Precision::F32)
     }
 
-    pub fn with_options(
+    /// As `new`, in `precision`: F32 (IEEE fp32, TF32 off: every parity test's setting); Tf32 (cuDNN and cuBLAS
+    /// may use TF32 tensor cores, about 1e-3 relative error); Bf16 (convolutions on bf16 NHWC activations and
+    /// weights with fp32 accumulation, PyTorch's autocast on channels-last tensors; BN, residual and ReLU in
+    /// fp32 rounded to bf16, pooling and the classifier in fp32, the fp32 weights the master copy).
+    pub fn with_precision(
         model: &ResNet,
         device: usize,
         batch: usize,
         h: usize,
         w: usize,
-        options: CudaOptions,
+        precision: Precision,
     ) -> Result<CudaResNet> {
         if batch == 0 || h == 0 || w == 0 {
             return Err(Error::invalid(format!("CUDA: empty input shape: batch {batch}, {h}x{w}")));
@@ -136,7 +129,7 @@ impl CudaResNet {
         // describe fails the same way on every machine.
         let DeviceGraph { nodes, norms: norm_specs, fc } = DeviceGraph::of(model)?;
 
-        let dev = Device::open(device, options.allow_tf32)?;
+        let dev = Device::open(device, precision == Precision::Tf32)?;
         guarded("uploading the network", || {
             let kernels = Kernels::load(&dev)?;
             let table = TensorTable::upload(&dev, &model.store)?;
@@ -144,7 +137,7 @@ impl CudaResNet {
             for norm in &norms {
                 norm.fold(&dev, &kernels, &table.tensors)?;
             }
-            let half = if options.bf16 {
+            let half = if precision == Precision::Bf16 {
                 let mut weights = HashMap::new();
                 for node in &nodes {
                     if let Node::Conv { weight, .. } = *node {
@@ -241,7 +234,7 @@ impl CudaResNet {
             return Err(Error::invalid(format!("CUDA: batch {n} outside this executor's 1..={}", self.batch)));
         }
         self.ensure_plan(n)?;
-        let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+        let plan = self.plans.get(&n).expect("ensure_plan built this batch size's plan");
         let slot = |s: Slot| match s {
             Slot::Input => &self.input,
             Slot::Act(i) => &self.acts[i],
@@ -255,16 +248,16 @@ impl CudaResNet {
         for (node, &dims) in self.nodes.iter().zip(&plan.dims) {
             match *node {
                 Node::Conv { weight, src, dst, .. } => {
-                    let conv = convs
-                        .next()
-                        .ok_or_else(|| Error::invalid("CUDA: plan has fewer convolutions than the graph"))?;
+                    let conv = convs.next().expect("the plan has one convolution per Conv node");
                     match &self.half {
                         None => {
                             conv.forward(dev, slot(src), &self.table.tensors[weight], slot(dst), &self.workspace)?
                         }
                         Some(half) => {
-                            let w =
-                                half.weights.get(&weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                            let w = half
+                                .weights
+                                .get(&weight)
+                                .expect("every convolution has its bf16 copy (with_precision)");
                             conv.forward(dev, half.slot(src), w, half.slot(dst), &self.workspace)?
                         }
                     }
@@ -354,7 +347,7 @@ type NodeShape = ([usize; 4], Option<(Slot, [usize; 4])>);
 fn node_shapes(nodes: &[Node], input: [usize; 4]) -> Result<Vec<NodeShape>> {
     let mut slot_dims: HashMap<Slot, [usize; 4]> = HashMap::from([(Slot::Input, input)]);
     let get = |m: &HashMap<Slot, [usize; 4]>, s: Slot| {
-        m.get(&s).copied().ok_or_else(|| Error::invalid("CUDA: graph reads an unwritten slot"))
+        Ok(*m.get(&s).expect("DeviceGraph writes every slot before a node reads it"))
     };
     let mut out = Vec::with_capacity(nodes.len());
     for node in nodes {

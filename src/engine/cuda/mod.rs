@@ -16,15 +16,15 @@
 //! use resnet_rs::engine::cuda::{CudaTrainer, TrainOptimizer};
 //! let opt = TrainOptimizer { kind: OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
 //!                            groups: Optimizer::groups_for(&model.store.params, 5e-4, true, 1.0) };
-//! let mut gpu = CudaTrainer::new(&model, 0, batch, 32, 32, CudaOptions::default(), opt)?;
+//! let mut gpu = CudaTrainer::new(&model, 0, batch, 32, 32, Precision::F32, opt)?;
 //! let loss = gpu.step(&images, &targets, lr)?;  // forward (train-mode BN), loss, backward, SGD update
 //! gpu.download_into(&mut model)?;               // weights, BN running statistics, batch count: for checkpoints
 //! ```
 //!
-//! `CudaTrainer::new(.., CudaOptions { bf16: true, .. }, ..)` trains in bf16 mixed precision (see Precision).
+//! `CudaTrainer::new(.., Precision::Bf16, ..)` trains in bf16 mixed precision (see Precision below).
 //!
-//! `CudaResNet::with_options(.., CudaOptions { allow_tf32: true, bf16: false })` lets cuDNN and cuBLAS use TF32;
-//! `bf16: true` runs the network on bf16 NHWC activations (see Precision below). Every failure is an `Error` with
+//! `CudaResNet::with_precision(.., Precision::Tf32)` lets cuDNN and cuBLAS use TF32;
+//! `Precision::Bf16` runs the network on bf16 NHWC activations (see Precision below). Every failure is an `Error` with
 //! one line: no driver (libcuda missing), no device or a wrong index, a missing cuDNN, cuBLAS or
 //! NVRTC (with the pip packages and LD_LIBRARY_PATH to fix it), a library too old for a function we call.
 //!
@@ -52,7 +52,7 @@
 //!   accumulation, BN + residual + ReLU computed in fp32 from bf16 inputs and rounded once, global pooling and the
 //!   classifier in fp32, fp32 master weights. In fp32, TF32 is off by default: convolution descriptors carry `CUDNN_FMA_MATH` (cuDNN's
 //!   `DEFAULT_MATH` would allow TF32 on Ampere and later) and algorithms reporting tensor-op math are skipped;
-//!   cuBLAS keeps `CUBLAS_DEFAULT_MATH`. `CudaOptions::allow_tf32` switches both.
+//!   cuBLAS keeps `CUBLAS_DEFAULT_MATH`. `Precision::Tf32` switches both.
 //! - **Training** (`CudaTrainer`) has the CPU engine's step semantics: batch statistics, running statistics with
 //!   momentum 0.1 and the unbiased variance (cuDNN's training BN, which is what PyTorch runs), mean softmax
 //!   cross-entropy against target rows, torch.optim's SGD (momentum, Nesterov, weight-decay groups, first step
@@ -86,7 +86,7 @@ mod norm;
 mod table;
 mod train;
 
-pub use executor::{CudaOptions, CudaResNet};
+pub use executor::CudaResNet;
 
 /// Compare `text` with the committed `tests/fixtures/cuda_graphs/NAME` (rewritten when
 /// `RESNET_WRITE_FIXTURES=1`): how the device graphs' tests pin a pure function of the model without a GPU.

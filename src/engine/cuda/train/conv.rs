@@ -251,7 +251,7 @@ impl TrainConv {
         ws: &Buf<u8>,
     ) -> Result<()> {
         let (algo, _, math) =
-            self.data.ok_or_else(|| Error::invalid("CUDA: this convolution was planned without an input gradient"))?;
+            self.data.expect("backward_data runs only on convolutions planned with an input gradient");
         self.check(dx, w, dy, ws)?;
         self.use_math(math)?;
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });

@@ -1,4 +1,4 @@
-//! bf16 mixed-precision training (`CudaOptions { bf16: true }`): activations and their gradients stored as bf16
+//! bf16 mixed-precision training (`Precision::Bf16`): activations and their gradients stored as bf16
 //! NHWC, what PyTorch's autocast on channels-last tensors keeps in memory, with fp32 wherever autocast computes in
 //! fp32.
 //!
@@ -203,8 +203,10 @@ fn launch(total: usize) -> LaunchConfig {
     }
 }
 
+// A buffer smaller than its launch needs is a bug in the caller, not bad input: panic before the launch.
 fn fits(what: &str, ok: bool) -> Result<()> {
-    if ok { Ok(()) } else { Err(Error::invalid(format!("CUDA: buffer too small for {what}"))) }
+    assert!(ok, "CUDA: buffer too small for {what}");
+    Ok(())
 }
 
 /// An activation buffer of either precision: fp32 NCHW (the fp32 trainer) or bf16 NHWC bits.

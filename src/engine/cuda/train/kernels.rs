@@ -181,12 +181,10 @@ pub(super) fn int(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("CUDA: size {v} is too large for a 32-bit argument")))
 }
 
+// A buffer smaller than its launch needs is a bug in the caller, not bad input: panic before the launch.
 fn fits(what: &str, bufs: &[(&Buf<f32>, usize)]) -> Result<()> {
-    if bufs.iter().all(|(b, n)| b.len >= *n) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("CUDA: buffer too small for {what}")))
-    }
+    assert!(bufs.iter().all(|(b, n)| b.len >= *n), "CUDA: buffer too small for {what}");
+    Ok(())
 }
 
 /// SGD hyperparameters of one parameter's update, as the kernel takes them.

@@ -10,7 +10,7 @@
 //! block's residual gradient accumulated by the first convolution's backward data with beta 1), then one SGD
 //! launch per parameter. Nothing is allocated per step and the host waits once, for the loss.
 //!
-//! With `CudaOptions::bf16` the same graph runs on bf16 NHWC activations and gradients with fp32 master weights,
+//! With `Precision::Bf16` the same graph runs on bf16 NHWC activations and gradients with fp32 master weights,
 //! optimiser state and BN statistics (`half.rs`); every activation buffer is then an `Act::Bf16`.
 
 mod conv;
@@ -30,13 +30,13 @@ pub use self::stats::StepCheck;
 use self::stats::{LoopKernels, LoopState};
 use super::conv::{ConvShape, Storage};
 use super::device::{Buf, Device, guarded};
-use super::executor::CudaOptions;
 use super::kernels::Kernels;
 use super::table::{TensorIndex, TensorTable};
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
 use crate::model::graph::{Post, Src};
 use crate::model::{ResNet, ResNetConfig};
+use crate::target::Precision;
 use crate::train::optim::{OptimizerKind, ParamGroup, widen};
 
 /// The optimiser a `CudaTrainer` applies, as `train::optim::Optimizer` takes it: the kind and one group per
@@ -70,6 +70,8 @@ struct UnitBufs {
 /// A residual block: its units in order and its shortcut projection, as indices into the unit list.
 #[derive(Debug)]
 struct BlockSpec {
+    /// `layer2.0`, as the CPU model names it.
+    name: String,
     units: Vec<usize>,
     downsample: Option<usize>,
 }
@@ -122,7 +124,8 @@ impl Half {
 
     /// The bf16 OHWI copy of unit `s`'s weight from its fp32 OIHW master `w`.
     fn refresh(&self, dev: &Device, kernels: &Kernels, s: &UnitSpec, w: &Buf<f32>) -> Result<()> {
-        let copy = self.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+        let copy =
+            self.weights.get(&s.weight).expect("every convolution has its bf16 copy in a bf16 trainer (Half::new)");
         let cin = w.len / (s.out_channels * s.kernel * s.kernel).max(1);
         kernels.to_bf16_nhwc(dev, w, copy, s.out_channels, cin, s.kernel * s.kernel)
     }
@@ -161,7 +164,7 @@ pub struct CudaTrainer {
     dfeatures: Buf<f32>,
     loss: Buf<f32>,
     scratch: [Act; 3],
-    /// bf16 storage (`CudaOptions::bf16`): the bf16 buffers and kernels; None in fp32.
+    /// bf16 storage (`Precision::Bf16`): the bf16 buffers and kernels; None in fp32.
     half: Option<Half>,
     workspace: Buf<u8>,
     batch: usize,
@@ -218,7 +221,7 @@ impl CudaTrainer {
         batch: usize,
         h: usize,
         w: usize,
-        options: CudaOptions,
+        precision: Precision,
         optimizer: TrainOptimizer,
     ) -> Result<CudaTrainer> {
         if batch == 0 || h == 0 || w == 0 {
@@ -242,8 +245,8 @@ impl CudaTrainer {
         // describe fails the same way on every machine.
         let TrainGraph { specs, blocks, fc } = TrainGraph::of(model)?;
         let (shapes, pooled) = unit_shapes(&specs, batch, (h, w));
-        let storage = if options.bf16 { Storage::Bf16Nhwc } else { Storage::F32Nchw };
-        let dev = Device::open(device, options.allow_tf32)?;
+        let storage = if precision == Precision::Bf16 { Storage::Bf16Nhwc } else { Storage::F32Nchw };
+        let dev = Device::open(device, precision == Precision::Tf32)?;
         guarded("uploading the network for training", || {
             let kernels = Kernels::load(&dev)?;
             let train_kernels = TrainKernels::load(&dev)?;
@@ -385,7 +388,7 @@ impl CudaTrainer {
 
     fn enqueue_forward_backward(&mut self, n: usize) -> Result<()> {
         self.ensure_plan(n)?;
-        let plan = self.plans.get(&n).ok_or_else(|| Error::invalid("CUDA: missing plan"))?;
+        let plan = self.plans.get(&n).expect("ensure_plan built this batch size's plan");
         self.forward(plan, n)?;
         self.backward(plan, n)?;
         self.batches_tracked += 1;
@@ -404,7 +407,7 @@ impl CudaTrainer {
                 None => ActRef::F32(&self.input),
                 Some(half) => ActRef::Bf16(&half.input),
             }),
-            Src::Pool => self.pool.as_ref().map(|p| p.y.r()).ok_or_else(|| Error::invalid("CUDA: no max-pool")),
+            Src::Pool => Ok(self.pool.as_ref().expect("a graph that reads the pool has one").y.r()),
             Src::Unit(u) => Ok(self.units[u].a.r()),
         }
     }
@@ -418,9 +421,9 @@ impl CudaTrainer {
     fn conv_weight(&self, w: usize) -> Result<ActRef<'_>> {
         match &self.half {
             None => Ok(ActRef::F32(&self.table.tensors[w])),
-            Some(half) => {
-                half.weights.get(&w).map(ActRef::Bf16).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))
-            }
+            Some(half) => Ok(ActRef::Bf16(
+                half.weights.get(&w).expect("every convolution has its bf16 copy in a bf16 trainer (Half::new)"),
+            )),
         }
     }
 
@@ -478,11 +481,7 @@ impl CudaTrainer {
 
     /// The network's last unit (the last block's output) and its output dims.
     fn last_unit(&self, plan: &Plan) -> Result<(usize, [usize; 4])> {
-        let u = self
-            .blocks
-            .last()
-            .and_then(|b| b.units.last().copied())
-            .ok_or_else(|| Error::invalid("CUDA: a network without blocks"))?;
+        let u = self.blocks.last().and_then(|b| b.units.last().copied()).expect("a ResNet has blocks");
         Ok((u, plan.convs[u].shape().y()))
     }
 
@@ -659,8 +658,10 @@ impl CudaTrainer {
                     None => self.dev.read(master, master.len)?,
                     Some(half) => {
                         let wide = self.dev.zeros(master.len)?;
-                        let copy =
-                            half.weights.get(&s.weight).ok_or_else(|| Error::invalid("CUDA: missing bf16 weight"))?;
+                        let copy = half
+                            .weights
+                            .get(&s.weight)
+                            .expect("every convolution has its bf16 copy in a bf16 trainer (Half::new)");
                         let cin = master.len / (s.out_channels * s.kernel * s.kernel).max(1);
                         half.kernels.to_f32_nchw(&self.dev, copy, &wide, s.out_channels, cin, s.kernel * s.kernel)?;
                         self.dev.read(&wide, master.len)?
@@ -746,7 +747,11 @@ impl TrainGraph {
                 bn,
             });
         }
-        let blocks = g.blocks.iter().map(|b| BlockSpec { units: b.main.clone(), downsample: b.downsample }).collect();
+        let blocks = g
+            .blocks
+            .iter()
+            .map(|b| BlockSpec { name: b.name.clone(), units: b.main.clone(), downsample: b.downsample })
+            .collect();
         let fc = (index.take("fc.weight", &[g.classes, g.features])?, index.take("fc.bias", &[g.classes])?);
         index.check_all_used()?;
         Ok(TrainGraph { specs, blocks, fc })

@@ -440,10 +440,8 @@ impl CudaTrainer {
         let len = |u: usize| numel(plan.convs[u].shape().y());
         let mut outputs: Vec<(String, ActRef, usize)> = vec![("conv1".into(), self.units[0].a.r(), len(0))];
         for block in &self.blocks {
-            let (first, last) = (block.units[0], block.units[block.units.len() - 1]);
-            let name = &self.table.names[self.specs[first].weight];
-            let layer = name.strip_suffix(".conv1.weight").unwrap_or(name).to_string();
-            outputs.push((layer, self.units[last].a.r(), len(last)));
+            let last = block.units[block.units.len() - 1];
+            outputs.push((block.name.clone(), self.units[last].a.r(), len(last)));
         }
         outputs.push(("fc".into(), ActRef::F32(&self.logits), n * self.config.num_classes));
         guarded("locating a non-finite output", || {
