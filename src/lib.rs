@@ -7,6 +7,8 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod files;
+pub mod imaging;
 pub mod infer;
 pub mod model;
 pub mod target;

@@ -21,7 +21,7 @@ use md5::{Digest, Md5};
 
 use crate::data::cifar::CifarKind;
 use crate::error::{Error, Result};
-use crate::weights::write_atomic;
+use crate::files::write_atomic;
 
 /// The official tarballs: <https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz>
 /// (md5 c32a1d4ab5d03f1284b67883e8d87530) and cifar-100-binary.tar.gz (md5 03b5dce01913d631647c71ecec9e9cb8),

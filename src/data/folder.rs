@@ -6,7 +6,7 @@
 //! torchvision: only the files directly inside a class folder are read (no recursion), and entries whose
 //! name starts with a dot (`.ipynb_checkpoints`, macOS `._x.jpg` forks, ...) are skipped, so that they
 //! neither become a class nor fail to decode. Images are decoded when the loader asks for them, with
-//! `crate::infer::preprocess::load_rgb`, whose errors name the file.
+//! `crate::imaging::load_rgb`, whose errors name the file.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use image::RgbImage;
 use super::Dataset;
 use super::split::{stratified_split_indices, subsets};
 use crate::error::{Error, Result};
-use crate::infer::preprocess::{image_header, load_rgb};
+use crate::imaging::{image_header, load_rgb};
 
 /// Extensions (lower case) of the files a class folder contributes.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];

@@ -17,8 +17,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Beta, Distribution};
 
 use crate::engine::{Tensor, one_hot};
-pub use crate::infer::preprocess::to_tensor;
-use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, resize_bilinear_pil};
+pub use crate::imaging::to_tensor;
+use crate::imaging::{IMAGENET_MEAN, IMAGENET_STD, resize_bilinear_pil};
 
 /// One image-level operation, applied to the 8-bit RGB image in pipeline order.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +40,11 @@ pub enum Op {
     /// truncates; we round to nearest).
     ColorJitter { brightness: f32, contrast: f32, saturation: f32, hue: f32 },
     /// `Resize(shorter)`: the shorter side becomes `shorter` and the other `int(shorter * long / short)`,
-    /// with Pillow's antialiased bilinear filter, bit for bit (`crate::infer::preprocess`). The longer side
+    /// with Pillow's antialiased bilinear filter, bit for bit (`crate::imaging`). The longer side
     /// is capped at 16384 pixels (as torchvision's `max_size` would), a guard against extreme aspect ratios.
     Resize { shorter: u32 },
     /// `CenterCrop(size)`: torchvision's centre offsets, black padding where the image is smaller. Directly
-    /// after a `Resize` the pair is computed by `crate::infer::preprocess::resize_center_crop`, which resamples
+    /// after a `Resize` the pair is computed by `crate::imaging::resize_center_crop`, which resamples
     /// only the cropped window (same bytes, bounded memory whatever the aspect ratio).
     CenterCrop { size: u32 },
 }
@@ -100,7 +100,7 @@ impl Pipeline {
     }
 
     /// torchvision's ImageNet eval transform: `Resize(resize)`, `CenterCrop(crop)`, ImageNet mean/std
-    /// (the same output as `crate::infer::preprocess::eval_transform`).
+    /// (the same output as `crate::imaging::eval_transform`).
     pub fn imagenet_eval(resize: u32, crop: u32) -> Pipeline {
         Pipeline {
             ops: vec![Op::Resize { shorter: resize }, Op::CenterCrop { size: crop }],
@@ -294,7 +294,7 @@ fn crop_offset(n: u32, crop: u32) -> i64 {
     if crop > n { -i64::from((crop - n) / 2) } else { (f64::from(n - crop) / 2.0).round_ties_even() as i64 }
 }
 
-/// `Resize(shorter)` then `CenterCrop(crop)` through `crate::infer::preprocess::resize_center_crop`, which
+/// `Resize(shorter)` then `CenterCrop(crop)` through `crate::imaging::resize_center_crop`, which
 /// resamples only the cropped window (the same bytes as the two ops one after the other).
 fn resize_center_crop(img: &RgbImage, shorter: u32, crop: u32) -> RgbImage {
     let (w, h) = resized_size(img.width(), img.height(), shorter);
@@ -302,7 +302,7 @@ fn resize_center_crop(img: &RgbImage, shorter: u32, crop: u32) -> RgbImage {
         // The cap changed the geometry that the windowed resize would use: go the long way.
         return center_crop(&resize(img, shorter), crop);
     }
-    crate::infer::preprocess::resize_center_crop(img, shorter, crop)
+    crate::imaging::resize_center_crop(img, shorter, crop)
 }
 
 /// PIL's greyscale level (ITU-R 601-2 luma, `L = R*299/1000 + G*587/1000 + B*114/1000`), as a float.

@@ -2,7 +2,8 @@
 
 pub mod card;
 pub mod labels;
-pub mod preprocess;
+/// The image decoding and PIL-exact resampling inference shares with the training data (`crate::imaging`).
+pub use crate::imaging as preprocess;
 pub mod runner;
 
 use std::path::{Path, PathBuf};

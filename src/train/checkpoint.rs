@@ -18,7 +18,7 @@ use crate::model::{Arch, ResNet};
 use crate::weights;
 
 pub const FORMAT: &str = "resnet-rs-train/1";
-pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+pub use crate::weights::OPTIMIZER_PREFIX;
 
 /// Where the loop stands. All randomness derives from (seed, epoch, index), so this is the whole RNG state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]

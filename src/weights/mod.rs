@@ -5,13 +5,17 @@ pub mod pth;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use crate::engine::Tensor;
 use crate::error::{Error, Result};
 use crate::model::summary::summarize;
 use crate::model::{Arch, ResNet, ResNetConfig};
+
+pub use crate::files::{remove_stale_temporaries, write_atomic};
+
+/// The key prefix under which a training checkpoint keeps the optimiser's state beside the model's tensors.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
 /// A training checkpoint's optimiser state (`optimizer.*`) is left out: only the network is returned.
@@ -27,7 +31,7 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, S
     } else if bytes.len() >= 8 && bytes.get(8) == Some(&b'{') {
         let loaded = safetensors::load_bytes(&bytes, path)?;
         let mut tensors = loaded.tensors;
-        tensors.retain(|k, _| !k.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX));
+        tensors.retain(|k, _| !k.starts_with(OPTIMIZER_PREFIX));
         Ok((tensors, loaded.metadata))
     } else {
         Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"))
@@ -76,41 +80,4 @@ pub fn batch_counts(model: &ResNet) -> BTreeMap<String, i64> {
         .into_iter()
         .map(|bn| (format!("{bn}.num_batches_tracked"), model.store.batches_tracked))
         .collect()
-}
-
-/// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
-    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::file(path, format!("cannot write: {e}"))
-    })
-}
-
-/// `write_atomic`'s temporary name for a file `name`, less the writer's process id.
-fn temporary_prefix(name: &str) -> String {
-    format!(".{name}.tmp-")
-}
-
-/// Remove the temporaries of `names` in `dir` that `write_atomic` left when its writer was killed before the
-/// rename.
-pub fn remove_stale_temporaries(dir: &Path, names: &[&str]) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let prefixes: Vec<String> = names.iter().map(|n| temporary_prefix(n)).collect();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
 }

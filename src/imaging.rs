@@ -1,5 +1,7 @@
-//! torchvision's ImageNet eval preprocessing, bit-compatible with PIL.
+//! Image files to pixels and pixels to tensors, bit-compatible with PIL: what the training data and inference
+//! share (`data` reads folders through it, `infer::preprocess` is this module), so neither imports the other.
 //!
+//! torchvision's ImageNet eval preprocessing:
 //! `ResNet*_Weights.IMAGENET1K_V1.transforms()` opens the file with PIL, converts it to RGB, resizes the shorter
 //! side to 256 with PIL's antialiased BILINEAR filter, centre-crops 224, scales to [0, 1] and normalises. The
 //! resize below is a transcription of Pillow 13's `src/libImaging/Resample.c` (8-bit path): fixed-point

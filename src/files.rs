@@ -1,0 +1,44 @@
+//! Files written so that a crash leaves the old file or the new one, never half of one: a temporary name in the
+//! same folder, `fsync`, then `rename`. Checkpoints, features, downloads and their markers all go through here.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
+    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, format!("cannot write: {e}"))
+    })
+}
+
+/// `write_atomic`'s temporary name for a file `name`, less the writer's process id.
+fn temporary_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// Remove the temporaries of `names` in `dir` that `write_atomic` left when its writer was killed before the
+/// rename.
+pub fn remove_stale_temporaries(dir: &Path, names: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefixes: Vec<String> = names.iter().map(|n| temporary_prefix(n)).collect();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
