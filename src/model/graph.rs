@@ -254,6 +254,52 @@ impl Graph {
         done
     }
 
+    /// Walk the units in order over values of type `T` (a tensor, a shared tensor): `unit(u, input, shortcut)`
+    /// computes unit u's output from its input and, before a residual add, the shortcut; `pool` the stem's pool.
+    /// A value no later unit reads is dropped as soon as its last reader has run. Returns the last unit's output
+    /// (the feature map), or `Err` with unit `stop`'s output when the walk ends there.
+    pub fn walk<T>(
+        &self,
+        images: &T,
+        stop: Option<usize>,
+        mut unit: impl FnMut(usize, &T, Option<&T>) -> T,
+        mut pool: impl FnMut(&T) -> T,
+    ) -> std::result::Result<T, T> {
+        const ORDER: &str = "the graph lists a unit after the units it reads";
+        let done_after = self.released_after();
+        let mut values: Vec<Option<T>> = self.units.iter().map(|_| None).collect();
+        let mut pooled: Option<T> = None;
+        for (u, spec) in self.units.iter().enumerate() {
+            let out = {
+                let read = |src: Src| match src {
+                    Src::Images => images,
+                    Src::Pool => pooled.as_ref().expect(ORDER),
+                    Src::Unit(i) => values[i].as_ref().expect(ORDER),
+                };
+                let shortcut = match spec.post {
+                    Post::AddRelu(s) => Some(read(s)),
+                    Post::Relu | Post::Linear => None,
+                };
+                unit(u, read(spec.src), shortcut)
+            };
+            if stop == Some(u) {
+                return Err(out);
+            }
+            if spec.src == Src::Images && self.pool.is_some() {
+                pooled = Some(pool(&out));
+            }
+            values[u] = Some(out);
+            for &src in &done_after[u] {
+                match src {
+                    Src::Images => {}
+                    Src::Pool => pooled = None,
+                    Src::Unit(i) => values[i] = None,
+                }
+            }
+        }
+        Ok(values.pop().flatten().expect("the last unit's output is the feature map"))
+    }
+
     /// The block whose output unit `u` computes, if any.
     pub fn block_ending_at(&self, u: usize) -> Option<&Block> {
         let b = &self.blocks[self.units[u].block?];

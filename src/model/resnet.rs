@@ -58,27 +58,6 @@ pub struct ResNet {
     first_nonfinite: Option<String>,
 }
 
-/// The value a unit reads among those computed so far; `None` for the images, which the caller holds.
-fn computed<'a, T>(src: Src, pooled: &'a Option<T>, values: &'a [Option<T>]) -> Option<&'a T> {
-    const ORDER: &str = "the graph lists a unit after the units it reads";
-    match src {
-        Src::Images => None,
-        Src::Pool => Some(pooled.as_ref().expect(ORDER)),
-        Src::Unit(i) => Some(values[i].as_ref().expect(ORDER)),
-    }
-}
-
-/// Drop the values no later unit reads.
-fn release<T>(done: &[Src], pooled: &mut Option<T>, values: &mut [Option<T>]) {
-    for &src in done {
-        match src {
-            Src::Images => {}
-            Src::Pool => *pooled = None,
-            Src::Unit(i) => values[i] = None,
-        }
-    }
-}
-
 /// Where the gradient of `src` accumulates.
 fn gradient_of<'a>(
     src: Src,
@@ -177,63 +156,37 @@ impl ResNet {
     ) -> std::result::Result<Arc<Tensor>, Arc<Tensor>> {
         self.store.batches_tracked += 1;
         self.first_nonfinite = None;
-        let done_after = self.graph.released_after();
+        let ResNet { graph, store, units, maxpool, outputs, first_nonfinite, .. } = self;
         // The stem's record needs its own copy of the caller's input.
         let images = Arc::new(x.clone());
-        let mut values: Vec<Option<Arc<Tensor>>> = self.graph.units.iter().map(|_| None).collect();
-        let mut pooled: Option<Arc<Tensor>> = None;
-        for (u, unit) in self.graph.units.iter().enumerate() {
-            let input = computed(unit.src, &pooled, &values).unwrap_or(&images);
-            let y = self.units[u].forward_train(be, &mut self.store, input);
-            let out = Arc::new(match unit.post {
-                Post::Linear => y,
-                Post::Relu => be.relu(y),
-                Post::AddRelu(shortcut) => be.add_relu(y, computed(shortcut, &pooled, &values).unwrap_or(&images)),
+        let unit = |u: usize, input: &Arc<Tensor>, shortcut: Option<&Arc<Tensor>>| {
+            let y = units[u].forward_train(be, store, input);
+            let post = graph.units[u].post;
+            let out = Arc::new(match (post, shortcut) {
+                (Post::AddRelu(_), Some(s)) => be.add_relu(y, s),
+                (Post::Relu, _) => be.relu(y),
+                _ => y,
             });
-            self.outputs[u] = (unit.post != Post::Linear).then(|| Arc::clone(&out));
-            if self.first_nonfinite.is_none()
-                && (u == 0 || self.graph.block_ending_at(u).is_some())
-                && !out.all_finite()
-            {
-                let name = self.graph.block_ending_at(u).map_or("conv1".to_string(), |b| b.name.clone());
-                self.first_nonfinite = Some(name);
+            // The record of the ReLU's mask (a projection has none).
+            outputs[u] = (post != Post::Linear).then(|| Arc::clone(&out));
+            let named = if u == 0 { Some("conv1") } else { graph.block_ending_at(u).map(|b| b.name.as_str()) };
+            if let Some(name) = named.filter(|_| first_nonfinite.is_none() && !out.all_finite()) {
+                *first_nonfinite = Some(name.to_string());
             }
-            if stop == Some(u) {
-                return Err(out);
-            }
-            if let (0, Some(pool)) = (u, &mut self.maxpool) {
-                pooled = Some(Arc::new(pool.forward_train(be, &out)));
-            }
-            values[u] = Some(out);
-            // The records that still need a released value hold their own reference.
-            release(&done_after[u], &mut pooled, &mut values);
-        }
-        Ok(values.pop().flatten().expect("the last unit's output is the feature map"))
+            out
+        };
+        let pool = |h: &Arc<Tensor>| Arc::new(maxpool.as_mut().expect("a graph with a pool").forward_train(be, h));
+        graph.walk(&images, stop, unit, pool)
     }
 
     /// The inference walk: batch norm, the residual add and the ReLU fused into each convolution; nothing kept.
     fn forward_eval(&self, be: &dyn Backend, x: &Tensor, stop: Option<usize>) -> std::result::Result<Tensor, Tensor> {
-        let done_after = self.graph.released_after();
-        let mut values: Vec<Option<Tensor>> = self.graph.units.iter().map(|_| None).collect();
-        let mut pooled: Option<Tensor> = None;
-        for (u, unit) in self.graph.units.iter().enumerate() {
-            let input = computed(unit.src, &pooled, &values).unwrap_or(x);
-            let (shortcut, relu) = match unit.post {
-                Post::Linear => (None, false),
-                Post::Relu => (None, true),
-                Post::AddRelu(s) => (Some(computed(s, &pooled, &values).unwrap_or(x)), true),
-            };
-            let out = self.units[u].forward_eval(be, &self.store, input, shortcut, relu);
-            if stop == Some(u) {
-                return Err(out);
-            }
-            if let (0, Some(pool)) = (u, &self.maxpool) {
-                pooled = Some(pool.forward_eval(be, &out));
-            }
-            values[u] = Some(out);
-            release(&done_after[u], &mut pooled, &mut values);
-        }
-        Ok(values.pop().flatten().expect("the last unit's output is the feature map"))
+        let unit = |u: usize, input: &Tensor, shortcut: Option<&Tensor>| {
+            let relu = self.graph.units[u].post != Post::Linear;
+            self.units[u].forward_eval(be, &self.store, input, shortcut, relu)
+        };
+        let pool = |h: &Tensor| self.maxpool.as_ref().expect("a graph with a pool").forward_eval(be, h);
+        self.graph.walk(x, stop, unit, pool)
     }
 
     /// The first layer whose output went non-finite in the last training-mode forward (`conv1` for the stem,
