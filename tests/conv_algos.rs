@@ -139,30 +139,33 @@ fn auto_uses_winograd_only_where_it_applies_and_pays() {
     assert_eq!(conv_algo(ConvAlgo::Im2col, [8, 64, 56, 56], [64, 64, 3, 3], s1), ConvAlgo::Im2col);
 }
 
-/// The inference backend that keeps transformed weights: on a network whose 3x3 layers it keeps (16..128
-/// channels, maps of 32 tiles and more), the logits match the plain CPU engine's at Winograd's rounding, a
-/// second call reuses the kept weights and gives the same logits bit for bit, and neither another model (which
-/// may reuse the first one's memory) nor changed weights are confused with the kept ones.
+/// The CPU inference plan keeps transformed weights per graph unit: on a network whose 3x3 layers it keeps
+/// (16..128 channels, maps of 32 tiles and more), the logits and every tap match the plain CPU engine's at
+/// Winograd's rounding, a second call reuses the kept weights and gives the same logits bit for bit, and a plan
+/// of changed weights follows them (a plan holds its own copy of the weights, so nothing can be confused).
 #[test]
-fn prepared_backend_keeps_weights_and_matches_the_engine() {
-    use resnet_rs::engine::cpu::{Cpu, PreparedCpu, keeps_u};
-    use resnet_rs::model::{Mode, ResNet, ResNetConfig};
+fn inference_plan_keeps_weights_and_matches_the_engine() {
+    use resnet_rs::engine::cpu::{Cpu, keeps_u};
+    use resnet_rs::infer::plan::CpuPlan;
+    use resnet_rs::model::{Mode, ResNet, ResNetConfig, Tap};
     let config = ResNetConfig { widths: [16, 32, 64, 128], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
     let x = Tensor::new(&[2, 3, 128, 128], values(2 * 3 * 128 * 128, 5)).unwrap();
     assert!(keeps_u([2, 16, 32, 32], [16, 16, 3, 3], ConvGeom::square(1, 1)), "layer1 of this net is kept");
     assert!(!keeps_u([1, 512, 7, 7], [512, 512, 3, 3], ConvGeom::square(1, 1)), "a 37.7 MB U is not kept");
-    let be = PreparedCpu::new();
     for seed in [1, 2] {
         let mut model = ResNet::new(config, seed);
-        let want = model.forward(&Cpu, &x, Mode::Eval);
-        let first = model.forward(&be, &x, Mode::Eval);
-        let e = rel_err(first.data(), want.data());
-        assert!(e <= 1e-5, "seed {seed}: prepared vs engine logits: relative error {e:.3e}");
-        assert_eq!(model.forward(&be, &x, Mode::Eval), first, "seed {seed}: the kept weights give the same logits");
+        let plan = CpuPlan::new(ResNet::new(config, seed), false).unwrap();
+        for tap in [Tap::Layer1, Tap::Layer3, Tap::AvgPool, Tap::Fc] {
+            let want = model.forward_to(&Cpu, &x, Mode::Eval, tap);
+            let e = rel_err(plan.forward_to(&x, tap).data(), want.data());
+            assert!(e <= 1e-5, "seed {seed} {tap:?}: plan vs engine: relative error {e:.3e}");
+        }
+        let first = plan.forward(&x);
+        assert_eq!(plan.forward(&x), first, "seed {seed}: the kept weights give the same logits");
         let w = &mut model.store.params.iter_mut().find(|p| p.name == "layer1.0.conv1.weight").unwrap().value;
         w.data_mut().iter_mut().for_each(|v| *v *= -1.0);
         let want = model.forward(&Cpu, &x, Mode::Eval);
-        let e = rel_err(model.forward(&be, &x, Mode::Eval).data(), want.data());
+        let e = rel_err(CpuPlan::new(model, false).unwrap().forward(&x).data(), want.data());
         assert!(e <= 1e-5, "seed {seed}: after a weight change: relative error {e:.3e}");
     }
 }

@@ -2,37 +2,12 @@
 //!
 //! Storage lives on the host for now; a device backend will add its own storage behind the `Backend` seam.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::error::{Error, Result};
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
     data: Vec<f32>,
-    /// Identifies these values: new for every tensor made and every mutable borrow of its data, never reused, so
-    /// a cache keyed by it (see `engine::cpu::PreparedCpu`) cannot mistake changed or other values for these.
-    version: u64,
-}
-
-/// The next `Tensor::version`.
-fn next_version() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-impl Clone for Tensor {
-    fn clone(&self) -> Self {
-        // A copy holds the same values, so it may share the version; mutating either gives that one a new one.
-        Tensor { shape: self.shape.clone(), data: self.data.clone(), version: self.version }
-    }
-}
-
-/// Equal shapes and values; the version does not take part.
-impl PartialEq for Tensor {
-    fn eq(&self, other: &Self) -> bool {
-        self.shape == other.shape && self.data == other.data
-    }
 }
 
 impl Tensor {
@@ -42,7 +17,7 @@ impl Tensor {
         if numel != data.len() {
             return Err(Error::invalid(format!("shape {shape:?} needs {numel} values, got {}", data.len())));
         }
-        Ok(Tensor { shape: shape.to_vec(), data, version: next_version() })
+        Ok(Tensor { shape: shape.to_vec(), data })
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -51,7 +26,7 @@ impl Tensor {
 
     pub fn full(shape: &[usize], value: f32) -> Self {
         let numel = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: vec![value; numel], version: next_version() }
+        Tensor { shape: shape.to_vec(), data: vec![value; numel] }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -63,13 +38,7 @@ impl Tensor {
     }
 
     pub fn data_mut(&mut self) -> &mut [f32] {
-        self.version = next_version();
         &mut self.data
-    }
-
-    /// Which values these are (see the field): equal versions mean equal values.
-    pub fn version(&self) -> u64 {
-        self.version
     }
 
     pub fn into_data(self) -> Vec<f32> {

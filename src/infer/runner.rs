@@ -2,16 +2,15 @@
 //! CUDA executor only in builds with the `cuda` feature.
 
 use crate::engine::Tensor;
-use crate::engine::cpu::PreparedCpu;
 use crate::error::{Error, Result};
-use crate::model::{Mode, ResNet, Tap};
+use crate::infer::plan::CpuPlan;
+use crate::model::{ResNet, Tap};
 use crate::target::{Job, Precision, Target};
 
 /// A network ready to run eval-mode forwards on its device.
 pub enum Runner {
-    /// The model and the backend that keeps its transformed convolution weights: the model's weights never change
-    /// while the runner holds them, which is what `PreparedCpu` relies on.
-    Cpu(Box<ResNet>, PreparedCpu),
+    /// The model's inference plan: folded batch norm and kept convolution weights per graph unit.
+    Cpu(Box<CpuPlan>),
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::engine::cuda::CudaResNet>),
 }
@@ -19,11 +18,9 @@ pub enum Runner {
 impl Runner {
     /// The CPU in f32, or in bf16 where the CPU has AVX512-BF16 (which `Target::resolve` has checked).
     fn cpu(model: ResNet, precision: Precision) -> Result<Runner> {
-        let backend = match precision {
-            Precision::Bf16 => PreparedCpu::bf16().ok_or_else(|| Error::invalid("this CPU lacks AVX512-BF16"))?,
-            Precision::F32 | Precision::Tf32 => PreparedCpu::new(),
-        };
-        Ok(Runner::Cpu(Box::new(model), backend))
+        let plan = CpuPlan::new(model, precision == Precision::Bf16)
+            .ok_or_else(|| Error::invalid("this CPU lacks AVX512-BF16"))?;
+        Ok(Runner::Cpu(Box::new(plan)))
     }
 
     /// Put `model` on `target` (resolved for inference: refusals and `auto` in `Target::resolve`) for batches of
@@ -46,7 +43,7 @@ impl Runner {
     /// "cpu", or the GPU's name.
     pub fn describe(&self) -> String {
         match self {
-            Runner::Cpu(_, backend) if backend.is_bf16() => "cpu (bf16)".into(),
+            Runner::Cpu(plan) if plan.is_bf16() => "cpu (bf16)".into(),
             Runner::Cpu(..) => "cpu".into(),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.device_name(),
@@ -56,7 +53,7 @@ impl Runner {
     /// Logits `[N, classes]` for images `[N, 3, H, W]`.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Runner::Cpu(model, be) => Ok(model.forward(be, x, Mode::Eval)),
+            Runner::Cpu(plan) => Ok(plan.forward(x)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.forward(x),
         }
@@ -65,7 +62,7 @@ impl Runner {
     /// `[N, D]` features at `tap`, as `infer::features` computes them on the CPU.
     pub fn features(&mut self, x: &Tensor, tap: Tap) -> Result<Tensor> {
         match self {
-            Runner::Cpu(model, be) => Ok(crate::infer::features(model, be, x, tap)),
+            Runner::Cpu(plan) => Ok(plan.features(x, tap)),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.features(x, tap),
         }
@@ -75,8 +72,8 @@ impl Runner {
     /// on the device copy and waits for it, as PyTorch's GPU benchmarks time batches already on the device.
     pub fn timed_forward<'a>(&'a mut self, x: &'a Tensor) -> Result<Box<dyn FnMut() -> Result<()> + 'a>> {
         match self {
-            Runner::Cpu(model, be) => Ok(Box::new(move || {
-                model.forward(be, x, Mode::Eval);
+            Runner::Cpu(plan) => Ok(Box::new(move || {
+                plan.forward(x);
                 Ok(())
             })),
             #[cfg(feature = "cuda")]

@@ -267,6 +267,7 @@ impl Graph {
     ) -> std::result::Result<T, T> {
         const ORDER: &str = "the graph lists a unit after the units it reads";
         let done_after = self.released_after();
+        let read_later = self.last_readers();
         let mut values: Vec<Option<T>> = self.units.iter().map(|_| None).collect();
         let mut pooled: Option<T> = None;
         for (u, spec) in self.units.iter().enumerate() {
@@ -288,7 +289,11 @@ impl Graph {
             if spec.src == Src::Images && self.pool.is_some() {
                 pooled = Some(pool(&out));
             }
-            values[u] = Some(out);
+            // Kept only if a later unit reads it (the ImageNet stem's output is read by the pool alone) or it is
+            // the feature map.
+            if read_later[u].is_some() || u == self.output() {
+                values[u] = Some(out);
+            }
             for &src in &done_after[u] {
                 match src {
                     Src::Images => {}

@@ -24,6 +24,13 @@ pub enum Tap {
     Fc,
 }
 
+impl Tap {
+    /// The 0-based stage whose output this tap is, for layer1..layer4.
+    pub fn stage(self) -> Option<usize> {
+        [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4].iter().position(|&t| t == self)
+    }
+}
+
 impl std::str::FromStr for Tap {
     type Err = Error;
     fn from_str(s: &str) -> Result<Tap> {
@@ -115,8 +122,7 @@ impl ResNet {
 
     /// The unit after which `tap` (a stage output) is taken.
     fn tap_unit(&self, tap: Tap) -> Option<usize> {
-        let stage = [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4].iter().position(|&t| t == tap)?;
-        Some(self.graph.stage_output(stage))
+        Some(self.graph.stage_output(tap.stage()?))
     }
 
     /// Run up to `tap` and return its output (a feature map for layer1..layer4, a matrix for avgpool and fc).

@@ -9,13 +9,11 @@
 //! all threads.
 //!
 //! 3x3 stride-1 padding-1 convolutions with enough tiles go to Winograd F(4x4, 3x3) instead (see `winograd`),
-//! all three passes. `RESNET_CONV_ALGO=im2col|winograd|auto` (read once; default auto) forces one algorithm
-//! everywhere it applies, for benchmarking; tests pick one per call with `forward_with` / `backward_with`.
-
-use std::sync::OnceLock;
+//! all three passes; the choice is `algo::resolve`'s.
 
 use rayon::prelude::*;
 
+use super::algo::{ConvAlgo, default_algo, resolve};
 use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
@@ -193,63 +191,6 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32], ld: usize, offset: usize) {
         }
     }
 }
-
-/// Which algorithm computes a convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvAlgo {
-    /// Per shape: Winograd where it applies and pays, im2col + GEMM otherwise.
-    Auto,
-    Im2col,
-    /// Winograd F(4x4, 3x3) where it applies (3x3, stride 1, padding 1); im2col for every other shape.
-    Winograd,
-}
-
-/// The process-wide default: `RESNET_CONV_ALGO`, or `Auto`.
-fn default_algo() -> ConvAlgo {
-    static ALGO: OnceLock<ConvAlgo> = OnceLock::new();
-    *ALGO.get_or_init(|| match std::env::var("RESNET_CONV_ALGO").as_deref() {
-        Ok("im2col") => ConvAlgo::Im2col,
-        Ok("winograd") => ConvAlgo::Winograd,
-        _ => ConvAlgo::Auto,
-    })
-}
-
-/// What `algo` resolves to for input `[n, c, h, w]` and weight `[o, c, kh, kw]`: `Im2col` or `Winograd`.
-pub fn resolve(algo: ConvAlgo, x: [usize; 4], wt: [usize; 4], geom: ConvGeom) -> ConvAlgo {
-    let [n, c, h, w] = x;
-    let [o, _, kh, kw] = wt;
-    if !winograd::applies(kh, kw, geom.stride, geom.padding) {
-        return ConvAlgo::Im2col;
-    }
-    match algo {
-        ConvAlgo::Auto => {
-            let tiles = n * h.div_ceil(4) * w.div_ceil(4);
-            // 36 multiplies per tile against im2col's 9 per output: on maps whose tiles are mostly padding
-            // (2x2, 1x1) Winograd does as much or more work, so it must at least halve the multiplies. Measured on
-            // the digits recipe's step (8x8 input, so 2x2 and 1x1 maps in layer3/4): 1,100 ms without this
-            // condition, 450 with it, 530 all-im2col.
-            let pays = 8 * tiles <= n * h * w;
-            if pays && tiles >= AUTO_MIN_TILES && c.min(o) >= AUTO_MIN_CHANNELS {
-                ConvAlgo::Winograd
-            } else {
-                ConvAlgo::Im2col
-            }
-        }
-        chosen => chosen,
-    }
-}
-
-/// Below this many 4x4 output tiles Winograd's transformed weights (4x the kernel, rebuilt every call) cost more
-/// to build and stream than the multiplies they save. Measured on 2 threads: 49 tiles (one 28x28 image, 128
-/// channels) 2.5 ms vs im2col's 1.9; 64 tiles (64 4x4 images, 512 channels) 26 ms vs 40.
-const AUTO_MIN_TILES: usize = 64;
-
-/// With fewer input or output channels the GEMMs are tiny and the transforms, which scale with C + O rather
-/// than C·O, cost about as much as im2col's whole product (measured: a 3-channel stem runs 1.6x slower, 8
-/// channels break even forward). Winograd's ~8x larger rounding error then buys nothing, and narrow networks
-/// can be ill-conditioned enough to show it: tests/net_parity's reduced ResNet-50 (4..32 channels) gets an
-/// input gradient 1.3e-2 from PyTorch's with its 8-channel layers on Winograd, 1.2e-5 on im2col.
-const AUTO_MIN_CHANNELS: usize = 16;
 
 pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
     forward_with(x, w, geom, default_algo())

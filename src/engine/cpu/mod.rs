@@ -1,7 +1,9 @@
 //! The CPU backend: Winograd or im2col + `gemm` for convolutions and the linear head, rayon for everything else.
 
+pub mod algo;
 mod conv;
 mod elementwise;
+pub mod kept;
 mod lanes;
 mod linear;
 mod loss;
@@ -9,16 +11,15 @@ pub mod matmul;
 mod norm;
 pub mod packed;
 mod pool;
-mod prepared;
 mod scratch;
 #[cfg(test)]
 mod test_util;
 pub mod winograd;
 mod winograd2;
 
-pub use conv::{ConvAlgo, backward_with as conv2d_backward_with, forward_with as conv2d_with, resolve as conv_algo};
+pub use algo::{ConvAlgo, keeps_u, resolve as conv_algo};
+pub use conv::{backward_with as conv2d_backward_with, forward_with as conv2d_with};
 pub use norm::Affine;
-pub use prepared::{PreparedCpu, keeps_u};
 
 use super::Tensor;
 use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};

@@ -1,0 +1,123 @@
+//! `CpuPlan`: CPU inference as a plan, the way the CUDA executor runs: built once from the model's `Graph`, its
+//! weights and a precision, holding per graph unit the convolution weight, the batch norm folded into a
+//! per-channel scale and shift, and the weight's kept inference forms (`engine::cpu::kept`), in a vector indexed
+//! by unit. Nothing is keyed by tensor identity and nothing grows: a unit keeps at most one form per kept
+//! algorithm (three), built the first time a batch needs it (the algorithm depends on the batch's tile count), so
+//! a plan's memory is bounded by its weights. It runs eval-mode forwards only; it cannot train.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use crate::engine::cpu::algo::{self, KeptAlgo};
+use crate::engine::cpu::kept::KeptConv;
+use crate::engine::cpu::{Affine, Cpu, packed};
+use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
+use crate::model::graph::{Graph, Post};
+use crate::model::layers::BN_EPS;
+use crate::model::{ResNet, ResNetConfig, Tap};
+
+/// One conv+BN unit of the plan.
+struct PlanUnit {
+    weight: Tensor,
+    geom: ConvGeom,
+    /// Eval-mode batch norm as y = x·scale + shift, from the running statistics.
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+    /// The weight kept for each `KeptAlgo` (indexed by `kept_slot`), built on first use.
+    kept: [OnceLock<KeptConv>; 3],
+}
+
+fn kept_slot(a: KeptAlgo) -> usize {
+    match a {
+        KeptAlgo::Winograd4 => 0,
+        KeptAlgo::Winograd2 => 1,
+        KeptAlgo::Im2col => 2,
+    }
+}
+
+pub struct CpuPlan {
+    pub config: ResNetConfig,
+    graph: Graph,
+    bf16: bool,
+    units: Vec<PlanUnit>,
+    fc_weight: Tensor,
+    fc_bias: Vec<f32>,
+}
+
+impl CpuPlan {
+    /// The plan of `model` (whose tensors it takes over, so the weights are held once) in f32, or with bf16
+    /// convolution operands and f32 accumulation (what PyTorch's bf16 autocast does on a CPU); None for bf16 on
+    /// a CPU without AVX512-BF16.
+    pub fn new(model: ResNet, bf16: bool) -> Option<CpuPlan> {
+        if bf16 && !packed::bf16_supported() {
+            return None;
+        }
+        let ResNet { config, graph, store, .. } = model;
+        let mut state: HashMap<String, Tensor> = store.params.into_iter().map(|p| (p.name, p.value)).collect();
+        state.extend(store.buffers.into_iter().map(|b| (b.name, b.value)));
+        let mut take =
+            |name: &str| state.remove(name).unwrap_or_else(|| panic!("the store holds {name}, which the graph names"));
+        let mut units = Vec::with_capacity(graph.units.len());
+        for u in &graph.units {
+            let mut bn = |leaf: &str| take(&format!("{}.{leaf}", u.bn));
+            let (gamma, beta, mean, var) = (bn("weight"), bn("bias"), bn("running_mean"), bn("running_var"));
+            let (scale, shift) = batch_norm_affine(gamma.data(), beta.data(), mean.data(), var.data(), BN_EPS);
+            let weight = take(&format!("{}.weight", u.conv));
+            let relu = u.post != Post::Linear;
+            units.push(PlanUnit { weight, geom: u.geom(), scale, shift, relu, kept: Default::default() });
+        }
+        let (fc_weight, fc_bias) = (take("fc.weight"), take("fc.bias").into_data());
+        Some(CpuPlan { config, graph, bf16, units, fc_weight, fc_bias })
+    }
+
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
+
+    /// relu?(bn(conv(x)) + shortcut?) of unit `u`, on its kept weight where one applies.
+    fn unit(&self, u: usize, x: &Tensor, shortcut: Option<&Tensor>) -> Tensor {
+        let p = &self.units[u];
+        let affine = EvalAffine { scale: &p.scale, shift: &p.shift, residual: shortcut, relu: p.relu };
+        let bytes = if self.bf16 { 2 } else { 4 };
+        let Some(algo) = algo::for_inference(x.dims4(), p.weight.dims4(), p.geom, bytes) else {
+            return Cpu.conv2d_affine_act(x, &p.weight, p.geom, affine);
+        };
+        let kept = p.kept[kept_slot(algo)].get_or_init(|| KeptConv::new(x.dims4(), &p.weight, p.geom, algo, self.bf16));
+        let [n, _, h, w] = x.dims4();
+        let [o, _, kh, kw] = p.weight.dims4();
+        let (oh, ow) = p.geom.output_hw(h, w, kh, kw);
+        kept.forward(x, Some(&Affine::new(affine, [n, o, oh, ow])))
+    }
+
+    /// Run up to `tap` on images `[N, 3, H, W]`: a stage's feature map for layer1..layer4, the pooled features
+    /// for avgpool, the logits for fc.
+    pub fn forward_to(&self, x: &Tensor, tap: Tap) -> Tensor {
+        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, 3, H, W]");
+        let stop = tap.stage().map(|s| self.graph.stage_output(s));
+        let pool = |h: &Tensor| {
+            let p = self.graph.pool.expect("a graph that pools has a pool");
+            Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
+        };
+        let h = match self.graph.walk(x, stop, |u, input, shortcut| self.unit(u, input, shortcut), pool) {
+            Ok(h) => h,
+            Err(stage_output) => return stage_output,
+        };
+        let pooled = Cpu.global_avg_pool(&h);
+        if tap == Tap::AvgPool {
+            return pooled;
+        }
+        Cpu.linear(&pooled, &self.fc_weight, &self.fc_bias)
+    }
+
+    /// Logits `[N, classes]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_to(x, Tap::Fc)
+    }
+
+    /// `[N, D]` features at `tap`, as `infer::features` computes them: stage maps averaged over space.
+    pub fn features(&self, x: &Tensor, tap: Tap) -> Tensor {
+        let out = self.forward_to(x, tap);
+        if out.shape().len() == 4 { Cpu.global_avg_pool(&out) } else { out }
+    }
+}
