@@ -66,7 +66,7 @@ fn main() {
             let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, true, algo)));
             line += &format!(" | {algo:?}: fwd {fw:7.2} dx {dx:7.2} dw {:7.2} ms", both - dx);
         }
-        // Inference with the transformed weight kept across calls (engine::cpu::kept, as infer::plan::CpuPlan keeps it).
+        // Inference with the transformed weight kept across calls (engine::cpu::kept, as exec::cpu_plan::CpuPlan keeps it).
         let u = winograd::transform_forward_weights(w.data(), o, c);
         let kept = median(&mut || drop(winograd::forward_with(x.data(), &u, (n, c, h, h, o), None)));
         line += &format!(

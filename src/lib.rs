@@ -7,6 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod files;
 pub mod imaging;
 pub mod infer;

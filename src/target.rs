@@ -5,6 +5,7 @@
 //! this build has the `cuda` feature and the job runs there, else the CPU), and the engines take a `Precision`
 //! rather than flags of their own.
 
+pub use crate::engine::Precision;
 use crate::error::{Error, Result};
 
 /// The one-line error for `--device cuda` in a build without the `cuda` feature.
@@ -33,41 +34,6 @@ impl std::str::FromStr for DeviceSpec {
                 .map(DeviceSpec::Cuda)
                 .ok_or_else(|| Error::invalid(format!("unknown device '{s}' (expected cpu, cuda, cuda:N or auto)"))),
         }
-    }
-}
-
-/// The arithmetic a network runs in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    /// IEEE fp32 throughout (the parity tests' setting).
-    F32,
-    /// fp32 storage, TF32 tensor-core convolutions and matrix products (PyTorch's default for convolutions on
-    /// a GPU). About 1e-3 relative error.
-    Tf32,
-    /// bf16 convolution operands with fp32 accumulation (PyTorch's bf16 autocast); on a GPU also bf16 NHWC
-    /// activations, on the CPU (AVX512-BF16, inference only) f32 activations between convolutions.
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Precision> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "tf32" => Ok(Precision::Tf32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(Error::invalid(format!("unknown dtype '{s}' (expected f32, tf32 or bf16)"))),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::Tf32 => "tf32",
-            Precision::Bf16 => "bf16",
-        })
     }
 }
 

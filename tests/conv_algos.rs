@@ -146,7 +146,7 @@ fn auto_uses_winograd_only_where_it_applies_and_pays() {
 #[test]
 fn inference_plan_keeps_weights_and_matches_the_engine() {
     use resnet_rs::engine::cpu::{Cpu, keeps_u};
-    use resnet_rs::infer::plan::CpuPlan;
+    use resnet_rs::exec::cpu_plan::CpuPlan;
     use resnet_rs::model::{Mode, ResNet, ResNetConfig, Tap};
     let config = ResNetConfig { widths: [16, 32, 64, 128], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
     let x = Tensor::new(&[2, 3, 128, 128], values(2 * 3 * 128 * 128, 5)).unwrap();

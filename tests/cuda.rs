@@ -11,7 +11,7 @@ use std::path::Path;
 use common::{Fixture, assert_close, det_net, rel_err};
 use resnet_rs::engine::Tensor;
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::engine::cuda::CudaResNet;
+use resnet_rs::exec::cuda::CudaResNet;
 use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem, Tap};
 use resnet_rs::target::Precision;
 

@@ -21,8 +21,8 @@ use std::path::Path;
 
 use common::{Fixture, det_net, rel_err};
 use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::engine::cuda::{CudaTrainer, TrainOptimizer};
 use resnet_rs::engine::{Backend, Tensor, one_hot};
+use resnet_rs::exec::cuda::{CudaTrainer, TrainOptimizer};
 use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem};
 use resnet_rs::target::Precision;
 use resnet_rs::train::optim::{Optimizer, OptimizerKind};

@@ -115,7 +115,7 @@ fn top1(logits: &[f32], classes: usize) -> Vec<usize> {
     logits.chunks(classes).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0).collect()
 }
 
-/// The inference runner on the CPU (`infer::plan::CpuPlan`: weights packed once per unit): f32 gives torchvision's logits and
+/// The inference runner on the CPU (`exec::cpu_plan::CpuPlan`: weights packed once per unit): f32 gives torchvision's logits and
 /// features at the same tolerance as the engine; bf16 (AVX512-BF16) keeps every image's top-1 class, within a bf16-sized error,
 /// and a CPU without AVX512-BF16 refuses bf16 in one line.
 #[test]

@@ -17,8 +17,9 @@ use resnet_rs::engine::cpu::Cpu;
 use resnet_rs::engine::{Backend, Tensor, one_hot};
 use resnet_rs::model::store::Param;
 use resnet_rs::model::{Mode, ResNet, ResNetConfig};
-use resnet_rs::train::optim::{Optimizer, OptimizerKind, ParamGroup, clip_grad_norm, grad_norm};
+use resnet_rs::train::optim::{Optimizer, OptimizerKind, ParamGroup, clip_coefficient};
 use resnet_rs::train::schedule::Schedule;
+use resnet_rs::train::steps::{CpuSteps, Steps};
 
 const TOL: f64 = 1e-4;
 /// Per-parameter guard beside the 1e-4 bound on each whole sample set: a bug confined to one parameter would
@@ -269,25 +270,35 @@ fn adamw_update_matches_torch_exactly() {
 // Clipping, grouping, freezing, checkpointed state.
 
 #[test]
-fn clip_grad_norm_scales_to_max_norm() {
-    let mut params = vec![param("a", &[2], &[0.0, 0.0]), param("b", &[1], &[0.0]), param("frozen", &[1], &[0.0])];
-    params[0].grad = Some(Tensor::new(&[2], vec![3.0, 4.0]).unwrap());
-    params[1].grad = Some(Tensor::new(&[1], vec![12.0]).unwrap());
-    params[2].grad = Some(Tensor::new(&[1], vec![100.0]).unwrap());
-    params[2].trainable = false; // not counted, not scaled: step would not apply it either
-    assert_eq!(grad_norm(&params), 13.0); // sqrt(9 + 16 + 144)
+fn clipping_scales_trainable_gradients_to_max_norm() {
+    // The loop's clipping (`Trainer::step`): the global norm from `Steps::grad_sumsq` summed in parameter order,
+    // torch's coefficient max / (norm + 1e-6), applied by `Steps::scale_gradients` to trainable parameters only.
+    let mut model = ResNet::new(ResNetConfig::new("resnet18".parse().unwrap(), 2), 0);
+    let params = &mut model.store.params;
+    let (a, b, frozen) = (params.len() - 2, params.len() - 1, 0);
+    params[a].grad = Some(Tensor::new(params[a].value.shape(), vec![0.0; params[a].value.numel()]).unwrap());
+    params[a].grad.as_mut().unwrap().data_mut()[..2].copy_from_slice(&[3.0, 4.0]);
+    params[b].grad = Some(Tensor::new(params[b].value.shape(), vec![0.0; params[b].value.numel()]).unwrap());
+    params[b].grad.as_mut().unwrap().data_mut()[0] = 12.0;
+    params[frozen].grad =
+        Some(Tensor::new(params[frozen].value.shape(), vec![100.0; params[frozen].value.numel()]).unwrap());
+    params[frozen].trainable = false; // not counted, not scaled: the update would not apply it either
+    let mut steps = CpuSteps::default();
+    let norm = |steps: &CpuSteps, model: &ResNet| steps.grad_sumsq(model).unwrap().iter().sum::<f64>().sqrt();
+    assert_eq!(norm(&steps, &model), 13.0); // sqrt(9 + 16 + 144)
 
-    // Under the limit: nothing changes, bit for bit.
-    assert_eq!(clip_grad_norm(&mut params, 20.0), 13.0);
-    assert_eq!(params[0].grad.as_ref().unwrap().data(), &[3.0, 4.0]);
-
+    // Under the limit: no coefficient, nothing changes.
+    assert_eq!(clip_coefficient(13.0, 20.0), None);
     // Over it: coef = 6.5 / (13 + 1e-6), so the norm lands just under 6.5.
-    assert_eq!(clip_grad_norm(&mut params, 6.5), 13.0);
-    let coef = (6.5f64 / (13.0 + 1e-6)) as f32;
-    assert_eq!(params[0].grad.as_ref().unwrap().data(), &[3.0 * coef, 4.0 * coef]);
-    assert_eq!(params[1].grad.as_ref().unwrap().data(), &[12.0 * coef]);
-    assert_eq!(params[2].grad.as_ref().unwrap().data(), &[100.0]);
-    let after = grad_norm(&params);
+    let coef = clip_coefficient(13.0, 6.5).unwrap();
+    assert_eq!(coef, (6.5f64 / (13.0 + 1e-6)) as f32);
+    assert_eq!(clip_coefficient(f64::NAN, 6.5), None);
+    steps.scale_gradients(&mut model, coef).unwrap();
+    let params = &model.store.params;
+    assert_eq!(&params[a].grad.as_ref().unwrap().data()[..2], &[3.0 * coef, 4.0 * coef]);
+    assert_eq!(params[b].grad.as_ref().unwrap().data()[0], 12.0 * coef);
+    assert!(params[frozen].grad.as_ref().unwrap().data().iter().all(|&v| v == 100.0));
+    let after = norm(&steps, &model);
     assert!((after - 6.5).abs() < 1e-5 && after < 6.5, "{after}");
 }
 

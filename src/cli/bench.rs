@@ -152,7 +152,7 @@ fn gpu_train_step(
     let cpu = |(), _| Ok(None);
     #[cfg(feature = "cuda")]
     let gpu = |&(): &(), index, precision| {
-        use crate::engine::cuda::{CudaTrainer, TrainOptimizer};
+        use crate::exec::cuda::{CudaTrainer, TrainOptimizer};
         let optimizer = TrainOptimizer { kind, groups: groups.to_vec() };
         let mut trainer = CudaTrainer::new(model, index, batch, size, size, precision, optimizer)?;
         let n = trainer.stage(x, targets)?;

@@ -9,8 +9,8 @@ use clap::Args;
 use crate::error::{Error, Result};
 use crate::target::TargetArgs;
 use crate::train::defaults;
-use crate::train::device::train_job;
 use crate::train::recipe::{DatasetKind, Recipe, RecipeFlags};
+use crate::train::steps::train_job;
 use crate::train::trainer::{self, TrainArgs};
 
 #[derive(Args)]

@@ -4,10 +4,19 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod precision;
 pub mod tensor;
 
 pub use backend::{Backend, ConvGeom, EvalAffine, batch_norm_affine};
+pub use precision::Precision;
 pub use tensor::Tensor;
+
+/// The f64 that Python would hold for a hyperparameter given to us as f32. The shortest decimal that
+/// round-trips an f32 is the literal the user wrote (`0.999`), so coefficients like 1 − β2 and β2ᵗ come out
+/// as torch's rather than off by the f32 rounding of β2 (1.3e-5 relative in 1 − β2 for β2 = 0.999).
+pub fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
 
 /// Target distributions for the loss: each label's one-hot row, label-smoothed as PyTorch does,
 /// (1 − ε)·onehot + ε/C. Labels must be below `classes`.

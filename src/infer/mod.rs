@@ -2,7 +2,6 @@
 
 pub mod card;
 pub mod labels;
-pub mod plan;
 /// The image decoding and PIL-exact resampling inference shares with the training data (`crate::imaging`).
 pub use crate::imaging as preprocess;
 pub mod runner;

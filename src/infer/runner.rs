@@ -3,7 +3,7 @@
 
 use crate::engine::Tensor;
 use crate::error::{Error, Result};
-use crate::infer::plan::CpuPlan;
+use crate::exec::cpu_plan::CpuPlan;
 use crate::model::{ResNet, Tap};
 use crate::target::{Job, Precision, Target};
 
@@ -12,7 +12,7 @@ pub enum Runner {
     /// The model's inference plan: folded batch norm and kept convolution weights per graph unit.
     Cpu(Box<CpuPlan>),
     #[cfg(feature = "cuda")]
-    Cuda(Box<crate::engine::cuda::CudaResNet>),
+    Cuda(Box<crate::exec::cuda::CudaResNet>),
 }
 
 impl Runner {
@@ -29,7 +29,7 @@ impl Runner {
         let cpu = |model, p| Runner::cpu(model, p);
         #[cfg(feature = "cuda")]
         let gpu = |model: &ResNet, i, p| {
-            let gpu = crate::engine::cuda::CudaResNet::with_precision(model, i, batch, h, w, p)?;
+            let gpu = crate::exec::cuda::CudaResNet::with_precision(model, i, batch, h, w, p)?;
             Ok(Runner::Cuda(Box::new(gpu)))
         };
         #[cfg(not(feature = "cuda"))]

@@ -1,5 +1,6 @@
-//! The training loop's GPU engine (feature `cuda`): one `CudaTrainer` step split in two, with the host's checks
-//! in between, so that every feature of the CPU loop means the same on the device.
+//! The training loop's GPU steps (feature `cuda`): `Steps` over one `CudaTrainer`, whose step splits in two
+//! (`forward_backward`, `apply_update`) with the loop's checks in between, so that every feature of the CPU loop
+//! means the same on the device.
 //!
 //! Per step: stage the batch; (with `--skip-nonfinite`) a device copy of the BN running statistics; forward and
 //! backward; one read of the loss, the top-1 hits and every gradient's and running statistic's sum of squares
@@ -7,20 +8,20 @@
 //! dropped step never touches weights or momentum, and the running statistics go back from the copy. Otherwise:
 //! clipping scales the gradients on the device by the CPU's coefficient; the update runs; on monitor steps the
 //! weights are copied on the device first and the per-parameter norms are read after. The host model and
-//! optimiser receive the device state (`sync_into`) only for checkpoints, evaluation and diagnosis.
+//! optimiser receive the device state (`sync_host`) only for checkpoints, evaluation and diagnosis.
 
 use std::sync::Arc;
 
-use super::device::{GpuStep, GpuStepArgs};
 use super::evaluate::{EvalReport, evaluate_with};
-use super::monitor::{self, GradReport, LayerStats, NonFinite};
-use super::optim::{Optimizer, clip_coefficient};
+use super::monitor::{self, NonFinite};
+use super::optim::Optimizer;
 use super::recipe::Recipe;
+use super::steps::{Checked, Steps};
 use crate::data::Dataset;
 use crate::data::loader::Batch;
 use crate::data::transforms::Pipeline;
-use crate::engine::cuda::{CudaResNet, CudaTrainer, TrainOptimizer};
 use crate::error::Result;
+use crate::exec::cuda::{CudaResNet, CudaTrainer, TrainOptimizer};
 use crate::model::ResNet;
 use crate::target::Precision;
 
@@ -34,6 +35,8 @@ pub struct GpuSteps {
     opt_steps: u64,
     /// The last step's per-parameter gradient sums of squares, for `diagnose`.
     grad_sumsq: Vec<f64>,
+    /// The last `forward_backward` saved the running statistics on the device.
+    kept_stats: bool,
     batch: usize,
 }
 
@@ -53,65 +56,79 @@ impl GpuSteps {
         let (state, opt_steps) = opt.state(&model.store.params);
         trainer.load_momentum_state(&state)?;
         let params = model.store.params.iter().map(|p| (p.name.clone(), p.trainable)).collect();
-        Ok(GpuSteps { trainer, device, precision, params, opt_steps, grad_sumsq: Vec::new(), batch })
+        Ok(GpuSteps { trainer, device, precision, params, opt_steps, grad_sumsq: Vec::new(), kept_stats: false, batch })
+    }
+}
+
+impl Steps for GpuSteps {
+    fn device_name(&self) -> Option<String> {
+        Some(self.trainer.device_name())
     }
 
-    pub fn describe(&self) -> String {
-        self.trainer.device_name()
-    }
-
-    pub fn step(&mut self, batch: &Batch, a: GpuStepArgs) -> Result<GpuStep> {
+    fn forward_backward(
+        &mut self,
+        _: &mut ResNet,
+        batch: &Batch,
+        momentum: Option<f32>,
+        keep: bool,
+    ) -> Result<Checked> {
         let t = &mut self.trainer;
-        t.set_momentum(a.momentum);
+        t.set_momentum(momentum);
         let n = t.stage(&batch.images, &batch.targets)?;
-        if a.skip_nonfinite {
+        self.kept_stats = keep;
+        if keep {
             t.save_running_stats()?;
         }
         t.forward_backward(n)?;
         let check = t.check_step(&batch.labels)?;
-        // Summed in parameter order, as `optim::grad_norm` sums the per-parameter sums.
-        let sumsq: f64 = check.grad_sumsq.iter().sum();
-        self.grad_sumsq = check.grad_sumsq;
-        if !(check.loss.is_finite() && sumsq.is_finite() && check.buffers_finite) {
-            if a.skip_nonfinite {
-                t.restore_running_stats()?;
-            }
-            return Ok(GpuStep::NonFinite { loss: check.loss });
+        self.grad_sumsq.clone_from(&check.grad_sumsq);
+        Ok(Checked {
+            loss: check.loss,
+            top1_hits: check.top1_hits,
+            grad_sumsq: check.grad_sumsq,
+            state_finite: check.buffers_finite,
+        })
+    }
+
+    fn drop_step(&mut self, _: &mut ResNet) -> Result<()> {
+        // Nothing was updated: the update is a separate launch the loop never made.
+        if std::mem::take(&mut self.kept_stats) {
+            self.trainer.restore_running_stats()?;
         }
-        let clip = if a.clip_grad_norm > 0.0 { clip_coefficient(sumsq.sqrt(), a.clip_grad_norm) } else { None };
-        if let Some(c) = clip {
-            t.scale_gradients(c)?;
-        }
-        let report = match a.monitor_step {
-            None => {
-                t.apply_update(a.lr)?;
-                None
-            }
-            Some(step) => {
-                // The CPU monitor reads the gradients after clipping.
-                let grads = if clip.is_some() { t.grad_sumsq()? } else { self.grad_sumsq.clone() };
-                t.snapshot_weights()?;
-                t.apply_update(a.lr)?;
-                let weights = t.weight_norms()?;
-                let grad_norms: Vec<f64> = grads.iter().map(|g| g.sqrt()).collect();
-                let layers = self
-                    .params
-                    .iter()
-                    .zip(&grad_norms)
-                    .zip(&weights)
-                    .filter(|(((_, trainable), _), _)| *trainable)
-                    .map(|(((name, _), &g), &(w, d))| LayerStats::new(name.clone(), g, w.sqrt(), d.sqrt()))
-                    .collect();
-                Some(GradReport::new(step, &grad_norms, layers))
-            }
-        };
+        Ok(())
+    }
+
+    fn scale_gradients(&mut self, _: &mut ResNet, c: f32) -> Result<()> {
+        self.trainer.scale_gradients(c)
+    }
+
+    fn grad_sumsq(&self, _: &ResNet) -> Result<Vec<f64>> {
+        self.trainer.grad_sumsq()
+    }
+
+    fn update(
+        &mut self,
+        _: &mut ResNet,
+        _: &mut Optimizer,
+        lr: f32,
+        _: Option<f32>,
+        monitor: bool,
+    ) -> Result<Option<Vec<(f64, f64)>>> {
+        let t = &mut self.trainer;
+        self.kept_stats = false;
         self.opt_steps += 1;
-        Ok(GpuStep::Applied { loss: check.loss, top1_hits: check.top1_hits, report })
+        if !monitor {
+            t.apply_update(lr)?;
+            return Ok(None);
+        }
+        t.snapshot_weights()?;
+        t.apply_update(lr)?;
+        Ok(Some(t.weight_norms()?))
     }
 
     /// After a non-finite step (nothing updated): the cause, as the CPU loop words it. The device state goes into
     /// `model` (only on this failure path) for the weight and running-statistic checks.
-    pub fn diagnose(&self, model: &mut ResNet, batch: &Batch) -> Result<String> {
+    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch) -> Result<String> {
         self.trainer.download_into(model)?;
         let output = self.trainer.first_nonfinite_output()?;
         let grad = self
@@ -134,16 +151,16 @@ impl GpuSteps {
 
     /// The device's weights, running statistics, batch count and momentum buffers into the host model and
     /// optimiser: what a checkpoint saves.
-    pub fn sync_into(&self, model: &mut ResNet, opt: &mut Optimizer) -> Result<()> {
+    fn sync_host(&self, model: &mut ResNet, opt: &mut Optimizer) -> Result<()> {
         self.trainer.download_into(model)?;
         let state = self.trainer.momentum_state()?;
         opt.load_state(&model.store.params, &state, self.opt_steps)
     }
 
     /// Evaluate `model` (synced from this trainer) with the eval executor on the same device and precision.
-    pub fn evaluate(
+    fn evaluate(
         &self,
-        model: &ResNet,
+        model: &mut ResNet,
         ds: Arc<dyn Dataset>,
         pipe: Arc<Pipeline>,
         batch: usize,
@@ -161,6 +178,7 @@ impl GpuSteps {
             };
             gpu.forward(x)
         };
-        evaluate_with(&mut forward, model.config.num_classes, ds, pipe, batch, workers)
+        let classes = model.config.num_classes;
+        evaluate_with(&mut forward, classes, ds, pipe, batch, workers)
     }
 }

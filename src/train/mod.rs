@@ -2,7 +2,6 @@
 
 pub mod checkpoint;
 pub mod defaults;
-pub mod device;
 pub mod evaluate;
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -11,4 +10,5 @@ pub mod optim;
 pub mod recipe;
 pub mod schedule;
 pub mod setup;
+pub mod steps;
 pub mod trainer;

@@ -21,10 +21,6 @@ pub struct GradReport {
     pub layers: Vec<LayerStats>,
 }
 
-fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
-}
-
 impl LayerStats {
     /// From a parameter's gradient norm, weight norm and the norm of the step's change to its weights.
     pub fn new(name: String, grad_norm: f64, weight_norm: f64, delta_norm: f64) -> LayerStats {
@@ -39,26 +35,6 @@ impl GradReport {
         let global = grad_norms.iter().map(|g| g * g).sum::<f64>().sqrt();
         GradReport { step, global_grad_norm: global, layers }
     }
-}
-
-/// Statistics of the step from `before` (weights before the optimiser step) to the current parameters.
-pub fn report(step: u64, params: &[Param], grad_norms: &[f64], before: &[Vec<f32>]) -> GradReport {
-    let layers: Vec<LayerStats> = params
-        .iter()
-        .zip(grad_norms)
-        .zip(before)
-        .filter(|((p, _), _)| p.trainable)
-        .map(|((p, &g), b)| {
-            let delta: f64 = p.value.data().iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-            LayerStats::new(p.name.clone(), g, norm(p.value.data()), delta)
-        })
-        .collect();
-    GradReport::new(step, grad_norms, layers)
-}
-
-/// Per-parameter gradient norms (0 for parameters without a gradient).
-pub fn grad_norms(params: &[Param]) -> Vec<f64> {
-    params.iter().map(|p| p.grad.as_ref().map(|g| norm(g.data())).unwrap_or(0.0)).collect()
 }
 
 /// The layer where backward first produced a non-finite gradient: the last one in forward order, since

@@ -11,25 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 use rayon::prelude::*;
 
 use crate::engine::Tensor;
+pub use crate::engine::widen;
 use crate::error::{Error, Result};
+pub use crate::exec::optim::{OptimizerKind, ParamGroup};
 use crate::model::store::Param;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum OptimizerKind {
-    /// torch.optim.SGD with dampening 0. `momentum` 0 keeps no buffer at all, as torch does.
-    Sgd { momentum: f32, nesterov: bool },
-    /// torch.optim.Adam: weight decay is L2, added to the gradient before the moments.
-    Adam { beta1: f32, beta2: f32, eps: f32 },
-    /// torch.optim.AdamW: weight decay shrinks the parameter directly and never enters the moments.
-    AdamW { beta1: f32, beta2: f32, eps: f32 },
-}
-
-/// Per-parameter settings: learning-rate multiplier (e.g. a separate head lr) and weight decay.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ParamGroup {
-    pub lr_scale: f32,
-    pub weight_decay: f32,
-}
 
 /// What one parameter carries between steps. Created on the parameter's first update, as torch fills
 /// `optimizer.state[p]` lazily, so a parameter that never had a gradient has nothing to save.
@@ -50,13 +35,6 @@ pub struct Optimizer {
     groups: Vec<ParamGroup>,
     slots: Vec<Slot>,
     steps: u64,
-}
-
-/// The f64 that Python would hold for a hyperparameter given to us as f32. The shortest decimal that
-/// round-trips an f32 is the literal the user wrote (`0.999`), so coefficients like 1 − β2 and β2ᵗ come out
-/// as torch's rather than off by the f32 rounding of β2 (1.3e-5 relative in 1 − β2 for β2 = 0.999).
-pub(crate) fn widen(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(x as f64)
 }
 
 /// Shared, read-only inputs of one update.
@@ -283,35 +261,9 @@ fn update(args: StepArgs, group: &ParamGroup, p: &mut [f32], grad: &[f32], slot:
     }
 }
 
-/// Scale all gradients so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_:
-/// coef = max_norm / (norm + 1e-6), applied only when < 1). Returns the norm before clipping. The gradients
-/// counted are those `Optimizer::step` would apply. A non-finite norm leaves the gradients alone (torch would
-/// turn them all into NaN): the caller sees it in the return value and can skip the step.
-pub fn clip_grad_norm(params: &mut [Param], max_norm: f32) -> f32 {
-    let norm = grad_norm(params);
-    if let Some(c) = clip_coefficient(norm, max_norm) {
-        params.par_iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).for_each(|g| {
-            g.data_mut().iter_mut().for_each(|v| *v *= c);
-        });
-    }
-    norm as f32
-}
-
-/// The factor `clip_grad_norm` scales gradients of global norm `norm` by, or None when they stay as they are
-/// (the norm is within `max_norm`, or not finite).
+/// The factor clipping scales gradients of global norm `norm` by (torch's `clip_grad_norm_`), or None when they
+/// stay as they are (the norm is within `max_norm`, or not finite).
 pub fn clip_coefficient(norm: f64, max_norm: f32) -> Option<f32> {
     let coef = widen(max_norm) / (norm + 1e-6);
     (norm.is_finite() && coef < 1.0).then_some(coef as f32)
-}
-
-/// Global L2 norm of all gradients (f64 accumulation), over the parameters `Optimizer::step` would update.
-/// Per-parameter sums are added in parameter order, so the result does not depend on the thread count.
-pub fn grad_norm(params: &[Param]) -> f64 {
-    let sums: Vec<f64> = params
-        .par_iter()
-        .filter(|p| p.trainable)
-        .filter_map(|p| p.grad.as_ref())
-        .map(|g| g.data().iter().map(|&v| v as f64 * v as f64).sum::<f64>())
-        .collect();
-    sums.iter().sum::<f64>().sqrt()
 }

@@ -12,20 +12,18 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::checkpoint::{self, Position};
-use super::device::{GpuStep, GpuStepArgs, StepEngine, train_job};
-use super::evaluate::{EvalReport, evaluate, hits};
-use super::monitor::{self, NonFinite};
-use super::optim::{Optimizer, clip_grad_norm};
+use super::evaluate::EvalReport;
+use super::monitor::{self, GradReport, LayerStats};
+use super::optim::{Optimizer, clip_coefficient};
 use super::recipe::Recipe;
 use super::schedule::Schedule;
 use super::setup;
+use super::steps::{self, CpuSteps, Steps, train_job};
 use crate::data::Dataset;
 use crate::data::loader::{self, Batch, LoaderConfig};
 use crate::data::transforms::{BatchMix, Pipeline};
-use crate::engine::cpu::Cpu;
-use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
-use crate::model::{Mode, ResNet};
+use crate::model::ResNet;
 use crate::target::Target;
 
 pub struct TrainArgs {
@@ -114,10 +112,9 @@ pub struct Trainer {
     sched: Schedule,
     steps_per_epoch: u64,
     skip_nonfinite: bool,
-    be: Cpu,
     /// Where steps run. On a GPU the device holds the live state and `model`/`opt` are its copy as of the last
     /// `sync_host`; `host_stale` says a step has run since.
-    engine: StepEngine,
+    steps: Box<dyn Steps>,
     host_stale: bool,
 }
 
@@ -154,8 +151,7 @@ impl Trainer {
             sched,
             steps_per_epoch,
             skip_nonfinite: args.skip_nonfinite,
-            be: Cpu,
-            engine: StepEngine::Cpu,
+            steps: Box::new(CpuSteps::default()),
             host_stale: false,
         })
     }
@@ -164,19 +160,19 @@ impl Trainer {
     /// (one line naming the flag) what that device cannot run.
     pub fn use_device(&mut self, device: Target) -> Result<()> {
         self.sync_host()?;
-        self.engine = StepEngine::open(device, &self.model, &self.opt, &self.recipe)?;
+        self.steps = steps::open(device, &self.model, &self.opt, &self.recipe)?;
         Ok(())
     }
 
     /// The GPU the steps run on, or None on the CPU.
     pub fn gpu_name(&self) -> Option<String> {
-        self.engine.gpu_name()
+        self.steps.device_name()
     }
 
     /// Bring the GPU's weights, statistics and momentum into `model` and `opt` (a no-op on the CPU).
     pub fn sync_host(&mut self) -> Result<()> {
-        if let (true, StepEngine::Gpu(gpu)) = (self.host_stale, &self.engine) {
-            gpu.sync_into(&mut self.model, &mut self.opt)?;
+        if self.host_stale {
+            self.steps.sync_host(&mut self.model, &mut self.opt)?;
         }
         self.host_stale = false;
         Ok(())
@@ -186,10 +182,7 @@ impl Trainer {
     pub fn evaluate(&mut self, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>) -> Result<EvalReport> {
         self.sync_host()?;
         let (batch, workers) = (self.recipe.batch_size, self.recipe.workers);
-        match &self.engine {
-            StepEngine::Cpu => evaluate(&mut self.model, &self.be, ds, pipe, batch, workers),
-            StepEngine::Gpu(gpu) => gpu.evaluate(&self.model, ds, pipe, batch, workers),
-        }
+        self.steps.evaluate(&mut self.model, ds, pipe, batch, workers)
     }
 
     /// Put the network, optimiser state and position of a checkpoint in place.
@@ -204,18 +197,63 @@ impl Trainer {
         self.sched.lr(self.recipe.lr, self.pos.global_step, self.steps_per_epoch, self.recipe.epochs)
     }
 
-    /// One optimiser step on `batch`. A non-finite loss, activation or gradient stops the run with an error
-    /// naming the step and where it started, or with `skip_nonfinite` drops the step and leaves every
-    /// weight, optimiser state and running statistic as it was.
+    /// One optimiser step on `batch`, on whichever target runs the steps: forward and backward, the numeric
+    /// guard, clipping, the update and the monitor. A non-finite loss, activation, running statistic or gradient
+    /// stops the run with an error naming the step and where it started, or with `skip_nonfinite` drops the step
+    /// and leaves every weight, optimiser state and running statistic as it was.
     /// Also returns the gradient statistics when the recipe's `monitor_every` asks for them at this step.
-    pub fn step(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
-        let done = match self.engine {
-            StepEngine::Cpu => self.step_cpu(batch)?,
-            StepEngine::Gpu(_) => self.step_gpu(batch)?,
+    pub fn step(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<GradReport>)> {
+        let lr = self.lr();
+        let momentum = self.sched.momentum(self.pos.global_step, self.steps_per_epoch, self.recipe.epochs);
+        let monitor_now = self.monitor_now();
+        self.host_stale = true;
+        let (model, steps) = (&mut self.model, &mut self.steps);
+        let check = steps.forward_backward(model, batch, momentum, self.skip_nonfinite)?;
+        let done = if !check.finite() {
+            if !self.skip_nonfinite {
+                let cause = steps.diagnose(model, batch)?;
+                return Err(self.nonfinite_error(&cause, check.loss));
+            }
+            steps.drop_step(model)?;
+            self.pos.skipped += 1;
+            (StepOutcome::Skipped, None)
+        } else {
+            // Summed in parameter order, as `optim::grad_norm` sums the per-parameter sums.
+            let norm = check.grad_sumsq.iter().sum::<f64>().sqrt();
+            let max = self.recipe.clip_grad_norm;
+            let clip = if max > 0.0 { clip_coefficient(norm, max) } else { None };
+            if let Some(c) = clip {
+                steps.scale_gradients(model, c)?;
+            }
+            // The monitor reads the gradients after clipping.
+            let grads = match (monitor_now, clip) {
+                (true, Some(_)) => steps.grad_sumsq(model)?,
+                _ => check.grad_sumsq,
+            };
+            let weights = steps.update(model, &mut self.opt, lr, momentum, monitor_now)?;
+            let report = weights.map(|weights| self.report(&grads, &weights));
+            (StepOutcome::Applied { loss: check.loss, top1_hits: check.top1_hits }, report)
         };
         self.pos.batch += 1;
         self.pos.global_step += 1;
         Ok(done)
+    }
+
+    /// The monitor's record of this step: per-parameter gradient sums of squares (store order) and, per
+    /// trainable parameter, the updated weight's and the update's sums of squares.
+    fn report(&self, grad_sumsq: &[f64], weights: &[(f64, f64)]) -> GradReport {
+        let grad_norms: Vec<f64> = grad_sumsq.iter().map(|g| g.sqrt()).collect();
+        let layers = self
+            .model
+            .store
+            .params
+            .iter()
+            .zip(&grad_norms)
+            .filter(|(p, _)| p.trainable)
+            .zip(weights)
+            .map(|((p, &g), &(w, d))| LayerStats::new(p.name.clone(), g, w.sqrt(), d.sqrt()))
+            .collect();
+        GradReport::new(self.pos.global_step, &grad_norms, layers)
     }
 
     fn monitor_now(&self) -> bool {
@@ -228,94 +266,6 @@ impl Trainer {
             "step {}: {cause} (loss {loss}); lower the lr, clip gradients, check the data, or pass --skip-nonfinite",
             self.pos.global_step
         ))
-    }
-
-    fn step_gpu(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
-        let args = GpuStepArgs {
-            lr: self.lr(),
-            momentum: self.sched.momentum(self.pos.global_step, self.steps_per_epoch, self.recipe.epochs),
-            clip_grad_norm: self.recipe.clip_grad_norm,
-            monitor_step: self.monitor_now().then_some(self.pos.global_step),
-            skip_nonfinite: self.skip_nonfinite,
-        };
-        let StepEngine::Gpu(gpu) = &mut self.engine else {
-            return Err(Error::invalid("the GPU step without a GPU engine"));
-        };
-        self.host_stale = true;
-        match gpu.step(batch, args)? {
-            GpuStep::Applied { loss, top1_hits, report } => Ok((StepOutcome::Applied { loss, top1_hits }, report)),
-            GpuStep::NonFinite { .. } if self.skip_nonfinite => {
-                self.pos.skipped += 1;
-                Ok((StepOutcome::Skipped, None))
-            }
-            GpuStep::NonFinite { loss } => {
-                let cause = gpu.diagnose(&mut self.model, batch)?;
-                Err(self.nonfinite_error(&cause, loss))
-            }
-        }
-    }
-
-    fn step_cpu(&mut self, batch: &Batch) -> Result<(StepOutcome, Option<monitor::GradReport>)> {
-        let be = &self.be;
-        let lr = self.lr();
-        let momentum = self.sched.momentum(self.pos.global_step, self.steps_per_epoch, self.recipe.epochs);
-        // Training-mode forward moves the BN running statistics; a dropped step must not keep that move.
-        let saved_stats = self.skip_nonfinite.then(|| {
-            let stats: Vec<Tensor> = self.model.store.buffers.iter().map(|b| b.value.clone()).collect();
-            (stats, self.model.store.batches_tracked)
-        });
-        self.model.store.zero_grad();
-        let logits = self.model.forward(be, &batch.images, Mode::Train);
-        let (loss, dlogits) = be.softmax_cross_entropy(&logits, &batch.targets);
-        self.model.backward(be, &dlogits, false);
-        let params = &self.model.store.params;
-        let mut report = None;
-        let bad = !loss.is_finite()
-            || self.model.first_nonfinite_output().is_some()
-            || monitor::last_nonfinite_grad(params).is_some()
-            || monitor::first_nonfinite_buffer(&self.model.store.buffers).is_some();
-        let outcome = if bad {
-            if !self.skip_nonfinite {
-                return Err(self.nonfinite_error(&self.diagnose(batch), loss));
-            }
-            if let Some((stats, tracked)) = saved_stats {
-                for (b, s) in self.model.store.buffers.iter_mut().zip(stats) {
-                    b.value = s;
-                }
-                self.model.store.batches_tracked = tracked;
-            }
-            self.model.store.zero_grad();
-            self.pos.skipped += 1;
-            StepOutcome::Skipped
-        } else {
-            let monitor_now = self.monitor_now();
-            let params = &mut self.model.store.params;
-            if self.recipe.clip_grad_norm > 0.0 {
-                clip_grad_norm(params, self.recipe.clip_grad_norm);
-            }
-            let before: Vec<Vec<f32>> =
-                if monitor_now { params.iter().map(|p| p.value.data().to_vec()).collect() } else { Vec::new() };
-            let norms = if monitor_now { monitor::grad_norms(params) } else { Vec::new() };
-            self.opt.step(params, lr, momentum);
-            report = monitor_now.then(|| monitor::report(self.pos.global_step, params, &norms, &before));
-            StepOutcome::Applied { loss, top1_hits: hits(&logits, &batch.labels).0 }
-        };
-        Ok((outcome, report))
-    }
-
-    /// Where a non-finite step came from, most specific first: the data, a weight, the first layer whose output
-    /// blew up in the forward pass, a running statistic that overflowed, or where backward first produced a
-    /// non-finite gradient.
-    fn diagnose(&self, batch: &Batch) -> String {
-        let store = &self.model.store;
-        NonFinite {
-            input_finite: batch.images.all_finite(),
-            output: self.model.first_nonfinite_output(),
-            weight: monitor::first_nonfinite_weight(&store.params),
-            buffer: monitor::first_nonfinite_buffer(&store.buffers),
-            grad: monitor::last_nonfinite_grad(&store.params),
-        }
-        .describe()
     }
 
     /// Write a checkpoint (of the GPU's state, on a GPU), refusing one that would carry a NaN or an infinity.

@@ -3,7 +3,7 @@
 //! packed as im2col's left operand. Built once, run on every call, so later calls skip the transform and the
 //! packing and only stream the kept values. In bf16 the kept values and each call's transformed input or im2col
 //! columns are rounded to bf16 and multiplied with f32 accumulation; everything between convolutions stays f32.
-//! This layer knows tensors and shapes only; `infer::plan` decides which weights to keep and for how long.
+//! This layer knows tensors and shapes only; `exec::cpu_plan` decides which weights to keep and for how long.
 
 use super::algo::KeptAlgo;
 use super::matmul::MatRef;

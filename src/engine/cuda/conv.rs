@@ -47,9 +47,9 @@ impl Drop for DnnHandle {
     }
 }
 
-pub(super) struct TensorDesc(pub(super) sys::cudnnTensorDescriptor_t);
-pub(super) struct FilterDesc(pub(super) sys::cudnnFilterDescriptor_t);
-pub(super) struct ConvDesc(pub(super) sys::cudnnConvolutionDescriptor_t);
+pub(crate) struct TensorDesc(pub(crate) sys::cudnnTensorDescriptor_t);
+pub(crate) struct FilterDesc(pub(crate) sys::cudnnFilterDescriptor_t);
+pub(crate) struct ConvDesc(pub(crate) sys::cudnnConvolutionDescriptor_t);
 
 impl Drop for TensorDesc {
     fn drop(&mut self) {
@@ -70,7 +70,7 @@ impl Drop for ConvDesc {
     }
 }
 
-pub(super) fn int(v: usize) -> Result<c_int> {
+pub(crate) fn int(v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| Error::invalid(format!("CUDA: dimension {v} is too large for cuDNN")))
 }
 
@@ -106,7 +106,7 @@ impl Storage {
 }
 
 /// Tensor descriptor of logical dims `[N, C, H, W]` in `storage`'s type and layout.
-pub(super) fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
+pub(crate) fn tensor_desc(dims: [usize; 4], storage: Storage) -> Result<TensorDesc> {
     let d = TensorDesc(dnn::create_tensor_descriptor().map_err(cuda_err("creating a tensor descriptor"))?);
     let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
     // SAFETY: `d` is a live descriptor; the call only stores the dimensions.
@@ -143,14 +143,14 @@ impl ConvShape {
 /// Rust enums do not list, which must not be materialised as an enum.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-pub(super) struct AlgoPerf {
-    pub(super) algo: u32,
-    pub(super) status: u32,
-    pub(super) time: f32,
-    pub(super) memory: usize,
-    pub(super) determinism: u32,
-    pub(super) math_type: u32,
-    pub(super) reserved: [c_int; 3],
+pub(crate) struct AlgoPerf {
+    pub(crate) algo: u32,
+    pub(crate) status: u32,
+    pub(crate) time: f32,
+    pub(crate) memory: usize,
+    pub(crate) determinism: u32,
+    pub(crate) math_type: u32,
+    pub(crate) reserved: [c_int; 3],
 }
 const _: () = {
     use std::mem::{align_of, size_of};
@@ -185,10 +185,10 @@ pub struct AlgoCache(HashMap<(ConvShape, bool, Storage), (sys::cudnnConvolutionF
 pub struct ConvPlan {
     pub shape: ConvShape,
     storage: Storage,
-    pub(super) x: TensorDesc,
-    pub(super) w: FilterDesc,
-    pub(super) conv: ConvDesc,
-    pub(super) y: TensorDesc,
+    pub(crate) x: TensorDesc,
+    pub(crate) w: FilterDesc,
+    pub(crate) conv: ConvDesc,
+    pub(crate) y: TensorDesc,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     /// Bytes of workspace the algorithm needs.
     pub workspace: usize,
@@ -328,7 +328,7 @@ impl DnnHandle {
 /// The successful results of a timed search (fastest first, as cuDNN orders them) among the first `returned`
 /// of `perf`, without tensor-op algorithms unless `tensor_ops` (TF32 allowed, or bf16 storage where they are the
 /// point): shared by the forward search and the trainer's backward searches.
-pub(super) fn usable(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> impl Iterator<Item = &AlgoPerf> {
+pub(crate) fn usable(tensor_ops: bool, perf: &[AlgoPerf], returned: c_int) -> impl Iterator<Item = &AlgoPerf> {
     let returned = usize::try_from(returned).unwrap_or(0).min(perf.len());
     const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
     let tensor_op = [

@@ -17,12 +17,12 @@ const LIBRARY_HINT: &str = "install them with `pip install nvidia-cudnn-cu13 nvi
      (or a CUDA 12/13 toolkit with cuDNN 9) and add their lib folders (site-packages/nvidia/*/lib) to LD_LIBRARY_PATH";
 
 /// A cudarc error as one of ours, saying which step failed.
-pub(super) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
+pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::device(format!("CUDA: {what} failed: {e:?}"))
 }
 
 /// Run `f`, turning a panic inside cudarc (a library that lacks a symbol this build calls) into an error.
-pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_parser_panic(f).unwrap_or_else(|| {
         Err(Error::device(format!(
             "CUDA: {what} failed: a CUDA library lacks a function this build calls \
@@ -33,7 +33,7 @@ pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
 
 /// Compile CUDA C `source` with NVRTC and load it on the device, with a lookup of its kernels by name; `what`
 /// names the module in errors ("the bf16 training kernels").
-pub(super) fn load_kernels(
+pub(crate) fn load_kernels(
     dev: &Device,
     source: &str,
     what: &'static str,

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 const SOURCE_F32: &str = include_str!("cu/inference_f32.cu");
 
 /// bf16 as `unsigned short` bits and its two conversions, shared with the training kernels (`train/half.rs`).
-pub(super) const BF16: &str = include_str!("cu/bf16.cuh");
+pub(crate) const BF16: &str = include_str!("cu/bf16.cuh");
 
 const SOURCE_BF16: &str = include_str!("cu/inference_bf16.cu");
 

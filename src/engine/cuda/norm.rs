@@ -5,26 +5,27 @@
 use super::device::{Buf, Device};
 use super::kernels::Kernels;
 use crate::error::Result;
-use crate::model::layers::BN_EPS;
 
 /// One BN layer: indices of its weight, bias, running mean and running variance in the executor's tensor table,
 /// and the folded scale and shift.
 pub struct Norm {
     pub tensors: [usize; 4],
     pub channels: usize,
+    /// The ε of 1/√(var + ε), the model's (PyTorch's 1e-5).
+    eps: f32,
     scale: Buf<f32>,
     shift: Buf<f32>,
 }
 
 impl Norm {
-    pub fn new(dev: &Device, tensors: [usize; 4], channels: usize) -> Result<Norm> {
-        Ok(Norm { tensors, channels, scale: dev.zeros(channels)?, shift: dev.zeros(channels)? })
+    pub fn new(dev: &Device, tensors: [usize; 4], channels: usize, eps: f32) -> Result<Norm> {
+        Ok(Norm { tensors, channels, eps, scale: dev.zeros(channels)?, shift: dev.zeros(channels)? })
     }
 
     /// Recompute scale and shift from the current weight, bias and running statistics.
     pub fn fold(&self, dev: &Device, kernels: &Kernels, table: &[Buf<f32>]) -> Result<()> {
         let [g, b, m, v] = self.tensors.map(|i| &table[i]);
-        kernels.bn_fold(dev, [g, b, m, v], BN_EPS, &self.scale, &self.shift, self.channels)
+        kernels.bn_fold(dev, [g, b, m, v], self.eps, &self.scale, &self.shift, self.channels)
     }
 
     /// y = act(x·scale + shift + res) over `dims`, in place when `y` is `x`.

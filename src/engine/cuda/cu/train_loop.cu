@@ -1,4 +1,4 @@
-// the training loop's reduction and guard kernels (loaded by train/stats.rs): CUDA C compiled at run time by NVRTC.
+// the training loop's reduction and guard kernels (loaded by train/reduce.rs): CUDA C compiled at run time by NVRTC.
 
 #define THREADS 256
 

@@ -33,7 +33,7 @@ const SOURCE: &str = include_str!("../cu/train_bf16.cu");
 const THREADS: u32 = 256;
 /// Rows per block of `bn_partials` (its `ROWS`) and the most row slices (blocks along y) it is launched with.
 const ROWS: u32 = 8;
-pub(super) const MAX_SPLITS: usize = 256;
+pub(crate) const MAX_SPLITS: usize = 256;
 
 fn launch(total: usize) -> LaunchConfig {
     LaunchConfig {
@@ -50,20 +50,20 @@ fn fits(what: &str, ok: bool) -> Result<()> {
 }
 
 /// An activation buffer of either precision: fp32 NCHW (the fp32 trainer) or bf16 NHWC bits.
-pub(super) enum Act {
+pub(crate) enum Act {
     F32(Buf<f32>),
     Bf16(Buf<u16>),
 }
 
 impl Act {
-    pub(super) fn zeros(dev: &Device, storage: Storage, len: usize) -> Result<Act> {
+    pub(crate) fn zeros(dev: &Device, storage: Storage, len: usize) -> Result<Act> {
         Ok(match storage {
             Storage::F32Nchw => Act::F32(dev.zeros(len)?),
             Storage::Bf16Nhwc => Act::Bf16(dev.zeros(len)?),
         })
     }
 
-    pub(super) fn r(&self) -> ActRef<'_> {
+    pub(crate) fn r(&self) -> ActRef<'_> {
         match self {
             Act::F32(b) => ActRef::F32(b),
             Act::Bf16(b) => ActRef::Bf16(b),
@@ -73,42 +73,42 @@ impl Act {
 
 /// A borrowed activation (or convolution weight) of either precision.
 #[derive(Clone, Copy)]
-pub(super) enum ActRef<'a> {
+pub(crate) enum ActRef<'a> {
     F32(&'a Buf<f32>),
     Bf16(&'a Buf<u16>),
 }
 
 /// The one-line error for buffers of two precisions meeting in one operation (a bug, never a user's input).
-pub(super) fn mixed(what: &str) -> Error {
+pub(crate) fn mixed(what: &str) -> Error {
     Error::invalid(format!("CUDA: {what} was given buffers of two precisions"))
 }
 
 impl<'a> ActRef<'a> {
-    pub(super) fn ptr(self) -> u64 {
+    pub(crate) fn ptr(self) -> u64 {
         match self {
             ActRef::F32(b) => b.ptr,
             ActRef::Bf16(b) => b.ptr,
         }
     }
-    pub(super) fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         match self {
             ActRef::F32(b) => b.len,
             ActRef::Bf16(b) => b.len,
         }
     }
-    pub(super) fn storage(self) -> Storage {
+    pub(crate) fn storage(self) -> Storage {
         match self {
             ActRef::F32(_) => Storage::F32Nchw,
             ActRef::Bf16(_) => Storage::Bf16Nhwc,
         }
     }
-    pub(super) fn f32(self, what: &str) -> Result<&'a Buf<f32>> {
+    pub(crate) fn f32(self, what: &str) -> Result<&'a Buf<f32>> {
         match self {
             ActRef::F32(b) => Ok(b),
             ActRef::Bf16(_) => Err(mixed(what)),
         }
     }
-    pub(super) fn bf16(self, what: &str) -> Result<&'a Buf<u16>> {
+    pub(crate) fn bf16(self, what: &str) -> Result<&'a Buf<u16>> {
         match self {
             ActRef::Bf16(b) => Ok(b),
             ActRef::F32(_) => Err(mixed(what)),
@@ -116,7 +116,7 @@ impl<'a> ActRef<'a> {
     }
 }
 
-pub(super) struct HalfKernels {
+pub(crate) struct HalfKernels {
     _module: Arc<CudaModule>,
     partials: CudaFunction,
     stats: CudaFunction,
@@ -130,15 +130,15 @@ pub(super) struct HalfKernels {
 }
 
 /// Per-channel BN constants as the kernels take them.
-#[derive(Clone, Copy)]
-pub(super) struct BnConsts {
+#[derive(Clone, Copy, Debug)]
+pub struct BnConsts {
     pub eps: f32,
     pub momentum: f32,
 }
 
 /// The buffers of one BN layer a bf16 pass reads and writes: γ, β, running mean and variance (fp32, `[C]`), the
 /// saved mean and 1/σ, and (forward) the folded scale and shift or (backward) dγ and dβ.
-pub(super) struct BnBufs<'a> {
+pub(crate) struct BnBufs<'a> {
     pub gamma: &'a Buf<f32>,
     pub beta: &'a Buf<f32>,
     pub running: [&'a Buf<f32>; 2],
@@ -154,7 +154,7 @@ impl BnBufs<'_> {
 }
 
 impl HalfKernels {
-    pub(super) fn load(dev: &Device) -> Result<HalfKernels> {
+    pub(crate) fn load(dev: &Device) -> Result<HalfKernels> {
         let (module, f) = load_kernels(dev, &[BF16, SOURCE].concat(), "the bf16 training kernels")?;
         Ok(HalfKernels {
             partials: f("bn_partials")?,
@@ -211,7 +211,7 @@ impl HalfKernels {
 
     /// Train-mode BN statistics of bf16 NHWC x (`rows` = N·H·W rows of `c` channels): saved mean and 1/σ, the
     /// folded scale and shift (`bufs.out`), the running statistics moved.
-    pub(super) fn bn_forward(
+    pub(crate) fn bn_forward(
         &self,
         dev: &Device,
         x: &Buf<u16>,
@@ -236,7 +236,7 @@ impl HalfKernels {
     /// BN backward on bf16 NHWC: dγ, dβ into `bufs.out` (overwritten, fp32) and dx (bf16) from x, dy and the saved
     /// statistics of the forward.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_backward(
+    pub(crate) fn bn_backward(
         &self,
         dev: &Device,
         x: &Buf<u16>,
@@ -267,7 +267,7 @@ impl HalfKernels {
     }
 
     /// g = g masked by the ReLU output y (in place), over `n` bf16 values.
-    pub(super) fn mask(&self, dev: &Device, g: &Buf<u16>, y: &Buf<u16>, n: usize) -> Result<()> {
+    pub(crate) fn mask(&self, dev: &Device, g: &Buf<u16>, y: &Buf<u16>, n: usize) -> Result<()> {
         fits("relu_mask_bf16", g.len >= n && y.len >= n)?;
         let len = n as i64;
         let mut b = dev.stream.launch_builder(&self.mask);
@@ -277,7 +277,7 @@ impl HalfKernels {
     }
 
     /// Max-pool 3x3/2/p1 of bf16 NHWC x (logical `dims`) into y with the winners' positions in `arg`.
-    pub(super) fn max_pool(
+    pub(crate) fn max_pool(
         &self,
         dev: &Device,
         x: &Buf<u16>,
@@ -299,7 +299,7 @@ impl HalfKernels {
 
     /// dx (logical `dims`, NHWC) of the max-pool from dy and the recorded winners, masked by the pool's input y.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn max_pool_backward(
+    pub(crate) fn max_pool_backward(
         &self,
         dev: &Device,
         dy: &Buf<u16>,
@@ -324,7 +324,7 @@ impl HalfKernels {
     }
 
     /// dx (logical `dims`, bf16 NHWC) = dy[n, c] / (H·W) masked by the pooled ReLU output y.
-    pub(super) fn avg_pool_backward(
+    pub(crate) fn avg_pool_backward(
         &self,
         dev: &Device,
         dy: &Buf<f32>,
@@ -344,7 +344,7 @@ impl HalfKernels {
     }
 
     /// bf16 `[n, hw, c]` → fp32 `[n, c, hw]` (OHWI weight gradients to OIHW).
-    pub(super) fn to_f32_nchw(
+    pub(crate) fn to_f32_nchw(
         &self,
         dev: &Device,
         x: &Buf<u16>,

@@ -27,7 +27,7 @@ fn launch(total: usize) -> LaunchConfig {
 }
 
 /// A size as the `int` a kernel, cuDNN or cuBLAS takes.
-pub(super) fn int(v: usize) -> Result<i32> {
+pub(crate) fn int(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("CUDA: size {v} is too large for a 32-bit argument")))
 }
 

@@ -10,9 +10,8 @@ use cudarc::cudnn::sys;
 use super::super::conv::{Storage, TensorDesc, tensor_desc};
 use super::super::device::{Buf, Device, cuda_err};
 use super::half::{BnBufs, BnConsts, HalfKernels};
+use crate::engine::widen;
 use crate::error::{Error, Result};
-use crate::model::layers::{BN_EPS, BN_MOMENTUM};
-use crate::train::optim::widen;
 
 const MODE: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 
@@ -21,22 +20,20 @@ const MODE: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNO
 pub struct TrainNorm {
     pub tensors: [usize; 4],
     pub channels: usize,
+    /// ε and the running-average factor, the model's (PyTorch's 1e-5 and 0.1); cuDNN takes them as doubles,
+    /// widened as Python would hold them.
+    consts: BnConsts,
     desc: TensorDesc,
     save_mean: Buf<f32>,
     save_invstd: Buf<f32>,
 }
 
-/// ε and the running-average factor as cuDNN takes them (doubles), from the CPU layer's constants as Python would
-/// hold them (1e-5 and 0.1 exactly).
-fn eps() -> f64 {
-    widen(BN_EPS)
-}
-
 impl TrainNorm {
-    pub fn new(dev: &Device, tensors: [usize; 4], channels: usize) -> Result<TrainNorm> {
+    pub fn new(dev: &Device, tensors: [usize; 4], channels: usize, consts: BnConsts) -> Result<TrainNorm> {
         Ok(TrainNorm {
             tensors,
             channels,
+            consts,
             desc: tensor_desc([1, channels, 1, 1], Storage::F32Nchw)?,
             save_mean: dev.zeros(channels)?,
             save_invstd: dev.zeros(channels)?,
@@ -82,10 +79,10 @@ impl TrainNorm {
                 self.desc.0,
                 g as *const c_void,
                 b as *const c_void,
-                widen(BN_MOMENTUM),
+                widen(self.consts.momentum),
                 rm as *mut c_void,
                 rv as *mut c_void,
-                eps(),
+                widen(self.consts.eps),
                 self.save_mean.ptr as *mut c_void,
                 self.save_invstd.ptr as *mut c_void,
             )
@@ -136,7 +133,7 @@ impl TrainNorm {
                 table[self.tensors[0]].ptr as *const c_void,
                 dgamma.ptr as *mut c_void,
                 dbeta.ptr as *mut c_void,
-                eps(),
+                widen(self.consts.eps),
                 self.save_mean.ptr as *const c_void,
                 self.save_invstd.ptr as *const c_void,
             )
@@ -148,7 +145,7 @@ impl TrainNorm {
 
 /// The shared scratch of the bf16 BN passes: the per-slice partial sums and, in forward, the folded scale and
 /// shift the fused normalise + residual + ReLU kernel reads right after.
-pub(super) struct BnScratch<'a> {
+pub(crate) struct BnScratch<'a> {
     pub kernels: &'a HalfKernels,
     pub partials: &'a Buf<f64>,
     pub scale_shift: [&'a Buf<f32>; 2],
@@ -157,7 +154,7 @@ pub(super) struct BnScratch<'a> {
 impl TrainNorm {
     /// bf16 NHWC train-mode BN statistics of x (`rows` = N·H·W): the saved mean and 1/σ, the running statistics
     /// moved, and the folded scale and shift in `scratch.scale_shift`.
-    pub(super) fn forward_bf16(
+    pub(crate) fn forward_bf16(
         &self,
         dev: &Device,
         x: &Buf<u16>,
@@ -173,14 +170,13 @@ impl TrainNorm {
             saved: [&self.save_mean, &self.save_invstd],
             out: scratch.scale_shift,
         };
-        let k = BnConsts { eps: BN_EPS, momentum: BN_MOMENTUM };
-        scratch.kernels.bn_forward(dev, x, &bufs, scratch.partials, (rows, self.channels), k)
+        scratch.kernels.bn_forward(dev, x, &bufs, scratch.partials, (rows, self.channels), self.consts)
     }
 
     /// bf16 NHWC BN backward: dx from dy (overwriting dx), dγ and dβ into `grads` (overwriting), with the
     /// statistics of the last forward.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward_bf16(
+    pub(crate) fn backward_bf16(
         &self,
         dev: &Device,
         (x, dy, dx): (&Buf<u16>, &Buf<u16>, &Buf<u16>),

@@ -2,17 +2,18 @@
 
 use std::collections::HashMap;
 
-use super::conv::{AlgoCache, ConvPlan, ConvShape, Storage};
-use super::device::{Buf, Device, guarded};
-use super::kernels::Kernels;
-use super::linear;
-use super::norm::Norm;
 use super::table::{TensorIndex, TensorTable};
+use crate::engine::Precision;
+use crate::engine::cuda::conv::{AlgoCache, ConvPlan, ConvShape, Storage};
+use crate::engine::cuda::device::{Buf, Device, guarded};
+use crate::engine::cuda::kernels::Kernels;
+use crate::engine::cuda::linear;
+use crate::engine::cuda::norm::Norm;
 use crate::engine::{ConvGeom, Tensor};
 use crate::error::{Error, Result};
 use crate::model::graph::{Post, Src};
+use crate::model::layers::BN_EPS;
 use crate::model::{ResNet, ResNetConfig, Tap};
-use crate::target::Precision;
 
 /// Activation slots: the block input, the shortcut and one unit's output are live at once, so three suffice
 /// (see `DeviceGraph::of`).
@@ -133,7 +134,7 @@ impl CudaResNet {
         guarded("uploading the network", || {
             let kernels = Kernels::load(&dev)?;
             let table = TensorTable::upload(&dev, &model.store)?;
-            let norms = norm_specs.iter().map(|&(t, c)| Norm::new(&dev, t, c)).collect::<Result<Vec<_>>>()?;
+            let norms = norm_specs.iter().map(|&(t, c)| Norm::new(&dev, t, c, BN_EPS)).collect::<Result<Vec<_>>>()?;
             for norm in &norms {
                 norm.fold(&dev, &kernels, &table.tensors)?;
             }
@@ -223,7 +224,7 @@ impl CudaResNet {
     pub fn run_staged(&mut self, n: usize) -> Result<()> {
         guarded("forward", || {
             self.run(n, Tap::Fc)?;
-            self.dev.stream.synchronize().map_err(super::device::cuda_err("waiting for the device"))
+            self.dev.stream.synchronize().map_err(crate::engine::cuda::device::cuda_err("waiting for the device"))
         })
     }
 
@@ -506,6 +507,6 @@ mod tests {
                 text += &describe(arch, stem);
             }
         }
-        crate::engine::cuda::pinned("executor.txt", &text);
+        crate::exec::cuda::pinned("executor.txt", &text);
     }
 }

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use super::device::{Buf, Device};
 use crate::engine::Tensor;
+use crate::engine::cuda::device::{Buf, Device};
 use crate::error::{Error, Result};
 use crate::model::store::Store;
 
