@@ -305,29 +305,37 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
     fails_cleanly(&["predict", "--weights", path(&weights), "--dtype", "f16", path(&cat)], "unknown dtype 'f16'");
 }
 
-/// The portable path (what a CPU without AVX-512 runs: `gemm` instead of the packed kernels, scalar gathers),
-/// forced with `RESNET_NO_AVX512=1`: the same predictions as the default path, and bf16 refused in one line.
+/// Every lower instruction-set level this CPU has, forced with `RESNET_CPU` (`engine::cpu::isa`: AVX2 runs `gemm`
+/// and the AVX2 Winograd transforms instead of the packed AVX-512 kernels, portable plain Rust): the same
+/// predictions as the default level, and bf16 refused in one line below AVX-512.
 #[test]
-fn the_portable_path_predicts_the_same_and_refuses_bf16() {
+fn every_cpu_level_predicts_the_same_and_refuses_bf16_below_avx512() {
+    use resnet_rs::engine::cpu::isa::{self, Level};
     let weights = fixture("tiny/resnet34_w4.pth");
     let dir = fixture("images");
     let default = resnet(&["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)]);
-    let portable = Command::new(env!("CARGO_BIN_EXE_resnet"))
-        .args(["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)])
-        .env("RESNET_NO_AVX512", "1")
-        .output()
-        .unwrap();
-    assert!(portable.status.success(), "{}", String::from_utf8_lossy(&portable.stderr));
-    assert_eq!(stdout(&portable), stdout(&default));
-    let bf16 = Command::new(env!("CARGO_BIN_EXE_resnet"))
-        .args(["predict", "--weights", path(&weights), "--dtype", "bf16", path(&dir)])
-        .env("RESNET_NO_AVX512", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&bf16.stderr);
-    assert_eq!(bf16.status.code(), Some(2), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("AVX512-BF16"), "{err}");
+    let at = |level: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_resnet")).args(args).env("RESNET_CPU", level).output().unwrap()
+    };
+    for level in isa::available() {
+        let forced = at(level.name(), &["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)]);
+        assert!(forced.status.success(), "{level:?}: {}", String::from_utf8_lossy(&forced.stderr));
+        assert!(forced.stderr.is_empty(), "{level:?}: {}", String::from_utf8_lossy(&forced.stderr));
+        assert_eq!(stdout(&forced), stdout(&default), "{level:?}");
+        if level == Level::Avx512 {
+            continue;
+        }
+        let bf16 = at(level.name(), &["predict", "--weights", path(&weights), "--dtype", "bf16", path(&dir)]);
+        let err = String::from_utf8_lossy(&bf16.stderr);
+        assert_eq!(bf16.status.code(), Some(2), "{level:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("AVX512-BF16"), "{err}");
+    }
+    // A level the CPU lacks, or a misspelt one, is named on stderr and the detected level runs.
+    let wrong = at("avx1024", &["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)]);
+    assert!(wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("RESNET_CPU=avx1024: expected avx512, avx2 or portable"));
+    assert_eq!(stdout(&wrong), stdout(&default));
 }
 
 #[test]

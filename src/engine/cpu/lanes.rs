@@ -2,7 +2,7 @@
 //! Winograd transforms, stride-2 im2col and max pooling. Each has an AVX-512 path (two-source permutes, 16
 //! outputs at a time) and a scalar rest, which is the whole of it on CPUs without AVX-512.
 
-use super::packed;
+use super::isa;
 
 /// Permute indices picking the even and the odd entries of two concatenated vectors.
 #[cfg(target_arch = "x86_64")]
@@ -20,8 +20,8 @@ pub fn deinterleave2(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let pairs = row.len() / 2;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if packed::f32_supported() {
-        // SAFETY: `f32_supported` checked the CPU for AVX-512F.
+    if isa::avx512() {
+        // SAFETY: `isa::avx512` checked the CPU for AVX-512F.
         done = unsafe { deinterleave2_avx512(&row[..2 * pairs], &mut even[..pairs], &mut odd[..pairs]) };
     }
     for k in done..pairs {
@@ -64,8 +64,8 @@ pub fn deinterleave4(row: &[f32], d: [&mut [f32]; 4]) {
     let (d1, d2, d3) = (&mut d1[..tiles], &mut d2[..tiles], &mut d3[..tiles]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if packed::f32_supported() {
-        // SAFETY: `f32_supported` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles) above.
+    if isa::avx512() {
+        // SAFETY: `isa::avx512` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles) above.
         done = unsafe { deinterleave4_avx512(row, [d0, d1, d2, d3]) };
     }
     for k in done..tiles {
@@ -114,8 +114,8 @@ pub fn interleave4(q: [&[f32]; 4], out: &mut [f32]) {
     let (q1, q2, q3) = (&q[1][..tiles], &q[2][..tiles], &q[3][..tiles]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if packed::f32_supported() {
-        // SAFETY: `f32_supported` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles).
+    if isa::avx512() {
+        // SAFETY: `isa::avx512` checked the CPU for AVX-512F; every slice was cut to `tiles` (or 4·tiles).
         done = unsafe { interleave4_avx512([q[0], q1, q2, q3], out) };
     }
     for k in done..tiles {

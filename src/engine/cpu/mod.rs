@@ -3,6 +3,7 @@
 pub mod algo;
 mod conv;
 mod elementwise;
+pub mod isa;
 pub mod kept;
 mod lanes;
 mod linear;

@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::isa;
 use super::matmul::MatRef;
 use super::scratch::{self, with_buffer};
 
@@ -56,25 +57,15 @@ pub struct PackedLhs {
     panels: Panels,
 }
 
-/// Whether this CPU runs the f32 kernel. `RESNET_NO_AVX512=1` (read once) answers no, so that the portable
-/// path can be run and tested on a machine that has AVX-512.
+/// Whether this CPU runs the f32 kernel: AVX-512 at the level `isa` runs (`RESNET_CPU=avx2|portable` answers no,
+/// so that the other paths can be run and tested on a machine that has AVX-512).
 pub fn f32_supported() -> bool {
-    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *PORTABLE.get_or_init(|| std::env::var_os("RESNET_NO_AVX512").is_some_and(|v| v == "1")) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    isa::avx512()
 }
 
 /// Whether this CPU runs the bf16 kernel.
 pub fn bf16_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return f32_supported() && std::arch::is_x86_feature_detected!("avx512bf16");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    isa::avx512_bf16()
 }
 
 /// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).

@@ -57,14 +57,13 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and the CPU
-                    // was just checked to have them.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                match $crate::engine::cpu::isa::level() {
+                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and
+                    // `isa::level` checked the CPU has them (a forced level is never above the detected one).
+                    $crate::engine::cpu::isa::Level::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above, for AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
+                    $crate::engine::cpu::isa::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::engine::cpu::isa::Level::Portable => {}
                 }
             }
             generic($($arg),*)
