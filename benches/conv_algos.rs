@@ -12,7 +12,7 @@ mod common;
 
 use common::values;
 use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with, keeps_u, winograd};
-use resnet_rs::engine::{ConvGeom, Tensor};
+use resnet_rs::{ConvGeom, Tensor};
 
 fn main() {
     let geom = ConvGeom::square(1, 1);

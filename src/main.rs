@@ -16,12 +16,12 @@ fn main() {
     match resnet_rs::cli::run(cli) {
         Ok(()) => {}
         // 128 + SIGINT, as shells report a Ctrl-C'd command; the message says how to resume.
-        Err(e @ resnet_rs::error::Error::Interrupted { .. }) => {
+        Err(e @ resnet_rs::Error::Interrupted { .. }) => {
             eprintln!("{e}");
             std::process::exit(130);
         }
         // The device, not the input: a missing or failing GPU, driver or CUDA library.
-        Err(e @ resnet_rs::error::Error::Device(_)) => {
+        Err(e @ resnet_rs::Error::Device(_)) => {
             eprintln!("error: {e}");
             std::process::exit(3);
         }

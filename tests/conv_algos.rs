@@ -5,7 +5,7 @@ mod common;
 
 use common::{Fixture, rel_err, values};
 use resnet_rs::engine::cpu::{ConvAlgo, conv_algo, conv2d_backward_with, conv2d_with};
-use resnet_rs::engine::{ConvGeom, Tensor};
+use resnet_rs::{ConvGeom, Tensor};
 
 /// Direct correlation in f64 with its gradients for `dy`: (y, dx, dw), for a k×k kernel, stride 1, padding p.
 fn naive(x: &Tensor, w: &Tensor, dy: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -145,9 +145,9 @@ fn auto_uses_winograd_only_where_it_applies_and_pays() {
 /// of changed weights follows them (a plan holds its own copy of the weights, so nothing can be confused).
 #[test]
 fn inference_plan_keeps_weights_and_matches_the_engine() {
+    use resnet_rs::CpuPlan;
     use resnet_rs::engine::cpu::{Cpu, keeps_u};
-    use resnet_rs::exec::cpu_plan::CpuPlan;
-    use resnet_rs::model::{Mode, ResNet, ResNetConfig, Tap};
+    use resnet_rs::{Mode, ResNet, ResNetConfig, Tap};
     let config = ResNetConfig { widths: [16, 32, 64, 128], ..ResNetConfig::new("resnet18".parse().unwrap(), 10) };
     let x = Tensor::new(&[2, 3, 128, 128], values(2 * 3 * 128 * 128, 5)).unwrap();
     assert!(keeps_u([2, 16, 32, 32], [16, 16, 3, 3], ConvGeom::square(1, 1)), "layer1 of this net is kept");

@@ -12,7 +12,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_resnet");
 
 /// ResNet-18 on the digits, a checkpoint after every step so that kills often land inside a write.
 fn write_recipe(dir: &Path) -> String {
-    use resnet_rs::train::recipe::Recipe;
+    use resnet_rs::Recipe;
     let path = dir.join("crash.toml");
     let r = Recipe {
         arch: "resnet18".parse().unwrap(),

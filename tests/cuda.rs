@@ -9,11 +9,11 @@ mod common;
 use std::path::Path;
 
 use common::{Fixture, assert_close, det_net, rel_err};
-use resnet_rs::engine::Tensor;
-use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::exec::cuda::CudaResNet;
-use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem, Tap};
-use resnet_rs::target::Precision;
+use resnet_rs::Cpu;
+use resnet_rs::CudaResNet;
+use resnet_rs::Precision;
+use resnet_rs::Tensor;
+use resnet_rs::{Mode, ResNet, ResNetConfig, Stem, Tap};
 
 /// Fixtures next to the working directory first: the test binary is built on one machine and run from a copy of
 /// the repository on the GPU machine, where the build's CARGO_MANIFEST_DIR does not exist.

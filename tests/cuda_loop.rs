@@ -14,12 +14,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
+use resnet_rs::Recipe;
+use resnet_rs::ResNet;
 use resnet_rs::data::loader::{self, Batch, LoaderConfig};
-use resnet_rs::model::ResNet;
-use resnet_rs::target::{DeviceSpec, Precision, Target};
-use resnet_rs::train::recipe::Recipe;
 use resnet_rs::train::setup;
-use resnet_rs::train::trainer::{StepOutcome, TrainArgs, Trainer};
+use resnet_rs::{DeviceSpec, Precision, Target};
+use resnet_rs::{StepOutcome, TrainArgs, Trainer};
 
 const GPU: Target = Target { device: DeviceSpec::Cuda(0), precision: Precision::F32 };
 

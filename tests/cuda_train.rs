@@ -20,12 +20,12 @@ mod common;
 use std::path::Path;
 
 use common::{Fixture, det_net, rel_err};
-use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::Cpu;
+use resnet_rs::Precision;
 use resnet_rs::engine::{Backend, Tensor, one_hot};
 use resnet_rs::exec::cuda::{CudaTrainer, TrainOptimizer};
-use resnet_rs::model::{Mode, ResNet, ResNetConfig, Stem};
-use resnet_rs::target::Precision;
-use resnet_rs::train::optim::{Optimizer, OptimizerKind};
+use resnet_rs::{Mode, ResNet, ResNetConfig, Stem};
+use resnet_rs::{Optimizer, OptimizerKind};
 
 const TOL: f64 = 2e-4;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
-use resnet_rs::data::Dataset;
+use resnet_rs::Dataset;
 use resnet_rs::data::cifar::{Cifar, CifarKind};
 use resnet_rs::data::download::{cifar_url, download_and_unpack, ensure_cifar};
 

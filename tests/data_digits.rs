@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use resnet_rs::data::Dataset;
+use resnet_rs::Dataset;
 use resnet_rs::data::digits::{Digits, grey_level};
 use resnet_rs::data::split::{SplitMix64, split_indices};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use image::{Rgb, RgbImage};
 use resnet_rs::data::loader::{LoaderConfig, batches};
 use resnet_rs::data::transforms::Pipeline;
-use resnet_rs::data::{Dataset, ImageFolder};
+use resnet_rs::{Dataset, ImageFolder};
 
 fn write_png(path: &Path, shade: u8) {
     fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");

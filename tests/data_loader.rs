@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use image::{Rgb, RgbImage};
 use resnet_rs::data::loader::{Batch, LoaderConfig, batches, epoch_order, num_batches};
 use resnet_rs::data::transforms::{BatchMix, Op, Pipeline, RandomErasing};
-use resnet_rs::data::{Dataset, Digits};
-use resnet_rs::error::{Error, Result};
+use resnet_rs::{Dataset, Digits};
+use resnet_rs::{Error, Result};
 
 /// Sample i is a 2x2 image whose red is i % 256 and green i / 256, with label i % classes; `fail_at` makes
 /// `get` fail (or panic) there; `calls` counts the `get`s.

@@ -6,10 +6,10 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
+use resnet_rs::Tensor;
 use resnet_rs::data::transforms::{
     BatchMix, Mixed, Op, Pipeline, RandomErasing, random_resized_crop_params, to_tensor,
 };
-use resnet_rs::engine::Tensor;
 use resnet_rs::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_bilinear_pil};
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {

@@ -8,10 +8,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::infer::runner::Runner;
-use resnet_rs::model::Mode;
-use resnet_rs::target::{DeviceSpec, Precision, Target};
+use resnet_rs::Cpu;
+use resnet_rs::Mode;
+use resnet_rs::Runner;
+use resnet_rs::{DeviceSpec, Precision, Target};
 use resnet_rs::{infer, weights};
 
 #[test]

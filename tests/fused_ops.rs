@@ -4,7 +4,7 @@
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Distribution, Normal, Uniform};
-use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::Cpu;
 use resnet_rs::engine::{Backend, Tensor, batch_norm_affine};
 
 const SHAPES: [[usize; 4]; 5] = [[2, 3, 5, 7], [1, 512, 7, 7], [4, 5, 1, 1], [2, 64, 56, 56], [1, 1, 1, 1]];

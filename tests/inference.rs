@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use common::{Fixture, fixture};
-use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::Cpu;
 use resnet_rs::infer;
-use resnet_rs::model::{Mode, Tap};
 use resnet_rs::weights;
+use resnet_rs::{Mode, Tap};
 
 fn images(f: &Fixture) -> Vec<PathBuf> {
     f.metadata["files"].split(',').map(|n| fixture(&format!("images/{n}"))).collect()
@@ -95,7 +95,7 @@ fn batch_of_one_matches_batched_forward() {
 
 #[test]
 fn hostile_shapes_are_refused_before_building_the_network() {
-    use resnet_rs::engine::Tensor;
+    use resnet_rs::Tensor;
     let dir = tempfile::tempdir().unwrap();
     let mut state = weights::load_state_dict(&fixture("tiny/resnet34_w4.pth")).unwrap();
     // An empty tensor claiming a 100000-wide stage: building it would need 10^11 parameters.
@@ -120,9 +120,9 @@ fn top1(logits: &[f32], classes: usize) -> Vec<usize> {
 /// and a CPU without AVX512-BF16 refuses bf16 in one line.
 #[test]
 fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
+    use resnet_rs::Runner;
     use resnet_rs::engine::cpu::packed;
-    use resnet_rs::infer::runner::Runner;
-    use resnet_rs::target::{DeviceSpec, Precision, Target};
+    use resnet_rs::{DeviceSpec, Precision, Target};
     let f = Fixture::load("tiny/expected.safetensors");
     let files = images(&f);
     let load = || weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();

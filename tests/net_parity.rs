@@ -5,9 +5,9 @@
 mod common;
 
 use common::{Fixture, assert_close, assert_close_slice, det_net};
-use resnet_rs::engine::Backend;
-use resnet_rs::engine::cpu::Cpu;
-use resnet_rs::model::{Mode, ResNet, ResNetConfig};
+use resnet_rs::Backend;
+use resnet_rs::Cpu;
+use resnet_rs::{Mode, ResNet, ResNetConfig};
 
 fn eval_logits_match(name: &str) {
     let f = Fixture::load(name);

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use resnet_rs::Recipe;
+use resnet_rs::ResNet;
 use resnet_rs::data::loader::{self, Batch, LoaderConfig};
-use resnet_rs::model::ResNet;
-use resnet_rs::train::recipe::Recipe;
 use resnet_rs::train::setup;
-use resnet_rs::train::trainer::{StepOutcome, TrainArgs, Trainer};
 use resnet_rs::weights;
+use resnet_rs::{StepOutcome, TrainArgs, Trainer};
 
 fn recipe() -> Recipe {
     Recipe {
@@ -134,8 +134,8 @@ fn fine_tuning_from_weights_holding_a_nan_is_refused_up_front() {
 
 #[test]
 fn relu_lets_nan_through_as_pytorch_does() {
-    use resnet_rs::engine::cpu::Cpu;
-    use resnet_rs::engine::{Backend, Tensor};
+    use resnet_rs::Cpu;
+    use resnet_rs::{Backend, Tensor};
     let x = Tensor::new(&[5], vec![-1.0, 0.0, 2.0, f32::NAN, f32::NEG_INFINITY]).unwrap();
     let y = Cpu.relu(x.clone());
     assert_eq!(&y.data()[..3], &[0.0, 0.0, 2.0]);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Fixture, assert_close, assert_close_slice};
-use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::Cpu;
 use resnet_rs::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
 
 const TOL: f64 = 1e-5;

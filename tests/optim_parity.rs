@@ -13,13 +13,13 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Fixture, assert_close, assert_close_slice, det_net, rel_err};
-use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::Cpu;
 use resnet_rs::engine::{Backend, Tensor, one_hot};
 use resnet_rs::model::store::Param;
-use resnet_rs::model::{Mode, ResNet, ResNetConfig};
 use resnet_rs::train::optim::{Optimizer, OptimizerKind, ParamGroup, clip_coefficient};
 use resnet_rs::train::schedule::Schedule;
 use resnet_rs::train::steps::{CpuSteps, Steps};
+use resnet_rs::{Mode, ResNet, ResNetConfig};
 
 const TOL: f64 = 1e-4;
 /// Per-parameter guard beside the 1e-4 bound on each whole sample set: a bug confined to one parameter would

@@ -7,7 +7,7 @@ use std::io::{Cursor, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use resnet_rs::engine::Tensor;
+use resnet_rs::Tensor;
 use resnet_rs::weights::pth::{load_pth, load_pth_bytes};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use resnet_rs::train::recipe::Recipe;
+use resnet_rs::Recipe;
 use resnet_rs::train::trainer::{self, TrainArgs};
 use resnet_rs::weights;
 
@@ -160,7 +160,7 @@ fn bundled_recipes_parse_and_bad_ones_are_named() {
 #[test]
 #[cfg(not(feature = "cuda"))]
 fn device_auto_without_gpu_support_is_the_cpu_loop() {
-    use resnet_rs::target::{DeviceSpec, Precision, Target};
+    use resnet_rs::{DeviceSpec, Precision, Target};
     let (cpu, auto) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     trainer::run(TrainArgs { max_steps: Some(6), ..args(recipe(), cpu.path()) }).unwrap();
     let device = Target { device: DeviceSpec::Auto, precision: Precision::F32 };

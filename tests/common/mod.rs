@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use resnet_rs::engine::Tensor;
-use resnet_rs::model::ResNet;
+use resnet_rs::ResNet;
+use resnet_rs::Tensor;
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
@@ -105,7 +105,7 @@ pub fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
 
 /// The network a parity fixture describes in its metadata (arch, widths, stem, classes), with det_init weights.
 pub fn det_net(f: &Fixture) -> ResNet {
-    use resnet_rs::model::{Arch, ResNetConfig};
+    use resnet_rs::{Arch, ResNetConfig};
     let m = &f.metadata;
     let arch: Arch = m["arch"].parse().unwrap();
     let widths: Vec<usize> = m["widths"].split(',').map(|w| w.parse().unwrap()).collect();
