@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # resnet-rs against PyTorch (eager, channels_last, torch.compile, bf16 autocast) and ONNX Runtime, on the CPU.
 #
-#   bash bench/compare.sh [--quick] [--rounds N]
+#   bash bench/compare.sh [--quick] [--rounds N] [--variants LIST]
 #
 # For each workload (infer b8 224, infer b1 224, train b64 32) it runs `resnet bench` (ours) and
 # python/bench_torch.py (theirs, every variant in its own process) alternately: ours, theirs, ours, theirs...
@@ -11,6 +11,8 @@
 # ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
+#   --variants LIST: only these PyTorch/ORT variants (comma-separated: eager, channels_last, compile, bf16, ort),
+#   e.g. channels_last,ort for several before/after rounds where bf16 autocast without AVX512-BF16 takes minutes
 # BASELINE=/path/to/an/older/resnet also runs that binary right after ours in every round (same workloads,
 # same flags) and adds a table of ours against it: the before/after check of a refactor, in one run.
 # PYTHON selects the interpreter (default python3); it must import torch and torchvision (onnxruntime and
@@ -32,11 +34,15 @@ while [[ $# -gt 0 ]]; do
         --rounds)
             [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
             ROUNDS="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "compare.sh: unknown argument '$1' (expected --quick or --rounds N)" >&2; exit 2 ;;
+        --variants)
+            [[ $# -ge 2 && "$2" =~ ^[a-z_]+(,[a-z_]+)*$ ]] || { echo "compare.sh: --variants needs a list like eager,ort" >&2; exit 2; }
+            VARIANTS_ASKED="$2"; shift ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare.sh: unknown argument '$1' (expected --quick, --rounds N or --variants LIST)" >&2; exit 2 ;;
     esac
     shift
 done
+VARIANTS="${VARIANTS_ASKED:-$VARIANTS}"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "compare.sh: Python interpreter '$PYTHON' not found; set PYTHON=/path/to/venv/bin/python" >&2
@@ -98,7 +104,9 @@ for w in "${WORKLOADS[@]}"; do
             exit 1
         fi
         variants="$VARIANTS"
-        [[ $workload == train ]] && variants="${variants//,ort/}"  # ORT is infer only ("all" leaves it out itself)
+        # ORT is infer only ("all" leaves it out itself)
+        [[ $workload == train ]] && variants=$(tr ',' '\n' <<<"$variants" | grep -vx ort | paste -sd, -)
+        [[ -n $variants ]] || variants=eager
         echo "[$((SECONDS - start))s] $workload b$batch ${size}px round $r/$ROUNDS: pytorch/ort ($variants)" >&2
         if ! "$PYTHON" python/bench_torch.py --workload "$workload" --batch "$batch" --size "$size" \
                 --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" --variant "$variants" --json \
