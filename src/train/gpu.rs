@@ -33,8 +33,6 @@ pub struct GpuSteps {
     params: Vec<(String, bool)>,
     /// Optimiser steps applied, as the CPU optimiser counts them (a checkpoint's `optimizer_steps`).
     opt_steps: u64,
-    /// The last step's per-parameter gradient sums of squares, for `diagnose`.
-    grad_sumsq: Vec<f64>,
     /// The last `forward_backward` saved the running statistics on the device.
     kept_stats: bool,
     batch: usize,
@@ -56,7 +54,7 @@ impl GpuSteps {
         let (state, opt_steps) = opt.state(&model.store.params);
         trainer.load_momentum_state(&state)?;
         let params = model.store.params.iter().map(|p| (p.name.clone(), p.trainable)).collect();
-        Ok(GpuSteps { trainer, device, precision, params, opt_steps, grad_sumsq: Vec::new(), kept_stats: false, batch })
+        Ok(GpuSteps { trainer, device, precision, params, opt_steps, kept_stats: false, batch })
     }
 }
 
@@ -65,15 +63,8 @@ impl Steps for GpuSteps {
         Some(self.trainer.device_name())
     }
 
-    fn forward_backward(
-        &mut self,
-        _: &mut ResNet,
-        batch: &Batch,
-        momentum: Option<f32>,
-        keep: bool,
-    ) -> Result<Checked> {
+    fn forward_backward(&mut self, _: &mut ResNet, batch: &Batch, keep: bool) -> Result<Checked> {
         let t = &mut self.trainer;
-        t.set_momentum(momentum);
         let n = t.stage(&batch.images, &batch.targets)?;
         self.kept_stats = keep;
         if keep {
@@ -81,7 +72,6 @@ impl Steps for GpuSteps {
         }
         t.forward_backward(n)?;
         let check = t.check_step(&batch.labels)?;
-        self.grad_sumsq.clone_from(&check.grad_sumsq);
         Ok(Checked {
             loss: check.loss,
             top1_hits: check.top1_hits,
@@ -111,10 +101,11 @@ impl Steps for GpuSteps {
         _: &mut ResNet,
         _: &mut Optimizer,
         lr: f32,
-        _: Option<f32>,
+        momentum: Option<f32>,
         monitor: bool,
     ) -> Result<Option<Vec<(f64, f64)>>> {
         let t = &mut self.trainer;
+        t.set_momentum(momentum);
         self.kept_stats = false;
         self.opt_steps += 1;
         if !monitor {
@@ -128,13 +119,13 @@ impl Steps for GpuSteps {
 
     /// After a non-finite step (nothing updated): the cause, as the CPU loop words it. The device state goes into
     /// `model` (only on this failure path) for the weight and running-statistic checks.
-    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch) -> Result<String> {
+    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch, check: &Checked) -> Result<String> {
         self.trainer.download_into(model)?;
         let output = self.trainer.first_nonfinite_output()?;
         let grad = self
             .params
             .iter()
-            .zip(&self.grad_sumsq)
+            .zip(&check.grad_sumsq)
             .rev()
             .find(|((_, trainable), s)| *trainable && !s.is_finite())
             .map(|((name, _), _)| monitor::layer_name(name));

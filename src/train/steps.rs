@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::evaluate::{EvalReport, evaluate};
+use super::evaluate::{EvalReport, evaluate, hits};
 use super::monitor::{self, NonFinite};
 use super::optim::Optimizer;
 use super::recipe::Recipe;
@@ -40,9 +40,14 @@ pub struct Checked {
 }
 
 impl Checked {
+    /// The global L2 norm of the gradients: the per-parameter sums added in parameter order.
+    pub fn grad_norm(&self) -> f64 {
+        self.grad_sumsq.iter().sum::<f64>().sqrt()
+    }
+
     /// The loss, every gradient and the checked state are finite: the step may be applied.
     pub fn finite(&self) -> bool {
-        self.loss.is_finite() && self.grad_sumsq.iter().sum::<f64>().is_finite() && self.state_finite
+        self.loss.is_finite() && self.grad_norm().is_finite() && self.state_finite
     }
 }
 
@@ -52,15 +57,9 @@ pub trait Steps {
     /// The device the steps run on, for the start-up line; None on the host CPU.
     fn device_name(&self) -> Option<String>;
 
-    /// Forward (train-mode BN) and backward on `batch` with the schedule's `momentum` (one-cycle) or the
-    /// optimiser's own. With `keep_stats` the BN running statistics are saved first, for `drop_step`.
-    fn forward_backward(
-        &mut self,
-        model: &mut ResNet,
-        batch: &Batch,
-        momentum: Option<f32>,
-        keep_stats: bool,
-    ) -> Result<Checked>;
+    /// Forward (train-mode BN) and backward on `batch`. With `keep_stats` the BN running statistics are saved
+    /// first, for `drop_step`.
+    fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, keep_stats: bool) -> Result<Checked>;
 
     /// Drop the step `forward_backward` began: running statistics back as they were saved, nothing updated.
     fn drop_step(&mut self, model: &mut ResNet) -> Result<()>;
@@ -71,7 +70,8 @@ pub trait Steps {
     /// Every gradient's sum of squares as it stands (after `scale_gradients`).
     fn grad_sumsq(&self, model: &ResNet) -> Result<Vec<f64>>;
 
-    /// The optimiser update at `lr`. With `monitor`, per trainable parameter (store order) the sum of squares
+    /// The optimiser update at `lr`, with the schedule's `momentum` (one-cycle) or the optimiser's own. With
+    /// `monitor`, per trainable parameter (store order) the sum of squares
     /// of the updated weight and of the update.
     fn update(
         &mut self,
@@ -82,8 +82,8 @@ pub trait Steps {
         monitor: bool,
     ) -> Result<Option<Vec<(f64, f64)>>>;
 
-    /// After a non-finite `forward_backward`: its cause, most specific first (see `NonFinite`).
-    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch) -> Result<String>;
+    /// After a `forward_backward` that found `check` not finite: its cause, most specific first (see `NonFinite`).
+    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch, check: &Checked) -> Result<String>;
 
     /// Bring the live weights, statistics and optimiser state into `model` and `opt` (a no-op on the CPU).
     fn sync_host(&self, model: &mut ResNet, opt: &mut Optimizer) -> Result<()>;
@@ -140,7 +140,7 @@ impl Steps for CpuSteps {
         None
     }
 
-    fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, _: Option<f32>, keep: bool) -> Result<Checked> {
+    fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, keep: bool) -> Result<Checked> {
         // Training-mode forward moves the BN running statistics; a dropped step must not keep that move.
         let store = &model.store;
         self.saved_stats =
@@ -152,7 +152,7 @@ impl Steps for CpuSteps {
         let state_finite =
             model.first_nonfinite_output().is_none() && monitor::first_nonfinite_buffer(&model.store.buffers).is_none();
         let grad_sumsq = self.grad_sumsq(model)?;
-        Ok(Checked { loss, top1_hits: super::evaluate::hits(&logits, &batch.labels).0, grad_sumsq, state_finite })
+        Ok(Checked { loss, top1_hits: hits(&logits, &batch.labels).0, grad_sumsq, state_finite })
     }
 
     fn drop_step(&mut self, model: &mut ResNet) -> Result<()> {
@@ -218,7 +218,7 @@ impl Steps for CpuSteps {
         }))
     }
 
-    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch) -> Result<String> {
+    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch, _: &Checked) -> Result<String> {
         let store = &model.store;
         Ok(NonFinite {
             input_finite: batch.images.all_finite(),

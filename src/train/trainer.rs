@@ -208,20 +208,18 @@ impl Trainer {
         let monitor_now = self.monitor_now();
         self.host_stale = true;
         let (model, steps) = (&mut self.model, &mut self.steps);
-        let check = steps.forward_backward(model, batch, momentum, self.skip_nonfinite)?;
+        let check = steps.forward_backward(model, batch, self.skip_nonfinite)?;
         let done = if !check.finite() {
             if !self.skip_nonfinite {
-                let cause = steps.diagnose(model, batch)?;
+                let cause = steps.diagnose(model, batch, &check)?;
                 return Err(self.nonfinite_error(&cause, check.loss));
             }
             steps.drop_step(model)?;
             self.pos.skipped += 1;
             (StepOutcome::Skipped, None)
         } else {
-            // Summed in parameter order, as `optim::grad_norm` sums the per-parameter sums.
-            let norm = check.grad_sumsq.iter().sum::<f64>().sqrt();
             let max = self.recipe.clip_grad_norm;
-            let clip = if max > 0.0 { clip_coefficient(norm, max) } else { None };
+            let clip = if max > 0.0 { clip_coefficient(check.grad_norm(), max) } else { None };
             if let Some(c) = clip {
                 steps.scale_gradients(model, c)?;
             }

@@ -1,6 +1,6 @@
-//! Which instruction set the CPU kernels run, chosen once per process: AVX-512 (the packed 16-lane kernels, the
-//! Winograd gathers, bf16 where AVX512-BF16 is present), AVX2 + FMA (8-lane packed kernels, Winograd transforms
-//! compiled for AVX2) or the portable path (the `gemm` crate's own dispatch and plain Rust).
+//! Which instruction set our CPU kernels run, chosen once per process: AVX-512 (the packed 16-lane kernels, the
+//! Winograd gathers, bf16 where AVX512-BF16 is present), AVX2 + FMA (the Winograd transforms compiled for AVX2;
+//! products through `gemm`) or the portable path (plain Rust; `gemm` still picks its own kernels).
 //!
 //! `RESNET_CPU=avx512|avx2|portable` forces a lower level than the machine has, so that every level can be
 //! tested on one machine; a level the CPU lacks, or an unknown value, is reported once on stderr and the
@@ -19,6 +19,8 @@ pub enum Level {
 }
 
 impl Level {
+    const ALL: [Level; 3] = [Level::Portable, Level::Avx2, Level::Avx512];
+
     pub fn name(self) -> &'static str {
         match self {
             Level::Portable => "portable",
@@ -28,7 +30,7 @@ impl Level {
     }
 
     fn parse(s: &str) -> Option<Level> {
-        [Level::Portable, Level::Avx2, Level::Avx512].into_iter().find(|l| l.name() == s)
+        Level::ALL.into_iter().find(|l| l.name() == s)
     }
 }
 
@@ -69,7 +71,7 @@ pub fn level() -> Level {
 
 /// Every level this CPU runs, lowest first: what the kernel tests iterate.
 pub fn available() -> Vec<Level> {
-    [Level::Portable, Level::Avx2, Level::Avx512].into_iter().filter(|&l| l <= detected()).collect()
+    Level::ALL.into_iter().filter(|&l| l <= detected()).collect()
 }
 
 /// Whether the AVX-512 kernels run (the detected or forced level is AVX-512).

@@ -66,7 +66,7 @@ extern "C" __global__ void loss_hits(const float* logits, const int* labels, con
     }
 }
 
-// Buffer a[blockIdx.y] times c, rounded as the CPU's `*v *= c` (clip_grad_norm).
+// Buffer a[blockIdx.y] times c, rounded as the CPU's `*v *= c` (CpuSteps::scale_gradients).
 extern "C" __global__ void scale_all(float* const* a, const long long* lens, float c) {
     float* x = a[blockIdx.y];
     long long n = lens[blockIdx.y];

@@ -51,9 +51,8 @@ impl LoopKernels {
         (n, classes): (usize, usize),
         out: &Buf<f64>,
     ) -> Result<()> {
-        if logits.len < n * classes || labels.len < n || loss.len < 1 || out.len < 2 {
-            return Err(Error::invalid("CUDA: loss_hits buffers too small"));
-        }
+        let fits = logits.len >= n * classes && labels.len >= n && loss.len >= 1 && out.len >= 2;
+        assert!(fits, "CUDA: loss_hits buffers too small (a bug in the caller)");
         let (ni, ci) = (int(n)?, int(classes)?);
         let mut b = dev.stream.launch_builder(&self.loss_hits);
         b.arg(&logits.ptr).arg(&labels.ptr).arg(&loss.ptr).arg(&ni).arg(&ci).arg(&out.ptr);
@@ -63,7 +62,8 @@ impl LoopKernels {
         unsafe { b.launch(cfg) }.map(drop).map_err(cuda_err("loss_hits"))
     }
 
-    /// Multiply every buffer of `table` by `c`; `longest` is the longest buffer's length. Enqueued.
+    /// Multiply every buffer of `table` by `c` (none: nothing launched); `longest` is the longest buffer's length.
+    /// Enqueued.
     pub(crate) fn scale_all(&self, dev: &Device, table: &Table, c: f32, longest: usize) -> Result<()> {
         if table.count == 0 {
             return Ok(());

@@ -75,15 +75,11 @@ impl CudaTrainer {
         })
     }
 
-    /// Multiply every trainable gradient by `c` (gradient clipping), as the CPU's `clip_grad_norm` does.
+    /// Multiply every trainable gradient by `c` (gradient clipping), as the CPU's `Steps::scale_gradients` does.
     pub fn scale_gradients(&self, c: f32) -> Result<()> {
-        let table = &self.looping.grads;
-        if table.count == 0 {
-            return Ok(());
-        }
         guarded("scaling gradients", || {
             let longest = self.looping.trainable.iter().map(|&i| self.grads[i].len).max().unwrap_or(0);
-            self.loop_kernels.scale_all(&self.dev, table, c, longest)
+            self.loop_kernels.scale_all(&self.dev, &self.looping.grads, c, longest)
         })
     }
 
