@@ -2,7 +2,7 @@
 //! same folder, `fsync`, then `rename`. Checkpoints, features, downloads and their markers all go through here.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -39,6 +39,36 @@ pub fn remove_stale_temporaries(dir: &Path, names: &[&str]) {
         let name = e.file_name().to_string_lossy().into_owned();
         if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
             let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes a temporary file or folder when dropped, unless `keep` was called: every early return and every
+/// panic between creating a temporary and renaming it into place cleans up.
+pub struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempGuard {
+    pub fn new(path: PathBuf) -> Self {
+        TempGuard { path, armed: true }
+    }
+
+    /// The temporary was renamed into place: leave it.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if self.path.is_dir() {
+                let _ = std::fs::remove_dir_all(&self.path);
+            } else {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
     }
 }

@@ -22,7 +22,7 @@
 //!
 //! Layers, each importing only those below it (`tests/layers.rs` holds the rule): `cli` → `train`, `infer` →
 //! `exec` (what walks the graph on a target) → `model` (the graph, the store, the CPU layers) → `engine` (the
-//! kernels, over `Tensor`); `data`, `imaging`, `weights` and `files` beside them.
+//! kernels, over `Tensor`); `data`, `imaging`, `weights`, `fetch` and `files` beside them.
 
 #[macro_use]
 mod named;
@@ -32,6 +32,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod fetch;
 pub mod files;
 pub mod imaging;
 pub mod infer;

@@ -1,5 +1,5 @@
 //! The dependency rule, held by a test: `cli → train/infer → exec → model, engine`, with `data`, `imaging`,
-//! `weights` and `files` beside them importing neither `train`, `infer`, `exec` nor `cli`. The kernel layer
+//! `weights`, `fetch` and `files` beside them importing neither `train`, `infer`, `exec` nor `cli`. The kernel layer
 //! (`engine`) sees tensors, buffers and shapes only, so it imports nothing of the crate but itself and `error`.
 //! A `crate::` path in a source file names the layer it reaches; one pointing up fails here with the file and line.
 
@@ -12,8 +12,9 @@ const RULES: &[(&str, &[&str])] = &[
     ("exec", &["exec", "model", "engine", "error"]),
     ("imaging", &["imaging", "engine", "error"]),
     ("files", &["files", "error"]),
-    ("data", &["data", "imaging", "files", "engine", "error"]),
-    ("weights", &["weights", "model", "files", "engine", "error"]),
+    ("fetch", &["fetch", "files", "error"]),
+    ("data", &["data", "imaging", "fetch", "files", "engine", "error"]),
+    ("weights", &["weights", "model", "fetch", "files", "engine", "error"]),
 ];
 
 fn sources(at: &Path, out: &mut Vec<PathBuf>) {

@@ -7,6 +7,7 @@ mod features;
 mod info;
 mod predict;
 mod train;
+mod weights;
 
 use std::path::PathBuf;
 
@@ -42,13 +43,17 @@ enum Command {
     Eval(eval::EvalCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
     Bench(bench::BenchCmd),
+    /// torchvision's pretrained weights by name: list them, or download and verify them into the cache.
+    Weights(weights::WeightsCmd),
 }
 
 /// Architecture and checkpoint, shared by the subcommands that run a network.
 #[derive(Args)]
 struct ModelArgs {
-    /// Weights: one of our checkpoints (its arch, stem, class names and preprocessing are used), or a
-    /// torchvision state_dict (.pth or .safetensors, which gets torchvision's ImageNet preprocessing).
+    /// Weights: one of our checkpoints (its arch, stem, class names and preprocessing are used), a torchvision
+    /// state_dict (.pth or .safetensors, which gets torchvision's ImageNet preprocessing), a published name
+    /// (torchvision:resnet34, torchvision:resnet50:IMAGENET1K_V1; `resnet weights list`) or an
+    /// https://…/name-<sha256 prefix>.pth URL, downloaded once into the cache and verified.
     #[arg(long)]
     weights: PathBuf,
     /// resnet18, resnet34, resnet50, resnet101 or resnet152: read off the file; if given, it must agree.
@@ -107,5 +112,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Weights(a) => weights::run(a),
     }
 }

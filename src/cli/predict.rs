@@ -13,7 +13,7 @@ pub struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Class names: "imagenet" (torchvision's 1000) or a text file with one name per line (default: the
-    /// checkpoint's, else "class N").
+    /// checkpoint's; ImageNet's for a 1000-class file that names none, as torchvision's; else "class N").
     #[arg(long)]
     labels: Option<String>,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -33,6 +33,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let model = opened.model;
     let labels = match (a.labels.as_deref(), opened.card.classes) {
         (None, Some(names)) => names,
+        (None, None) if model.config.num_classes == 1000 => infer::labels::load(Some("imagenet"), 1000)?,
         (spec, _) => infer::labels::load(spec, model.config.num_classes)?,
     };
     let files = infer::collect_images(&a.images)?;

@@ -2,7 +2,7 @@
 //! file or folder where a later run would mistake it for a good one:
 //!
 //! - the body streams into `dest_dir/.NAME.part-PID`, hashed on the way, and is renamed to `dest_dir/NAME`
-//!   only once the MD5 matches;
+//!   only once the MD5 matches (`crate::fetch`);
 //! - the archive unpacks into `dest_dir/.NAME.unpack-PID` and its top-level entries are renamed into
 //!   `dest_dir` only once every entry unpacked;
 //! - `dest_dir/NAME.unpacked` (the unpacked folder's name and the MD5) is written last, atomically, and is what
@@ -12,16 +12,12 @@
 //! a machine without network) is unpacked without downloading.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use md5::{Digest, Md5};
 
 use crate::data::cifar::CifarKind;
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::fetch::{self, Hash, digest_of_file};
+use crate::files::{TempGuard, write_atomic};
 
 /// The official tarballs: <https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz>
 /// (md5 c32a1d4ab5d03f1284b67883e8d87530) and cifar-100-binary.tar.gz (md5 03b5dce01913d631647c71ecec9e9cb8),
@@ -58,7 +54,7 @@ pub fn download_and_unpack(url: &str, md5_hex: &str, dest_dir: &Path) -> Result<
     if expected.len() != 32 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::invalid(format!("{md5_hex:?} is not an MD5 checksum (32 hexadecimal digits)")));
     }
-    let name = archive_name(url)?;
+    let name = crate::fetch::file_name_of(url)?;
     std::fs::create_dir_all(dest_dir).map_err(|e| Error::file(dest_dir, format!("cannot create folder: {e}")))?;
 
     let marker = dest_dir.join(format!("{name}.unpacked"));
@@ -67,10 +63,16 @@ pub fn download_and_unpack(url: &str, md5_hex: &str, dest_dir: &Path) -> Result<
     }
 
     let archive = dest_dir.join(&name);
-    let downloaded_now = if archive.is_file() && md5_of_file(&archive).is_ok_and(|got| got == expected) {
+    let downloaded_now = if archive.is_file() && digest_of_file(&archive, Hash::Md5).is_ok_and(|got| got == expected) {
         false
     } else {
-        download(url, &expected, &archive, dest_dir, &name)?;
+        fetch::download(url, &archive, Hash::Md5, |got| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(Error::file(url, format!("checksum mismatch: expected {expected}, got {got}")))
+            }
+        })?;
         true
     };
 
@@ -86,20 +88,6 @@ pub fn download_and_unpack(url: &str, md5_hex: &str, dest_dir: &Path) -> Result<
     };
     write_atomic(&marker, format!("{top}\n{expected}\n").as_bytes())?;
     Ok(if top == "." { dest_dir.to_path_buf() } else { dest_dir.join(top) })
-}
-
-/// The last segment of the URL's path, which names the archive in `dest_dir`.
-fn archive_name(url: &str) -> Result<String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| Error::invalid(format!("{url}: only http:// and https:// URLs can be downloaded")))?;
-    let path = rest.split(['?', '#']).next().unwrap_or_default();
-    let last = path.split_once('/').map(|(_, p)| p).unwrap_or_default().rsplit('/').next().unwrap_or_default();
-    if last.is_empty() || last.starts_with('.') || last.contains('\\') {
-        return Err(Error::invalid(format!("{url}: the URL does not end in a file name")));
-    }
-    Ok(last.to_string())
 }
 
 /// The folder a previous call unpacked, if its marker names a folder that still exists and the same MD5.
@@ -122,133 +110,6 @@ fn reusable_folder(marker: &Path, expected: &str, dest_dir: &Path) -> Option<Pat
     folder.is_dir().then_some(folder)
 }
 
-/// Removes a temporary file or folder when dropped, unless `keep` was called: every early return and every
-/// panic between creating a temporary and renaming it cleans up.
-struct TempGuard {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl TempGuard {
-    fn new(path: PathBuf) -> Self {
-        TempGuard { path, armed: true }
-    }
-
-    fn keep(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            if self.path.is_dir() {
-                let _ = std::fs::remove_dir_all(&self.path);
-            } else {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-fn download(url: &str, expected: &str, archive: &Path, dest_dir: &Path, name: &str) -> Result<()> {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        .timeout_per_read(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent();
-    let response = agent.get(url).call().map_err(|e| Error::file(url, format!("download failed: {e}")))?;
-    let status = response.status();
-    if !status.is_success() {
-        let reason = status.canonical_reason().unwrap_or("");
-        return Err(Error::file(url, format!("download failed: HTTP {} {reason}", status.as_u16())));
-    }
-    let total = response
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut body = response.into_body().into_reader();
-
-    let tmp = dest_dir.join(format!(".{name}.part-{}", std::process::id()));
-    let guard = TempGuard::new(tmp.clone());
-    let file = File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let mut out = BufWriter::new(file);
-    let progress = progress_bar(total, name);
-    let mut hasher = Md5::new();
-    let mut received: u64 = 0;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = match body.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                progress.abandon();
-                let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-                return Err(Error::file(url, format!("download failed after {received}{of} bytes: {e}")));
-            }
-        };
-        let chunk = buf.get(..n).unwrap_or_default();
-        hasher.update(chunk);
-        out.write_all(chunk).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
-        received += n as u64;
-        progress.set_position(received);
-    }
-    progress.finish_and_clear();
-    if let Some(total) = total
-        && received != total
-    {
-        return Err(Error::file(url, format!("truncated download: got {received} of {total} bytes")));
-    }
-    let file = out.into_inner().map_err(|e| Error::file(&tmp, format!("cannot write: {}", e.error())))?;
-    file.sync_all().map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
-    drop(file);
-
-    let got = hex(&hasher.finalize());
-    if got != expected {
-        return Err(Error::file(url, format!("checksum mismatch: expected {expected}, got {got}")));
-    }
-    std::fs::rename(&tmp, archive).map_err(|e| Error::file(archive, format!("cannot write: {e}")))?;
-    guard.keep();
-    Ok(())
-}
-
-/// A byte-count bar on stderr when stderr is a terminal; hidden otherwise (logs, CI, tests).
-fn progress_bar(total: Option<u64>, name: &str) -> ProgressBar {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
-    let template = if total.is_some() {
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-    } else {
-        "{msg} {bytes} {bytes_per_sec}"
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(format!("downloading {name}"));
-    bar
-}
-
-fn md5_of_file(path: &Path) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(buf.get(..n).unwrap_or_default());
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
 /// A library's message cut to a readable length (tar quotes whole garbage headers back).
 fn clip(msg: &str) -> String {
     const MAX: usize = 160;
@@ -256,10 +117,6 @@ fn clip(msg: &str) -> String {
         Some((cut, _)) => format!("{}...", msg.get(..cut).unwrap_or(msg)),
         None => msg.to_string(),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unpack `archive` (.tar.gz) into a staging folder inside `dest_dir`, then move its top-level entries into

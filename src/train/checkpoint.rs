@@ -77,10 +77,11 @@ pub struct Opened {
     pub recipe: Option<Recipe>,
 }
 
-/// Open any weights file we read (a training checkpoint, our safetensors, a torchvision `.pth`) for inference.
-/// The architecture is read off the keys; `arch`, when given, must agree, and a mismatch names what the file
-/// holds.
-pub fn open_model(path: &Path, arch: Option<Arch>) -> Result<Opened> {
+/// Open any weights file we read (a training checkpoint, our safetensors, a torchvision `.pth`, or a
+/// `torchvision:` name or URL, fetched into the cache) for inference. The architecture is read off the keys;
+/// `arch`, when given, must agree, and a mismatch names what the file holds.
+pub fn open_model(spec: &Path, arch: Option<Arch>) -> Result<Opened> {
+    let path = &weights::hub::locate(spec)?;
     let (state, meta) = weights::read(path)?;
     let found = Arch::infer_from(&state).map_err(|e| e.in_file(path))?;
     if let Some(want) = arch
@@ -103,7 +104,12 @@ pub fn open_model(path: &Path, arch: Option<Arch>) -> Result<Opened> {
         None => match &recipe {
             Some(r) => super::setup::card(r, None),
             None => {
-                ModelCard { arch: found, stem: model.config.stem, classes: None, preprocess: Preprocess::imagenet() }
+                // A torchvision file: its published transforms when its name says which weights it holds.
+                let mut preprocess = Preprocess::imagenet();
+                if let Some(p) = weights::hub::Published::by_file_name(path) {
+                    preprocess.resize = p.resize;
+                }
+                ModelCard { arch: found, stem: model.config.stem, classes: None, preprocess }
             }
         },
     };

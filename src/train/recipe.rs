@@ -341,8 +341,8 @@ recipe_fields! {
     monitor_every: u64 = 50,
     /// Also checkpoint every this many steps (0: at the end of each epoch only).
     checkpoint_every: u64 = 0,
-    /// Fine-tune from this checkpoint (.pth or .safetensors); the head is replaced when the dataset's class
-    /// count differs.
+    /// Fine-tune from this checkpoint (.pth or .safetensors, or a published name such as torchvision:resnet34,
+    /// downloaded once); the head is replaced when the dataset's class count differs.
     weights: Option<PathBuf> = None,
     /// Freeze the stem and the stages up to this one (stem, layer1..layer4); needs --weights.
     freeze_until: Option<Stage> = None,

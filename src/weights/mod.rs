@@ -1,6 +1,7 @@
 //! Weights in and out: torchvision `.pth` state_dicts, `.safetensors` files, and our checkpoints (safetensors
 //! with torchvision's key names, so they load back into PyTorch with `load_state_dict`).
 
+pub mod hub;
 pub mod pth;
 pub mod safetensors;
 
@@ -17,10 +18,11 @@ pub use crate::files::{remove_stale_temporaries, write_atomic};
 /// The key prefix under which a training checkpoint keeps the optimiser's state beside the model's tensors.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
-/// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name.
-/// A training checkpoint's optimiser state (`optimizer.*`) is left out: only the network is returned.
-pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(read(path)?.0)
+/// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name, or
+/// from the verified download a `torchvision:` name or URL stands for (`hub::locate`). A training checkpoint's
+/// optimiser state (`optimizer.*`) is left out: only the network is returned.
+pub fn load_state_dict(spec: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(read(&hub::locate(spec)?)?.0)
 }
 
 /// `load_state_dict` and the file's metadata (a safetensors header's `__metadata__`; none for a `.pth`).

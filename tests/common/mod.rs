@@ -2,6 +2,8 @@
 //! `python/fixtures/common.py` uses for the parity networks (weights are recomputed, not committed).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
