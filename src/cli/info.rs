@@ -14,6 +14,9 @@ pub struct InfoArgs {
     stem: String,
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     classes: u64,
+    /// Image channels the stem takes (3: RGB).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=crate::model::MAX_IN_CHANNELS as u64))]
+    in_channels: u64,
     /// Input height and width; defaults to 224 for the ImageNet stem and 32 for the CIFAR stem.
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=8192))]
     size: Option<u64>,
@@ -21,10 +24,11 @@ pub struct InfoArgs {
 
 pub fn run(a: InfoArgs) -> Result<()> {
     let stem: Stem = a.stem.parse()?;
-    let config = ResNetConfig { stem, ..ResNetConfig::new(a.arch, a.classes as usize) };
+    let config =
+        ResNetConfig { stem, in_channels: a.in_channels as usize, ..ResNetConfig::new(a.arch, a.classes as usize) };
     let size = a.size.map(|s| s as usize).unwrap_or(if stem == Stem::Cifar { 32 } else { 224 });
     let s = summarize(&config, size);
-    println!("{} ({:?} stem, {} classes, input 3x{size}x{size})", a.arch, stem, a.classes);
+    println!("{} ({:?} stem, {} classes, input {}x{size}x{size})", a.arch, stem, a.classes, a.in_channels);
     println!("{:<12} {:>6} {:>16} {:>14} {:>10}", "layer", "blocks", "output", "params", "MACs");
     for r in &s.rows {
         let out = format!("{}x{}x{}", r.out.0, r.out.1, r.out.2);

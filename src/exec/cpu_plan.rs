@@ -93,7 +93,7 @@ impl CpuPlan {
     /// Run up to `tap` on images `[N, 3, H, W]`: a stage's feature map for layer1..layer4, the pooled features
     /// for avgpool, the logits for fc.
     pub fn forward_to(&self, x: &Tensor, tap: Tap) -> Tensor {
-        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, 3, H, W]");
+        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, in_channels, H, W]");
         let stop = tap.stage().map(|s| self.graph.stage_output(s));
         let pool = |h: &Tensor| {
             let p = self.graph.pool.expect("a graph that pools has a pool");

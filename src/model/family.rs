@@ -148,6 +148,10 @@ impl<'de> serde::Deserialize<'de> for Stem {
 
 pub const STANDARD_WIDTHS: [usize; 4] = [64, 128, 256, 512];
 
+/// The most image channels a stem takes: hyperspectral cubes have a few hundred bands; a file claiming more
+/// is refused before anything is allocated for it.
+pub const MAX_IN_CHANNELS: usize = 1024;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResNetConfig {
     pub arch: Arch,
@@ -155,13 +159,22 @@ pub struct ResNetConfig {
     pub stem: Stem,
     /// Stage widths; torchvision's are 64/128/256/512 (the stem outputs widths[0] channels).
     pub widths: [usize; 4],
+    /// Image channels the stem takes (3 for RGB; 1 for grayscale, 13 for Sentinel-2, ...).
+    pub in_channels: usize,
     /// Zero the last BN weight of every block so each residual branch starts as the identity.
     pub zero_init_residual: bool,
 }
 
 impl ResNetConfig {
     pub fn new(arch: Arch, num_classes: usize) -> Self {
-        ResNetConfig { arch, num_classes, stem: Stem::ImageNet, widths: STANDARD_WIDTHS, zero_init_residual: false }
+        ResNetConfig {
+            arch,
+            num_classes,
+            stem: Stem::ImageNet,
+            widths: STANDARD_WIDTHS,
+            in_channels: 3,
+            zero_init_residual: false,
+        }
     }
 
     /// Channels entering the classifier.
@@ -169,17 +182,18 @@ impl ResNetConfig {
         self.widths[3] * self.arch.block.expansion()
     }
 
-    /// Read classes, stem and widths off a state_dict's shapes, so a checkpoint of any width and class count loads
-    /// with only its architecture named. Shapes are checked in full when the weights are loaded.
+    /// Read classes, stem, input channels and widths off a state_dict's shapes, so a checkpoint of any width,
+    /// channel and class count loads with only its architecture named. Shapes are checked in full when the
+    /// weights are loaded.
     pub fn infer_from(arch: Arch, state: &BTreeMap<String, Tensor>) -> Result<Self> {
         let shape = |key: &str| -> Result<&[usize]> {
             state.get(key).map(|t| t.shape()).ok_or_else(|| Error::invalid(format!("missing key '{key}'")))
         };
         let fc = shape("fc.weight")?;
         let conv1 = shape("conv1.weight")?;
-        let (num_classes, stem) = match (fc, conv1) {
-            ([classes, _], [_, 3, 7, 7]) => (*classes, Stem::ImageNet),
-            ([classes, _], [_, 3, 3, 3]) => (*classes, Stem::Cifar),
+        let (num_classes, in_channels, stem) = match (fc, conv1) {
+            ([classes, _], [_, c @ 1..=MAX_IN_CHANNELS, 7, 7]) => (*classes, *c, Stem::ImageNet),
+            ([classes, _], [_, c @ 1..=MAX_IN_CHANNELS, 3, 3]) => (*classes, *c, Stem::Cifar),
             _ => {
                 return Err(Error::invalid(format!(
                     "fc.weight {fc:?} / conv1.weight {conv1:?} do not look like a ResNet"
@@ -196,6 +210,6 @@ impl ResNetConfig {
         if num_classes == 0 || widths.contains(&0) {
             return Err(Error::invalid(format!("zero-sized layer: {num_classes} classes, widths {widths:?}")));
         }
-        Ok(ResNetConfig { arch, num_classes, stem, widths, zero_init_residual: false })
+        Ok(ResNetConfig { arch, num_classes, stem, widths, in_channels, zero_init_residual: false })
     }
 }

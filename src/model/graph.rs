@@ -129,7 +129,7 @@ pub struct Shapes {
 
 impl Graph {
     pub fn of(cfg: &ResNetConfig) -> Graph {
-        let in_channels = 3;
+        let in_channels = cfg.in_channels;
         let c0 = cfg.widths[0];
         let (kernel, stride, pool) = match cfg.stem {
             Stem::ImageNet => (7, 2, Some(Pool { kernel: 3, stride: 2, padding: 1 })),

@@ -7,7 +7,7 @@ mod resnet;
 pub mod store;
 pub mod summary;
 
-pub use family::{Arch, BlockKind, FAMILY, ResNetConfig, STANDARD_WIDTHS, Stem};
+pub use family::{Arch, BlockKind, FAMILY, MAX_IN_CHANNELS, ResNetConfig, STANDARD_WIDTHS, Stem};
 pub use graph::Graph;
 pub use layers::Mode;
 pub use resnet::{ResNet, Tap};

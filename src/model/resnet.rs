@@ -127,7 +127,7 @@ impl ResNet {
 
     /// Run up to `tap` and return its output (a feature map for layer1..layer4, a matrix for avgpool and fc).
     pub fn forward_to(&mut self, be: &dyn Backend, x: &Tensor, mode: Mode, tap: Tap) -> Tensor {
-        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, 3, H, W]");
+        assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, in_channels, H, W]");
         let stop = self.tap_unit(tap);
         let pooled = match mode {
             Mode::Train => match self.forward_train(be, x, stop) {

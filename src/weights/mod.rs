@@ -1,6 +1,7 @@
 //! Weights in and out: torchvision `.pth` state_dicts, `.safetensors` files, and our checkpoints (safetensors
 //! with torchvision's key names, so they load back into PyTorch with `load_state_dict`).
 
+pub mod adapt;
 pub mod hub;
 pub mod pth;
 pub mod safetensors;

@@ -149,7 +149,7 @@ impl CudaResNet {
                         weights.insert(weight, bits);
                     }
                 }
-                Some(Half { weights, input: dev.zeros(batch * 3 * h * w)?, acts: Vec::new() })
+                Some(Half { weights, input: dev.zeros(batch * model.config.in_channels * h * w)?, acts: Vec::new() })
             } else {
                 None
             };
@@ -166,7 +166,7 @@ impl CudaResNet {
                 fc,
                 plans: HashMap::new(),
                 algos: AlgoCache::default(),
-                input: dev.zeros(batch * 3 * h * w)?,
+                input: dev.zeros(batch * model.config.in_channels * h * w)?,
                 acts: Vec::new(),
                 half,
                 features,
@@ -206,11 +206,11 @@ impl CudaResNet {
     /// Copy `images` to the device, where `run_staged` reads them; returns the batch size.
     pub fn stage(&mut self, images: &Tensor) -> Result<usize> {
         let n = match images.shape() {
-            &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
+            &[n, c, h, w] if c == self.config.in_channels && (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
             s => {
                 return Err(Error::invalid(format!(
-                    "CUDA: input {s:?} does not fit this executor ([1..={}, 3, {}, {}])",
-                    self.batch, self.hw.0, self.hw.1
+                    "CUDA: input {s:?} does not fit this executor ([1..={}, {}, {}, {}])",
+                    self.batch, self.config.in_channels, self.hw.0, self.hw.1
                 )));
             }
         };
@@ -318,7 +318,13 @@ impl CudaResNet {
             return Ok(());
         }
         let storage = if self.half.is_some() { Storage::Bf16Nhwc } else { Storage::F32Nchw };
-        let plan = build_plan(&self.dev, &mut self.algos, &self.nodes, [n, 3, self.hw.0, self.hw.1], storage)?;
+        let plan = build_plan(
+            &self.dev,
+            &mut self.algos,
+            &self.nodes,
+            [n, self.config.in_channels, self.hw.0, self.hw.1],
+            storage,
+        )?;
         match &mut self.half {
             None if self.acts.first().is_none_or(|a| a.len < plan.activation) => {
                 self.acts = (0..SLOTS).map(|_| self.dev.zeros(plan.activation)).collect::<Result<_>>()?;

@@ -49,6 +49,7 @@ pub struct TrainOptimizer {
 #[derive(Debug)]
 struct UnitSpec {
     weight: usize,
+    in_channels: usize,
     out_channels: usize,
     kernel: usize,
     stride: usize,
@@ -191,7 +192,7 @@ fn unit_shapes(specs: &[UnitSpec], n: usize, (h, w): (usize, usize)) -> (Vec<Con
     let mut pooled = None;
     for s in specs {
         let x = match s.src {
-            Src::Images => [n, 3, h, w],
+            Src::Images => [n, s.in_channels, h, w],
             Src::Unit(u) => shapes[u].y(),
             Src::Pool => {
                 let stem = shapes[0].y();
@@ -278,7 +279,9 @@ impl CudaTrainer {
             let trainable: Vec<bool> = params.iter().map(|p| p.trainable).collect();
             let looping = LoopState::new(&dev, batch, &table.tensors, &grads, &trainable)?;
             let half = match storage {
-                Storage::Bf16Nhwc => Some(Half::new(&dev, &kernels, &specs, &table.tensors, batch * 3 * h * w)?),
+                Storage::Bf16Nhwc => {
+                    Some(Half::new(&dev, &kernels, &specs, &table.tensors, batch * model.config.in_channels * h * w)?)
+                }
                 Storage::F32Nchw => None,
             };
             let act = |len| Act::zeros(&dev, storage, len);
@@ -298,7 +301,7 @@ impl CudaTrainer {
                 pool,
                 plans: HashMap::new(),
                 algos: TrainAlgos::default(),
-                input: dev.zeros(batch * 3 * h * w)?,
+                input: dev.zeros(batch * model.config.in_channels * h * w)?,
                 targets: dev.zeros(batch * classes)?,
                 features: dev.zeros(batch * fin)?,
                 logits: dev.zeros(batch * classes)?,
@@ -343,11 +346,11 @@ impl CudaTrainer {
     /// Copy a batch to the device, where `step_staged` reads it; returns the batch size.
     pub fn stage(&mut self, images: &Tensor, targets: &Tensor) -> Result<usize> {
         let n = match images.shape() {
-            &[n, 3, h, w] if (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
+            &[n, c, h, w] if c == self.config.in_channels && (h, w) == self.hw && (1..=self.batch).contains(&n) => n,
             s => {
                 return Err(Error::invalid(format!(
-                    "CUDA: input {s:?} does not fit this trainer ([1..={}, 3, {}, {}])",
-                    self.batch, self.hw.0, self.hw.1
+                    "CUDA: input {s:?} does not fit this trainer ([1..={}, {}, {}, {}])",
+                    self.batch, self.config.in_channels, self.hw.0, self.hw.1
                 )));
             }
         };
@@ -742,6 +745,7 @@ impl TrainGraph {
             }
             specs.push(UnitSpec {
                 weight,
+                in_channels: cin,
                 out_channels: cout,
                 kernel,
                 stride: unit.stride,
