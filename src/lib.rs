@@ -48,6 +48,7 @@ pub use error::{Error, Result};
 pub use exec::cpu_plan::CpuPlan;
 #[cfg(feature = "cuda")]
 pub use exec::cuda::{CudaResNet, CudaTrainer};
+pub use imaging::{Image, Samples};
 pub use infer::card::{ModelCard, Preprocess};
 pub use infer::runner::Runner;
 pub use model::{Arch, Graph, Mode, ResNet, ResNetConfig, Stem, Tap};

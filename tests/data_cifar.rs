@@ -152,6 +152,7 @@ fn err_text<T>(r: resnet_rs::Result<T>) -> String {
 
 fn check_image(ds: &Cifar, i: usize, id: usize, label: u8) {
     let (img, l) = ds.get(i).unwrap();
+    let img = img.to_rgb().expect("CIFAR images are 8-bit RGB");
     assert_eq!(l, label as usize, "label of sample {i}");
     assert_eq!(img.dimensions(), (32, 32));
     // Pixel (x=0, y=0) takes R/G/B from offsets 0/1024/2048 of the record's pixels.

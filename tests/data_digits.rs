@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use resnet_rs::Dataset;
 use resnet_rs::data::digits::{Digits, grey_level};
 use resnet_rs::data::split::{SplitMix64, split_indices};
+use resnet_rs::{Dataset, Samples};
 
 /// `load_digits().images[0]`.
 const IMAGE0: [[u8; 8]; 8] = [
@@ -60,7 +60,9 @@ fn digits_match_scikit_learn() {
     assert_eq!(digits.get(1796).expect("last").1, 8);
 
     let (img, label) = digits.get(0).expect("sample 0");
-    assert_eq!((img.width(), img.height(), label), (8, 8, 0));
+    assert_eq!((img.width(), img.height(), img.bands(), label), (8, 8, 1, 0), "8x8 greyscale");
+    // Replicated to RGB for a 3-channel network, as PIL's convert("RGB") of a grey image.
+    let img = img.with_bands(3).unwrap().to_rgb().unwrap();
     for (y, row) in IMAGE0.iter().enumerate() {
         for (x, &v) in row.iter().enumerate() {
             let px = img.get_pixel(x as u32, y as u32).0;
@@ -99,7 +101,12 @@ fn split_agrees_with_python() {
 }
 
 fn images_of(ds: &Arc<dyn Dataset>) -> Vec<Vec<u8>> {
-    (0..ds.len()).map(|i| ds.get(i).expect("sample").0.into_raw()).collect()
+    (0..ds.len())
+        .map(|i| match ds.get(i).expect("sample").0.samples() {
+            Samples::U8(v) => v.clone(),
+            Samples::F32(_) => panic!("digits are 8-bit"),
+        })
+        .collect()
 }
 
 #[test]

@@ -46,7 +46,7 @@ fn classes_and_files_in_sorted_order() {
     let want = [("ant/z.png", 0), ("cat/a.PNG", 1), ("cat/b.png", 1), ("cat/c.JPEG", 1)];
     assert_eq!(names, want.map(|(p, l)| (p.to_string(), l)));
     let (img, label) = folder.get(1).expect("decode");
-    assert_eq!((img.dimensions(), img.get_pixel(0, 0).0, label), ((5, 4), [20, 0, 0], 1));
+    assert_eq!((img.dimensions(), img.to_rgb().unwrap().get_pixel(0, 0).0, label), ((5, 4), [20, 0, 0], 1));
     assert_eq!(folder.get(3).expect("jpeg").0.dimensions(), (6, 6));
     assert!(folder.get(4).is_err());
 }
@@ -60,7 +60,7 @@ fn split_is_seeded_disjoint_and_complete() {
         }
     }
     let shades = |ds: &Arc<dyn Dataset>| -> Vec<u8> {
-        (0..ds.len()).map(|i| ds.get(i).expect("sample").0.get_pixel(0, 0).0[0]).collect()
+        (0..ds.len()).map(|i| ds.get(i).expect("sample").0.to_rgb().unwrap().get_pixel(0, 0).0[0]).collect()
     };
     let (train, val) = ImageFolder::open(dir.path()).expect("open").split(0.2, 7);
     assert_eq!((train.len(), val.len(), train.num_classes()), (24, 6, 3));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use image::{Rgb, RgbImage};
 use resnet_rs::data::loader::{Batch, LoaderConfig, batches, epoch_order, num_batches};
 use resnet_rs::data::transforms::{BatchMix, Op, Pipeline, RandomErasing};
-use resnet_rs::{Dataset, Digits};
+use resnet_rs::{Dataset, Digits, Image};
 use resnet_rs::{Error, Result};
 
 /// Sample i is a 2x2 image whose red is i % 256 and green i / 256, with label i % classes; `fail_at` makes
@@ -38,7 +38,7 @@ impl Dataset for Numbers {
     fn class_names(&self) -> Vec<String> {
         (0..self.classes).map(|c| c.to_string()).collect()
     }
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
+    fn get(&self, i: usize) -> Result<(Image, usize)> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if Some(i) == self.fail_at {
             return Err(Error::file(format!("sample{i}.png"), "cannot decode image: broken"));
@@ -51,13 +51,13 @@ impl Dataset for Numbers {
             std::thread::sleep(Duration::from_millis(2));
         }
         let side = if Some(i) == self.odd_size_at { 3 } else { 2 };
-        Ok((RgbImage::from_pixel(side, side, Rgb([(i % 256) as u8, (i / 256) as u8, 0])), i % 10))
+        Ok((Image::from_rgb(&RgbImage::from_pixel(side, side, Rgb([(i % 256) as u8, (i / 256) as u8, 0]))), i % 10))
     }
 }
 
 /// Identity-ish pipeline: values v / 255 * 255 = v (rounded back below).
 fn identity() -> Arc<Pipeline> {
-    Arc::new(Pipeline::normalize([0.0; 3], [1.0 / 255.0; 3]))
+    Arc::new(Pipeline::normalize(&[0.0; 3], &[1.0 / 255.0; 3]))
 }
 
 /// The dataset index a Numbers image came from.
@@ -87,8 +87,9 @@ fn collect(
 fn augmenting() -> Arc<Pipeline> {
     Arc::new(Pipeline {
         ops: vec![Op::RandomCrop { size: 8, padding: 1 }, Op::HorizontalFlip { p: 0.5 }],
-        mean: [0.5; 3],
-        std: [0.25; 3],
+        channels: 3,
+        mean: vec![0.5; 3],
+        std: vec![0.25; 3],
         erasing: Some(RandomErasing { p: 0.5, scale: (0.02, 0.2), ratio: (0.3, 3.3) }),
     })
 }

@@ -6,11 +6,11 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
-use resnet_rs::Tensor;
 use resnet_rs::data::transforms::{
     BatchMix, Mixed, Op, Pipeline, RandomErasing, random_resized_crop_params, to_tensor,
 };
 use resnet_rs::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_bilinear_pil};
+use resnet_rs::{Image, Tensor};
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
@@ -27,8 +27,8 @@ fn random_image(w: u32, h: u32, seed: u64) -> RgbImage {
 }
 
 fn one_op(op: Op, img: &RgbImage, seed: u64) -> RgbImage {
-    let pipeline = Pipeline { ops: vec![op], ..Pipeline::normalize([0.0; 3], [1.0; 3]) };
-    pipeline.apply_ops(img, &mut rng(seed))
+    let pipeline = Pipeline { ops: vec![op], ..Pipeline::normalize(&[0.0; 3], &[1.0; 3]) };
+    pipeline.apply_ops(&Image::from_rgb(img), &mut rng(seed)).to_rgb().expect("an RGB image")
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn erasing_zeroes_a_rectangle_of_the_expected_area() {
 #[test]
 fn normalisation_matches_imagenet_mean_and_std() {
     let img = RgbImage::from_fn(3, 2, |x, y| Rgb([255, (40 * x) as u8, (128 * y) as u8]));
-    let t = Pipeline::normalize(IMAGENET_MEAN, IMAGENET_STD).apply(&img, &mut rng(0));
+    let t = Pipeline::normalize(&IMAGENET_MEAN, &IMAGENET_STD).apply(&Image::from_rgb(&img), &mut rng(0));
     assert_eq!(t.shape(), &[3, 2, 3]);
     for (x, y, px) in img.enumerate_pixels() {
         for c in 0..3 {
@@ -203,7 +203,7 @@ fn eval_pipeline_is_eval_transform() {
     let cat =
         load_rgb(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/cat.png")).expect("fixture image");
     let eval = Pipeline::imagenet_eval(256, 224);
-    assert_eq!(eval.apply(&cat, &mut rng(0)), eval_transform(&cat, 256, 224));
+    assert_eq!(eval.apply(&Image::from_rgb(&cat), &mut rng(0)), eval_transform(&cat, 256, 224));
     // The same without the fused path (a no-op between Resize and CenterCrop), and on odd geometries:
     // upscaling, a crop larger than the image (black padding), a tall image.
     for (img, resize, crop) in [
@@ -217,8 +217,8 @@ fn eval_pipeline_is_eval_transform() {
             ..Pipeline::imagenet_eval(resize, crop)
         };
         let want = eval_transform(&img, resize, crop);
-        assert_eq!(unfused.apply(&img, &mut rng(0)), want, "{resize}/{crop}");
-        assert_eq!(Pipeline::imagenet_eval(resize, crop).apply(&img, &mut rng(0)), want);
+        assert_eq!(unfused.apply(&Image::from_rgb(&img), &mut rng(0)), want, "{resize}/{crop}");
+        assert_eq!(Pipeline::imagenet_eval(resize, crop).apply(&Image::from_rgb(&img), &mut rng(0)), want);
     }
 }
 
@@ -233,8 +233,9 @@ fn a_pipeline_is_reproducible_from_its_seed() {
             Op::RandomCrop { size: 24, padding: 2 },
         ],
         erasing: Some(RandomErasing { p: 0.5, scale: (0.02, 0.33), ratio: (0.3, 3.3) }),
-        ..Pipeline::normalize(IMAGENET_MEAN, IMAGENET_STD)
+        ..Pipeline::normalize(&IMAGENET_MEAN, &IMAGENET_STD)
     };
+    let img = Image::from_rgb(&img);
     let a = pipeline.apply(&img, &mut rng(11));
     assert_eq!(a.shape(), &[3, 24, 24]);
     assert!(a.all_finite());

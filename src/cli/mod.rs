@@ -68,12 +68,12 @@ struct ModelArgs {
     /// Shorter side the image is resized to before the centre crop, overriding the checkpoint's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16384))]
     resize: Option<u32>,
-    /// Per-channel mean R,G,B, overriding the checkpoint's.
-    #[arg(long, value_parser = <[f32; 3] as FlagValue>::parser())]
-    mean: Option<[f32; 3]>,
-    /// Per-channel std R,G,B, overriding the checkpoint's.
-    #[arg(long, value_parser = <[f32; 3] as FlagValue>::parser())]
-    std: Option<[f32; 3]>,
+    /// Per-channel mean (R,G,B, one value per channel, or one for all), overriding the checkpoint's.
+    #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std (R,G,B, one value per channel, or one for all), overriding the checkpoint's.
+    #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
+    std: Option<Vec<f32>>,
 }
 
 impl ModelArgs {
@@ -89,11 +89,11 @@ impl ModelArgs {
         if let Some(resize) = self.resize {
             pre.resize = resize;
         }
-        if let Some(mean) = self.mean {
-            pre.mean = mean.to_vec();
+        if let Some(mean) = &self.mean {
+            pre.mean = mean.clone();
         }
-        if let Some(std) = self.std {
-            pre.std = std.to_vec();
+        if let Some(std) = &self.std {
+            pre.std = std.clone();
         }
         pre.validate().map_err(|e| e.in_file(&self.weights))?;
         Ok(opened)

@@ -9,16 +9,14 @@
 
 use std::path::{Path, PathBuf};
 
-use image::RgbImage;
-
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::imaging::{Image, Samples};
 
 /// Side of a CIFAR image.
 pub const SIDE: u32 = 32;
 /// Pixel bytes of one record: three 32x32 planes.
 pub const PIXELS: usize = 3 * (SIDE as usize) * (SIDE as usize);
-const PLANE: usize = PIXELS / 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CifarKind {
@@ -198,19 +196,12 @@ impl Dataset for Cifar {
         self.class_names.clone()
     }
 
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
+    fn get(&self, i: usize) -> Result<(Image, usize)> {
         let (Some(planes), Some(&label)) = (self.planar_pixels(i), self.labels.get(i)) else {
             return Err(Error::invalid(format!("{} sample {i} out of range (it has {})", self.kind, self.len())));
         };
-        let (r, gb) = planes.split_at(PLANE);
-        let (g, b) = gb.split_at(PLANE);
-        let mut rgb = Vec::with_capacity(PIXELS);
-        for ((&r, &g), &b) in r.iter().zip(g).zip(b) {
-            rgb.extend_from_slice(&[r, g, b]);
-        }
-        let image = RgbImage::from_raw(SIDE, SIDE, rgb)
-            .ok_or_else(|| Error::invalid(format!("{} sample {i}: wrong pixel count", self.kind)))?;
-        Ok((image, usize::from(label)))
+        // The records are planar (R plane, G plane, B plane), as `Image` is.
+        Ok((Image::new(SIDE, SIDE, 3, Samples::U8(planes.to_vec()))?, usize::from(label)))
     }
 }
 

@@ -12,11 +12,10 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use image::{Rgb, RgbImage};
-
 use super::Dataset;
 use super::split::split_dataset;
 use crate::error::{Error, Result};
+use crate::imaging::{Image, Samples};
 
 /// Where the bundled file comes from, for error messages.
 const ASSET_PATH: &str = "assets/digits/digits.csv.gz";
@@ -130,16 +129,11 @@ impl Dataset for Digits {
         (0..10).map(|d| d.to_string()).collect()
     }
 
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
+    fn get(&self, i: usize) -> Result<(Image, usize)> {
         let (Some(px), Some(&label)) = (self.pixels.get(i), self.labels.get(i)) else {
             return Err(Error::invalid(format!("digits sample {i} is out of range ({} samples)", self.len())));
         };
-        let img =
-            RgbImage::from_fn(
-                DIGITS_SIDE,
-                DIGITS_SIDE,
-                |x, y| Rgb([grey_level(px[(y * DIGITS_SIDE + x) as usize]); 3]),
-            );
-        Ok((img, usize::from(label)))
+        let grey = Samples::U8(px.iter().map(|&v| grey_level(v)).collect());
+        Ok((Image::new(DIGITS_SIDE, DIGITS_SIDE, 1, grey)?, usize::from(label)))
     }
 }

@@ -6,18 +6,16 @@
 //! torchvision: only the files directly inside a class folder are read (no recursion), and entries whose
 //! name starts with a dot (`.ipynb_checkpoints`, macOS `._x.jpg` forks, ...) are skipped, so that they
 //! neither become a class nor fail to decode. Images are decoded when the loader asks for them, with
-//! `crate::imaging::load_rgb`, whose errors name the file.
+//! `crate::imaging::load_image`, whose errors name the file.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use image::RgbImage;
-
 use super::Dataset;
 use super::split::{stratified_split_indices, subsets};
 use crate::error::{Error, Result};
-use crate::imaging::{image_header, load_rgb};
+use crate::imaging::{Image, image_header, load_image};
 
 /// Extensions (lower case) of the files a class folder contributes.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -138,12 +136,12 @@ impl Dataset for ImageFolder {
         self.samples.get(i).map_or_else(|| format!("#{i}"), |(p, _)| p.display().to_string())
     }
 
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
+    fn get(&self, i: usize) -> Result<(Image, usize)> {
         let (path, label) = self
             .samples
             .get(i)
             .ok_or_else(|| Error::file(&self.root, format!("sample {i} is out of range ({} samples)", self.len())))?;
-        Ok((load_rgb(path)?, *label))
+        Ok((load_image(path)?, *label))
     }
 }
 

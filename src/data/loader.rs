@@ -54,7 +54,7 @@ pub struct LoaderConfig {
 /// One batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// `[N, 3, H, W]`, normalised (and mixed, when a `BatchMix` is given).
+    /// `[N, C, H, W]`, normalised (and mixed, when a `BatchMix` is given).
     pub images: Tensor,
     /// `[N, C]` target distributions (one-hot, smoothed or mixed); each row sums to 1.
     pub targets: Tensor,
@@ -173,6 +173,7 @@ impl Job {
                 return Err(Error::invalid("loader: stopped"));
             }
             let (img, label) = self.dataset.get(index)?;
+            let img = self.pipeline.fit(img).map_err(|e| e.in_file(self.dataset.source(index)))?;
             if label >= classes {
                 return Err(Error::invalid(format!(
                     "dataset sample {index} has label {label}, but the dataset has {classes} classes"

@@ -1,12 +1,12 @@
 //! Datasets, augmentation and the loader that feeds training.
 //!
-//! A `Dataset` hands out decoded 8-bit RGB images with their labels; a `Pipeline` turns one image into a
-//! normalised `[3, H, W]` tensor (random augmentation drawn from an RNG it is given); the loader
+//! A `Dataset` hands out decoded images (`crate::imaging::Image`: any bands, 8-bit or f32) with their labels; a
+//! `Pipeline` turns one image into a normalised `[C, H, W]` tensor (random augmentation drawn from an RNG it is
+//! given); the loader
 //! (`loader::batches`) batches them on worker threads, deterministically for a seed whatever the thread timing.
 
-use image::RgbImage;
-
 use crate::error::Result;
+use crate::imaging::Image;
 
 pub trait Dataset: Send + Sync {
     fn len(&self) -> usize;
@@ -20,7 +20,7 @@ pub trait Dataset: Send + Sync {
         format!("#{i}")
     }
     /// Image and label of sample `i` (< len). Called from loader worker threads.
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)>;
+    fn get(&self, i: usize) -> Result<(Image, usize)>;
 }
 
 pub mod cifar;

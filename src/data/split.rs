@@ -19,10 +19,9 @@
 
 use std::sync::Arc;
 
-use image::RgbImage;
-
 use super::Dataset;
 use crate::error::{Error, Result};
+use crate::imaging::Image;
 
 /// The SplitMix64 generator (Steele, Lea & Flood 2014), the one the split algorithm above draws from.
 #[derive(Clone, Debug)]
@@ -174,7 +173,7 @@ impl Dataset for Subset {
         self.indices.get(i).map_or_else(|| format!("#{i}"), |&j| self.base.source(j))
     }
 
-    fn get(&self, i: usize) -> Result<(RgbImage, usize)> {
+    fn get(&self, i: usize) -> Result<(Image, usize)> {
         let &j = self
             .indices
             .get(i)

@@ -1,7 +1,8 @@
 //! Augmentation with torchvision's semantics.
 //!
-//! A `Pipeline` is torchvision's PIL-image training or eval transform: a list of `Op`s on the 8-bit image,
-//! then `ToTensor` + `Normalize(mean, std)`, then optionally `RandomErasing` on the normalised tensor.
+//! A `Pipeline` is torchvision's PIL-image training or eval transform: a list of `Op`s on the image (any number
+//! of bands, 8-bit or f32: `crate::imaging::Image`), then `ToTensor` + `Normalize(mean, std)`, then optionally
+//! `RandomErasing` on the normalised tensor.
 //! `BatchMix` is torchvision v2's `MixUp` / `CutMix` (with label smoothing folded into the targets) on a
 //! whole batch.
 //!
@@ -11,16 +12,17 @@
 
 use std::borrow::Cow;
 
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Beta, Distribution};
 
 use crate::engine::{Tensor, one_hot};
+use crate::error::Result;
 pub use crate::imaging::to_tensor;
-use crate::imaging::{IMAGENET_MEAN, IMAGENET_STD, resize_bilinear_pil};
+use crate::imaging::{IMAGENET_MEAN, IMAGENET_STD, Image, Samples};
 
-/// One image-level operation, applied to the 8-bit RGB image in pipeline order.
+/// One image-level operation, applied to the image in pipeline order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// `RandomCrop(size, padding, pad_if_needed=True)`: pad every side with `padding` black pixels, then crop
@@ -37,7 +39,8 @@ pub enum Op {
     /// with a factor uniform in `[max(0, 1-x), 1+x]` (hue: a shift uniform in `[-hue, hue]` of the colour
     /// wheel, `hue` <= 0.5); a zero strength skips that adjustment. PIL's formulas (blend with black, with
     /// the mean grey level, with the grey image; hue shifted in HSV), each rounded back to 8 bits (PIL
-    /// truncates; we round to nearest).
+    /// truncates; we round to nearest). RGB only (the recipe refuses it for other channel counts); an f32
+    /// RGB image is jittered at 8 bits, as PIL would have to.
     ColorJitter { brightness: f32, contrast: f32, saturation: f32, hue: f32 },
     /// `Resize(shorter)`: the shorter side becomes `shorter` and the other `int(shorter * long / short)`,
     /// with Pillow's antialiased bilinear filter, bit for bit (`crate::imaging`). The longer side
@@ -64,8 +67,11 @@ pub struct RandomErasing {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pipeline {
     pub ops: Vec<Op>,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    /// Bands the network takes: a grey image is replicated to 3 for an RGB network, any other mismatch refused.
+    pub channels: usize,
+    /// Per band (one value applies to every band).
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
     pub erasing: Option<RandomErasing>,
 }
 
@@ -80,9 +86,15 @@ pub struct BatchMix {
 }
 
 impl Pipeline {
-    /// No image ops: to tensor and normalise with `mean`, `std`.
-    pub fn normalize(mean: [f32; 3], std: [f32; 3]) -> Pipeline {
-        Pipeline { ops: Vec::new(), mean, std, erasing: None }
+    /// No image ops: to tensor and normalise with `mean`, `std` (as many channels as the longer has).
+    pub fn normalize(mean: &[f32], std: &[f32]) -> Pipeline {
+        let channels = mean.len().max(std.len()).max(1);
+        Pipeline { ops: Vec::new(), channels, mean: mean.to_vec(), std: std.to_vec(), erasing: None }
+    }
+
+    /// `img` with the bands the network takes (`Image::with_bands`).
+    pub fn fit(&self, img: Image) -> Result<Image> {
+        img.with_bands(self.channels)
     }
 
     /// torchvision's ImageNet training recipe basics: `RandomResizedCrop(size)` (scale (0.08, 1), ratio
@@ -93,8 +105,9 @@ impl Pipeline {
                 Op::RandomResizedCrop { size, scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0) },
                 Op::HorizontalFlip { p: 0.5 },
             ],
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
+            channels: 3,
+            mean: IMAGENET_MEAN.to_vec(),
+            std: IMAGENET_STD.to_vec(),
             erasing: None,
         }
     }
@@ -104,14 +117,15 @@ impl Pipeline {
     pub fn imagenet_eval(resize: u32, crop: u32) -> Pipeline {
         Pipeline {
             ops: vec![Op::Resize { shorter: resize }, Op::CenterCrop { size: crop }],
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
+            channels: 3,
+            mean: IMAGENET_MEAN.to_vec(),
+            std: IMAGENET_STD.to_vec(),
             erasing: None,
         }
     }
 
     /// The image after the ops (before normalisation and erasing).
-    pub fn apply_ops(&self, img: &RgbImage, rng: &mut Xoshiro256PlusPlus) -> RgbImage {
+    pub fn apply_ops(&self, img: &Image, rng: &mut Xoshiro256PlusPlus) -> Image {
         let mut cur = Cow::Borrowed(img);
         let mut k = 0;
         while let Some(op) = self.ops.get(k) {
@@ -127,15 +141,15 @@ impl Pipeline {
     }
 
     /// A pipeline without random ops (an evaluation transform) applied to one image.
-    pub fn evaluate(&self, img: &RgbImage) -> Tensor {
+    pub fn evaluate(&self, img: &Image) -> Tensor {
         use rand::SeedableRng;
         self.apply(img, &mut Xoshiro256PlusPlus::seed_from_u64(0))
     }
 
-    /// Augment one image into a normalised `[3, H, W]` tensor.
-    pub fn apply(&self, img: &RgbImage, rng: &mut Xoshiro256PlusPlus) -> Tensor {
+    /// Augment one image into a normalised `[bands, H, W]` tensor.
+    pub fn apply(&self, img: &Image, rng: &mut Xoshiro256PlusPlus) -> Tensor {
         let img = self.apply_ops(img, rng);
-        let mut t = to_tensor(&img, self.mean, self.std);
+        let mut t = img.to_tensor(&self.mean, &self.std);
         if let Some(erasing) = &self.erasing {
             erasing.apply(&mut t, rng);
         }
@@ -145,12 +159,12 @@ impl Pipeline {
 
 impl Op {
     /// Apply this op to `img`, drawing its randomness from `rng`.
-    pub fn apply(&self, img: &RgbImage, rng: &mut Xoshiro256PlusPlus) -> RgbImage {
+    pub fn apply(&self, img: &Image, rng: &mut Xoshiro256PlusPlus) -> Image {
         match *self {
             Op::RandomCrop { size, padding } => random_crop(img, size, padding, rng),
             Op::HorizontalFlip { p } => {
                 if rng.random::<f32>() < p {
-                    image::imageops::flip_horizontal(img)
+                    img.flip_horizontal()
                 } else {
                     img.clone()
                 }
@@ -169,16 +183,16 @@ impl Op {
 }
 
 /// `Op::Resize`.
-fn resize(img: &RgbImage, shorter: u32) -> RgbImage {
+fn resize(img: &Image, shorter: u32) -> Image {
     let (w, h) = resized_size(img.width(), img.height(), shorter);
-    if (w, h) == img.dimensions() { img.clone() } else { resize_bilinear_pil(img, w, h) }
+    if (w, h) == img.dimensions() { img.clone() } else { img.resize(w, h) }
 }
 
 /// `Op::CenterCrop`.
-fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+fn center_crop(img: &Image, size: u32) -> Image {
     let left = crop_offset(img.width(), size);
     let top = crop_offset(img.height(), size);
-    crop_padded(img, left, top, size, size)
+    img.crop_padded(left, top, size, size)
 }
 
 /// Uniform f64 in [lo, hi) from one f64 draw (never panics, whatever the bounds).
@@ -193,7 +207,7 @@ fn below(rng: &mut Xoshiro256PlusPlus, n: u64) -> u64 {
 
 /// The `size` x `size` window of `img` padded by `padding` (and further if still too small) at a random
 /// offset.
-fn random_crop(img: &RgbImage, size: u32, padding: u32, rng: &mut Xoshiro256PlusPlus) -> RgbImage {
+fn random_crop(img: &Image, size: u32, padding: u32, rng: &mut Xoshiro256PlusPlus) -> Image {
     let pad = i64::from(padding);
     let (mut w, mut h) = (i64::from(img.width()) + 2 * pad, i64::from(img.height()) + 2 * pad);
     let (mut pad_x, mut pad_y) = (pad, pad);
@@ -209,17 +223,7 @@ fn random_crop(img: &RgbImage, size: u32, padding: u32, rng: &mut Xoshiro256Plus
     }
     let top = below(rng, (h - size_i + 1) as u64) as i64;
     let left = below(rng, (w - size_i + 1) as u64) as i64;
-    crop_padded(img, left - pad_x, top - pad_y, size, size)
-}
-
-/// The `w` x `h` window of `img` whose top-left corner is at (`left`, `top`) (possibly negative); pixels
-/// outside the image are black.
-fn crop_padded(img: &RgbImage, left: i64, top: i64, w: u32, h: u32) -> RgbImage {
-    let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
-    RgbImage::from_fn(w, h, |x, y| {
-        let (sx, sy) = (left + i64::from(x), top + i64::from(y));
-        if sx >= 0 && sy >= 0 && sx < iw && sy < ih { *img.get_pixel(sx as u32, sy as u32) } else { Rgb([0; 3]) }
-    })
+    img.crop_padded(left - pad_x, top - pad_y, size, size)
 }
 
 /// torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of the window to crop.
@@ -258,13 +262,13 @@ pub fn random_resized_crop_params(
 }
 
 /// Crop (top, left, height, width) and resize to `size` x `size` (Pillow's antialiased bilinear).
-fn resized_crop(img: &RgbImage, window: (u32, u32, u32, u32), size: u32) -> RgbImage {
+fn resized_crop(img: &Image, window: (u32, u32, u32, u32), size: u32) -> Image {
     let (top, left, h, w) = window;
     if w == 0 || h == 0 {
-        return RgbImage::new(size, size);
+        return Image::black(size, size, img.bands());
     }
-    let crop = image::imageops::crop_imm(img, left, top, w, h).to_image();
-    if (w, h) == (size, size) { crop } else { resize_bilinear_pil(&crop, size, size) }
+    let crop = img.crop_padded(i64::from(left), i64::from(top), w, h);
+    if (w, h) == (size, size) { crop } else { crop.resize(size, size) }
 }
 
 /// Longest side `Op::Resize` produces.
@@ -296,13 +300,13 @@ fn crop_offset(n: u32, crop: u32) -> i64 {
 
 /// `Resize(shorter)` then `CenterCrop(crop)` through `crate::imaging::resize_center_crop`, which
 /// resamples only the cropped window (the same bytes as the two ops one after the other).
-fn resize_center_crop(img: &RgbImage, shorter: u32, crop: u32) -> RgbImage {
+fn resize_center_crop(img: &Image, shorter: u32, crop: u32) -> Image {
     let (w, h) = resized_size(img.width(), img.height(), shorter);
     if u64::from(w.max(h)) >= MAX_RESIZE_SIDE {
         // The cap changed the geometry that the windowed resize would use: go the long way.
         return center_crop(&resize(img, shorter), crop);
     }
-    crate::imaging::resize_center_crop(img, shorter, crop)
+    img.resize_center_crop(shorter, crop)
 }
 
 /// PIL's greyscale level (ITU-R 601-2 luma, `L = R*299/1000 + G*587/1000 + B*114/1000`), as a float.
@@ -314,8 +318,26 @@ fn to_byte(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
 }
 
+/// `color_jitter_rgb` on an RGB image (8-bit, or f32 taken to 8 bits); other band counts pass unchanged (the
+/// recipe refuses colour jitter for them).
+fn color_jitter(img: &Image, strength: [f32; 4], rng: &mut Xoshiro256PlusPlus) -> Image {
+    let rgb = match (img.to_rgb(), img.samples()) {
+        (Some(rgb), _) => rgb,
+        (None, Samples::F32(v)) if img.bands() == 3 => {
+            let bytes = v.iter().map(|&x| (x * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+            let Ok(as_bytes) = Image::new(img.width(), img.height(), 3, Samples::U8(bytes)) else {
+                return img.clone();
+            };
+            let Some(rgb) = as_bytes.to_rgb() else { return img.clone() };
+            rgb
+        }
+        _ => return img.clone(),
+    };
+    Image::from_rgb(&color_jitter_rgb(&rgb, strength, rng))
+}
+
 /// torchvision `ColorJitter` on an 8-bit image. `strength` = [brightness, contrast, saturation, hue].
-fn color_jitter(img: &RgbImage, strength: [f32; 4], rng: &mut Xoshiro256PlusPlus) -> RgbImage {
+fn color_jitter_rgb(img: &RgbImage, strength: [f32; 4], rng: &mut Xoshiro256PlusPlus) -> RgbImage {
     // torch.randperm(4) first, then the factors of the enabled adjustments in the fixed order b, c, s, h.
     let mut order = [0usize, 1, 2, 3];
     for i in (1..4).rev() {

@@ -14,20 +14,20 @@ use serde::{Deserialize, Serialize};
 use crate::data::transforms::{Op, Pipeline};
 use crate::error::{Error, Result};
 use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
-use crate::model::{Arch, Stem};
+use crate::model::{Arch, MAX_IN_CHANNELS, Stem};
 
 /// The evaluation preprocessing of a network.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocess {
-    /// Input channels (3: RGB).
+    /// Input channels (3: RGB; 1: greyscale; any other count for multi-band images).
     pub channels: usize,
     /// Side of the square network input (the centre crop).
     pub size: u32,
     /// Shorter side the image is resized to before the crop; equal to `size` for images that already have
     /// the network's size (digits, CIFAR), where it changes nothing (PIL copies an image resized to its own size).
     pub resize: u32,
-    /// Per-channel normalisation after scaling to [0, 1].
+    /// Per-channel normalisation after scaling to [0, 1] (one value applies to every channel).
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
@@ -44,11 +44,24 @@ impl Preprocess {
         }
     }
 
+    /// This preprocessing for a stem of `channels`: unchanged for 3; for any other count, the mean and std
+    /// averaged over their channels and applied to every channel (timm's choice for a 1-channel model).
+    pub fn for_channels(mut self, channels: usize) -> Preprocess {
+        if channels != self.channels {
+            let avg = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+            self.mean = vec![avg(&self.mean)];
+            self.std = vec![avg(&self.std)];
+            self.channels = channels;
+        }
+        self
+    }
+
     /// Refuse what no image could be preprocessed with (a hand-edited or hostile file).
     pub fn validate(&self) -> Result<()> {
-        if self.channels != 3 || self.mean.len() != 3 || self.std.len() != 3 {
+        let fits = |v: &[f32]| v.len() == 1 || v.len() == self.channels;
+        if !(1..=MAX_IN_CHANNELS).contains(&self.channels) || !fits(&self.mean) || !fits(&self.std) {
             return Err(Error::invalid(format!(
-                "preprocessing for {} channels (mean {:?}, std {:?}): only 3-channel RGB is supported",
+                "preprocessing for {} channels with mean {:?} and std {:?}: give one value, or one per channel",
                 self.channels, self.mean, self.std
             )));
         }
@@ -64,23 +77,14 @@ impl Preprocess {
         Ok(())
     }
 
-    /// The mean as one value per RGB channel (`validate` checks there are three).
-    pub fn mean_rgb(&self) -> [f32; 3] {
-        std::array::from_fn(|c| self.mean.get(c).copied().unwrap_or(0.0))
-    }
-
-    /// The std as one value per RGB channel (`validate` checks there are three).
-    pub fn std_rgb(&self) -> [f32; 3] {
-        std::array::from_fn(|c| self.std.get(c).copied().unwrap_or(1.0))
-    }
-
     /// The transform as a `Pipeline` (the one evaluation during training runs, so `predict` and `eval` agree
     /// image for image).
     pub fn pipeline(&self) -> Pipeline {
         Pipeline {
             ops: vec![Op::Resize { shorter: self.resize }, Op::CenterCrop { size: self.size }],
-            mean: self.mean_rgb(),
-            std: self.std_rgb(),
+            channels: self.channels,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
             erasing: None,
         }
     }

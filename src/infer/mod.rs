@@ -59,18 +59,20 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Decode and preprocess `paths` on all cores into one `[N, 3, size, size]` batch, with the network's own
+/// Decode and preprocess `paths` on all cores into one `[N, C, size, size]` batch, with the network's own
 /// evaluation preprocessing. The first bad file stops it.
 pub fn load_batch(paths: &[PathBuf], pre: &card::Preprocess) -> Result<Tensor> {
     let pipe = pre.pipeline();
-    let images: Vec<Tensor> =
-        paths.par_iter().map(|p| Ok(pipe.evaluate(&preprocess::load_rgb(p)?))).collect::<Result<_>>()?;
+    let images: Vec<Tensor> = paths
+        .par_iter()
+        .map(|p| Ok(pipe.evaluate(&pipe.fit(preprocess::load_image(p)?).map_err(|e| e.in_file(p))?)))
+        .collect::<Result<_>>()?;
     let side = pre.size as usize;
-    let mut data = Vec::with_capacity(images.len() * 3 * side * side);
+    let mut data = Vec::with_capacity(images.len() * pre.channels * side * side);
     for img in &images {
         data.extend_from_slice(img.data());
     }
-    Tensor::new(&[images.len(), 3, side, side], data)
+    Tensor::new(&[images.len(), pre.channels, side, side], data)
 }
 
 /// The `k` most probable classes of each row of `logits`, as (class, softmax probability), best first.

@@ -105,7 +105,7 @@ pub fn open_model(spec: &Path, arch: Option<Arch>) -> Result<Opened> {
             Some(r) => super::setup::card(r, None),
             None => {
                 // A torchvision file: its published transforms when its name says which weights it holds.
-                let mut preprocess = Preprocess::imagenet();
+                let mut preprocess = Preprocess::imagenet().for_channels(model.config.in_channels);
                 if let Some(p) = weights::hub::Published::by_file_name(path) {
                     preprocess.resize = p.resize;
                 }
@@ -119,6 +119,15 @@ pub fn open_model(spec: &Path, arch: Option<Arch>) -> Result<Opened> {
             format!(
                 "metadata describes a {} ({} stem) but the weights hold a {found} ({} stem)",
                 card.arch, card.stem, model.config.stem
+            ),
+        ));
+    }
+    if card.preprocess.channels != model.config.in_channels {
+        return Err(Error::file(
+            path,
+            format!(
+                "metadata preprocesses {} channels but the network's stem takes {}",
+                card.preprocess.channels, model.config.in_channels
             ),
         ));
     }

@@ -99,8 +99,9 @@ pub fn adapt_to_weights(r: &mut Recipe, weights: &Path, folder_defaults: bool) -
     let pre = &card.preprocess;
     r.image_size = pre.size;
     r.eval_resize = pre.resize;
-    r.mean = pre.mean_rgb();
-    r.std = pre.std_rgb();
+    r.in_channels = pre.channels;
+    r.mean = pre.mean.clone();
+    r.std = pre.std.clone();
     r.random_resized_crop = card.stem == Stem::ImageNet;
     r.crop_padding = if r.random_resized_crop { 0 } else { (pre.size / 8).max(1) };
     r.lr = 0.01;

@@ -127,12 +127,12 @@ impl FlagValue for (f32, f32) {
     }
 }
 
-impl FlagValue for [f32; 3] {
-    const VALUE_NAME: &'static str = "R,G,B";
+impl FlagValue for Vec<f32> {
+    const VALUE_NAME: &'static str = "V[,V..]";
     fn parser() -> ValueParser {
-        ValueParser::new(|s: &str| match number_list::<f32>(s)?[..] {
-            [a, b, c] => Ok([a, b, c]),
-            _ => Err(format!("'{s}' is not three comma-separated numbers (one per channel)")),
+        ValueParser::new(|s: &str| match number_list::<f32>(s)? {
+            v if !v.is_empty() => Ok(v),
+            _ => Err(format!("'{s}' is not comma-separated numbers (one, or one per channel)")),
         })
     }
 }
@@ -329,10 +329,13 @@ recipe_fields! {
     color_jitter: f32 = 0.0,
     /// RandomErasing probability (0 disables).
     random_erasing: f32 = 0.0,
-    /// Per-channel mean subtracted after scaling pixels to [0, 1].
-    mean: [f32; 3] = [0.4914, 0.4822, 0.4465],
-    /// Per-channel standard deviation the centred pixels are divided by.
-    std: [f32; 3] = [0.2470, 0.2435, 0.2616],
+    /// Image channels the network takes (3: RGB; 1: greyscale; N: multi-band). A grey image is replicated for
+    /// an RGB network; a 3-channel --weights is adapted to N as timm's adapt_input_conv does.
+    in_channels: usize = 3,
+    /// Per-channel mean subtracted after scaling pixels to [0, 1] (one value, or one per channel).
+    mean: Vec<f32> = vec![0.4914, 0.4822, 0.4465],
+    /// Per-channel standard deviation the centred pixels are divided by (one value, or one per channel).
+    std: Vec<f32> = vec![0.2470, 0.2435, 0.2616],
     /// Seed of the initialisation, the split, the shuffle and every augmentation.
     seed: u64 = 0,
     /// Data loader threads (results do not depend on it).
@@ -414,6 +417,24 @@ impl Recipe {
         }
         if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
             return bad("std", "and --mean must be finite, the std above 0");
+        }
+        if !(1..=crate::model::MAX_IN_CHANNELS).contains(&self.in_channels) {
+            return bad("in-channels", &format!("must be between 1 and {}", crate::model::MAX_IN_CHANNELS));
+        }
+        for (flag, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if v.len() != 1 && v.len() != self.in_channels {
+                return bad(
+                    flag,
+                    &format!(
+                        "has {} values for {} channels: give one value, or one per channel",
+                        v.len(),
+                        self.in_channels
+                    ),
+                );
+            }
+        }
+        if self.color_jitter > 0.0 && self.in_channels != 3 {
+            return bad("color-jitter", &format!("needs RGB images (3 channels, not {})", self.in_channels));
         }
         if self.freeze_until.is_some() && self.weights.is_none() {
             return Err(Error::invalid(

@@ -11,6 +11,7 @@ use crate::data::transforms::{Op, Pipeline, RandomErasing};
 use crate::error::{Error, Result};
 use crate::infer::card::{ModelCard, Preprocess};
 use crate::model::{Arch, ResNet, ResNetConfig};
+use crate::weights::adapt::adapt_input_conv;
 
 /// Train and validation sets as the recipe names them.
 pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
@@ -65,7 +66,13 @@ pub fn check_datasets(r: &Recipe, train: &dyn Dataset, val: &dyn Dataset) -> Res
 
 /// The evaluation preprocessing a recipe trains for: what its checkpoints carry and `eval` runs.
 pub fn preprocess(r: &Recipe) -> Preprocess {
-    Preprocess { channels: 3, size: r.image_size, resize: r.eval_resize(), mean: r.mean.to_vec(), std: r.std.to_vec() }
+    Preprocess {
+        channels: r.in_channels,
+        size: r.image_size,
+        resize: r.eval_resize(),
+        mean: r.mean.clone(),
+        std: r.std.clone(),
+    }
 }
 
 /// The model card of a network trained with `r` on classes named `classes`.
@@ -100,7 +107,8 @@ pub fn pipelines(r: &Recipe) -> (Pipeline, Pipeline) {
         scale: (0.02, 0.33),
         ratio: (0.3, 3.3),
     });
-    (Pipeline { ops: train, mean: r.mean, std: r.std, erasing }, preprocess(r).pipeline())
+    let train = Pipeline { ops: train, channels: r.in_channels, mean: r.mean.clone(), std: r.std.clone(), erasing };
+    (train, preprocess(r).pipeline())
 }
 
 pub fn optimizer_kind(r: &Recipe) -> OptimizerKind {
@@ -138,6 +146,7 @@ pub fn build_model(r: &Recipe, classes: usize, init: Option<&Path>) -> Result<Re
     let Some(path) = init else {
         let config = ResNetConfig {
             stem: r.stem,
+            in_channels: r.in_channels,
             zero_init_residual: r.zero_init_residual,
             ..ResNetConfig::new(r.arch, classes)
         };
@@ -155,7 +164,19 @@ pub fn build_model(r: &Recipe, classes: usize, init: Option<&Path>) -> Result<Re
             ),
         ));
     }
-    let config = ResNetConfig { num_classes: classes, ..found };
+    if found.in_channels != r.in_channels {
+        let stem = state.get("conv1.weight").ok_or_else(|| Error::file(path, "missing key 'conv1.weight'"))?;
+        let adapted = adapt_input_conv(stem, r.in_channels).map_err(|e| e.in_file(path))?;
+        eprintln!(
+            "{}: conv1 adapted from {} to {} input channels as timm's adapt_input_conv does ({})",
+            path.display(),
+            found.in_channels,
+            r.in_channels,
+            if r.in_channels == 1 { "filters summed over RGB" } else { "RGB filters repeated, scaled by 3/N" }
+        );
+        state.insert("conv1.weight".to_string(), adapted);
+    }
+    let config = ResNetConfig { num_classes: classes, in_channels: r.in_channels, ..found };
     let mut model = ResNet::new(config, r.seed);
     if found.num_classes != classes {
         // A new head for the new classes keeps its fresh initialisation.
