@@ -15,10 +15,10 @@ use std::sync::Arc;
 use super::Dataset;
 use super::split::{stratified_split_indices, subsets};
 use crate::error::{Error, Result};
-use crate::imaging::{Image, image_header, load_image};
+use crate::imaging::{Image, image_header, load_image_scaled};
 
 /// Extensions (lower case) of the files a class folder contributes.
-pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+pub use crate::imaging::IMAGE_EXTENSIONS;
 
 /// The images under `root/<class>/`, listed when opened and decoded on `get`.
 #[derive(Clone, Debug)]
@@ -26,6 +26,8 @@ pub struct ImageFolder {
     root: PathBuf,
     classes: Vec<String>,
     samples: Vec<(PathBuf, usize)>,
+    /// Divides integer samples instead of their type's maximum (`imaging::load_image_scaled`).
+    pixel_scale: Option<f32>,
 }
 
 impl ImageFolder {
@@ -54,14 +56,23 @@ impl ImageFolder {
             }
             classes.push(name.to_string());
         }
-        Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
+        Ok(ImageFolder { root: root.to_path_buf(), classes, samples, pixel_scale: None })
+    }
+
+    /// Integer samples divided by `scale` instead of their type's maximum (Sentinel-2 reflectance: 10000).
+    pub fn with_pixel_scale(mut self, scale: Option<f32>) -> ImageFolder {
+        self.pixel_scale = scale;
+        self
     }
 
     /// `root/train` and `root/val` as two ImageFolders with the same classes, or `None` when `root` has
     /// neither sub-folder. Fails when only one exists, when either cannot be opened, when an image header is
     /// bad (`scan`), or when their classes differ.
     #[allow(clippy::type_complexity)]
-    pub fn open_train_val(root: &Path) -> Result<Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>> {
+    pub fn open_train_val(
+        root: &Path,
+        pixel_scale: Option<f32>,
+    ) -> Result<Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>> {
         let (train_dir, val_dir) = (root.join("train"), root.join("val"));
         match (train_dir.is_dir(), val_dir.is_dir()) {
             (false, false) => return Ok(None),
@@ -73,8 +84,8 @@ impl ImageFolder {
             }
             (true, true) => {}
         }
-        let train = ImageFolder::open(&train_dir)?;
-        let val = ImageFolder::open(&val_dir)?;
+        let train = ImageFolder::open(&train_dir)?.with_pixel_scale(pixel_scale);
+        let val = ImageFolder::open(&val_dir)?.with_pixel_scale(pixel_scale);
         train.scan()?;
         val.scan()?;
         if train.classes != val.classes {
@@ -141,7 +152,7 @@ impl Dataset for ImageFolder {
             .samples
             .get(i)
             .ok_or_else(|| Error::file(&self.root, format!("sample {i} is out of range ({} samples)", self.len())))?;
-        Ok((load_image(path)?, *label))
+        Ok((load_image_scaled(path, self.pixel_scale)?, *label))
     }
 }
 

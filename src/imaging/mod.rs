@@ -10,6 +10,7 @@
 
 mod planar;
 mod resample;
+pub mod tiff;
 
 use std::io::Cursor;
 use std::path::Path;
@@ -27,6 +28,12 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Largest image we agree to decode (16384 x 16384); checked on the header, before any pixel buffer exists.
 const MAX_PIXELS: u64 = 1 << 28;
 
+/// Most bands an image may have: `model::MAX_IN_CHANNELS`, the widest stem (a test holds them equal).
+pub const MAX_BANDS: usize = 1024;
+
+/// The file extensions read as images (the content decides the format; these pick files out of folders).
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "tif", "tiff"];
+
 /// Decode a JPEG/PNG file into 8-bit RGB (greyscale, palette, 16-bit and alpha images converted the way PIL's
 /// convert("RGB") does).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
@@ -39,7 +46,33 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// `ToDtype(float32, scale=True)` on `decode_png`'s uint16; PIL's `convert("RGB")` would instead clip 16-bit
 /// grey at 255, whitening most radiographs).
 pub fn load_image(path: &Path) -> Result<Image> {
-    let image = decode(path)?;
+    load_image_scaled(path, None)
+}
+
+/// `load_image`, with integer samples divided by `pixel_scale` instead of their type's maximum when it is
+/// given (Sentinel-2 reflectance: 10000), floats divided by it too. TIFF files are read by `tiff::decode`.
+pub fn load_image_scaled(path: &Path, pixel_scale: Option<f32>) -> Result<Image> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    if tiff::is_tiff(&bytes) {
+        return tiff::decode(&bytes, path, pixel_scale);
+    }
+    let image = own_bands(decode_bytes(path, &bytes)?, path)?;
+    Ok(rescale(image, pixel_scale))
+}
+
+/// 8-bit samples over `pixel_scale` instead of 255 (16-bit PNGs were already scaled by 65535: by the ratio).
+fn rescale(img: Image, pixel_scale: Option<f32>) -> Image {
+    let Some(scale) = pixel_scale else { return img };
+    let (w, h, bands) = (img.width(), img.height(), img.bands());
+    let samples = match img.samples() {
+        Samples::U8(v) => Samples::F32(v.iter().map(|&x| f32::from(x) / scale).collect()),
+        Samples::F32(v) => Samples::F32(v.iter().map(|&x| x * 65535.0 / scale).collect()),
+    };
+    Image::new(w, h, bands, samples).unwrap_or(img)
+}
+
+/// A decoded JPEG/PNG as an `Image` of its own bands.
+fn own_bands(image: DynamicImage, path: &Path) -> Result<Image> {
     let (w, h) = (image.width(), image.height());
     let planar16 = |bands: usize, channels: usize, raw: &[u16]| {
         let plane = w as usize * h as usize;
@@ -66,11 +99,15 @@ pub fn load_image(path: &Path) -> Result<Image> {
     .map_err(|e| e.in_file(path))
 }
 
-/// The decoded image, its header checked for size first.
+/// The decoded JPEG/PNG, its header checked for size first.
 fn decode(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    decode_bytes(path, &bytes)
+}
+
+fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
     let fail = |what: &str, e: &dyn std::fmt::Display| Error::file(path, format!("{what}: {e}"));
-    let bytes = std::fs::read(path).map_err(|e| fail("cannot read image", &e))?;
-    let mut reader = ImageReader::new(Cursor::new(&bytes[..]));
+    let mut reader = ImageReader::new(Cursor::new(bytes));
     // The content decides the format; the extension is only a fallback (and gives the error for non-images).
     if let Ok(format) = ImageFormat::from_path(path) {
         reader.set_format(format);
@@ -86,7 +123,7 @@ fn decode(path: &Path) -> Result<DynamicImage> {
     let decoder = reader.into_decoder().map_err(|e| fail("not a readable JPEG/PNG image", &e))?;
     check_size(path, &decoder)?;
     // zune-jpeg fills in a truncated JPEG with grey where PIL refuses it ("image file is truncated").
-    if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(&bytes) {
+    if format == Some(ImageFormat::Jpeg) && !jpeg_reaches_end(bytes) {
         return Err(Error::file(path, "JPEG file is truncated (no end-of-image marker after the image data)"));
     }
     crate::error::catch_parser_panic(|| DynamicImage::from_decoder(decoder))
@@ -121,6 +158,12 @@ fn check_size(path: &Path, decoder: &impl ImageDecoder) -> Result<(u32, u32)> {
 /// corrupt pixel stream) is left to `load_rgb`.
 pub fn image_header(path: &Path) -> Result<(u32, u32)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| Error::file(path, format!("{what}: {e}"));
+    let mut file = std::fs::File::open(path).map_err(|e| fail("cannot read image", &e))?;
+    let mut magic = [0u8; 4];
+    if std::io::Read::read(&mut file, &mut magic).is_ok_and(|n| n == 4) && tiff::is_tiff(&magic) {
+        let bytes = std::fs::read(path).map_err(|e| fail("cannot read image", &e))?;
+        return tiff::header(&bytes, path);
+    }
     let file = std::fs::File::open(path).map_err(|e| fail("cannot read image", &e))?;
     let mut reader = ImageReader::new(std::io::BufReader::new(file));
     if let Ok(format) = ImageFormat::from_path(path) {

@@ -22,6 +22,9 @@ use crate::model::{Arch, MAX_IN_CHANNELS, Stem};
 pub struct Preprocess {
     /// Input channels (3: RGB; 1: greyscale; any other count for multi-band images).
     pub channels: usize,
+    /// Integer pixels are divided by this instead of their type's maximum (absent: the type's maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_scale: Option<f32>,
     /// Side of the square network input (the centre crop).
     pub size: u32,
     /// Shorter side the image is resized to before the crop; equal to `size` for images that already have
@@ -37,6 +40,7 @@ impl Preprocess {
     pub fn imagenet() -> Preprocess {
         Preprocess {
             channels: 3,
+            pixel_scale: None,
             size: crate::infer::CROP,
             resize: crate::infer::RESIZE,
             mean: IMAGENET_MEAN.to_vec(),
@@ -70,6 +74,9 @@ impl Preprocess {
                 "preprocessing size {} / resize {} is out of range",
                 self.size, self.resize
             )));
+        }
+        if self.pixel_scale.is_some_and(|s| !s.is_finite() || s <= 0.0) {
+            return Err(Error::invalid(format!("preprocessing pixel_scale {:?} must be above 0", self.pixel_scale)));
         }
         if self.std.iter().chain(&self.mean).any(|v| !v.is_finite()) || self.std.iter().any(|&s| s <= 0.0) {
             return Err(Error::invalid("preprocessing mean/std must be finite and the std above 0"));

@@ -18,7 +18,7 @@ use crate::model::{Mode, ResNet, Tap};
 pub const RESIZE: u32 = 256;
 pub const CROP: u32 = 224;
 
-const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+use crate::imaging::IMAGE_EXTENSIONS;
 
 /// Expand the command line's inputs: files stay as given, directories contribute their JPEG/PNG files
 /// (recursively, sorted by path, so the output order is reproducible).
@@ -29,7 +29,7 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut found = Vec::new();
             walk(input, &mut found)?;
             if found.is_empty() {
-                return Err(Error::file(input, "directory holds no .jpg, .jpeg or .png files"));
+                return Err(Error::file(input, format!("directory holds no .{} files", IMAGE_EXTENSIONS.join("/."))));
             }
             found.sort();
             out.extend(found);
@@ -65,7 +65,10 @@ pub fn load_batch(paths: &[PathBuf], pre: &card::Preprocess) -> Result<Tensor> {
     let pipe = pre.pipeline();
     let images: Vec<Tensor> = paths
         .par_iter()
-        .map(|p| Ok(pipe.evaluate(&pipe.fit(preprocess::load_image(p)?).map_err(|e| e.in_file(p))?)))
+        .map(|p| {
+            let img = preprocess::load_image_scaled(p, pre.pixel_scale)?;
+            Ok(pipe.evaluate(&pipe.fit(img).map_err(|e| e.in_file(p))?))
+        })
         .collect::<Result<_>>()?;
     let side = pre.size as usize;
     let mut data = Vec::with_capacity(images.len() * pre.channels * side * side);

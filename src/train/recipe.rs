@@ -329,6 +329,9 @@ recipe_fields! {
     color_jitter: f32 = 0.0,
     /// RandomErasing probability (0 disables).
     random_erasing: f32 = 0.0,
+    /// Integer pixel values are divided by this instead of their type's maximum (0: the type's maximum, 255
+    /// for 8-bit, 65535 for 16-bit; Sentinel-2 reflectance: 10000). Floating-point pixels are divided by it too.
+    pixel_scale: f32 = 0.0,
     /// Image channels the network takes (3: RGB; 1: greyscale; N: multi-band). A grey image is replicated for
     /// an RGB network; a 3-channel --weights is adapted to N as timm's adapt_input_conv does.
     in_channels: usize = 3,
@@ -417,6 +420,9 @@ impl Recipe {
         }
         if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
             return bad("std", "and --mean must be finite, the std above 0");
+        }
+        if !self.pixel_scale.is_finite() || self.pixel_scale < 0.0 {
+            return bad("pixel-scale", "must be a finite number above 0 (0: each type's maximum)");
         }
         if !(1..=crate::model::MAX_IN_CHANNELS).contains(&self.in_channels) {
             return bad("in-channels", &format!("must be between 1 and {}", crate::model::MAX_IN_CHANNELS));

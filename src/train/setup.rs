@@ -28,10 +28,11 @@ pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
         }
         DatasetKind::Folder => {
             let root = need_path()?;
-            match ImageFolder::open_train_val(&root)? {
+            let scale = pixel_scale(r);
+            match ImageFolder::open_train_val(&root, scale)? {
                 Some(pair) => Ok(pair),
                 None => {
-                    let folder = ImageFolder::open(&root)?;
+                    let folder = ImageFolder::open(&root)?.with_pixel_scale(scale);
                     folder.scan()?;
                     Ok(folder.split(r.val_fraction, r.seed))
                 }
@@ -64,10 +65,16 @@ pub fn check_datasets(r: &Recipe, train: &dyn Dataset, val: &dyn Dataset) -> Res
     Ok(())
 }
 
+/// The recipe's `pixel_scale`, 0 meaning each type's maximum.
+fn pixel_scale(r: &Recipe) -> Option<f32> {
+    (r.pixel_scale > 0.0).then_some(r.pixel_scale)
+}
+
 /// The evaluation preprocessing a recipe trains for: what its checkpoints carry and `eval` runs.
 pub fn preprocess(r: &Recipe) -> Preprocess {
     Preprocess {
         channels: r.in_channels,
+        pixel_scale: pixel_scale(r),
         size: r.image_size,
         resize: r.eval_resize(),
         mean: r.mean.clone(),
