@@ -201,6 +201,21 @@ fn hostile_image() {
 }
 
 #[test]
+fn hostile_tiff() {
+    sweep(Target::Tiff);
+}
+
+#[test]
+fn hostile_idx() {
+    sweep(Target::Idx);
+}
+
+#[test]
+fn hostile_weights_name() {
+    sweep(Target::WeightsName);
+}
+
+#[test]
 fn hostile_safetensors() {
     sweep(Target::Safetensors);
 }
@@ -218,7 +233,15 @@ fn hostile_recipe() {
 /// The sweeps must not be vacuous: every target accepts some of its mutated inputs and refuses others.
 #[test]
 fn sweeps_reach_both_outcomes() {
-    for target in [Target::Cifar, Target::Safetensors, Target::Pth, Target::Recipe] {
+    for target in [
+        Target::Cifar,
+        Target::Tiff,
+        Target::Idx,
+        Target::Safetensors,
+        Target::Pth,
+        Target::Recipe,
+        Target::WeightsName,
+    ] {
         let r = harness::sweep(target, root(), SEED ^ 1, 300, &|_| false);
         assert!(
             r.accepted > 0 && r.rejected > 0,

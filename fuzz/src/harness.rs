@@ -17,9 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use resnet_rs::data::cifar::{Cifar, CifarKind, PIXELS};
-use resnet_rs::infer::preprocess::{eval_transform, load_rgb, resize_bilinear_pil};
+use resnet_rs::infer::preprocess::{eval_transform, load_image, load_image_scaled, load_rgb, resize_bilinear_pil};
 use resnet_rs::train::recipe::Recipe;
+use resnet_rs::weights::hub;
 use resnet_rs::weights::{pth, safetensors};
+use resnet_rs::{Image, Samples};
 
 /// Inputs never grow past this (mutations that would are undone), so a long run cannot snowball.
 pub const MAX_INPUT: usize = 4 << 20;
@@ -33,18 +35,33 @@ const PER_PREFIX: usize = 6;
 pub enum Target {
     Cifar,
     Image,
+    Tiff,
     Safetensors,
     Pth,
     Recipe,
+    WeightsName,
+    Idx,
 }
 
-pub const TARGETS: [Target; 5] = [Target::Cifar, Target::Image, Target::Safetensors, Target::Pth, Target::Recipe];
+pub const TARGETS: [Target; 8] = [
+    Target::Cifar,
+    Target::Image,
+    Target::Tiff,
+    Target::Idx,
+    Target::Safetensors,
+    Target::Pth,
+    Target::Recipe,
+    Target::WeightsName,
+];
 
 impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Cifar => "cifar",
             Target::Image => "image",
+            Target::Tiff => "tiff",
+            Target::WeightsName => "weights-name",
+            Target::Idx => "idx",
             Target::Safetensors => "safetensors",
             Target::Pth => "pth",
             Target::Recipe => "recipe",
@@ -139,6 +156,9 @@ pub fn run(target: Target, data: &[u8], scratch: &Scratch) -> Outcome {
     match target {
         Target::Cifar => run_cifar(data),
         Target::Image => run_image(data, scratch),
+        Target::Tiff => run_tiff(data, scratch),
+        Target::WeightsName => run_weights_name(data),
+        Target::Idx => run_idx(data),
         Target::Safetensors => run_safetensors(data),
         Target::Pth => run_pth(data),
         Target::Recipe => run_recipe(data),
@@ -174,6 +194,13 @@ fn run_image(data: &[u8], scratch: &Scratch) -> Outcome {
     };
     let (w, h32) = (img.width(), img.height());
     assert!(w > 0 && h32 > 0, "decoded an empty image");
+    // The same file with its own bands (16-bit kept at 16 bits, grey as one band); a second decode only of
+    // images small enough that it cannot be what makes an input slow (a 652-byte JPEG may claim 2^28 pixels).
+    if u64::from(w) * u64::from(h32) <= 1 << 20
+        && let Ok(own) = load_image(&path)
+    {
+        let _ = check_bands(&own, h);
+    }
     assert_eq!(img.as_raw().len(), w as usize * h32 as usize * 3, "RGB buffer length");
     let resize = 1 + ((h >> 8) % 48) as u32;
     let crop = 1 + ((h >> 16) % 48) as u32;
@@ -194,6 +221,91 @@ fn run_image(data: &[u8], scratch: &Scratch) -> Outcome {
         _ => "large",
     };
     Outcome::Accepted(format!("{} by {}", bucket(w), bucket(h32)))
+}
+
+/// A decoded image of any bands through the geometric ops and the tensor conversion: sizes and finiteness.
+fn check_bands(img: &Image, h: u64) -> String {
+    let (w, h32) = img.dimensions();
+    assert!(w > 0 && h32 > 0 && img.bands() > 0, "decoded an empty image");
+    let len = match img.samples() {
+        Samples::U8(v) => v.len(),
+        Samples::F32(v) => v.len(),
+    };
+    assert_eq!(len, w as usize * h32 as usize * img.bands(), "sample count");
+    let crop = 1 + ((h >> 16) % 24) as u32;
+    let t = img.resize_center_crop(1 + ((h >> 8) % 32) as u32, crop).to_tensor(&[0.5], &[0.25]);
+    assert_eq!(t.shape(), &[img.bands(), crop as usize, crop as usize], "resize_center_crop shape");
+    // Floats are taken as stored, so a NaN in the file may pass through; integers never give one.
+    if matches!(img.samples(), Samples::U8(_)) {
+        assert!(t.data().iter().all(|v| v.is_finite()), "8-bit image gave a non-finite value");
+    }
+    format!("{} bands {}", img.bands(), if matches!(img.samples(), Samples::U8(_)) { "u8" } else { "f32" })
+}
+
+fn run_tiff(data: &[u8], scratch: &Scratch) -> Outcome {
+    let path = scratch.dir.join("input.tif");
+    std::fs::write(&path, data).expect("cannot write the fuzz input to the scratch directory");
+    let scale = fnv1a(data).is_multiple_of(3).then_some(10000.0);
+    match load_image_scaled(&path, scale) {
+        Ok(img) => Outcome::Accepted(check_bands(&img, fnv1a(data))),
+        Err(e) => Outcome::Rejected(e.to_string().replace(&*path.to_string_lossy(), "IMAGE")),
+    }
+}
+
+/// The input as an IDX image file (with labels made to match its claimed count) and as a label file (with
+/// one-pixel images made to match).
+fn run_idx(data: &[u8]) -> Outcome {
+    let (p, l) = (Path::new("fuzz-images-idx3-ubyte"), Path::new("fuzz-labels-idx1-ubyte"));
+    let claimed = data.get(4..8).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let n = claimed.min(1 << 16);
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend(n.to_be_bytes());
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    let mut outcomes = Vec::new();
+    for (images, labels) in [(data.to_vec(), labels), (one_pixel_images(n), data.to_vec())] {
+        match resnet_rs::data::idx::Idx::parse(&images, &labels, p, l) {
+            Ok(ds) => {
+                use resnet_rs::Dataset;
+                for i in [0, ds.len().saturating_sub(1)] {
+                    if i < ds.len() {
+                        let (img, label) = ds.get(i).expect("an in-range sample of a parsed file");
+                        assert!(img.width() > 0 && img.height() > 0 && label < 256, "sample {i}");
+                    }
+                }
+                outcomes.push(format!("{} samples", ds.len().min(2)));
+            }
+            Err(e) => outcomes.push(e.to_string()),
+        }
+    }
+    let msg = outcomes.join("; ");
+    if msg.contains("samples") { Outcome::Accepted(msg) } else { Outcome::Rejected(msg) }
+}
+
+fn one_pixel_images(n: u32) -> Vec<u8> {
+    let mut out = vec![0, 0, 8, 3];
+    for d in [n, 1, 1] {
+        out.extend(d.to_be_bytes());
+    }
+    out.extend((0..n).map(|i| i as u8));
+    out
+}
+
+/// What `--weights` resolves without touching the network: a name, a URL and its hash prefix.
+fn run_weights_name(data: &[u8]) -> Outcome {
+    let spec = String::from_utf8_lossy(data);
+    let _ = hub::hash_prefix(&spec);
+    if !hub::is_remote(&spec) {
+        return Outcome::Rejected("a local path".into());
+    }
+    match hub::remote(&spec) {
+        Ok(r) => {
+            assert!(r.sha256_prefix.len() >= 8 && r.sha256_prefix.bytes().all(|b| b.is_ascii_hexdigit()), "prefix");
+            assert!(!r.file.is_empty() && !r.file.contains('/') && !r.file.starts_with('.'), "file {:?}", r.file);
+            assert!(r.url.starts_with("http://") || r.url.starts_with("https://"), "url {:?}", r.url);
+            Outcome::Accepted(if spec.starts_with("torchvision:") { "name".into() } else { "url".into() })
+        }
+        Err(e) => Outcome::Rejected(e.to_string()),
+    }
 }
 
 fn run_safetensors(data: &[u8]) -> Outcome {
@@ -872,9 +984,40 @@ pub fn seeds(target: Target, root: &Path) -> Vec<(String, Vec<u8>)> {
                 .concat()
         }
         Target::Recipe => [read_dir_sorted(&root.join("recipes"), &["toml"]), synthetic_recipes()].concat(),
+        Target::Tiff => read_dir_sorted(&fx.join("tiff"), &["tif", "tiff"]),
+        Target::Idx => synthetic_idx(),
+        Target::WeightsName => [
+            "torchvision:resnet34",
+            "torchvision:resnet50:IMAGENET1K_V1",
+            "torchvision:resnet152:default",
+            "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+            "http://127.0.0.1:8080/m/model.safetensors#sha256=0123456789abcdef",
+            "https://host/a/b/my-model-0123abcd.v2.pth?x=1",
+        ]
+        .iter()
+        .map(|s| (s.to_string(), s.as_bytes().to_vec()))
+        .collect(),
     };
     out.retain(|(_, b)| b.len() <= MAX_INPUT);
     out
+}
+
+/// Small IDX image and label files (one image of 2x2, three of 4x3, three labels, an empty set).
+fn synthetic_idx() -> Vec<(String, Vec<u8>)> {
+    let idx = |dims: &[u32], body: Vec<u8>| {
+        let mut out = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            out.extend(d.to_be_bytes());
+        }
+        out.extend(body);
+        out
+    };
+    vec![
+        ("idx-one-2x2".into(), idx(&[1, 2, 2], vec![1, 2, 3, 4])),
+        ("idx-three-4x3".into(), idx(&[3, 4, 3], (0..36).collect())),
+        ("idx-labels".into(), idx(&[3], vec![0, 1, 9])),
+        ("idx-empty".into(), idx(&[0, 28, 28], Vec::new())),
+    ]
 }
 
 /// Every file directly in `dir`, sorted (extra seeds given to the `fuzz` binary).
@@ -1009,6 +1152,42 @@ fn dictionary(target: Target) -> Vec<Vec<u8>> {
             b"\x80\x02",
             b"\x80\x05",
             b"\x80\x06",
+        ],
+        Target::Tiff => &[
+            b"II*\0",
+            b"MM\0*",
+            b"II+\0\x08\0\0\0",
+            b"\x00\x01\x03\x00\x01\x00\x00\x00",
+            b"\x01\x01\x04\x00\x01\x00\x00\x00",
+            b"\x02\x01\x03\x00\x0d\x00\x00\x00",
+            b"\x03\x01\x03\x00\x01\x00\x00\x00\x05\x00",
+            b"\x03\x01\x03\x00\x01\x00\x00\x00\x08\x00",
+            b"\x06\x01\x03\x00\x01\x00\x00\x00\x01\x00",
+            b"\x15\x01\x03\x00\x01\x00\x00\x00\x0d\x00",
+            b"\x1c\x01\x03\x00\x01\x00\x00\x00\x02\x00",
+            b"\x16\x01\x04\x00\x01\x00\x00\x00",
+            b"\x42\x01\x03\x00\x01\x00\x00\x00\x10\x00",
+            b"\x53\x01\x03\x00\x01\x00\x00\x00\x03\x00",
+            b"\xff\xff\xff\xff",
+            b"\x00\x00\x00\x80",
+        ],
+        Target::Idx => {
+            &[b"\0\0\x08\x03", b"\0\0\x08\x01", b"\0\0\x09\x03", b"\0\0\0\x1c", b"\xff\xff\xff\xff", b"\0\0\0\0"]
+        }
+        Target::WeightsName => &[
+            b"torchvision:",
+            b"resnet34",
+            b":IMAGENET1K_V2",
+            b"https://",
+            b"http://",
+            b"#sha256=",
+            b"-b627a593.pth",
+            b"?",
+            b"/",
+            b"..",
+            b"%2e",
+            b"\\",
+            b"\0",
         ],
         Target::Recipe => &[
             b"arch",

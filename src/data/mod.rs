@@ -27,6 +27,7 @@ pub mod cifar;
 pub mod digits;
 pub mod download;
 pub mod folder;
+pub mod idx;
 pub mod loader;
 pub mod shapes;
 pub mod split;

@@ -26,7 +26,7 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Largest image we agree to decode (16384 x 16384); checked on the header, before any pixel buffer exists.
-const MAX_PIXELS: u64 = 1 << 28;
+pub const MAX_PIXELS: u64 = 1 << 28;
 
 /// Most bands an image may have: `model::MAX_IN_CHANNELS`, the widest stem (a test holds them equal).
 pub const MAX_BANDS: usize = 1024;

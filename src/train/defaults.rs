@@ -31,6 +31,9 @@ pub fn detect(path: &Path) -> Result<DatasetKind> {
     if has("train.bin") || has("cifar-100-binary") {
         return Ok(DatasetKind::Cifar100);
     }
+    if crate::data::idx::is_idx_folder(path) {
+        return Ok(DatasetKind::Idx);
+    }
     let sub_folders = std::fs::read_dir(path)
         .map_err(|e| Error::file(path, format!("cannot list folder: {e}")))?
         .flatten()
@@ -45,12 +48,13 @@ pub fn detect(path: &Path) -> Result<DatasetKind> {
 }
 
 /// The bundled recipe a dataset of `kind` starts from when no recipe is named: `folder` for an ImageFolder,
-/// `cifar10` for CIFAR-10 and CIFAR-100, `digits` for the digits.
+/// `cifar10` for CIFAR-10 and CIFAR-100, `fashion-mnist` for IDX files, `digits` for the digits.
 pub fn recipe_for(kind: DatasetKind) -> Result<Recipe> {
     Ok(match kind {
         DatasetKind::Folder => Recipe::load("folder")?,
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => Recipe { dataset: kind, ..Recipe::load("cifar10")? },
         DatasetKind::Digits => Recipe::load("digits")?,
+        DatasetKind::Idx => Recipe::load("fashion-mnist")?,
     })
 }
 

@@ -23,6 +23,8 @@ named_enum! {
         Cifar100 = "cifar100",
         /// torchvision's ImageFolder: `root/<class>/<image>` (or `root/train/..` + `root/val/..`).
         Folder = "folder",
+        /// IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST): a train and a test pair in one folder.
+        Idx = "idx",
     }
 }
 
@@ -359,11 +361,12 @@ recipe_fields! {
 const FAMILY_DEFAULT: Arch = crate::model::FAMILY[1];
 
 /// The recipes that ship with the binary.
-pub const BUNDLED: [(&str, &str); 4] = [
+pub const BUNDLED: [(&str, &str); 5] = [
     ("digits", include_str!("../../recipes/digits.toml")),
     ("cifar10", include_str!("../../recipes/cifar10.toml")),
     ("imagenet", include_str!("../../recipes/imagenet.toml")),
     ("folder", include_str!("../../recipes/folder.toml")),
+    ("fashion-mnist", include_str!("../../recipes/fashion-mnist.toml")),
 ];
 
 impl Recipe {
@@ -453,7 +456,9 @@ impl Recipe {
     /// The shorter side evaluation resizes to before its centre crop (see `eval_resize`).
     pub fn eval_resize(&self) -> u32 {
         match (self.eval_resize, self.dataset, self.random_resized_crop) {
-            (0, DatasetKind::Digits | DatasetKind::Cifar10 | DatasetKind::Cifar100, false) => self.image_size,
+            (0, DatasetKind::Digits | DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Idx, false) => {
+                self.image_size
+            }
             (0, _, _) => (u64::from(self.image_size) * 8 / 7).min(u64::from(u32::MAX)) as u32,
             (r, _, _) => r,
         }

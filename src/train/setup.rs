@@ -26,6 +26,10 @@ pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
             let dir = need_path()?;
             Ok((Arc::new(Cifar::open(&dir, kind, true)?), Arc::new(Cifar::open(&dir, kind, false)?)))
         }
+        DatasetKind::Idx => {
+            let (train, test) = crate::data::idx::Idx::open(&need_path()?)?;
+            Ok((Arc::new(train), Arc::new(test)))
+        }
         DatasetKind::Folder => {
             let root = need_path()?;
             let scale = pixel_scale(r);
