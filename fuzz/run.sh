@@ -4,7 +4,7 @@
 #   fuzz/run.sh SECONDS [--seed N]
 #
 # Builds once (release, with debug assertions and overflow checks: see fuzz/Cargo.toml), then runs
-# `fuzz TARGET SECONDS` for cifar, image, tiff, idx, safetensors, pth, recipe and weights-name. Findings are saved under fuzz/findings/;
+# `fuzz TARGET SECONDS` for cifar, image, tiff, dicom, idx, safetensors, pth, recipe and weights-name. Findings are saved under fuzz/findings/;
 # each target's full output goes to fuzz/target/fuzz-TARGET.log. Exit status 1 if anything was found.
 set -uo pipefail
 
@@ -22,7 +22,7 @@ target_dir=${CARGO_TARGET_DIR:-target}
 bin="$target_dir/release/fuzz"
 mkdir -p "$target_dir"
 
-targets=(cifar image tiff idx safetensors pth recipe weights-name)
+targets=(cifar image tiff dicom idx safetensors pth recipe weights-name)
 rows=()
 status=0
 for t in "${targets[@]}"; do

@@ -7,7 +7,7 @@ mod common;
 
 use common::{Fixture, rel_err};
 use resnet_rs::data::transforms::{Op, Pipeline};
-use resnet_rs::imaging::{load_image, load_image_scaled};
+use resnet_rs::imaging::{Decode, load_image, load_image_with};
 use resnet_rs::{Image, Samples, Tensor};
 
 fn floats(img: &Image) -> Vec<f32> {
@@ -126,7 +126,8 @@ fn tiffs_decode_as_tifffile_reads_them() {
         assert_rel(name, &got, want.data(), 1e-7);
     }
     // Sentinel-2 reflectance: pixel_scale 10000 instead of 65535.
-    let scaled = load_image_scaled(&dir.join("s2_13band_u16_tiled_deflate.tif"), Some(10000.0)).unwrap();
+    let how = Decode { pixel_scale: Some(10000.0), window: None };
+    let scaled = load_image_with(&dir.join("s2_13band_u16_tiled_deflate.tif"), &how).unwrap();
     assert_rel("reflectance", &floats(&scaled), f.get("s2_13band_u16.reflectance").data(), 1e-7);
     // Bands in separate planes: refused in one line with the way out, not read as one band.
     let err = load_image(&dir.join("s2_13band_planar.tif")).unwrap_err().to_string();
@@ -159,6 +160,60 @@ fn hostile_tiffs_fail_in_one_line() {
     cases.push(("huge width", huge));
     for (what, bytes) in cases {
         let path = dir.path().join("x.tif");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = match load_image(&path) {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.starts_with(&path.display().to_string()) && !err.contains('\n'), "{what}: {err}");
+    }
+}
+
+#[test]
+fn dicom_files_display_as_pydicom_shows_them() {
+    let dir = common::fixture("dicom");
+    let f = Fixture::load("dicom/expected.safetensors");
+    // (file, expected key, bands): modality LUT then the file's window, RLE the same, the full rescaled range
+    // without a window, MONOCHROME1 inverted, RGB as 8-bit.
+    let cases = [
+        ("ct_window", "ct_window", 1),
+        ("ct_window_rle", "ct_window", 1),
+        ("ct_signed", "ct_signed", 1),
+        ("xray_mono1", "xray_mono1", 1),
+        ("rgb", "rgb", 3),
+    ];
+    for (file, key, bands) in cases {
+        let img = load_image(&dir.join(format!("{file}.dcm"))).unwrap_or_else(|e| panic!("{e}"));
+        let want = f.get(key);
+        assert_eq!([img.bands(), img.height() as usize, img.width() as usize], want.shape(), "{file}");
+        assert_eq!(img.bands(), bands);
+        let got = match img.samples() {
+            Samples::U8(v) => v.iter().map(|&b| f32::from(b) / 255.0).collect(),
+            Samples::F32(v) => v.clone(),
+        };
+        assert_rel(file, &got, want.data(), 1e-6);
+    }
+    // --window CENTER,WIDTH replaces the file's.
+    let how = Decode { pixel_scale: None, window: Some((300.0, 1500.0)) };
+    let custom = load_image_with(&dir.join("ct_window.dcm"), &how).unwrap();
+    assert_rel("custom window", &floats(&custom), f.get("ct_window.custom").data(), 1e-6);
+}
+
+#[test]
+fn hostile_dicoms_fail_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(common::fixture("dicom/ct_window.dcm")).unwrap();
+    let mut no_rows = good.clone();
+    // Rows (0028,0010) in explicit VR little endian: its tag bytes, then "US", length 2, value.
+    let rows_at = good.windows(4).position(|w| w == [0x28, 0x00, 0x10, 0x00]).unwrap();
+    no_rows[rows_at + 8..rows_at + 10].copy_from_slice(&0xffffu16.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("preamble only", good[..132].to_vec()),
+        ("truncated", good[..good.len() - 20].to_vec()),
+        ("rows 65535 for 35 pixels", no_rows),
+    ];
+    for (what, bytes) in cases {
+        let path = dir.path().join("x.dcm");
         std::fs::write(&path, &bytes).unwrap();
         let err = match load_image(&path) {
             Ok(_) => panic!("{what}: accepted"),

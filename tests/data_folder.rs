@@ -86,17 +86,17 @@ fn split_is_seeded_disjoint_and_complete() {
 fn train_val_roots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    assert!(ImageFolder::open_train_val(root, None).expect("neither").is_none());
+    assert!(ImageFolder::open_train_val(root, Default::default()).expect("neither").is_none());
     write_png(&root.join("train/a/1.png"), 1);
     write_png(&root.join("train/b/1.png"), 2);
-    let err = ImageFolder::open_train_val(root, None).err().expect("train only").to_string();
+    let err = ImageFolder::open_train_val(root, Default::default()).err().expect("train only").to_string();
     assert!(err.contains("no val/"), "{err}");
     write_png(&root.join("val/a/1.png"), 3);
-    let err = ImageFolder::open_train_val(root, None).err().expect("classes differ").to_string();
+    let err = ImageFolder::open_train_val(root, Default::default()).err().expect("classes differ").to_string();
     assert!(err.starts_with(&root.join("val").display().to_string()), "{err}");
     assert!(err.contains("only in train/: [\"b\"]"), "{err}");
     write_png(&root.join("val/b/2.png"), 4);
-    let (train, val) = ImageFolder::open_train_val(root, None).expect("ok").expect("train/val");
+    let (train, val) = ImageFolder::open_train_val(root, Default::default()).expect("ok").expect("train/val");
     assert_eq!((train.len(), val.len()), (2, 2));
     assert_eq!(val.get(1).expect("val b").1, 1);
 }

@@ -206,6 +206,11 @@ fn hostile_tiff() {
 }
 
 #[test]
+fn hostile_dicom() {
+    sweep(Target::Dicom);
+}
+
+#[test]
 fn hostile_idx() {
     sweep(Target::Idx);
 }
@@ -236,6 +241,7 @@ fn sweeps_reach_both_outcomes() {
     for target in [
         Target::Cifar,
         Target::Tiff,
+        Target::Dicom,
         Target::Idx,
         Target::Safetensors,
         Target::Pth,

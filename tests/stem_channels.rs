@@ -123,6 +123,11 @@ mod end_to_end {
         let label = line["top"][0]["label"].as_str().unwrap();
         assert!(["normal", "opacity"].contains(&label), "{label}");
 
+        // A DICOM CT slice (modality LUT, then its window) predicts with the same network.
+        let ct = super::common::fixture("dicom/ct_window_rle.dcm");
+        let o = run(&["predict", "--weights", best.to_str().unwrap(), "--window", "40,400", ct.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+
         // An RGB photo into the 1-channel network: one line naming both counts, exit 2.
         let rgb = super::common::fixture("images/cat.png");
         let o = run(&["predict", "--weights", best.to_str().unwrap(), rgb.to_str().unwrap()]);

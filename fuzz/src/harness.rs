@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use resnet_rs::data::cifar::{Cifar, CifarKind, PIXELS};
-use resnet_rs::infer::preprocess::{eval_transform, load_image, load_image_scaled, load_rgb, resize_bilinear_pil};
+use resnet_rs::infer::preprocess::{
+    Decode, eval_transform, load_image, load_image_with, load_rgb, resize_bilinear_pil,
+};
 use resnet_rs::train::recipe::Recipe;
 use resnet_rs::weights::hub;
 use resnet_rs::weights::{pth, safetensors};
@@ -41,12 +43,14 @@ pub enum Target {
     Recipe,
     WeightsName,
     Idx,
+    Dicom,
 }
 
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     Target::Cifar,
     Target::Image,
     Target::Tiff,
+    Target::Dicom,
     Target::Idx,
     Target::Safetensors,
     Target::Pth,
@@ -62,6 +66,7 @@ impl Target {
             Target::Tiff => "tiff",
             Target::WeightsName => "weights-name",
             Target::Idx => "idx",
+            Target::Dicom => "dicom",
             Target::Safetensors => "safetensors",
             Target::Pth => "pth",
             Target::Recipe => "recipe",
@@ -159,6 +164,7 @@ pub fn run(target: Target, data: &[u8], scratch: &Scratch) -> Outcome {
         Target::Tiff => run_tiff(data, scratch),
         Target::WeightsName => run_weights_name(data),
         Target::Idx => run_idx(data),
+        Target::Dicom => run_dicom(data, scratch),
         Target::Safetensors => run_safetensors(data),
         Target::Pth => run_pth(data),
         Target::Recipe => run_recipe(data),
@@ -246,8 +252,23 @@ fn run_tiff(data: &[u8], scratch: &Scratch) -> Outcome {
     let path = scratch.dir.join("input.tif");
     std::fs::write(&path, data).expect("cannot write the fuzz input to the scratch directory");
     let scale = fnv1a(data).is_multiple_of(3).then_some(10000.0);
-    match load_image_scaled(&path, scale) {
+    match load_image_with(&path, &Decode { pixel_scale: scale, window: None }) {
         Ok(img) => Outcome::Accepted(check_bands(&img, fnv1a(data))),
+        Err(e) => Outcome::Rejected(e.to_string().replace(&*path.to_string_lossy(), "IMAGE")),
+    }
+}
+
+fn run_dicom(data: &[u8], scratch: &Scratch) -> Outcome {
+    let path = scratch.dir.join("input.dcm");
+    std::fs::write(&path, data).expect("cannot write the fuzz input to the scratch directory");
+    let window = fnv1a(data).is_multiple_of(3).then_some((40.0, 400.0));
+    match load_image_with(&path, &Decode { pixel_scale: None, window }) {
+        Ok(img) => {
+            if let Samples::F32(v) = img.samples() {
+                assert!(v.iter().all(|x| (0.0..=1.0).contains(x)), "a windowed DICOM value outside [0, 1]");
+            }
+            Outcome::Accepted(check_bands(&img, fnv1a(data)))
+        }
         Err(e) => Outcome::Rejected(e.to_string().replace(&*path.to_string_lossy(), "IMAGE")),
     }
 }
@@ -986,6 +1007,7 @@ pub fn seeds(target: Target, root: &Path) -> Vec<(String, Vec<u8>)> {
         Target::Recipe => [read_dir_sorted(&root.join("recipes"), &["toml"]), synthetic_recipes()].concat(),
         Target::Tiff => read_dir_sorted(&fx.join("tiff"), &["tif", "tiff"]),
         Target::Idx => synthetic_idx(),
+        Target::Dicom => read_dir_sorted(&fx.join("dicom"), &["dcm"]),
         Target::WeightsName => [
             "torchvision:resnet34",
             "torchvision:resnet50:IMAGENET1K_V1",
@@ -1170,6 +1192,24 @@ fn dictionary(target: Target) -> Vec<Vec<u8>> {
             b"\x53\x01\x03\x00\x01\x00\x00\x00\x03\x00",
             b"\xff\xff\xff\xff",
             b"\x00\x00\x00\x80",
+        ],
+        Target::Dicom => &[
+            b"DICM",
+            b"\x28\x00\x10\x00US\x02\x00",
+            b"\x28\x00\x11\x00US\x02\x00",
+            b"\x28\x00\x02\x00US\x02\x00",
+            b"\x28\x00\x08\x00IS",
+            b"\x28\x00\x50\x10DS",
+            b"\x28\x00\x51\x10DS",
+            b"\x28\x00\x52\x10DS",
+            b"\x28\x00\x53\x10DS",
+            b"\xe0\x7f\x10\x00OW\x00\x00",
+            b"\xfe\xff\x00\xe0",
+            b"\xff\xff\xff\xff",
+            b"1.2.840.10008.1.2.5",
+            b"1.2.840.10008.1.2.4.50",
+            b"MONOCHROME1",
+            b"YBR_FULL_422",
         ],
         Target::Idx => {
             &[b"\0\0\x08\x03", b"\0\0\x08\x01", b"\0\0\x09\x03", b"\0\0\0\x1c", b"\xff\xff\xff\xff", b"\0\0\0\0"]

@@ -609,7 +609,7 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-const USAGE: &str = "usage: fuzz TARGET SECONDS [--seed N]\n       fuzz TARGET --replay FILE...\n  TARGET: cifar | image | tiff | idx | safetensors | pth | recipe | weights-name";
+const USAGE: &str = "usage: fuzz TARGET SECONDS [--seed N]\n       fuzz TARGET --replay FILE...\n  TARGET: cifar | image | tiff | dicom | idx | safetensors | pth | recipe | weights-name";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

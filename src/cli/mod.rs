@@ -47,6 +47,10 @@ enum Command {
     Weights(weights::WeightsCmd),
 }
 
+/// A comma-separated list as one flag value. The alias keeps clap's derive from reading `Option<Vec<_>>` as a
+/// flag given several times.
+type Numbers = Vec<f32>;
+
 /// Architecture and checkpoint, shared by the subcommands that run a network.
 #[derive(Args)]
 struct ModelArgs {
@@ -70,10 +74,13 @@ struct ModelArgs {
     resize: Option<u32>,
     /// Per-channel mean (R,G,B, one value per channel, or one for all), overriding the checkpoint's.
     #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
-    mean: Option<Vec<f32>>,
+    mean: Option<Numbers>,
     /// Per-channel std (R,G,B, one value per channel, or one for all), overriding the checkpoint's.
     #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
-    std: Option<Vec<f32>>,
+    std: Option<Numbers>,
+    /// DICOM window CENTER,WIDTH (after the modality LUT), overriding the checkpoint's and each file's.
+    #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
+    window: Option<Numbers>,
 }
 
 impl ModelArgs {
@@ -94,6 +101,11 @@ impl ModelArgs {
         }
         if let Some(std) = &self.std {
             pre.std = std.clone();
+        }
+        if let Some(window) = &self.window {
+            let pair = <[f32; 2]>::try_from(window.as_slice())
+                .map_err(|_| crate::Error::invalid("--window takes CENTER,WIDTH (two numbers)"))?;
+            pre.window = Some(pair);
         }
         pre.validate().map_err(|e| e.in_file(&self.weights))?;
         Ok(opened)

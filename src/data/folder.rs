@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::Dataset;
 use super::split::{stratified_split_indices, subsets};
 use crate::error::{Error, Result};
-use crate::imaging::{Image, image_header, load_image_scaled};
+use crate::imaging::{Decode, Image, image_header, load_image_with};
 
 /// Extensions (lower case) of the files a class folder contributes.
 pub use crate::imaging::IMAGE_EXTENSIONS;
@@ -26,8 +26,8 @@ pub struct ImageFolder {
     root: PathBuf,
     classes: Vec<String>,
     samples: Vec<(PathBuf, usize)>,
-    /// Divides integer samples instead of their type's maximum (`imaging::load_image_scaled`).
-    pixel_scale: Option<f32>,
+    /// How pixels become [0, 1] (`imaging::load_image_with`).
+    decode: Decode,
 }
 
 impl ImageFolder {
@@ -56,12 +56,12 @@ impl ImageFolder {
             }
             classes.push(name.to_string());
         }
-        Ok(ImageFolder { root: root.to_path_buf(), classes, samples, pixel_scale: None })
+        Ok(ImageFolder { root: root.to_path_buf(), classes, samples, decode: Decode::default() })
     }
 
-    /// Integer samples divided by `scale` instead of their type's maximum (Sentinel-2 reflectance: 10000).
-    pub fn with_pixel_scale(mut self, scale: Option<f32>) -> ImageFolder {
-        self.pixel_scale = scale;
+    /// Pixels decoded `how` (a pixel scale, a DICOM window) instead of the defaults.
+    pub fn with_decode(mut self, how: Decode) -> ImageFolder {
+        self.decode = how;
         self
     }
 
@@ -69,10 +69,7 @@ impl ImageFolder {
     /// neither sub-folder. Fails when only one exists, when either cannot be opened, when an image header is
     /// bad (`scan`), or when their classes differ.
     #[allow(clippy::type_complexity)]
-    pub fn open_train_val(
-        root: &Path,
-        pixel_scale: Option<f32>,
-    ) -> Result<Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>> {
+    pub fn open_train_val(root: &Path, how: Decode) -> Result<Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>> {
         let (train_dir, val_dir) = (root.join("train"), root.join("val"));
         match (train_dir.is_dir(), val_dir.is_dir()) {
             (false, false) => return Ok(None),
@@ -84,8 +81,8 @@ impl ImageFolder {
             }
             (true, true) => {}
         }
-        let train = ImageFolder::open(&train_dir)?.with_pixel_scale(pixel_scale);
-        let val = ImageFolder::open(&val_dir)?.with_pixel_scale(pixel_scale);
+        let train = ImageFolder::open(&train_dir)?.with_decode(how);
+        let val = ImageFolder::open(&val_dir)?.with_decode(how);
         train.scan()?;
         val.scan()?;
         if train.classes != val.classes {
@@ -152,7 +149,7 @@ impl Dataset for ImageFolder {
             .samples
             .get(i)
             .ok_or_else(|| Error::file(&self.root, format!("sample {i} is out of range ({} samples)", self.len())))?;
-        Ok((load_image_scaled(path, self.pixel_scale)?, *label))
+        Ok((load_image_with(path, &self.decode)?, *label))
     }
 }
 

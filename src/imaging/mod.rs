@@ -8,6 +8,7 @@
 //! coefficients, a uint8 rounding after each of the two separable passes and the same pass order, so that it
 //! produces the same bytes as `Image.resize(size, Image.BILINEAR)`.
 
+pub mod dicom;
 mod planar;
 mod resample;
 pub mod tiff;
@@ -32,7 +33,16 @@ pub const MAX_PIXELS: u64 = 1 << 28;
 pub const MAX_BANDS: usize = 1024;
 
 /// The file extensions read as images (the content decides the format; these pick files out of folders).
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "tif", "tiff"];
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "tif", "tiff", "dcm"];
+
+/// How integer and DICOM pixels become [0, 1]: the model card's `pixel_scale` and `window`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Decode {
+    /// Integer samples over this instead of their type's maximum (floats over it too).
+    pub pixel_scale: Option<f32>,
+    /// A DICOM window (center, width) instead of the file's first.
+    pub window: Option<(f32, f32)>,
+}
 
 /// Decode a JPEG/PNG file into 8-bit RGB (greyscale, palette, 16-bit and alpha images converted the way PIL's
 /// convert("RGB") does).
@@ -46,18 +56,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// `ToDtype(float32, scale=True)` on `decode_png`'s uint16; PIL's `convert("RGB")` would instead clip 16-bit
 /// grey at 255, whitening most radiographs).
 pub fn load_image(path: &Path) -> Result<Image> {
-    load_image_scaled(path, None)
+    load_image_with(path, &Decode::default())
 }
 
 /// `load_image`, with integer samples divided by `pixel_scale` instead of their type's maximum when it is
-/// given (Sentinel-2 reflectance: 10000), floats divided by it too. TIFF files are read by `tiff::decode`.
-pub fn load_image_scaled(path: &Path, pixel_scale: Option<f32>) -> Result<Image> {
+/// given (Sentinel-2 reflectance: 10000), floats divided by it too. TIFF files are read by `tiff::decode`,
+/// DICOM files (windowed to [0, 1]) by `dicom::decode`, both told apart by content.
+pub fn load_image_with(path: &Path, how: &Decode) -> Result<Image> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
     if tiff::is_tiff(&bytes) {
-        return tiff::decode(&bytes, path, pixel_scale);
+        return tiff::decode(&bytes, path, how.pixel_scale);
+    }
+    if dicom::is_dicom(&bytes) {
+        return dicom::decode(&bytes, path, how.window);
     }
     let image = own_bands(decode_bytes(path, &bytes)?, path)?;
-    Ok(rescale(image, pixel_scale))
+    Ok(rescale(image, how.pixel_scale))
 }
 
 /// 8-bit samples over `pixel_scale` instead of 255 (16-bit PNGs were already scaled by 65535: by the ratio).

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::transforms::{Op, Pipeline};
 use crate::error::{Error, Result};
+use crate::imaging::Decode;
 use crate::infer::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::model::{Arch, MAX_IN_CHANNELS, Stem};
 
@@ -25,6 +26,9 @@ pub struct Preprocess {
     /// Integer pixels are divided by this instead of their type's maximum (absent: the type's maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_scale: Option<f32>,
+    /// DICOM window (center, width) instead of each file's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<[f32; 2]>,
     /// Side of the square network input (the centre crop).
     pub size: u32,
     /// Shorter side the image is resized to before the crop; equal to `size` for images that already have
@@ -41,11 +45,17 @@ impl Preprocess {
         Preprocess {
             channels: 3,
             pixel_scale: None,
+            window: None,
             size: crate::infer::CROP,
             resize: crate::infer::RESIZE,
             mean: IMAGENET_MEAN.to_vec(),
             std: IMAGENET_STD.to_vec(),
         }
+    }
+
+    /// How files are decoded to [0, 1] for this preprocessing.
+    pub fn decode(&self) -> Decode {
+        Decode { pixel_scale: self.pixel_scale, window: self.window.map(|[c, w]| (c, w)) }
     }
 
     /// This preprocessing for a stem of `channels`: unchanged for 3; for any other count, the mean and std
@@ -74,6 +84,9 @@ impl Preprocess {
                 "preprocessing size {} / resize {} is out of range",
                 self.size, self.resize
             )));
+        }
+        if self.window.is_some_and(|[c, w]| !c.is_finite() || !w.is_finite() || w < 1.0) {
+            return Err(Error::invalid(format!("preprocessing window {:?} needs a width of at least 1", self.window)));
         }
         if self.pixel_scale.is_some_and(|s| !s.is_finite() || s <= 0.0) {
             return Err(Error::invalid(format!("preprocessing pixel_scale {:?} must be above 0", self.pixel_scale)));

@@ -66,7 +66,7 @@ pub fn load_batch(paths: &[PathBuf], pre: &card::Preprocess) -> Result<Tensor> {
     let images: Vec<Tensor> = paths
         .par_iter()
         .map(|p| {
-            let img = preprocess::load_image_scaled(p, pre.pixel_scale)?;
+            let img = preprocess::load_image_with(p, &pre.decode())?;
             Ok(pipe.evaluate(&pipe.fit(img).map_err(|e| e.in_file(p))?))
         })
         .collect::<Result<_>>()?;

@@ -334,6 +334,9 @@ recipe_fields! {
     /// Integer pixel values are divided by this instead of their type's maximum (0: the type's maximum, 255
     /// for 8-bit, 65535 for 16-bit; Sentinel-2 reflectance: 10000). Floating-point pixels are divided by it too.
     pixel_scale: f32 = 0.0,
+    /// DICOM window CENTER,WIDTH mapped to [0, 1] after the modality LUT (empty: each file's first VOI window,
+    /// else its full range).
+    window: Vec<f32> = Vec::new(),
     /// Image channels the network takes (3: RGB; 1: greyscale; N: multi-band). A grey image is replicated for
     /// an RGB network; a 3-channel --weights is adapted to N as timm's adapt_input_conv does.
     in_channels: usize = 3,
@@ -426,6 +429,11 @@ impl Recipe {
         }
         if !self.pixel_scale.is_finite() || self.pixel_scale < 0.0 {
             return bad("pixel-scale", "must be a finite number above 0 (0: each type's maximum)");
+        }
+        if !(self.window.is_empty() || self.window.len() == 2 && self.window[1] >= 1.0)
+            || self.window.iter().any(|v| !v.is_finite())
+        {
+            return bad("window", "takes CENTER,WIDTH with a width of at least 1");
         }
         if !(1..=crate::model::MAX_IN_CHANNELS).contains(&self.in_channels) {
             return bad("in-channels", &format!("must be between 1 and {}", crate::model::MAX_IN_CHANNELS));

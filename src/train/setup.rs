@@ -32,11 +32,11 @@ pub fn datasets(r: &Recipe) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
         }
         DatasetKind::Folder => {
             let root = need_path()?;
-            let scale = pixel_scale(r);
-            match ImageFolder::open_train_val(&root, scale)? {
+            let how = preprocess(r).decode();
+            match ImageFolder::open_train_val(&root, how)? {
                 Some(pair) => Ok(pair),
                 None => {
-                    let folder = ImageFolder::open(&root)?.with_pixel_scale(scale);
+                    let folder = ImageFolder::open(&root)?.with_decode(how);
                     folder.scan()?;
                     Ok(folder.split(r.val_fraction, r.seed))
                 }
@@ -79,6 +79,7 @@ pub fn preprocess(r: &Recipe) -> Preprocess {
     Preprocess {
         channels: r.in_channels,
         pixel_scale: pixel_scale(r),
+        window: <[f32; 2]>::try_from(r.window.as_slice()).ok(),
         size: r.image_size,
         resize: r.eval_resize(),
         mean: r.mean.clone(),
