@@ -170,6 +170,7 @@ fn progress_bar(total: Option<u64>, name: &str) -> ProgressBar {
     bar
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes in lowercase hexadecimal, as checksums are written.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

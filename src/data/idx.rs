@@ -15,6 +15,7 @@ use md5::{Digest, Md5};
 
 use super::Dataset;
 use crate::error::{Error, Result};
+use crate::fetch::hex;
 use crate::imaging::{Image, MAX_PIXELS, Samples};
 
 /// Most samples a file may claim (EMNIST ByClass has 814,255): more is refused before allocating.
@@ -162,10 +163,6 @@ pub fn is_idx_folder(dir: &Path) -> bool {
             name.strip_suffix(".gz").unwrap_or(&name).ends_with("-images-idx3-ubyte") && name.contains("train-")
         })
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Dataset for Idx {

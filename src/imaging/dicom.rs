@@ -69,13 +69,9 @@ fn decode_inner(bytes: &[u8], path: &Path, window: Option<(f32, f32)>) -> Result
     let plane = w as usize * h as usize;
     if samples == 3 {
         let rgb: Vec<u8> = px.to_vec().map_err(|e| fail("cannot convert DICOM colour pixels", &e))?;
-        let mut data = vec![0u8; plane * 3];
-        for (i, p) in rgb.chunks_exact(3).take(plane).enumerate() {
-            for c in 0..3 {
-                data[c * plane + i] = p[c];
-            }
-        }
-        return Image::new(w, h, 3, Samples::U8(data)).map_err(|e| e.in_file(path));
+        let rgb = image::RgbImage::from_raw(w, h, rgb)
+            .ok_or_else(|| Error::file(path, "DICOM colour pixel data is shorter than its rows and columns"))?;
+        return Ok(Image::from_rgb(&rgb));
     }
     // Stored values through the modality LUT, no VOI: then our window.
     let options =
