@@ -23,7 +23,7 @@ pub struct PredictArgs {
     json: bool,
     #[command(flatten)]
     target: TargetArgs,
-    /// JPEG or PNG files, or directories of them.
+    /// JPEG, PNG, TIFF or DICOM files, or directories of them (.jpg/.jpeg/.png/.tif/.tiff/.dcm).
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
