@@ -14,6 +14,7 @@ sys.path.insert(0, str(HERE / "fixtures"))
 import adapt_conv  # noqa: E402
 import bands  # noqa: E402
 import dicoms  # noqa: E402
+import ema  # noqa: E402
 import hub_table  # noqa: E402
 import images  # noqa: E402  (first: the others read the images)
 import nets  # noqa: E402
@@ -28,7 +29,7 @@ import tiny_checkpoint  # noqa: E402
 def main() -> None:
     full = "--full" in sys.argv[1:]
     out = HERE.parent / "tests" / "fixtures"
-    for module in (adapt_conv, bands, dicoms, hub_table, images, preprocess, pth_cases, tiffs, ops, nets, optim):
+    for module in (adapt_conv, bands, dicoms, ema, hub_table, images, preprocess, pth_cases, tiffs, ops, nets, optim):
         print(f"== {module.__name__}", flush=True)
         module.make(out)
     # --full only adds the uncommitted full-size resnet34 under fixtures-full/.

@@ -57,4 +57,4 @@ pub use train::checkpoint::{Opened, open_model};
 pub use train::optim::{Optimizer, OptimizerKind, ParamGroup};
 pub use train::recipe::Recipe;
 pub use train::trainer::{EpochReport, StepOutcome, TrainArgs, Trainer};
-pub use weights::{load_state_dict, save_model};
+pub use weights::{Variant, load_state_dict, save_model};

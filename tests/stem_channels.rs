@@ -111,7 +111,7 @@ mod end_to_end {
         assert!(log.contains("conv1 adapted from 3 to 1 input channels"), "{log}");
 
         let best = out.join("best.safetensors");
-        let opened = resnet_rs::open_model(&best, None).unwrap();
+        let opened = resnet_rs::open_model(&best, None, resnet_rs::Variant::Live).unwrap();
         assert_eq!(opened.model.config.in_channels, 1);
         assert_eq!(opened.card.preprocess.channels, 1);
         assert_eq!(opened.card.preprocess.mean.len(), 1, "the RGB mean averaged for one channel");
@@ -167,7 +167,7 @@ mod end_to_end {
         assert!(log.contains("conv1 adapted from 3 to 13 input channels"), "{log}");
 
         let best = out.join("best.safetensors");
-        let opened = resnet_rs::open_model(&best, None).unwrap();
+        let opened = resnet_rs::open_model(&best, None, resnet_rs::Variant::Live).unwrap();
         assert_eq!(opened.model.config.in_channels, 13);
         assert_eq!(opened.card.preprocess.pixel_scale, Some(10000.0));
         assert_eq!(opened.card.preprocess.mean, vec![0.3; 13]);

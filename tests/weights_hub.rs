@@ -342,7 +342,7 @@ fn a_v2_file_gets_its_published_resize() {
     for (file, resize) in [("resnet50-11ad3fa6.pth", 232), ("resnet50-0676ba61.pth", 256), ("mine.pth", 256)] {
         let path = tmp.path().join(file);
         resnet_rs::save_model(&model, &path, &BTreeMap::new()).unwrap();
-        let opened = resnet_rs::open_model(&path, None).unwrap();
+        let opened = resnet_rs::open_model(&path, None, resnet_rs::Variant::Live).unwrap();
         assert_eq!(opened.card.preprocess.resize, resize, "{file}");
         assert_eq!(opened.card.preprocess.size, 224, "{file}");
         std::fs::remove_file(&path).unwrap();

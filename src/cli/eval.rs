@@ -31,6 +31,9 @@ pub struct EvalCmd {
     /// Read off the file; if given, it must agree.
     #[arg(long, value_parser = super::parse_arch)]
     arch: Option<Arch>,
+    /// Evaluate the checkpoint's weight EMA (a run trained with --model-ema) instead of its live weights.
+    #[arg(long)]
+    ema: bool,
     #[command(flatten)]
     target: TargetArgs,
     /// Also list every image with its label and top-1 prediction.
@@ -42,7 +45,7 @@ pub struct EvalCmd {
 }
 
 pub fn run(a: EvalCmd) -> Result<()> {
-    let opened = checkpoint::open_model(&a.weights, a.arch)?;
+    let opened = checkpoint::open_model(&a.weights, a.arch, super::variant(a.ema))?;
     let detected = match (a.dataset, &a.data) {
         (Some(kind), _) => Some(kind),
         (None, Some(path)) => Some(defaults::detect(path)?),

@@ -81,12 +81,15 @@ struct ModelArgs {
     /// DICOM window CENTER,WIDTH (after the modality LUT), overriding the checkpoint's and each file's.
     #[arg(long, value_parser = <Vec<f32> as FlagValue>::parser())]
     window: Option<Numbers>,
+    /// Use the checkpoint's weight EMA (a run trained with --model-ema) instead of its live weights.
+    #[arg(long)]
+    ema: bool,
 }
 
 impl ModelArgs {
     /// The network and its card, with the preprocessing flags laid over the card's.
     fn open(&self) -> Result<Opened> {
-        let mut opened = crate::train::checkpoint::open_model(&self.weights, self.arch)?;
+        let mut opened = crate::train::checkpoint::open_model(&self.weights, self.arch, variant(self.ema))?;
         let pre = &mut opened.card.preprocess;
         if let Some(size) = self.image_size {
             // A new crop keeps the checkpoint's resize/crop ratio unless --resize is given too.
@@ -110,6 +113,11 @@ impl ModelArgs {
         pre.validate().map_err(|e| e.in_file(&self.weights))?;
         Ok(opened)
     }
+}
+
+/// The network `--ema` asks for.
+fn variant(ema: bool) -> crate::weights::Variant {
+    if ema { crate::weights::Variant::Ema } else { crate::weights::Variant::Live }
 }
 
 fn parse_arch(s: &str) -> std::result::Result<Arch, String> {

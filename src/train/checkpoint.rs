@@ -1,5 +1,6 @@
 //! Training checkpoints: one safetensors file holding the network under torchvision's keys (so it loads into
-//! PyTorch or `resnet predict` as is), the optimiser state under `optimizer.*`, and in the metadata the recipe,
+//! PyTorch or `resnet predict` as is), the optimiser state under `optimizer.*`, the weight EMA (`--model-ema`)
+//! under `model_ema.*` with its update count in the metadata, and in the metadata the recipe,
 //! the loop's position and the model card (arch, stem, class names, evaluation preprocessing: what `predict`
 //! needs to give the answers `eval` measured), plus a checksum verified on load. Written atomically: a crash
 //! leaves the previous checkpoint intact. `open_model` opens any weights file for inference.
@@ -9,6 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::ema::{AVERAGED_KEY, ModelEma};
 use super::optim::Optimizer;
 use super::recipe::Recipe;
 use crate::engine::Tensor;
@@ -18,7 +20,7 @@ use crate::model::{Arch, ResNet};
 use crate::weights;
 
 pub const FORMAT: &str = "resnet-rs-train/1";
-pub use crate::weights::OPTIMIZER_PREFIX;
+pub use crate::weights::{EMA_PREFIX, OPTIMIZER_PREFIX, Variant};
 
 /// Where the loop stands. All randomness derives from (seed, epoch, index), so this is the whole RNG state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -42,12 +44,15 @@ pub struct Checkpoint {
     pub model: BTreeMap<String, Tensor>,
     pub optimizer: BTreeMap<String, Tensor>,
     pub optimizer_steps: u64,
+    /// The weight EMA's state_dict (keys without the prefix) and the number of updates it holds.
+    pub ema: Option<(BTreeMap<String, Tensor>, u64)>,
 }
 
 pub fn save(
     path: &Path,
     model: &ResNet,
     opt: &Optimizer,
+    ema: Option<&ModelEma>,
     recipe: &Recipe,
     pos: &Position,
     card: &ModelCard,
@@ -57,14 +62,20 @@ pub fn save(
     for (k, v) in state {
         tensors.insert(format!("{OPTIMIZER_PREFIX}{k}"), v);
     }
+    let mut counts = weights::batch_counts(model);
     let mut metadata = card.to_metadata()?;
+    if let Some(ema) = ema {
+        tensors.extend(ema.state());
+        counts.extend(ema.batch_counts());
+        metadata.insert(AVERAGED_KEY.to_string(), ema.n_averaged.to_string());
+    }
     metadata.extend([
         ("format".to_string(), FORMAT.to_string()),
         ("recipe".to_string(), recipe.to_toml()),
         ("position".to_string(), serde_json::to_string(pos).map_err(Error::invalid)?),
         ("optimizer_steps".to_string(), steps.to_string()),
     ]);
-    weights::safetensors::save(path, &tensors, &weights::batch_counts(model), &metadata)
+    weights::safetensors::save(path, &tensors, &counts, &metadata)
 }
 
 /// A network opened for inference with what it takes to run it.
@@ -78,11 +89,12 @@ pub struct Opened {
 }
 
 /// Open any weights file we read (a training checkpoint, our safetensors, a torchvision `.pth`, or a
-/// `torchvision:` name or URL, fetched into the cache) for inference. The architecture is read off the keys;
-/// `arch`, when given, must agree, and a mismatch names what the file holds.
-pub fn open_model(spec: &Path, arch: Option<Arch>) -> Result<Opened> {
+/// `torchvision:` name or URL, fetched into the cache) for inference: its network, or with `Variant::Ema` a
+/// checkpoint's weight EMA. The architecture is read off the keys; `arch`, when given, must agree, and a
+/// mismatch names what the file holds.
+pub fn open_model(spec: &Path, arch: Option<Arch>, variant: Variant) -> Result<Opened> {
     let path = &weights::hub::locate(spec)?;
-    let (state, meta) = weights::read(path)?;
+    let (state, meta) = weights::read(path, variant)?;
     let found = Arch::infer_from(&state).map_err(|e| e.in_file(path))?;
     if let Some(want) = arch
         && want != found
@@ -159,12 +171,20 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         .map_err(|e| Error::file(path, format!("bad position metadata: {e}")))?;
     let optimizer_steps =
         meta("optimizer_steps")?.parse().map_err(|_| Error::file(path, "bad optimizer_steps metadata"))?;
-    let (mut model, mut optimizer) = (BTreeMap::new(), BTreeMap::new());
+    let (mut model, mut optimizer, mut ema) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for (k, v) in loaded.tensors {
-        match k.strip_prefix(OPTIMIZER_PREFIX) {
-            Some(rest) => optimizer.insert(rest.to_string(), v),
-            None => model.insert(k, v),
-        };
+        if let Some(rest) = k.strip_prefix(OPTIMIZER_PREFIX) {
+            optimizer.insert(rest.to_string(), v);
+        } else if let Some(rest) = k.strip_prefix(EMA_PREFIX) {
+            ema.insert(rest.to_string(), v);
+        } else {
+            model.insert(k, v);
+        }
     }
-    Ok(Checkpoint { recipe, position, model, optimizer, optimizer_steps })
+    let ema = match loaded.metadata.get(AVERAGED_KEY) {
+        Some(n) => Some((ema, n.parse().map_err(|_| Error::file(path, format!("bad {AVERAGED_KEY} metadata")))?)),
+        None if ema.is_empty() => None,
+        None => return Err(Error::file(path, format!("has a weight EMA but no {AVERAGED_KEY} metadata"))),
+    };
+    Ok(Checkpoint { recipe, position, model, optimizer, optimizer_steps, ema })
 }

@@ -93,7 +93,7 @@ pub fn adapt_to_images(r: &mut Recipe, short: u32) {
 /// Take arch, stem and preprocessing from the checkpoint a run fine-tunes; with `folder_defaults` also the
 /// fine-tuning schedule (a user's folder with no recipe named).
 pub fn adapt_to_weights(r: &mut Recipe, weights: &Path, folder_defaults: bool) -> Result<()> {
-    let opened = checkpoint::open_model(weights, None)?;
+    let opened = checkpoint::open_model(weights, None, checkpoint::Variant::Live)?;
     let card = opened.card;
     r.arch = card.arch;
     r.stem = card.stem;

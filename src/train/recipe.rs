@@ -93,7 +93,7 @@ macro_rules! flag_numbers {
         }
     )*};
 }
-flag_numbers!(f32 => "NUMBER", u32 => "N", u64 => "N", usize => "N");
+flag_numbers!(f32 => "NUMBER", f64 => "NUMBER", u32 => "N", u64 => "N", usize => "N");
 
 impl FlagValue for bool {
     const VALUE_NAME: &'static str = "true|false";
@@ -359,6 +359,12 @@ recipe_fields! {
     freeze_until: Option<Stage> = None,
     /// Learning rate of the fc head relative to --lr.
     head_lr_scale: f32 = 1.0,
+    /// Keep an exponential moving average of the weights and BN statistics, evaluated every epoch and saved in
+    /// every checkpoint (`--ema` on eval/predict/features uses it), with this decay per update (0 disables;
+    /// torchvision's reference script: its --model-ema-decay d becomes 1 - (1 - d)·batch·steps/epochs).
+    model_ema: f64 = 0.0,
+    /// Update the weight EMA after every this many steps of an epoch (torchvision's --model-ema-steps: 32).
+    model_ema_steps: u64 = 1,
 }
 
 const FAMILY_DEFAULT: Arch = crate::model::FAMILY[1];
@@ -453,6 +459,12 @@ impl Recipe {
         if self.color_jitter > 0.0 && self.in_channels != 3 {
             return bad("color-jitter", &format!("needs RGB images (3 channels, not {})", self.in_channels));
         }
+        if !(0.0..1.0).contains(&self.model_ema) {
+            return bad("model-ema", "is a decay: at least 0 (off) and below 1");
+        }
+        if self.model_ema_steps == 0 {
+            return bad("model-ema-steps", "must be at least 1");
+        }
         if self.freeze_until.is_some() && self.weights.is_none() {
             return Err(Error::invalid(
                 "--freeze-until freezes pretrained layers: it needs --weights (a random trunk would stay random)",
@@ -495,6 +507,11 @@ impl Recipe {
                 aug.push(format!("{name} {v}"));
             }
         }
+        let ema = if self.model_ema > 0.0 {
+            format!(", weight EMA (decay {} every {} steps)", self.model_ema, self.model_ema_steps)
+        } else {
+            String::new()
+        };
         let data = self.data.as_ref().map_or_else(String::new, |d| format!(" in {}", d.display()));
         let init = match (&self.weights, self.freeze_until) {
             (Some(w), Some(f)) => format!("fine-tuned from {} (frozen up to {f})", w.display()),
@@ -502,7 +519,7 @@ impl Recipe {
             (None, _) => "from scratch".into(),
         };
         format!(
-            "{} ({} stem) on {}{data}, {init}: input {}x{} (evaluation: shorter side {}, centre crop {}), {} lr {} batch {} weight decay {}, {} schedule, {} epochs, augmentation: {}",
+            "{} ({} stem) on {}{data}, {init}: input {}x{} (evaluation: shorter side {}, centre crop {}), {} lr {} batch {} weight decay {}, {} schedule, {} epochs, augmentation: {}{ema}",
             self.arch,
             self.stem,
             self.dataset,

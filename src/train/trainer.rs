@@ -1,5 +1,5 @@
-//! The training loop: data → forward → loss → backward → guard → clip → step, with evaluation, metrics,
-//! checkpoints, exact resumption and a clean stop on interrupt.
+//! The training loop: data → forward → loss → backward → guard → clip → step (→ weight EMA), with evaluation,
+//! metrics, checkpoints, exact resumption and a clean stop on interrupt.
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Write};
@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::checkpoint::{self, Position};
+use super::ema::ModelEma;
 use super::evaluate::EvalReport;
 use super::monitor::{self, GradReport, LayerStats};
 use super::optim::{Optimizer, clip_coefficient};
@@ -57,6 +58,13 @@ pub struct EpochReport {
     pub images_per_s: f64,
     pub lr: f32,
     pub skipped_steps: u64,
+    /// The weight EMA's evaluation on the same split (`--model-ema`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_val_top1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_val_top5: Option<f64>,
 }
 
 /// What one optimiser step did.
@@ -109,6 +117,8 @@ pub struct Trainer {
     pub pos: Position,
     /// The training set's class names, written into every checkpoint's model card.
     pub class_names: Option<Vec<String>>,
+    /// The weight EMA (`--model-ema`), kept on the host.
+    pub ema: Option<ModelEma>,
     sched: Schedule,
     steps_per_epoch: u64,
     skip_nonfinite: bool,
@@ -142,12 +152,14 @@ impl Trainer {
         let opt = Optimizer::new(setup::optimizer_kind(&recipe), groups);
         let sched = setup::schedule(&recipe);
         let pos = Position { best_top1: -1.0, ..Position::default() };
+        let ema = (recipe.model_ema > 0.0).then(|| ModelEma::new(&model, recipe.model_ema));
         Ok(Trainer {
             model,
             opt,
             recipe,
             pos,
             class_names: None,
+            ema,
             sched,
             steps_per_epoch,
             skip_nonfinite: args.skip_nonfinite,
@@ -185,11 +197,25 @@ impl Trainer {
         self.steps.evaluate(&mut self.model, ds, pipe, batch, workers)
     }
 
+    /// Evaluate the weight EMA, if the run keeps one, on `ds` where the steps run.
+    pub fn evaluate_ema(&mut self, ds: Arc<dyn Dataset>, pipe: Arc<Pipeline>) -> Result<Option<EvalReport>> {
+        let (batch, workers) = (self.recipe.batch_size, self.recipe.workers);
+        match &mut self.ema {
+            Some(ema) => Ok(Some(self.steps.evaluate(&mut ema.model, ds, pipe, batch, workers)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Put the network, optimiser state and position of a checkpoint in place.
     fn restore(&mut self, c: &checkpoint::Checkpoint, path: &Path) -> Result<()> {
         self.model.load_state_dict(&c.model).map_err(|e| e.in_file(path))?;
         self.opt.load_state(&self.model.store.params, &c.optimizer, c.optimizer_steps).map_err(|e| e.in_file(path))?;
         self.pos = c.position;
+        match (&mut self.ema, &c.ema) {
+            (Some(ema), Some((state, n))) => ema.restore(state, *n).map_err(|e| e.in_file(path))?,
+            (Some(_), None) => return Err(Error::file(path, "holds no weight EMA, but its recipe keeps one")),
+            (None, _) => {}
+        }
         Ok(())
     }
 
@@ -230,11 +256,28 @@ impl Trainer {
             };
             let weights = steps.update(model, &mut self.opt, lr, momentum, monitor_now)?;
             let report = weights.map(|weights| self.report(&grads, &weights));
+            self.update_ema()?;
             (StepOutcome::Applied { loss: check.loss, top1_hits: check.top1_hits }, report)
         };
         self.pos.batch += 1;
         self.pos.global_step += 1;
         Ok(done)
+    }
+
+    /// After an applied step: the weight EMA's update when this batch of the epoch is due one (`ema.rs`).
+    fn update_ema(&mut self) -> Result<()> {
+        if self.ema.is_none() || !self.pos.batch.is_multiple_of(self.recipe.model_ema_steps) {
+            return Ok(());
+        }
+        self.sync_host()?;
+        let warming_up = self.pos.epoch < self.recipe.warmup_epochs;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.model);
+            if warming_up {
+                ema.n_averaged = 0;
+            }
+        }
+        Ok(())
     }
 
     /// The monitor's record of this step: per-parameter gradient sums of squares (store order) and, per
@@ -273,7 +316,7 @@ impl Trainer {
             return Err(Error::file(path, format!("refusing to save a checkpoint: {layer} is not finite")));
         }
         let card = setup::card(&self.recipe, self.class_names.clone());
-        checkpoint::save(path, &self.model, &self.opt, &self.recipe, &self.pos, &card)
+        checkpoint::save(path, &self.model, &self.opt, self.ema.as_ref(), &self.recipe, &self.pos, &card)
     }
 }
 
@@ -463,6 +506,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
         bar.finish_and_clear();
         let images_per_s = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let eval = t.evaluate(val_ds.clone(), eval_pipe.clone())?;
+        let ema_eval = t.evaluate_ema(val_ds.clone(), eval_pipe.clone())?;
         let report = EpochReport {
             epoch: t.pos.epoch + 1,
             train_loss: loss_sum / seen.max(1) as f64,
@@ -473,14 +517,21 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             images_per_s,
             lr,
             skipped_steps: t.pos.skipped,
+            ema_val_loss: ema_eval.as_ref().map(|e| e.loss),
+            ema_val_top1: ema_eval.as_ref().map(|e| e.top1),
+            ema_val_top5: ema_eval.as_ref().map(|e| e.top5),
         };
         metrics.write("epoch", &report)?;
         if args.json {
             println!("{}", serde_json::to_string(&report).map_err(Error::invalid)?);
         } else {
             let top5 = if show_top5 { format!(" top5 {:.4}", report.val_top5) } else { String::new() };
+            let ema = match &ema_eval {
+                Some(e) => format!(" | ema loss {:.4} top1 {:.4}", e.loss, e.top1),
+                None => String::new(),
+            };
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4}{top5} | {:.0} img/s",
+                "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4}{top5}{ema} | {:.0} img/s",
                 report.epoch,
                 recipe.epochs,
                 report.train_loss,

@@ -19,26 +19,50 @@ pub use crate::files::{remove_stale_temporaries, write_atomic};
 /// The key prefix under which a training checkpoint keeps the optimiser's state beside the model's tensors.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
-/// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name, or
-/// from the verified download a `torchvision:` name or URL stands for (`hub::locate`). A training checkpoint's
-/// optimiser state (`optimizer.*`) is left out: only the network is returned.
-pub fn load_state_dict(spec: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(read(&hub::locate(spec)?)?.0)
+/// The key prefix under which a training checkpoint keeps its weight EMA (`--model-ema`): a whole torchvision
+/// state_dict (torchvision's checkpoints call it `model_ema`).
+pub const EMA_PREFIX: &str = "model_ema.";
+
+/// Which network of a file to read: the one the optimiser moved, or a training checkpoint's weight EMA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    Live,
+    Ema,
 }
 
-/// `load_state_dict` and the file's metadata (a safetensors header's `__metadata__`; none for a `.pth`).
-pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+/// Read a state_dict from a `.pth` (torch.save zip) or `.safetensors` file, told apart by content, not name, or
+/// from the verified download a `torchvision:` name or URL stands for (`hub::locate`). A training checkpoint's
+/// optimiser state (`optimizer.*`) and weight EMA (`model_ema.*`) are left out: only the network is returned.
+pub fn load_state_dict(spec: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(read(&hub::locate(spec)?, Variant::Live)?.0)
+}
+
+/// The `variant` network's state_dict and the file's metadata (a safetensors header's `__metadata__`; none for
+/// a `.pth`).
+pub fn read(path: &Path, variant: Variant) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
-    if bytes.starts_with(b"PK\x03\x04") {
-        Ok((pth::load_pth_bytes(&bytes, path)?, BTreeMap::new()))
+    let (tensors, metadata) = if bytes.starts_with(b"PK\x03\x04") {
+        (pth::load_pth_bytes(&bytes, path)?, BTreeMap::new())
     } else if bytes.len() >= 8 && bytes.get(8) == Some(&b'{') {
         let loaded = safetensors::load_bytes(&bytes, path)?;
-        let mut tensors = loaded.tensors;
-        tensors.retain(|k, _| !k.starts_with(OPTIMIZER_PREFIX));
-        Ok((tensors, loaded.metadata))
+        (loaded.tensors, loaded.metadata)
     } else {
-        Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"))
+        return Err(Error::file(path, "neither a PyTorch .pth (zip) nor a .safetensors file"));
+    };
+    let network: BTreeMap<String, Tensor> = match variant {
+        Variant::Live => tensors
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX) && !k.starts_with(EMA_PREFIX))
+            .collect(),
+        Variant::Ema => {
+            tensors.into_iter().filter_map(|(k, v)| Some((k.strip_prefix(EMA_PREFIX)?.to_string(), v))).collect()
+        }
+    };
+    if variant == Variant::Ema && network.is_empty() {
+        return Err(Error::file(path, "holds no weight EMA (--ema needs a checkpoint trained with --model-ema)"));
     }
+    Ok((network, metadata))
 }
 
 /// Build `arch` with the classes, stem and widths the file's shapes imply, and load its weights strictly.
