@@ -37,6 +37,7 @@ pub mod files;
 pub mod imaging;
 pub mod infer;
 pub mod model;
+pub mod report;
 pub mod target;
 pub mod train;
 pub mod weights;

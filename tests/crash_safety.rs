@@ -137,6 +137,8 @@ fn sigint_and_sigterm_finish_the_step_checkpoint_and_exit_130() {
         );
         assert!(stderr.lines().any(|l| l == hint), "SIG{signal}: expected {hint:?} in {stderr}");
         assert!(c.position.global_step > 0, "SIG{signal} came after at least one step");
+        let report = std::fs::read_to_string(dir.join("report.html")).expect("an interrupted run writes its report");
+        assert!(report.contains(&format!(" {} steps (", c.position.global_step)), "the report shows where it stopped");
         resume_one_step(&dir, c.position.global_step);
     }
 }

@@ -44,9 +44,10 @@ pub enum Target {
     WeightsName,
     Idx,
     Dicom,
+    Report,
 }
 
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 10] = [
     Target::Cifar,
     Target::Image,
     Target::Tiff,
@@ -56,6 +57,7 @@ pub const TARGETS: [Target; 9] = [
     Target::Pth,
     Target::Recipe,
     Target::WeightsName,
+    Target::Report,
 ];
 
 impl Target {
@@ -70,6 +72,7 @@ impl Target {
             Target::Safetensors => "safetensors",
             Target::Pth => "pth",
             Target::Recipe => "recipe",
+            Target::Report => "report",
         }
     }
 
@@ -168,6 +171,7 @@ pub fn run(target: Target, data: &[u8], scratch: &Scratch) -> Outcome {
         Target::Safetensors => run_safetensors(data),
         Target::Pth => run_pth(data),
         Target::Recipe => run_recipe(data),
+        Target::Report => run_report(data),
     }
 }
 
@@ -371,6 +375,31 @@ fn run_pth(data: &[u8]) -> Outcome {
         }
         Err(e) => Outcome::Rejected(e.to_string()),
     }
+}
+
+/// A run folder's `metrics.jsonl` or `evaluation.json` (the same bytes are tried as both) drawn into the report:
+/// whatever the files say, the page renders, escapes what it quotes and runs nothing.
+fn run_report(data: &[u8]) -> Outcome {
+    use resnet_rs::report::{Run, metrics};
+    use resnet_rs::train::evaluate::Recorded;
+    let (m, best) = (metrics::parse(data), Recorded::parse(data));
+    let outcome = match (&m, &best) {
+        (Ok(m), _) => Outcome::Accepted(format!("metrics {} {} {}", m.epochs.len(), m.grads.len(), m.notes.len())),
+        (_, Ok(b)) => Outcome::Accepted(format!("evaluation of {} classes", b.classes.len())),
+        (Err(e), Err(_)) => return Outcome::Rejected(e.to_string()),
+    };
+    let run = Run {
+        dir: PathBuf::from("fuzz"),
+        recipe: Recipe::default(),
+        position: Default::default(),
+        metrics: m.unwrap_or_default(),
+        best: best.ok(),
+    };
+    match resnet_rs::report::render(&run) {
+        Ok(html) => assert!(!html.contains("<script"), "the report quoted markup unescaped"),
+        Err(e) => return Outcome::Rejected(e.to_string()),
+    }
+    outcome
 }
 
 fn run_recipe(data: &[u8]) -> Outcome {
@@ -1007,6 +1036,7 @@ pub fn seeds(target: Target, root: &Path) -> Vec<(String, Vec<u8>)> {
         Target::Recipe => [read_dir_sorted(&root.join("recipes"), &["toml"]), synthetic_recipes()].concat(),
         Target::Tiff => read_dir_sorted(&fx.join("tiff"), &["tif", "tiff"]),
         Target::Idx => synthetic_idx(),
+        Target::Report => synthetic_report(),
         Target::Dicom => read_dir_sorted(&fx.join("dicom"), &["dcm"]),
         Target::WeightsName => [
             "torchvision:resnet34",
@@ -1022,6 +1052,26 @@ pub fn seeds(target: Target, root: &Path) -> Vec<(String, Vec<u8>)> {
     };
     out.retain(|(_, b)| b.len() <= MAX_INPUT);
     out
+}
+
+/// A short run's metrics lines (epochs, a gradient record, a note, a record of another kind) and an evaluation
+/// record, including markup in the strings.
+fn synthetic_report() -> Vec<(String, Vec<u8>)> {
+    let metrics = concat!(
+        r#"{"type":"epoch","epoch":1,"train_loss":2.1,"train_top1":0.3,"val_loss":1.9,"val_top1":0.4,"val_top5":0.9,"images_per_s":150.0,"lr":0.02,"skipped_steps":0,"seconds":9.5,"ema_val_loss":2.0,"ema_val_top1":0.35}"#,
+        "\n",
+        r#"{"type":"grad","step":5,"lr":0.01,"global_grad_norm":3.5,"layers":[{"name":"conv1.weight","grad_norm":1.5,"weight_norm":4.0,"update_ratio":0.001},{"name":"layer1.0.conv1.weight","grad_norm":0.5,"weight_norm":2.0,"update_ratio":0.002},{"name":"fc.weight","grad_norm":0.0,"weight_norm":1.0,"update_ratio":0.0}]}"#,
+        "\n",
+        r#"{"type":"note","step":7,"message":"epochs changed <b>"}"#,
+        "\n",
+        r#"{"type":"other","x":1}"#,
+        "\n",
+    );
+    let evaluation = r#"{"epoch":2,"classes":["a","<b>"],"loss":0.5,"top1":0.75,"top5":1.0,"per_class":[1.0,0.5],"confusion":[[2,0],[1,1]]}"#;
+    vec![
+        ("metrics.jsonl".into(), metrics.as_bytes().to_vec()),
+        ("evaluation.json".into(), evaluation.as_bytes().to_vec()),
+    ]
 }
 
 /// Small IDX image and label files (one image of 2x2, three of 4x3, three labels, an empty set).
@@ -1210,6 +1260,20 @@ fn dictionary(target: Target) -> Vec<Vec<u8>> {
             b"1.2.840.10008.1.2.4.50",
             b"MONOCHROME1",
             b"YBR_FULL_422",
+        ],
+        Target::Report => &[
+            b"{\"type\":\"epoch\",",
+            b"{\"type\":\"grad\",",
+            b"\"layers\":[",
+            b"\"confusion\":[[",
+            b"\"classes\":[",
+            b"1e308",
+            b"-1",
+            b"NaN",
+            b"null",
+            b"<script>",
+            b"\\u003c",
+            b"\n",
         ],
         Target::Idx => {
             &[b"\0\0\x08\x03", b"\0\0\x08\x01", b"\0\0\x09\x03", b"\0\0\0\x1c", b"\xff\xff\xff\xff", b"\0\0\0\0"]

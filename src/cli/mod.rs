@@ -6,6 +6,7 @@ mod eval;
 mod features;
 mod info;
 mod predict;
+mod report;
 mod train;
 mod weights;
 
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval::EvalCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
     Bench(bench::BenchCmd),
+    /// Write a training run's report.html (curves, gradient statistics, confusion matrix, recipe, timings).
+    Report(report::ReportCmd),
     /// torchvision's pretrained weights by name: list them, or download and verify them into the cache.
     Weights(weights::WeightsCmd),
 }
@@ -132,6 +135,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Report(a) => report::run(a),
         Command::Weights(a) => weights::run(a),
     }
 }

@@ -172,6 +172,10 @@ pub fn run(a: TrainCmd) -> Result<()> {
             run_dir.display()
         );
     }
+    let report = run_dir.join(crate::report::FILE);
+    if !a.json && report.exists() {
+        eprintln!("report: {}", report.display());
+    }
     Ok(())
 }
 

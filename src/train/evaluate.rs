@@ -1,14 +1,16 @@
-//! Evaluation on a held-out set: loss, top-1/top-5, per-class accuracy and the confusion matrix.
+//! Evaluation on a held-out set: loss, top-1/top-5, per-class accuracy and the confusion matrix, and the record
+//! of the evaluation `best.safetensors` scored (`evaluation.json`, which the run's report draws).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::data::loader::{self, LoaderConfig};
 use crate::data::transforms::Pipeline;
 use crate::engine::{Backend, Tensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Mode, ResNet};
 
 #[derive(Clone, Debug, Serialize)]
@@ -89,4 +91,71 @@ pub fn evaluate_with(
         confusion,
         predictions,
     })
+}
+
+/// The evaluation of the epoch `best.safetensors` holds, written beside it (atomically, whenever it improves) as
+/// `evaluation.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recorded {
+    /// 1-based.
+    pub epoch: u64,
+    pub classes: Vec<String>,
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<f64>,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl Recorded {
+    pub const FILE: &str = "evaluation.json";
+    /// Larger than a 1000-class confusion matrix written out in full (about 4 MB): refused before it is parsed.
+    const MAX_BYTES: u64 = 64 << 20;
+
+    pub fn new(epoch: u64, classes: Vec<String>, eval: &EvalReport) -> Recorded {
+        Recorded {
+            epoch,
+            classes,
+            loss: eval.loss,
+            top1: eval.top1,
+            top5: eval.top5,
+            per_class: eval.per_class.clone(),
+            confusion: eval.confusion.clone(),
+        }
+    }
+
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join(Self::FILE)
+    }
+
+    pub fn save(&self, run_dir: &Path) -> Result<()> {
+        let path = Self::path(run_dir);
+        let text = serde_json::to_vec(self).map_err(|e| Error::file(&path, e))?;
+        crate::files::write_atomic(&path, &text)
+    }
+
+    /// The record in `run_dir`, None if there is none; a record whose sizes disagree is refused in one line.
+    pub fn load(run_dir: &Path) -> Result<Option<Recorded>> {
+        let path = Self::path(run_dir);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Ok(None);
+        };
+        if meta.len() > Self::MAX_BYTES {
+            return Err(Error::file(&path, format!("is {} bytes, more than an evaluation record holds", meta.len())));
+        }
+        let text = std::fs::read(&path).map_err(|e| Error::file(&path, e))?;
+        Ok(Some(Recorded::parse(&text).map_err(|e| e.in_file(&path))?))
+    }
+
+    /// `load` on bytes already in memory (the fuzz target's entry).
+    pub fn parse(text: &[u8]) -> Result<Recorded> {
+        let r: Recorded =
+            serde_json::from_slice(text).map_err(|e| Error::invalid(format!("not an evaluation record: {e}")))?;
+        let n = r.classes.len();
+        if r.per_class.len() != n || r.confusion.len() != n || r.confusion.iter().any(|row| row.len() != n) {
+            return Err(Error::invalid(format!("per-class figures or confusion matrix are not for {n} classes")));
+        }
+        Ok(r)
+    }
 }

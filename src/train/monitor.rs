@@ -17,6 +17,8 @@ pub struct LayerStats {
 #[derive(Serialize)]
 pub struct GradReport {
     pub step: u64,
+    /// The learning rate of this step (the report's schedule curve).
+    pub lr: f32,
     pub global_grad_norm: f64,
     pub layers: Vec<LayerStats>,
 }
@@ -31,9 +33,9 @@ impl LayerStats {
 
 impl GradReport {
     /// `grad_norms`: every parameter's (0 for those without a gradient); `layers`: the trainable ones'.
-    pub fn new(step: u64, grad_norms: &[f64], layers: Vec<LayerStats>) -> GradReport {
+    pub fn new(step: u64, lr: f32, grad_norms: &[f64], layers: Vec<LayerStats>) -> GradReport {
         let global = grad_norms.iter().map(|g| g * g).sum::<f64>().sqrt();
-        GradReport { step, global_grad_norm: global, layers }
+        GradReport { step, lr, global_grad_norm: global, layers }
     }
 }
 

@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
 use super::ema::ModelEma;
-use super::evaluate::EvalReport;
+use super::evaluate::{EvalReport, Recorded};
 use super::monitor::{self, GradReport, LayerStats};
 use super::optim::{Optimizer, clip_coefficient};
 use super::recipe::Recipe;
@@ -47,7 +47,9 @@ pub struct TrainArgs {
     pub interrupt: Option<Arc<AtomicBool>>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One epoch's figures: printed with `--json`, written to `metrics.jsonl` and read back by the report (fields
+/// added later default when an older run's file lacks them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochReport {
     pub epoch: u64,
     pub train_loss: f64,
@@ -57,13 +59,17 @@ pub struct EpochReport {
     pub val_top5: f64,
     pub images_per_s: f64,
     pub lr: f32,
+    #[serde(default)]
     pub skipped_steps: u64,
+    /// Wall time of the epoch: its steps and its evaluation (0: not recorded).
+    #[serde(default)]
+    pub seconds: f64,
     /// The weight EMA's evaluation on the same split (`--model-ema`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_val_loss: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_val_top1: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_val_top5: Option<f64>,
 }
 
@@ -255,7 +261,7 @@ impl Trainer {
                 _ => check.grad_sumsq,
             };
             let weights = steps.update(model, &mut self.opt, lr, momentum, monitor_now)?;
-            let report = weights.map(|weights| self.report(&grads, &weights));
+            let report = weights.map(|weights| self.report(lr, &grads, &weights));
             self.update_ema()?;
             (StepOutcome::Applied { loss: check.loss, top1_hits: check.top1_hits }, report)
         };
@@ -282,7 +288,7 @@ impl Trainer {
 
     /// The monitor's record of this step: per-parameter gradient sums of squares (store order) and, per
     /// trainable parameter, the updated weight's and the update's sums of squares.
-    fn report(&self, grad_sumsq: &[f64], weights: &[(f64, f64)]) -> GradReport {
+    fn report(&self, lr: f32, grad_sumsq: &[f64], weights: &[(f64, f64)]) -> GradReport {
         let grad_norms: Vec<f64> = grad_sumsq.iter().map(|g| g.sqrt()).collect();
         let layers = self
             .model
@@ -294,7 +300,7 @@ impl Trainer {
             .zip(weights)
             .map(|((p, &g), &(w, d))| LayerStats::new(p.name.clone(), g, w.sqrt(), d.sqrt()))
             .collect();
-        GradReport::new(self.pos.global_step, &grad_norms, layers)
+        GradReport::new(self.pos.global_step, lr, &grad_norms, layers)
     }
 
     fn monitor_now(&self) -> bool {
@@ -433,129 +439,145 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
         t.save(&last_path)?;
     }
     fresh.armed = false;
-
-    let (train_pipe, eval_pipe) = setup::pipelines(&recipe);
-    let (train_pipe, eval_pipe) = (Arc::new(train_pipe), Arc::new(eval_pipe));
-    let mix =
-        (recipe.mixup_alpha > 0.0 || recipe.cutmix_alpha > 0.0 || recipe.label_smoothing > 0.0).then_some(BatchMix {
-            mixup_alpha: recipe.mixup_alpha,
-            cutmix_alpha: recipe.cutmix_alpha,
-            label_smoothing: recipe.label_smoothing,
-        });
-    let mut metrics = Metrics::open(&args.run_dir)?;
-    if let Some(message) = &note {
-        metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
-        eprintln!("{message}");
-    }
-    let show_top5 = train_ds.num_classes() > 5;
-    let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
-        bar.abandon();
-        t.save(&last_path)?;
-        Err(Error::Interrupted { step: t.pos.global_step, run_dir: args.run_dir.clone() })
-    };
-
-    let mut reports = Vec::new();
-    let show = std::io::stderr().is_terminal();
-    while t.pos.epoch < recipe.epochs {
-        let bar = ProgressBar::with_draw_target(
-            Some(steps_per_epoch),
-            if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    // From here on the folder holds a checkpoint: however the epochs end (done, interrupted, stopped at
+    // --max-steps or by an error), the report is brought up to date.
+    let outcome = (|| -> Result<Vec<EpochReport>> {
+        let (train_pipe, eval_pipe) = setup::pipelines(&recipe);
+        let (train_pipe, eval_pipe) = (Arc::new(train_pipe), Arc::new(eval_pipe));
+        let mix = (recipe.mixup_alpha > 0.0 || recipe.cutmix_alpha > 0.0 || recipe.label_smoothing > 0.0).then_some(
+            BatchMix {
+                mixup_alpha: recipe.mixup_alpha,
+                cutmix_alpha: recipe.cutmix_alpha,
+                label_smoothing: recipe.label_smoothing,
+            },
         );
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-                .map_err(Error::invalid)?
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{}/{}", t.pos.epoch + 1, recipe.epochs));
-        bar.set_position(t.pos.batch);
-        let started = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-        let lr = t.lr();
-        let batches =
-            loader::batches(train_ds.clone(), train_pipe.clone(), mix.clone(), &cfg, t.pos.epoch, t.pos.batch as usize);
-        for batch in batches {
-            if interrupted(&args.interrupt) {
-                return stop(&mut t, &bar);
-            }
-            let batch = batch?;
-            let (outcome, grad_report) = t.step(&batch).inspect_err(|_| bar.abandon())?;
-            if let Some(r) = grad_report {
-                metrics.write("grad", &r)?;
-            }
-            if let StepOutcome::Applied { loss, top1_hits } = outcome {
-                loss_sum += loss as f64 * batch.labels.len() as f64;
-                (correct, seen) = (correct + top1_hits, seen + batch.labels.len());
-            }
-            let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(t.pos.batch);
-            bar.set_message(format!(
-                "loss {:.4} acc {:.3} {:.0} img/s",
-                loss_sum / seen.max(1) as f64,
-                correct as f64 / seen.max(1) as f64,
-                ips
-            ));
-            if recipe.checkpoint_every > 0 && t.pos.global_step.is_multiple_of(recipe.checkpoint_every) {
-                t.save(&last_path)?;
-            }
-            if args.max_steps.is_some_and(|m| t.pos.global_step >= m) {
-                bar.abandon();
-                t.save(&last_path)?;
-                return Ok(reports);
-            }
+        let mut metrics = Metrics::open(&args.run_dir)?;
+        if let Some(message) = &note {
+            metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
+            eprintln!("{message}");
         }
-        bar.finish_and_clear();
-        let images_per_s = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let eval = t.evaluate(val_ds.clone(), eval_pipe.clone())?;
-        let ema_eval = t.evaluate_ema(val_ds.clone(), eval_pipe.clone())?;
-        let report = EpochReport {
-            epoch: t.pos.epoch + 1,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_top1: correct as f64 / seen.max(1) as f64,
-            val_loss: eval.loss,
-            val_top1: eval.top1,
-            val_top5: eval.top5,
-            images_per_s,
-            lr,
-            skipped_steps: t.pos.skipped,
-            ema_val_loss: ema_eval.as_ref().map(|e| e.loss),
-            ema_val_top1: ema_eval.as_ref().map(|e| e.top1),
-            ema_val_top5: ema_eval.as_ref().map(|e| e.top5),
+        let show_top5 = train_ds.num_classes() > 5;
+        let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
+            bar.abandon();
+            t.save(&last_path)?;
+            Err(Error::Interrupted { step: t.pos.global_step, run_dir: args.run_dir.clone() })
         };
-        metrics.write("epoch", &report)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&report).map_err(Error::invalid)?);
-        } else {
-            let top5 = if show_top5 { format!(" top5 {:.4}", report.val_top5) } else { String::new() };
-            let ema = match &ema_eval {
-                Some(e) => format!(" | ema loss {:.4} top1 {:.4}", e.loss, e.top1),
-                None => String::new(),
-            };
-            eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4}{top5}{ema} | {:.0} img/s",
-                report.epoch,
-                recipe.epochs,
-                report.train_loss,
-                report.train_top1,
-                report.val_loss,
-                report.val_top1,
-                report.images_per_s
+
+        let mut reports = Vec::new();
+        let show = std::io::stderr().is_terminal();
+        while t.pos.epoch < recipe.epochs {
+            let bar = ProgressBar::with_draw_target(
+                Some(steps_per_epoch),
+                if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
             );
+            bar.set_style(
+                ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                    .map_err(Error::invalid)?
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{}/{}", t.pos.epoch + 1, recipe.epochs));
+            bar.set_position(t.pos.batch);
+            let started = Instant::now();
+            let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+            let lr = t.lr();
+            let batches = loader::batches(
+                train_ds.clone(),
+                train_pipe.clone(),
+                mix.clone(),
+                &cfg,
+                t.pos.epoch,
+                t.pos.batch as usize,
+            );
+            for batch in batches {
+                if interrupted(&args.interrupt) {
+                    return stop(&mut t, &bar);
+                }
+                let batch = batch?;
+                let (outcome, grad_report) = t.step(&batch).inspect_err(|_| bar.abandon())?;
+                if let Some(r) = grad_report {
+                    metrics.write("grad", &r)?;
+                }
+                if let StepOutcome::Applied { loss, top1_hits } = outcome {
+                    loss_sum += loss as f64 * batch.labels.len() as f64;
+                    (correct, seen) = (correct + top1_hits, seen + batch.labels.len());
+                }
+                let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                bar.set_position(t.pos.batch);
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.3} {:.0} img/s",
+                    loss_sum / seen.max(1) as f64,
+                    correct as f64 / seen.max(1) as f64,
+                    ips
+                ));
+                if recipe.checkpoint_every > 0 && t.pos.global_step.is_multiple_of(recipe.checkpoint_every) {
+                    t.save(&last_path)?;
+                }
+                if args.max_steps.is_some_and(|m| t.pos.global_step >= m) {
+                    bar.abandon();
+                    t.save(&last_path)?;
+                    return Ok(reports);
+                }
+            }
+            bar.finish_and_clear();
+            let images_per_s = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let eval = t.evaluate(val_ds.clone(), eval_pipe.clone())?;
+            let ema_eval = t.evaluate_ema(val_ds.clone(), eval_pipe.clone())?;
+            let report = EpochReport {
+                epoch: t.pos.epoch + 1,
+                train_loss: loss_sum / seen.max(1) as f64,
+                train_top1: correct as f64 / seen.max(1) as f64,
+                val_loss: eval.loss,
+                val_top1: eval.top1,
+                val_top5: eval.top5,
+                images_per_s,
+                lr,
+                skipped_steps: t.pos.skipped,
+                seconds: started.elapsed().as_secs_f64(),
+                ema_val_loss: ema_eval.as_ref().map(|e| e.loss),
+                ema_val_top1: ema_eval.as_ref().map(|e| e.top1),
+                ema_val_top5: ema_eval.as_ref().map(|e| e.top5),
+            };
+            metrics.write("epoch", &report)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report).map_err(Error::invalid)?);
+            } else {
+                let top5 = if show_top5 { format!(" top5 {:.4}", report.val_top5) } else { String::new() };
+                let ema = match &ema_eval {
+                    Some(e) => format!(" | ema loss {:.4} top1 {:.4}", e.loss, e.top1),
+                    None => String::new(),
+                };
+                eprintln!(
+                    "epoch {}/{}: train loss {:.4} acc {:.4} | val loss {:.4} top1 {:.4}{top5}{ema} | {:.0} img/s",
+                    report.epoch,
+                    recipe.epochs,
+                    report.train_loss,
+                    report.train_top1,
+                    report.val_loss,
+                    report.val_top1,
+                    report.images_per_s
+                );
+            }
+            t.pos.epoch += 1;
+            t.pos.batch = 0;
+            let improved = eval.top1 > t.pos.best_top1;
+            if improved {
+                t.pos.best_top1 = eval.top1;
+                t.pos.best_epoch = t.pos.epoch;
+            }
+            t.save(&last_path)?;
+            if improved {
+                t.save(&args.run_dir.join("best.safetensors"))?;
+                Recorded::new(t.pos.epoch, train_ds.class_names(), &eval).save(&args.run_dir)?;
+            }
+            reports.push(report);
+            if interrupted(&args.interrupt) && t.pos.epoch < recipe.epochs {
+                return stop(&mut t, &ProgressBar::hidden());
+            }
         }
-        t.pos.epoch += 1;
-        t.pos.batch = 0;
-        let improved = eval.top1 > t.pos.best_top1;
-        if improved {
-            t.pos.best_top1 = eval.top1;
-            t.pos.best_epoch = t.pos.epoch;
-        }
-        t.save(&last_path)?;
-        if improved {
-            t.save(&args.run_dir.join("best.safetensors"))?;
-        }
-        reports.push(report);
-        if interrupted(&args.interrupt) && t.pos.epoch < recipe.epochs {
-            return stop(&mut t, &ProgressBar::hidden());
-        }
+        Ok(reports)
+    })();
+    if let Err(e) = crate::report::write(&args.run_dir) {
+        eprintln!("the run's report was not written: {e}");
     }
-    Ok(reports)
+    outcome
 }
