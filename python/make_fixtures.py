@@ -1,6 +1,6 @@
 """Regenerate every parity fixture under tests/fixtures/ from PyTorch/torchvision (pinned in requirements.txt).
 
-    python python/make_fixtures.py          # the committed fixtures (kept under 3 MB)
+    python python/make_fixtures.py          # the committed fixtures (kept under 4 MB)
     python python/make_fixtures.py --full   # also fixtures-full/: a full-size torchvision resnet34 (not committed)
 
 CI never runs this: the outputs are committed and the Rust tests read them.
@@ -37,8 +37,9 @@ def main() -> None:
     tiny_checkpoint.make(out, full=full)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"tests/fixtures: {total / 1e6:.2f} MB")
-    if total >= 3_000_000:
-        sys.exit("fixtures exceed the 3 MB budget")
+    # 3.0 MB until the own-images fixtures (TIFF, DICOM, bands, adapt_input_conv, EMA: about 0.5 MB) came in.
+    if total >= 4_000_000:
+        sys.exit("fixtures exceed the 4 MB budget")
 
 
 if __name__ == "__main__":

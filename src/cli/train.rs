@@ -93,7 +93,7 @@ fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
     // An RGB normalisation on a run for another channel count: its average, applied to every channel.
     for (given, values, flag) in [(f.mean.is_some(), &mut r.mean, "mean"), (f.std.is_some(), &mut r.std, "std")] {
         if !given && values.len() > 1 && values.len() != r.in_channels {
-            let avg = values.iter().sum::<f32>() / values.len() as f32;
+            let avg = crate::infer::card::channel_average(values);
             notes.push(format!("{flag} {avg} on each of the {} channels (--{flag} sets them)", r.in_channels));
             *values = vec![avg];
         }

@@ -62,9 +62,8 @@ impl Preprocess {
     /// averaged over their channels and applied to every channel (timm's choice for a 1-channel model).
     pub fn for_channels(mut self, channels: usize) -> Preprocess {
         if channels != self.channels {
-            let avg = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
-            self.mean = vec![avg(&self.mean)];
-            self.std = vec![avg(&self.std)];
+            self.mean = vec![channel_average(&self.mean)];
+            self.std = vec![channel_average(&self.std)];
             self.channels = channels;
         }
         self
@@ -155,4 +154,10 @@ impl ModelCard {
         };
         Ok(Some(ModelCard { arch, stem, classes, preprocess }))
     }
+}
+
+/// The one value a per-channel mean or std becomes for a different channel count: its average (an RGB
+/// normalisation applied to a greyscale or multi-band network).
+pub fn channel_average(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len().max(1) as f32
 }

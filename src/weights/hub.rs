@@ -161,21 +161,22 @@ pub fn hash_prefix(file: &str) -> Option<String> {
 
 /// The folder downloaded weights are kept in.
 pub fn cache_dir() -> Result<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let root = env(CACHE_ENV)
-        .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join("resnet-rs")))
-        .or_else(|| env("HOME").map(|h| h.join(".cache").join("resnet-rs")))
+    let root = user_cache(CACHE_ENV, "resnet-rs")
         .ok_or_else(|| Error::invalid(format!("no cache folder for downloaded weights: set {CACHE_ENV}")))?;
     Ok(root.join("weights"))
 }
 
 /// PyTorch's own download folder (`torch.hub.get_dir()/checkpoints`).
 fn torch_cache_dir() -> Option<PathBuf> {
+    Some(user_cache("TORCH_HOME", "torch")?.join("hub").join("checkpoints"))
+}
+
+/// `$override`, else `$XDG_CACHE_HOME/name`, else `~/.cache/name` (empty variables count as unset).
+fn user_cache(override_var: &str, name: &str) -> Option<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let torch_home = env("TORCH_HOME")
-        .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join("torch")))
-        .or_else(|| env("HOME").map(|h| h.join(".cache").join("torch")))?;
-    Some(torch_home.join("hub").join("checkpoints"))
+    env(override_var)
+        .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join(name)))
+        .or_else(|| env("HOME").map(|h| h.join(".cache").join(name)))
 }
 
 /// A local path as given; a `torchvision:` name or URL as its verified file, downloaded on first use.
