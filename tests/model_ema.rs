@@ -51,21 +51,7 @@ fn ema_update_matches_pytorch_bit_for_bit() {
 }
 
 fn args(recipe: Recipe, dir: &Path, max_steps: Option<u64>, resume: bool) -> TrainArgs {
-    TrainArgs {
-        recipe,
-        run_dir: dir.to_path_buf(),
-        resume,
-        resume_epochs: None,
-        announce: None,
-        skip_nonfinite: false,
-        max_steps,
-        json: false,
-        interrupt: None,
-    }
-}
-
-fn checkpoint(dir: &Path) -> BTreeMap<String, Tensor> {
-    resnet_rs::weights::safetensors::load(&dir.join("last.safetensors")).unwrap().tensors
+    TrainArgs { max_steps, resume, ..common::train_args(recipe, dir) }
 }
 
 fn eval_top1(weights: &Path, ema: bool) -> f64 {
@@ -96,17 +82,21 @@ fn ema_restarts_in_warmup_is_evaluated_and_resumes_exactly() {
     let reports = trainer::run(args(recipe.clone(), straight.path(), None, false)).unwrap();
 
     trainer::run(args(recipe.clone(), split.path(), Some(15), false)).unwrap();
-    let warm = checkpoint(split.path());
+    let warm = common::last_checkpoint(split.path());
     for (k, v) in warm.iter().filter(|(k, _)| !k.starts_with("optimizer.") && !k.starts_with("model_ema.")) {
         assert_eq!(&warm[&format!("model_ema.{k}")], v, "in warm-up the EMA restarts from the network: {k}");
     }
     let resumed = trainer::run(args(Recipe::default(), split.path(), None, true)).unwrap();
-    assert_eq!(checkpoint(straight.path()), checkpoint(split.path()), "the EMA resumes exactly, with the rest");
+    assert_eq!(
+        common::last_checkpoint(straight.path()),
+        common::last_checkpoint(split.path()),
+        "the EMA resumes exactly, with the rest"
+    );
 
     let last = reports.last().unwrap();
     let ema_top1 = last.ema_val_top1.expect("the EMA is evaluated every epoch");
     assert_eq!(resumed.last().unwrap().ema_val_top1, Some(ema_top1));
-    let done = checkpoint(straight.path());
+    let done = common::last_checkpoint(straight.path());
     assert_ne!(done["conv1.weight"], done["model_ema.conv1.weight"], "after warm-up the EMA averages");
     let metrics = std::fs::read_to_string(straight.path().join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"ema_val_top1\""), "metrics.jsonl records the EMA's evaluation");

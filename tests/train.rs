@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use resnet_rs::Recipe;
 use resnet_rs::train::trainer::{self, TrainArgs};
 use resnet_rs::weights;
@@ -22,39 +20,21 @@ fn recipe() -> Recipe {
     }
 }
 
-fn args(recipe: Recipe, dir: &Path) -> TrainArgs {
-    TrainArgs {
-        recipe,
-        run_dir: dir.to_path_buf(),
-        resume: false,
-        resume_epochs: None,
-        announce: None,
-        skip_nonfinite: false,
-        max_steps: None,
-        json: false,
-        interrupt: None,
-    }
-}
-
-fn checkpoint(dir: &Path) -> std::collections::BTreeMap<String, resnet_rs::engine::Tensor> {
-    weights::safetensors::load(&dir.join("last.safetensors")).unwrap().tensors
-}
-
 #[test]
 fn digits_training_learns_and_repeats_exactly_from_its_seed() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let first = trainer::run(args(recipe(), a.path())).unwrap();
+    let first = trainer::run(common::train_args(recipe(), a.path())).unwrap();
     assert_eq!(first.len(), 3);
     assert!(first[2].train_loss < first[0].train_loss * 0.5, "loss goes down: {first:?}");
     assert!(first[2].val_top1 > 0.6, "three epochs of ResNet-18 reach well above chance (10 %): {first:?}");
-    let second = trainer::run(args(recipe(), b.path())).unwrap();
+    let second = trainer::run(common::train_args(recipe(), b.path())).unwrap();
     for (x, y) in first.iter().zip(&second) {
         assert_eq!(
             (x.train_loss, x.val_loss, x.val_top1, x.val_top5),
             (y.train_loss, y.val_loss, y.val_top1, y.val_top5)
         );
     }
-    assert_eq!(checkpoint(a.path()), checkpoint(b.path()));
+    assert_eq!(common::last_checkpoint(a.path()), common::last_checkpoint(b.path()));
     let metrics = std::fs::read_to_string(a.path().join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.iter().filter(|l| l["type"] == "epoch").count(), 3);
@@ -73,10 +53,15 @@ fn resumed_run_matches_an_uninterrupted_one() {
     let (straight, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // 22 steps make an epoch; stop inside the first epoch, resume across the epoch boundary.
     let r = Recipe { epochs: 2, ..recipe() };
-    trainer::run(TrainArgs { max_steps: Some(30), ..args(r.clone(), straight.path()) }).unwrap();
-    trainer::run(TrainArgs { max_steps: Some(15), ..args(r.clone(), split.path()) }).unwrap();
-    trainer::run(TrainArgs { max_steps: Some(30), resume: true, ..args(Recipe::default(), split.path()) }).unwrap();
-    let (a, b) = (checkpoint(straight.path()), checkpoint(split.path()));
+    trainer::run(TrainArgs { max_steps: Some(30), ..common::train_args(r.clone(), straight.path()) }).unwrap();
+    trainer::run(TrainArgs { max_steps: Some(15), ..common::train_args(r.clone(), split.path()) }).unwrap();
+    trainer::run(TrainArgs {
+        max_steps: Some(30),
+        resume: true,
+        ..common::train_args(Recipe::default(), split.path())
+    })
+    .unwrap();
+    let (a, b) = (common::last_checkpoint(straight.path()), common::last_checkpoint(split.path()));
     assert!(a.keys().any(|k| k.starts_with("optimizer.")), "optimizer state is checkpointed");
     assert_eq!(a, b, "15 steps + resume + 15 steps gives the same weights and optimizer state as 30 steps");
 }
@@ -115,10 +100,10 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
         head_lr_scale: 10.0,
         ..r
     };
-    let a = args(r, run.path());
+    let a = common::train_args(r, run.path());
     trainer::run(a).unwrap();
     let before = weights::load_state_dict(&init).unwrap();
-    let after = checkpoint(run.path());
+    let after = common::last_checkpoint(run.path());
     assert_eq!(after["fc.weight"].shape(), [2, 32], "a 2-class head replaced the 10-class one");
     for (k, v) in &before {
         let frozen = ["conv1.", "bn1.", "layer1.", "layer2.", "layer3."].iter().any(|p| k.starts_with(p));
@@ -133,7 +118,7 @@ fn fine_tuning_freezes_the_trunk_and_replaces_the_head() {
 fn divergence_stops_with_the_step_and_layer_named() {
     let dir = tempfile::tempdir().unwrap();
     let r = Recipe { lr: 1e30, warmup_epochs: 0, ..recipe() };
-    let msg = trainer::run(args(r, dir.path())).err().unwrap().to_string();
+    let msg = trainer::run(common::train_args(r, dir.path())).err().unwrap().to_string();
     // An lr of 1e30 makes the first update blow up the second forward pass; the guard names where it showed
     // first (a block's output, or a running statistic that overflowed without a non-finite output).
     assert!(msg.starts_with("step 1: "), "{msg}");
@@ -162,13 +147,13 @@ fn bundled_recipes_parse_and_bad_ones_are_named() {
 fn device_auto_without_gpu_support_is_the_cpu_loop() {
     use resnet_rs::{DeviceSpec, Precision, Target};
     let (cpu, auto) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    trainer::run(TrainArgs { max_steps: Some(6), ..args(recipe(), cpu.path()) }).unwrap();
+    trainer::run(TrainArgs { max_steps: Some(6), ..common::train_args(recipe(), cpu.path()) }).unwrap();
     let device = Target { device: DeviceSpec::Auto, precision: Precision::F32 };
-    trainer::run_on(TrainArgs { max_steps: Some(6), ..args(recipe(), auto.path()) }, device).unwrap();
-    assert_eq!(checkpoint(cpu.path()), checkpoint(auto.path()));
+    trainer::run_on(TrainArgs { max_steps: Some(6), ..common::train_args(recipe(), auto.path()) }, device).unwrap();
+    assert_eq!(common::last_checkpoint(cpu.path()), common::last_checkpoint(auto.path()));
     let gpu = Target { device: DeviceSpec::Cuda(0), ..device };
     let run = auto.path().join("gpu");
-    let err = trainer::run_on(args(recipe(), &run), gpu).unwrap_err().to_string();
+    let err = trainer::run_on(common::train_args(recipe(), &run), gpu).unwrap_err().to_string();
     assert!(err.contains("--features cuda") && !err.contains('\n'), "{err}");
     assert!(!run.exists());
 }

@@ -159,3 +159,23 @@ pub fn assert_rows_close(what: &str, files: &[PathBuf], got: &Tensor, want: &Ten
         assert!(e <= tol, "{what} of {}: relative error {e:.3e} exceeds {tol:.0e}", file.display());
     }
 }
+
+/// A training run of `recipe` into `dir` with the loop's defaults (no resume, no step limit, quiet).
+pub fn train_args(recipe: resnet_rs::Recipe, dir: &std::path::Path) -> resnet_rs::TrainArgs {
+    resnet_rs::TrainArgs {
+        recipe,
+        run_dir: dir.to_path_buf(),
+        resume: false,
+        resume_epochs: None,
+        announce: None,
+        skip_nonfinite: false,
+        max_steps: None,
+        json: false,
+        interrupt: None,
+    }
+}
+
+/// Every tensor of the run's `last.safetensors` (network, optimiser state, weight EMA).
+pub fn last_checkpoint(dir: &std::path::Path) -> BTreeMap<String, Tensor> {
+    resnet_rs::weights::safetensors::load(&dir.join("last.safetensors")).unwrap().tensors
+}
