@@ -32,6 +32,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod export;
 pub mod fetch;
 pub mod files;
 pub mod imaging;

@@ -15,6 +15,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("fetch", &["fetch", "files", "error"]),
     ("data", &["data", "imaging", "fetch", "files", "engine", "error"]),
     ("weights", &["weights", "model", "fetch", "files", "engine", "error"]),
+    ("export", &["export", "weights", "infer", "model", "engine", "error"]),
 ];
 
 fn sources(at: &Path, out: &mut Vec<PathBuf>) {

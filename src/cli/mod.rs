@@ -3,6 +3,7 @@
 
 mod bench;
 mod eval;
+mod export;
 mod features;
 mod info;
 mod predict;
@@ -42,6 +43,8 @@ enum Command {
     Train(Box<train::TrainCmd>),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset's held-out split.
     Eval(eval::EvalCmd),
+    /// Write a checkpoint as ONNX, a torch.save state_dict (.pth) or safetensors holding the network alone.
+    Export(export::ExportCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
     Bench(bench::BenchCmd),
     /// Write a training run's report.html (curves, gradient statistics, confusion matrix, recipe, timings).
@@ -134,6 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Features(a) => features::run(a),
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Report(a) => report::run(a),
         Command::Weights(a) => weights::run(a),

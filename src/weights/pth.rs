@@ -1,11 +1,15 @@
 //! Import PyTorch `.pth` state_dicts (the zip format `torch.save` has written since torch 1.6) without Python and
 //! without running anything the file says: the pickle is read by our own restricted unpickler (`pickle.rs`).
+//! `save.rs` writes them.
 //!
 //! Archive layout: `<prefix>/data.pkl` (the pickled object), `<prefix>/data/<key>` (raw little-endian storage
 //! bytes, one entry per storage), `<prefix>/byteorder` (optional), `<prefix>/version`. The prefix is whatever
 //! archive name the writer chose, so data.pkl is found by its suffix.
 
 mod pickle;
+mod save;
+
+pub use save::{encode, save};
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
