@@ -57,7 +57,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         OutKind::Npy => {
             let names_path = a.out.with_extension("files.json");
             crate::weights::write_atomic(&names_path, files_json.as_bytes())?;
-            crate::weights::write_atomic(&a.out, &npy_f32(&feats))?;
+            crate::weights::write_atomic(&a.out, &infer::npy_f32(&feats))?;
             eprintln!(
                 "wrote {n}x{d} features from {} to {} (file names in {})",
                 a.layer,
@@ -83,23 +83,4 @@ impl OutKind {
             _ => Err(Error::file(path, "--out must end in .safetensors or .npy (the format follows the extension)")),
         }
     }
-}
-
-/// A 2-d little-endian f32 array in NumPy's `.npy` format, version 1.0: the magic, a header dict padded with
-/// spaces to a multiple of 64 bytes and ending in a newline, then the values in C order.
-fn npy_f32(t: &crate::engine::Tensor) -> Vec<u8> {
-    let [n, d] = t.dims2();
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {d}), }}");
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + t.data().len() * 4);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    // The padded header is well below 64 KiB, so its length fits the 2-byte field.
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for v in t.data() {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
 }

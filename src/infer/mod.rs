@@ -117,3 +117,23 @@ pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Result<Te
     }
     Ok(Tensor::new(&[n, dim], rows).expect("rows of equal width"))
 }
+
+/// A little-endian f32 array in NumPy's `.npy` format, version 1.0: the magic, a header dict padded with spaces
+/// to a multiple of 64 bytes and ending in a newline, then the values in C order (features' `.npy` output, and
+/// the arrays the ONNX check reads).
+pub fn npy_f32(t: &Tensor) -> Vec<u8> {
+    let dims: String = t.shape().iter().map(|d| format!("{d}, ")).collect();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims.trim_end());
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + t.data().len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    // The padded header is well below 64 KiB (a few dozen dimensions), so its length fits the 2-byte field.
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in t.data() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
