@@ -39,6 +39,7 @@ pub mod imaging;
 pub mod infer;
 pub mod model;
 pub mod report;
+pub mod serve;
 pub mod target;
 pub mod train;
 pub mod weights;

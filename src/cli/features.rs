@@ -21,6 +21,9 @@ pub struct FeaturesArgs {
     /// array) or .npy (NumPy's format; the file names beside it in OUT.files.json).
     #[arg(long)]
     out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
     #[command(flatten)]
     target: TargetArgs,
     /// JPEG, PNG, TIFF or DICOM files, or directories of them (.jpg/.jpeg/.png/.tif/.tiff/.dcm).
@@ -37,7 +40,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let files = infer::collect_images(&a.images)?;
     let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
-    let batch = a.model.batch_size as usize;
+    let batch = a.batch_size as usize;
     let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
     let feats = infer::batched(&x, batch, |b| runner.features(b, tap))?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

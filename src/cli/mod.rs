@@ -8,6 +8,7 @@ mod features;
 mod info;
 mod predict;
 mod report;
+mod serve;
 mod train;
 mod weights;
 
@@ -47,6 +48,8 @@ enum Command {
     Export(export::ExportCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
     Bench(bench::BenchCmd),
+    /// Serve a checkpoint over HTTP with dynamic batching (predict, features, health, Prometheus metrics).
+    Serve(Box<serve::ServeCmd>),
     /// Write a training run's report.html (curves, gradient statistics, confusion matrix, recipe, timings).
     Report(report::ReportCmd),
     /// torchvision's pretrained weights by name: list them, or download and verify them into the cache.
@@ -69,9 +72,6 @@ struct ModelArgs {
     /// resnet18, resnet34, resnet50, resnet101 or resnet152: read off the file; if given, it must agree.
     #[arg(long, value_parser = parse_arch)]
     arch: Option<Arch>,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    batch_size: u64,
     /// Network input side (the centre crop), overriding the checkpoint's.
     #[arg(long, value_parser = clap::value_parser!(u32).range(8..=4096))]
     image_size: Option<u32>,
@@ -140,6 +140,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Report(a) => report::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::Weights(a) => weights::run(a),
     }
 }

@@ -18,6 +18,9 @@ pub struct PredictArgs {
     labels: Option<String>,
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     top_k: u64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
     /// One JSON object per image on stdout.
     #[arg(long)]
     json: bool,
@@ -31,25 +34,17 @@ pub struct PredictArgs {
 pub fn run(a: PredictArgs) -> Result<()> {
     let opened = a.model.open()?;
     let model = opened.model;
-    let labels = match (a.labels.as_deref(), opened.card.classes) {
-        (None, Some(names)) => names,
-        (None, None) if model.config.num_classes == 1000 => infer::labels::load(Some("imagenet"), 1000)?,
-        (spec, _) => infer::labels::load(spec, model.config.num_classes)?,
-    };
+    let labels = infer::labels::for_model(a.labels.as_deref(), opened.card.classes, model.config.num_classes)?;
     let files = infer::collect_images(&a.images)?;
     let x = infer::load_batch(&files, &opened.card.preprocess)?;
     let [_, _, h, w] = x.dims4();
-    let batch = a.model.batch_size as usize;
+    let batch = a.batch_size as usize;
     let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
     let logits = infer::batched(&x, batch, |b| runner.forward(b))?;
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {
         if a.json {
-            let top: Vec<_> = top
-                .iter()
-                .map(|&(c, p)| serde_json::json!({"class": c, "label": labels[c], "probability": p}))
-                .collect();
-            println!("{}", serde_json::json!({"file": file.display().to_string(), "top": top}));
+            println!("{}", infer::top_json(&file.display().to_string(), &top, &labels));
         } else {
             println!("{}", file.display());
             for (c, p) in top {

@@ -64,13 +64,19 @@ pub fn load_image(path: &Path) -> Result<Image> {
 /// DICOM files (windowed to [0, 1]) by `dicom::decode`, both told apart by content.
 pub fn load_image_with(path: &Path, how: &Decode) -> Result<Image> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    if tiff::is_tiff(&bytes) {
-        return tiff::decode(&bytes, path, how.pixel_scale);
+    decode_image(&bytes, path, how)
+}
+
+/// `load_image_with` for a file already in memory (an HTTP request's body): `name` stands for it in errors, and
+/// its extension, if any, is only a fallback for the content.
+pub fn decode_image(bytes: &[u8], name: &Path, how: &Decode) -> Result<Image> {
+    if tiff::is_tiff(bytes) {
+        return tiff::decode(bytes, name, how.pixel_scale);
     }
-    if dicom::is_dicom(&bytes) {
-        return dicom::decode(&bytes, path, how.window);
+    if dicom::is_dicom(bytes) {
+        return dicom::decode(bytes, name, how.window);
     }
-    let image = own_bands(decode_bytes(path, &bytes)?, path)?;
+    let image = own_bands(decode_bytes(name, bytes)?, name)?;
     Ok(rescale(image, how.pixel_scale))
 }
 

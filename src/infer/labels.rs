@@ -23,3 +23,13 @@ pub fn load(spec: Option<&str>, classes: usize) -> Result<Vec<String>> {
     }
     Ok(names)
 }
+
+/// The names a model's predictions use: `spec` when given, else the checkpoint's own (`card`), else ImageNet's
+/// for a 1000-class model (torchvision's files name none), else "class N".
+pub fn for_model(spec: Option<&str>, card: Option<Vec<String>>, classes: usize) -> Result<Vec<String>> {
+    match (spec, card) {
+        (None, Some(names)) => Ok(names),
+        (None, None) if classes == 1000 => load(Some("imagenet"), 1000),
+        (spec, _) => load(spec, classes),
+    }
+}

@@ -59,6 +59,16 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// One image file's bytes (an HTTP request's body) decoded and preprocessed as `load_batch` does a file:
+/// `[C, size, size]`, or the one-line error naming `name`.
+pub fn preprocess_bytes(bytes: &[u8], name: &Path, pre: &card::Preprocess) -> Result<Tensor> {
+    let pipe = pre.pipeline();
+    let img = preprocess::decode_image(bytes, name, &pre.decode())?;
+    let t = pipe.evaluate(&pipe.fit(img).map_err(|e| e.in_file(name))?);
+    let side = pre.size as usize;
+    t.reshape(&[pre.channels, side, side])
+}
+
 /// Decode and preprocess `paths` on all cores into one `[N, C, size, size]` batch, with the network's own
 /// evaluation preprocessing. The first bad file stops it.
 pub fn load_batch(paths: &[PathBuf], pre: &card::Preprocess) -> Result<Tensor> {
@@ -136,4 +146,17 @@ pub fn npy_f32(t: &Tensor) -> Vec<u8> {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
+}
+
+/// One image's top-k as `predict --json` prints it and `POST /v1/predict` answers:
+/// `{"file": …, "top": [{"class": i, "label": …, "probability": p}, …]}`.
+pub fn top_json(file: &str, top: &[(usize, f32)], labels: &[String]) -> serde_json::Value {
+    let top: Vec<_> = top
+        .iter()
+        .map(|&(c, p)| {
+            let label = labels.get(c).map_or_else(|| format!("class {c}"), String::clone);
+            serde_json::json!({"class": c, "label": label, "probability": p})
+        })
+        .collect();
+    serde_json::json!({"file": file, "top": top})
 }
