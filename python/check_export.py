@@ -125,7 +125,7 @@ def main() -> int:
         for i, img in enumerate(images):
             tol = 1e-5 if img.suffix == ".png" else 5e-3
             e = rel(ours[i], want[i])
-            check(f"ours {img.name}", e <= tol, f"resnet features --layer fc vs torchvision: relative error {e:.2e} "
+            check(f"ours {img.parent.name}/{img.name}", e <= tol, f"resnet features --layer fc vs torchvision: relative error {e:.2e} "
                                                  f"(tolerance {tol:.0e})")
     print(f"{'all checks pass' if not failures else 'FAILED: ' + ', '.join(failures)} "
           f"(torch {torch.__version__}, torchvision {torchvision.__version__}, onnx {onnx.__version__}, "

@@ -20,9 +20,10 @@
 //! # Ok::<(), resnet_rs::Error>(())
 //! ```
 //!
-//! Layers, each importing only those below it (`tests/layers.rs` holds the rule): `cli` → `train`, `infer` →
-//! `exec` (what walks the graph on a target) → `model` (the graph, the store, the CPU layers) → `engine` (the
-//! kernels, over `Tensor`); `data`, `imaging`, `weights`, `fetch` and `files` beside them.
+//! Layers, each importing only those below it (`tests/layers.rs` holds the rule): `cli` → `train`, `infer`,
+//! `serve` (HTTP), `export` (ONNX, pth, safetensors) → `exec` (what walks the graph on a target) → `model` (the
+//! graph, the store, the CPU layers) → `engine` (the kernels, over `Tensor`); `data`, `imaging`, `weights`,
+//! `fetch` and `files` beside them.
 
 #[macro_use]
 mod named;

@@ -25,7 +25,7 @@ use crate::train::recipe::FlagValue;
 #[command(
     name = "resnet",
     version,
-    about = "ResNet-18/34/50/101/152: train, fine-tune, evaluate, predict and extract features"
+    about = "ResNet-18/34/50/101/152: train, fine-tune, evaluate, predict, extract features, export and serve"
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -40,6 +40,21 @@ pub struct Job {
 pub struct Queue {
     tx: SyncSender<Job>,
     depth: Arc<AtomicUsize>,
+    /// Images of requests being read or decoded: on their way to the queue.
+    incoming: Arc<AtomicUsize>,
+}
+
+/// Images announced with `Queue::incoming`, counted until this is dropped (after they are submitted, or when
+/// their request fails).
+pub struct Incoming {
+    counter: Arc<AtomicUsize>,
+    images: usize,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.images, Ordering::SeqCst);
+    }
 }
 
 /// `Queue::submit` refused the job: the queue holds its maximum.
@@ -56,6 +71,14 @@ impl Queue {
                 Err(Full)
             }
         }
+    }
+
+    /// Tell the executor that `images` are being decoded, so that it waits for them (up to the batch's
+    /// deadline); with none announced and none queued it runs what it has at once: a lone request pays no
+    /// `max_delay`.
+    pub fn incoming(&self, images: usize) -> Incoming {
+        self.incoming.fetch_add(images, Ordering::SeqCst);
+        Incoming { counter: self.incoming.clone(), images }
     }
 
     /// Images waiting for the executor.
@@ -85,8 +108,9 @@ pub fn spawn(
 ) -> Result<(Queue, oneshot::Receiver<Result<String>>, JoinHandle<()>)> {
     let (tx, rx) = sync_channel::<Job>(settings.capacity);
     let depth = Arc::new(AtomicUsize::new(0));
+    let incoming = Arc::new(AtomicUsize::new(0));
     let (opened_tx, opened_rx) = oneshot::channel::<Result<String>>();
-    let thread_depth = depth.clone();
+    let (thread_depth, thread_incoming) = (depth.clone(), incoming.clone());
     let thread = std::thread::Builder::new()
         .name("resnet-executor".into())
         .spawn(move || {
@@ -99,10 +123,10 @@ pub fn spawn(
             };
             ready.store(true, Ordering::SeqCst);
             let _ = opened_tx.send(Ok(runner.describe()));
-            execute(&mut runner, &rx, &settings, &thread_depth, &metrics);
+            execute(&mut runner, &rx, &settings, [&thread_depth, &thread_incoming], &metrics);
         })
         .map_err(|e| Error::invalid(format!("cannot start the executor thread: {e}")))?;
-    Ok((Queue { tx, depth }, opened_rx, thread))
+    Ok((Queue { tx, depth, incoming }, opened_rx, thread))
 }
 
 fn warm_up(mut runner: Runner, s: &Settings) -> Result<Runner> {
@@ -113,19 +137,30 @@ fn warm_up(mut runner: Runner, s: &Settings) -> Result<Runner> {
     Ok(runner)
 }
 
-/// The executor loop: wait for a job, gather what arrives until the oldest job's deadline or a full batch, run
-/// each kind of output as one forward pass, answer every job.
-fn execute(runner: &mut Runner, rx: &Receiver<Job>, s: &Settings, depth: &AtomicUsize, metrics: &Metrics) {
+/// The executor loop: wait for a job, gather what is queued or on its way until the oldest job's deadline or
+/// a full batch, run each kind of output as one forward pass, answer every job.
+fn execute(
+    runner: &mut Runner,
+    rx: &Receiver<Job>,
+    s: &Settings,
+    [depth, incoming]: [&AtomicUsize; 2],
+    metrics: &Metrics,
+) {
     while let Ok(first) = rx.recv() {
         let deadline = first.queued + s.max_delay;
         let mut jobs = vec![first];
         while jobs.len() < s.max_batch {
+            if let Ok(job) = rx.try_recv() {
+                jobs.push(job);
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            // (a timeout and a closed queue both end the gathering)
-            let next = if left.is_zero() { rx.try_recv().ok() } else { rx.recv_timeout(left).ok() };
-            match next {
-                Some(job) => jobs.push(job),
-                None => break,
+            if left.is_zero() || incoming.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            // Short waits, so that the gathering stops as soon as nothing more is on its way.
+            if let Ok(job) = rx.recv_timeout(left.min(POLL)) {
+                jobs.push(job);
             }
         }
         depth.fetch_sub(jobs.len(), Ordering::SeqCst);
@@ -139,6 +174,10 @@ fn execute(runner: &mut Runner, rx: &Receiver<Job>, s: &Settings, depth: &Atomic
         }
     }
 }
+
+/// How often a gathering batch checks whether more images are still on their way (a wake-up costs microseconds;
+/// a forward pass tens of milliseconds).
+const POLL: Duration = Duration::from_millis(1);
 
 fn run(runner: &mut Runner, jobs: Vec<Job>, output: Output, metrics: &Metrics) {
     let n = jobs.len();

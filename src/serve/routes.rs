@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::batcher::{Job, Output, Queue};
+use super::batcher::{Incoming, Job, Output, Queue};
 use super::metrics::Metrics;
 use crate::engine::Tensor;
 use crate::infer;
@@ -163,10 +163,14 @@ async fn run(app: &Arc<App>, req: Request, output: Output) -> Result<(Vec<(Strin
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"));
     }
     let timeout = app.request_timeout.as_secs_f64();
+    // At least one image is on its way from the moment the request is accepted.
+    let reading = app.queue.incoming(1);
     let (files, multipart) = tokio::time::timeout_at(deadline, read_images(app, req)).await.map_err(|_| {
         ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {timeout} s"))
     })??;
-    tokio::time::timeout_at(deadline, infer_images(app, files, output))
+    let decoding = app.queue.incoming(files.len());
+    drop(reading);
+    tokio::time::timeout_at(deadline, infer_images(app, files, decoding, output))
         .await
         .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {timeout} s")))?
         .map(|rows| (rows, multipart))
@@ -205,10 +209,12 @@ async fn read_images(app: &App, req: Request) -> Result<(Vec<(String, Bytes)>, b
     Ok((files, multipart))
 }
 
-/// Decode every file in parallel, queue them all, and wait for their rows.
+/// Decode every file in parallel, queue them all (then `incoming`, which announced them, is dropped), and wait
+/// for their rows.
 async fn infer_images(
     app: &Arc<App>,
     files: Vec<(String, Bytes)>,
+    incoming: Incoming,
     output: Output,
 ) -> Result<Vec<(String, Vec<f32>)>, ApiError> {
     let decoding: Vec<_> = files
@@ -237,6 +243,8 @@ async fn infer_images(
         }
         waiting.push((name, answer));
     }
+    // Queued: no longer on their way.
+    drop(incoming);
     let mut rows = Vec::with_capacity(waiting.len());
     for (name, answer) in waiting {
         let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
