@@ -355,3 +355,14 @@ fn train_device_and_dtype_are_refused_up_front_in_one_line() {
     fails_cleanly(&["train", "--out", out, "--device", "tpu"], "unknown device 'tpu'");
     assert!(!run.exists(), "a refused run writes nothing");
 }
+
+/// `--distributed` in a build without the `mpi` feature: one line naming the feature, exit 2.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn distributed_without_the_mpi_build_is_one_line() {
+    let o = resnet(&["train", "--distributed", "--max-steps", "1", "--out", "/nonexistent/never-created"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--features mpi"), "{err}");
+}

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use resnet_rs::Recipe;
 use resnet_rs::ResNet;
-use resnet_rs::data::loader::{self, Batch, LoaderConfig};
+use resnet_rs::data::loader::{self, Batch, LoaderConfig, Shard};
 use resnet_rs::train::setup;
 use resnet_rs::{DeviceSpec, Precision, Target};
 use resnet_rs::{StepOutcome, TrainArgs, Trainer};
@@ -246,6 +246,7 @@ fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
         max_steps: None,
         json: false,
         interrupt: None,
+        comm: None,
     }
 }
 
@@ -253,7 +254,14 @@ fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
 fn trainer(r: Recipe, skip_nonfinite: bool, freeze_until: Option<&str>, n: usize) -> (Trainer, Vec<Batch>) {
     let (train, _) = setup::datasets(&r).unwrap();
     let (pipe, _) = setup::pipelines(&r);
-    let cfg = LoaderConfig { batch_size: r.batch_size, shuffle: true, drop_last: true, workers: 1, seed: r.seed };
+    let cfg = LoaderConfig {
+        batch_size: r.batch_size,
+        shuffle: true,
+        drop_last: true,
+        workers: 1,
+        seed: r.seed,
+        shard: Shard::WHOLE,
+    };
     let mix = (r.label_smoothing > 0.0).then_some(resnet_rs::data::transforms::BatchMix {
         mixup_alpha: 0.0,
         cutmix_alpha: 0.0,

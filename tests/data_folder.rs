@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use image::{Rgb, RgbImage};
-use resnet_rs::data::loader::{LoaderConfig, batches};
+use resnet_rs::data::loader::{LoaderConfig, Shard, batches};
 use resnet_rs::data::transforms::Pipeline;
 use resnet_rs::{Dataset, ImageFolder};
 
@@ -122,7 +122,8 @@ fn errors_name_the_folder_or_file() {
     let folder = ImageFolder::open(&dir.path().join("s")).expect("open");
     let err = folder.get(0).expect_err("broken").to_string();
     assert!(err.starts_with(&bad.display().to_string()) && !err.contains('\n'), "{err}");
-    let cfg = LoaderConfig { batch_size: 1, shuffle: false, drop_last: false, workers: 2, seed: 0 };
+    let cfg =
+        LoaderConfig { batch_size: 1, shuffle: false, drop_last: false, workers: 2, seed: 0, shard: Shard::WHOLE };
     let pipeline = Arc::new(Pipeline::imagenet_eval(8, 8));
     let results: Vec<_> = batches(Arc::new(folder), pipeline, None, &cfg, 0, 0).collect();
     assert_eq!(results.len(), 1, "the error is the first batch and ends the pass");

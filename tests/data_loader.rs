@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
-use resnet_rs::data::loader::{Batch, LoaderConfig, batches, epoch_order, num_batches};
+use resnet_rs::data::loader::{Batch, LoaderConfig, Shard, batches, epoch_order, num_batches};
 use resnet_rs::data::transforms::{BatchMix, Op, Pipeline, RandomErasing};
 use resnet_rs::{Dataset, Digits, Image};
 use resnet_rs::{Error, Result};
@@ -70,7 +70,7 @@ fn index_of(batch: &Batch, k: usize) -> usize {
 }
 
 fn cfg(batch_size: usize, workers: usize) -> LoaderConfig {
-    LoaderConfig { batch_size, shuffle: true, drop_last: false, workers, seed: 42 }
+    LoaderConfig { batch_size, shuffle: true, drop_last: false, workers, seed: 42, shard: Shard::WHOLE }
 }
 
 fn collect(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use resnet_rs::Recipe;
 use resnet_rs::ResNet;
-use resnet_rs::data::loader::{self, Batch, LoaderConfig};
+use resnet_rs::data::loader::{self, Batch, LoaderConfig, Shard};
 use resnet_rs::train::setup;
 use resnet_rs::weights;
 use resnet_rs::{StepOutcome, TrainArgs, Trainer};
@@ -32,6 +32,7 @@ fn args(dir: &Path, skip_nonfinite: bool) -> TrainArgs {
         max_steps: None,
         json: false,
         interrupt: None,
+        comm: None,
     }
 }
 
@@ -40,7 +41,14 @@ fn trainer(skip_nonfinite: bool) -> (Trainer, Vec<Batch>) {
     let r = recipe();
     let (train, _) = setup::datasets(&r).unwrap();
     let (pipe, _) = setup::pipelines(&r);
-    let cfg = LoaderConfig { batch_size: r.batch_size, shuffle: true, drop_last: true, workers: 1, seed: r.seed };
+    let cfg = LoaderConfig {
+        batch_size: r.batch_size,
+        shuffle: true,
+        drop_last: true,
+        workers: 1,
+        seed: r.seed,
+        shard: Shard::WHOLE,
+    };
     let batches: Vec<Batch> =
         loader::batches(train.clone(), Arc::new(pipe), None, &cfg, 0, 0).take(3).map(|b| b.unwrap()).collect();
     let steps = loader::num_batches(train.len(), &cfg) as u64;

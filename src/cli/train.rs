@@ -32,6 +32,10 @@ pub struct TrainCmd {
     /// Skip (and count) steps whose gradients are not finite instead of stopping.
     #[arg(long)]
     skip_nonfinite: bool,
+    /// Data-parallel over MPI ranks: launch with `mpirun -n N resnet train --distributed ...` (builds with the
+    /// `mpi` feature). --batch-size is per rank; rank 0 writes the checkpoints, metrics and report.
+    #[arg(long)]
+    distributed: bool,
     /// Stop after this many optimiser steps in total, writing a checkpoint.
     #[arg(long)]
     max_steps: Option<u64>,
@@ -56,7 +60,8 @@ fn free_run_dir(name: &str) -> PathBuf {
 }
 
 /// The recipe a fresh run trains with, its name (for the run folder), and what the start-up line should add.
-fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
+/// The recipe the flags ask for, for `world` data-parallel ranks (1: one process).
+fn choose_recipe(a: &TrainCmd, world: usize) -> Result<(Recipe, String, Vec<String>)> {
     let f = &a.fields;
     let data = f.data.clone().flatten();
     let mut notes = Vec::new();
@@ -98,12 +103,17 @@ fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
             *values = vec![avg];
         }
     }
-    if let (Some(batch), None) = (f.batch_size, f.lr)
-        && batch != base_batch
-    {
-        r.lr = base_lr * batch as f32 / base_batch as f32;
+    // Linear scaling by the effective batch: the per-rank --batch-size times the data-parallel ranks.
+    let effective = f.batch_size.unwrap_or(base_batch) * world;
+    if f.lr.is_none() && effective != base_batch {
+        r.lr = base_lr * effective as f32 / base_batch as f32;
+        let why = if world > 1 {
+            format!("an effective batch of {world} ranks x {}", r.batch_size)
+        } else {
+            format!("--batch-size {effective}")
+        };
         notes.push(format!(
-            "lr {} = {base_lr} x {batch}/{base_batch} (linear scaling for --batch-size {batch}; --lr sets it)",
+            "lr {} = {base_lr} x {effective}/{base_batch} (linear scaling for {why}; --lr sets it)",
             r.lr
         ));
     }
@@ -113,6 +123,8 @@ fn choose_recipe(a: &TrainCmd) -> Result<(Recipe, String, Vec<String>)> {
 
 pub fn run(a: TrainCmd) -> Result<()> {
     let device = a.target.target();
+    let comm = if a.distributed { Some(crate::train::distributed::world()?) } else { None };
+    let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let resume = a.resume.is_some();
     let (recipe, run_dir, announce) = match &a.resume {
         Some(dir) => {
@@ -137,7 +149,7 @@ pub fn run(a: TrainCmd) -> Result<()> {
             (Recipe::default(), dir.clone(), None)
         }
         None => {
-            let (r, name, notes) = choose_recipe(&a)?;
+            let (r, name, notes) = choose_recipe(&a, comm.as_ref().map_or(1, |c| c.size()))?;
             // Before any download; the run checks it again.
             device.resolve(train_job(&r))?;
             if a.download {
@@ -158,8 +170,12 @@ pub fn run(a: TrainCmd) -> Result<()> {
         max_steps: a.max_steps,
         json: a.json,
         interrupt: Some(interrupt_flag()?),
+        comm,
     };
     let reports = trainer::run_on(args, device)?;
+    if !lead {
+        return Ok(());
+    }
     if let (false, Some(last)) = (a.json, reports.last()) {
         let best = crate::train::checkpoint::load(&run_dir.join("best.safetensors"))?.position;
         eprintln!(

@@ -49,6 +49,36 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Seed of the order, the augmentation and the mixing.
     pub seed: u64,
+    /// This process's part of each epoch (data-parallel training); `Shard::WHOLE` for all of it.
+    pub shard: Shard,
+}
+
+/// Rank `rank` of `world`'s part of an epoch, as PyTorch's `DistributedSampler` cuts it: the epoch's order
+/// (the same seeded shuffle on every rank) padded with its own first indices to a multiple of `world`, then
+/// every `world`-th index from `rank` on. Every rank gets the same number of samples, and each sample keeps the
+/// augmentation of its dataset index, so a run is reproducible for any world size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// Samples of this shard in a pass over `len`.
+    pub fn len(&self, len: usize) -> usize {
+        if self.world <= 1 { len } else { len.div_ceil(self.world) }
+    }
+
+    /// This shard of a pass's `order`.
+    pub fn of(&self, order: Vec<usize>) -> Vec<usize> {
+        if self.world <= 1 || order.is_empty() {
+            return order;
+        }
+        let total = order.len().div_ceil(self.world) * self.world;
+        order.iter().cycle().take(total).skip(self.rank).step_by(self.world).copied().collect()
+    }
 }
 
 /// One batch.
@@ -62,9 +92,10 @@ pub struct Batch {
     pub labels: Vec<usize>,
 }
 
-/// Batches in a pass over `len` samples: `len / batch_size`, rounded up unless `drop_last` (0 for a
+/// Batches in a pass over `len` samples (this shard's part of them): `len / batch_size`, rounded up unless `drop_last` (0 for a
 /// batch size of 0).
 pub fn num_batches(len: usize, cfg: &LoaderConfig) -> usize {
+    let len = cfg.shard.len(len);
     match cfg.batch_size {
         0 => 0,
         bs if cfg.drop_last => len / bs,
@@ -94,9 +125,10 @@ pub fn mix_rng(seed: u64, epoch: u64, batch: usize) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(key(seed, &[MIX, epoch, batch as u64]))
 }
 
-/// The dataset indices of a pass, in order.
+/// The dataset indices of a pass, in order (this shard's, for data-parallel training).
 pub fn epoch_order(len: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<usize> {
-    if cfg.shuffle { permutation(len, key(cfg.seed, &[ORDER, epoch])) } else { (0..len).collect() }
+    let order = if cfg.shuffle { permutation(len, key(cfg.seed, &[ORDER, epoch])) } else { (0..len).collect() };
+    cfg.shard.of(order)
 }
 
 /// Iterate over the batches of one pass (`epoch`), starting at batch `skip_batches`. See the module docs.

@@ -132,8 +132,10 @@ pub fn batched(x: &Tensor, batch: usize, mut f: impl FnMut(&Tensor) -> Result<Te
 /// to a multiple of 64 bytes and ending in a newline, then the values in C order (features' `.npy` output, and
 /// the arrays the ONNX check reads).
 pub fn npy_f32(t: &Tensor) -> Vec<u8> {
-    let dims: String = t.shape().iter().map(|d| format!("{d}, ")).collect();
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims.trim_end());
+    let dims: Vec<String> = t.shape().iter().map(usize::to_string).collect();
+    // Python's tuple syntax: (n,) for one dimension, (a, b) for more.
+    let shape = if dims.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape}), }}");
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
     header.push('\n');

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
-use crate::data::loader::{self, LoaderConfig};
+use crate::data::loader::{self, LoaderConfig, Shard};
 use crate::data::transforms::Pipeline;
 use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -62,7 +62,8 @@ pub fn evaluate_with(
     workers: usize,
 ) -> Result<EvalReport> {
     let be = crate::engine::cpu::Cpu;
-    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0 };
+    let cfg =
+        LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0, shard: Shard::WHOLE };
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut predictions = Vec::with_capacity(ds.len());

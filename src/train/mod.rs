@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod defaults;
+pub mod distributed;
 pub mod ema;
 pub mod evaluate;
 #[cfg(feature = "cuda")]

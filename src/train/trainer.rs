@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
+use super::distributed::{self, Alone, Comm, DistributedSteps};
 use super::ema::ModelEma;
 use super::evaluate::{EvalReport, Recorded};
 use super::monitor::{self, GradReport, LayerStats};
@@ -21,11 +22,11 @@ use super::schedule::Schedule;
 use super::setup;
 use super::steps::{self, CpuSteps, Steps, train_job};
 use crate::data::Dataset;
-use crate::data::loader::{self, Batch, LoaderConfig};
+use crate::data::loader::{self, Batch, LoaderConfig, Shard};
 use crate::data::transforms::{BatchMix, Pipeline};
 use crate::error::{Error, Result};
 use crate::model::ResNet;
-use crate::target::Target;
+use crate::target::{Resolved, Target};
 
 pub struct TrainArgs {
     pub recipe: Recipe,
@@ -45,6 +46,9 @@ pub struct TrainArgs {
     /// Set (by a Ctrl-C handler, say) to stop after the current step with a checkpoint; `run` then fails with
     /// `Error::Interrupted`.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Data-parallel over these ranks (`mpirun -n N resnet train --distributed`: `distributed::world()`); None
+    /// for one process.
+    pub comm: Option<Arc<dyn Comm>>,
 }
 
 /// One epoch's figures: printed with `--json`, written to `metrics.jsonl` and read back by the report (fields
@@ -84,21 +88,26 @@ pub enum StepOutcome {
 }
 
 struct Metrics {
-    file: std::fs::File,
+    /// None on the ranks other than 0 of a data-parallel run, which write nothing.
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
 impl Metrics {
-    fn open(run_dir: &Path) -> Result<Metrics> {
+    fn open(run_dir: &Path, writer: bool) -> Result<Metrics> {
         let path = run_dir.join("metrics.jsonl");
+        if !writer {
+            return Ok(Metrics { file: None, path });
+        }
         drop_partial_line(&path)?;
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::file(&path, e))?;
-        Ok(Metrics { file, path })
+        Ok(Metrics { file: Some(file), path })
     }
     fn write(&mut self, kind: &str, value: &impl Serialize) -> Result<()> {
+        let Some(file) = &mut self.file else { return Ok(()) };
         let mut obj = serde_json::to_value(value).map_err(Error::invalid)?;
         obj["type"] = kind.into();
-        writeln!(self.file, "{obj}").map_err(|e| Error::file(&self.path, e))
+        writeln!(file, "{obj}").map_err(|e| Error::file(&self.path, e))
     }
 }
 
@@ -132,6 +141,10 @@ pub struct Trainer {
     /// `sync_host`; `host_stale` says a step has run since.
     steps: Box<dyn Steps>,
     host_stale: bool,
+    /// `RESNET_DDP_CHECK=N`: compare the ranks' networks every N steps.
+    check_every: Option<u64>,
+    /// The data-parallel ranks (`Alone` for one process); rank 0 alone writes checkpoints.
+    comm: Arc<dyn Comm>,
 }
 
 impl Trainer {
@@ -171,6 +184,8 @@ impl Trainer {
             skip_nonfinite: args.skip_nonfinite,
             steps: Box::new(CpuSteps::default()),
             host_stale: false,
+            check_every: None,
+            comm: Arc::new(Alone),
         })
     }
 
@@ -178,7 +193,12 @@ impl Trainer {
     /// (one line naming the flag) what that device cannot run.
     pub fn use_device(&mut self, device: Target) -> Result<()> {
         self.sync_host()?;
-        self.steps = steps::open(device, &self.model, &self.opt, &self.recipe)?;
+        let steps = steps::open(device, &self.model, &self.opt, &self.recipe)?;
+        self.steps = if self.comm.size() > 1 {
+            Box::new(DistributedSteps { inner: steps, comm: self.comm.clone() })
+        } else {
+            steps
+        };
         Ok(())
     }
 
@@ -267,6 +287,10 @@ impl Trainer {
         };
         self.pos.batch += 1;
         self.pos.global_step += 1;
+        if self.check_every.is_some_and(|n| self.pos.global_step.is_multiple_of(n)) {
+            self.sync_host()?;
+            distributed::check_identical(self.comm.as_ref(), &self.model, self.pos.global_step)?;
+        }
         Ok(done)
     }
 
@@ -316,7 +340,11 @@ impl Trainer {
     }
 
     /// Write a checkpoint (of the GPU's state, on a GPU), refusing one that would carry a NaN or an infinity.
+    /// In a data-parallel run rank 0 writes it and the others, which hold the same state, write nothing.
     pub fn save(&mut self, path: &Path) -> Result<()> {
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
         self.sync_host()?;
         if let Some(layer) = nonfinite_state(&self.model) {
             return Err(Error::file(path, format!("refusing to save a checkpoint: {layer} is not finite")));
@@ -360,6 +388,13 @@ impl Drop for FreshDir<'_> {
 /// Train with the steps on `device`; checkpoints are the same whichever device wrote them, so a run resumes on
 /// any device.
 pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
+    let comm: Arc<dyn Comm> = args.comm.clone().unwrap_or_else(|| Arc::new(Alone));
+    let (rank, world) = (comm.rank(), comm.size());
+    if world > 1 && matches!(device.resolve(train_job(&args.recipe)), Ok(Resolved::Gpu { .. })) {
+        return Err(Error::invalid(
+            "--distributed runs CPU ranks so far; data-parallel on GPUs (NCCL) is not built yet: use --device cpu",
+        ));
+    }
     let last_path = args.run_dir.join("last.safetensors");
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
     let mut recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
@@ -397,7 +432,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     }
     recipe.validate()?;
     device.resolve(train_job(&recipe))?;
-    if !args.resume && last_path.exists() {
+    if !args.resume && last_path.exists() && rank == 0 {
         return Err(Error::file(
             &args.run_dir,
             "already holds a run; pass --resume to continue it or choose another --out",
@@ -415,21 +450,36 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
         drop_last,
         workers: recipe.workers,
         seed: recipe.seed,
+        shard: Shard { rank, world },
     };
     let steps_per_epoch = loader::num_batches(train_ds.len(), &cfg) as u64;
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
     t.class_names = Some(train_ds.class_names());
+    t.comm = comm.clone();
+    t.check_every = std::env::var("RESNET_DDP_CHECK").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0);
 
     let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
-    crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
+    if rank == 0 {
+        crate::weights::remove_stale_temporaries(&args.run_dir, &["last.safetensors", "best.safetensors"]);
+    }
     if let Some(c) = &resumed {
         t.restore(c, &last_path)?;
     }
     t.use_device(device)?;
     // Everything that can refuse the run has run: say what it trains.
-    if let Some(line) = &args.announce {
+    if let Some(line) = &args.announce
+        && rank == 0
+    {
         eprintln!("{line}");
+    }
+    if world > 1 && rank == 0 {
+        eprintln!(
+            "data-parallel over {world} ranks: batch {} per rank, effective batch {}, lr {} (as given: not rescaled)",
+            recipe.batch_size,
+            recipe.batch_size * world,
+            recipe.lr
+        );
     }
     if let Some(name) = t.gpu_name() {
         eprintln!("training on {name}");
@@ -451,7 +501,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
                 label_smoothing: recipe.label_smoothing,
             },
         );
-        let mut metrics = Metrics::open(&args.run_dir)?;
+        let mut metrics = Metrics::open(&args.run_dir, rank == 0)?;
         if let Some(message) = &note {
             metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
             eprintln!("{message}");
@@ -464,7 +514,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
         };
 
         let mut reports = Vec::new();
-        let show = std::io::stderr().is_terminal();
+        let show = std::io::stderr().is_terminal() && rank == 0;
         while t.pos.epoch < recipe.epochs {
             let bar = ProgressBar::with_draw_target(
                 Some(steps_per_epoch),
@@ -489,7 +539,8 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
                 t.pos.batch as usize,
             );
             for batch in batches {
-                if interrupted(&args.interrupt) {
+                // Every rank stops after the same step, whichever rank was interrupted.
+                if distributed::any(comm.as_ref(), interrupted(&args.interrupt))? {
                     return stop(&mut t, &bar);
                 }
                 let batch = batch?;
@@ -498,8 +549,10 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
                     metrics.write("grad", &r)?;
                 }
                 if let StepOutcome::Applied { loss, top1_hits } = outcome {
-                    loss_sum += loss as f64 * batch.labels.len() as f64;
-                    (correct, seen) = (correct + top1_hits, seen + batch.labels.len());
+                    // Loss and hits are over every rank's batch (`DistributedSteps`), of equal sizes.
+                    let images = batch.labels.len() * world;
+                    loss_sum += loss as f64 * images as f64;
+                    (correct, seen) = (correct + top1_hits, seen + images);
                 }
                 let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 bar.set_position(t.pos.batch);
@@ -538,7 +591,9 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
                 ema_val_top5: ema_eval.as_ref().map(|e| e.top5),
             };
             metrics.write("epoch", &report)?;
-            if args.json {
+            if rank > 0 {
+                // the other ranks print nothing: rank 0 speaks for the run
+            } else if args.json {
                 println!("{}", serde_json::to_string(&report).map_err(Error::invalid)?);
             } else {
                 let top5 = if show_top5 { format!(" top5 {:.4}", report.val_top5) } else { String::new() };
@@ -567,16 +622,20 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             t.save(&last_path)?;
             if improved {
                 t.save(&args.run_dir.join("best.safetensors"))?;
-                Recorded::new(t.pos.epoch, train_ds.class_names(), &eval).save(&args.run_dir)?;
+                if rank == 0 {
+                    Recorded::new(t.pos.epoch, train_ds.class_names(), &eval).save(&args.run_dir)?;
+                }
             }
             reports.push(report);
-            if interrupted(&args.interrupt) && t.pos.epoch < recipe.epochs {
+            if distributed::any(comm.as_ref(), interrupted(&args.interrupt))? && t.pos.epoch < recipe.epochs {
                 return stop(&mut t, &ProgressBar::hidden());
             }
         }
         Ok(reports)
     })();
-    if let Err(e) = crate::report::write(&args.run_dir) {
+    if rank == 0
+        && let Err(e) = crate::report::write(&args.run_dir)
+    {
         eprintln!("the run's report was not written: {e}");
     }
     outcome

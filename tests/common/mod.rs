@@ -172,6 +172,7 @@ pub fn train_args(recipe: resnet_rs::Recipe, dir: &std::path::Path) -> resnet_rs
         max_steps: None,
         json: false,
         interrupt: None,
+        comm: None,
     }
 }
 

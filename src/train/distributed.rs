@@ -1,0 +1,210 @@
+//! Data-parallel training, the way PyTorch DDP does it: every rank (one process; `mpirun -n N resnet train
+//! --distributed`) holds the whole network, trains on its own shard of each epoch (`loader::Shard`, as
+//! `DistributedSampler`), and after backward the gradients are averaged over the ranks, so every rank applies
+//! the same update to the same weights. BN running statistics are broadcast from rank 0 before every forward
+//! (DDP's `broadcast_buffers=True`), so the ranks' networks are identical whenever one is evaluated or saved.
+//!
+//! `Comm` is the little the loop needs from a communicator; `mpi.rs` (feature `mpi`) implements it on MPI
+//! through the `mpi` crate (rsmpi over Open MPI or MPICH: the launcher, the rendezvous and the all-reduce are
+//! MPI's, none of ours). `DistributedSteps` wraps a target's `Steps` with the reductions, so `Trainer::step`
+//! keeps one path: a non-finite gradient on any rank makes the averaged gradient non-finite on every rank, and
+//! the loss, the hit count and the state check are reduced too, so every rank's guard decides the same.
+
+use std::sync::Arc;
+
+use super::evaluate::EvalReport;
+use super::optim::Optimizer;
+use super::steps::{Checked, Steps};
+use crate::data::Dataset;
+use crate::data::loader::Batch;
+use crate::data::transforms::Pipeline;
+use crate::error::{Error, Result};
+use crate::model::ResNet;
+
+#[cfg(feature = "mpi")]
+mod mpi;
+
+/// What data-parallel training needs of a communicator. Every call is collective: every rank makes it, in the
+/// same order, with buffers of the same length.
+pub trait Comm: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum over the ranks, in place.
+    fn sum_f32(&self, values: &mut [f32]) -> Result<()>;
+    fn sum_f64(&self, values: &mut [f64]) -> Result<()>;
+    /// Rank 0's values on every rank.
+    fn broadcast_f32(&self, values: &mut [f32]) -> Result<()>;
+}
+
+/// One process: every reduction is the identity.
+pub struct Alone;
+
+impl Comm for Alone {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn sum_f32(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The communicator of `train --distributed`: MPI's world, initialised once per process.
+pub fn world() -> Result<Arc<dyn Comm>> {
+    #[cfg(feature = "mpi")]
+    {
+        mpi::world()
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(Error::invalid(
+        "--distributed needs MPI, and this binary was built without it; rebuild with `cargo build --release \
+         --features mpi` (Open MPI: Debian's libopenmpi-dev) and launch with `mpirun -n N resnet train --distributed`",
+    ))
+}
+
+/// Whether any rank says yes (an interrupt on one rank stops all of them after the same step).
+pub fn any(comm: &dyn Comm, local: bool) -> Result<bool> {
+    let mut flag = [f64::from(u8::from(local))];
+    comm.sum_f64(&mut flag)?;
+    Ok(flag[0] > 0.0)
+}
+
+/// Every parameter compared bit for bit with rank 0's (through a 64-bit hash): the ranks' weights must be
+/// identical after every step. (The BN running statistics move on each rank's own shard during a step and are
+/// made rank 0's again at the next forward, as DDP's broadcast does.) `RESNET_DDP_CHECK=N` runs it every N steps
+/// (debug runs and the tests).
+pub fn check_identical(comm: &dyn Comm, model: &ResNet, step: u64) -> Result<()> {
+    let hash = model
+        .store
+        .params
+        .iter()
+        .flat_map(|p| p.value.data().iter())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ u64::from(v.to_bits())).wrapping_mul(0x1000_0000_01b3));
+    // Three 22-bit pieces: each exact in an f32.
+    let pieces = |h: u64| [0, 22, 44].map(|s| ((h >> s) & 0x3f_ffff) as f32);
+    let mut root = pieces(hash);
+    comm.broadcast_f32(&mut root)?;
+    if any(comm, root != pieces(hash))? {
+        return Err(Error::invalid(format!(
+            "step {step}: the ranks' networks differ from rank 0's (this is rank {}): data-parallel state diverged",
+            comm.rank()
+        )));
+    }
+    Ok(())
+}
+
+/// A target's steps with the data-parallel reductions around them.
+pub struct DistributedSteps {
+    pub inner: Box<dyn Steps>,
+    pub comm: Arc<dyn Comm>,
+}
+
+impl DistributedSteps {
+    /// Every trainable gradient averaged over the ranks, in one flat buffer (one all-reduce a step).
+    fn average_gradients(&self, model: &mut ResNet) -> Result<()> {
+        let grads: Vec<&mut crate::engine::Tensor> =
+            model.store.params.iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).collect();
+        let total: usize = grads.iter().map(|g| g.numel()).sum();
+        let mut flat = Vec::with_capacity(total);
+        for g in &grads {
+            flat.extend_from_slice(g.data());
+        }
+        self.comm.sum_f32(&mut flat)?;
+        let scale = 1.0 / self.comm.size() as f32;
+        let mut at = 0;
+        for g in grads {
+            let n = g.numel();
+            for (dst, &src) in g.data_mut().iter_mut().zip(&flat[at..at + n]) {
+                *dst = src * scale;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Rank 0's BN running statistics on every rank.
+    fn broadcast_buffers(&self, model: &mut ResNet) -> Result<()> {
+        let buffers = &mut model.store.buffers;
+        let mut flat: Vec<f32> = buffers.iter().flat_map(|b| b.value.data().iter().copied()).collect();
+        self.comm.broadcast_f32(&mut flat)?;
+        let mut at = 0;
+        for b in buffers.iter_mut() {
+            let n = b.value.numel();
+            b.value.data_mut().copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+impl Steps for DistributedSteps {
+    fn device_name(&self) -> Option<String> {
+        self.inner.device_name()
+    }
+
+    fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, keep_stats: bool) -> Result<Checked> {
+        self.broadcast_buffers(model)?;
+        let local = self.inner.forward_backward(model, batch, keep_stats)?;
+        self.average_gradients(model)?;
+        // The loss as the mean over the ranks, the hits as their sum, the state finite only if it is everywhere.
+        let mut scalars = [f64::from(local.loss), local.top1_hits as f64, f64::from(u8::from(!local.state_finite))];
+        self.comm.sum_f64(&mut scalars)?;
+        let n = self.comm.size() as f64;
+        Ok(Checked {
+            loss: (scalars[0] / n) as f32,
+            top1_hits: scalars[1] as usize,
+            grad_sumsq: self.inner.grad_sumsq(model)?,
+            state_finite: scalars[2] == 0.0,
+        })
+    }
+
+    fn drop_step(&mut self, model: &mut ResNet) -> Result<()> {
+        self.inner.drop_step(model)
+    }
+
+    fn scale_gradients(&mut self, model: &mut ResNet, c: f32) -> Result<()> {
+        self.inner.scale_gradients(model, c)
+    }
+
+    fn grad_sumsq(&self, model: &ResNet) -> Result<Vec<f64>> {
+        self.inner.grad_sumsq(model)
+    }
+
+    fn update(
+        &mut self,
+        model: &mut ResNet,
+        opt: &mut Optimizer,
+        lr: f32,
+        momentum: Option<f32>,
+        monitor: bool,
+    ) -> Result<Option<Vec<(f64, f64)>>> {
+        self.inner.update(model, opt, lr, momentum, monitor)
+    }
+
+    fn diagnose(&mut self, model: &mut ResNet, batch: &Batch, check: &Checked) -> Result<String> {
+        self.inner.diagnose(model, batch, check)
+    }
+
+    fn sync_host(&self, model: &mut ResNet, opt: &mut Optimizer) -> Result<()> {
+        self.inner.sync_host(model, opt)
+    }
+
+    fn evaluate(
+        &self,
+        model: &mut ResNet,
+        ds: Arc<dyn Dataset>,
+        pipe: Arc<Pipeline>,
+        batch: usize,
+        workers: usize,
+    ) -> Result<EvalReport> {
+        self.inner.evaluate(model, ds, pipe, batch, workers)
+    }
+}

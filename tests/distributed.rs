@@ -1,0 +1,144 @@
+//! Data-parallel training over MPI (feature `mpi`; `.ci/run` installs Open MPI): 2 ranks on loopback.
+//!
+//! Without SyncBN, DDP's step is: each rank runs forward and backward on its own shard's batch, normalising with
+//! its own batch statistics; the gradients are averaged; every rank applies the update; the BN running
+//! statistics are rank 0's (broadcast before each forward). The reference here computes exactly that in one
+//! process, with the library's own loader shards, network and optimiser, and must match rank 0's checkpoint after
+//! 10 steps; `RESNET_DDP_CHECK=1` makes the run itself compare the two ranks' weights bit for bit after every step.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::assert_close;
+use resnet_rs::Tensor;
+use resnet_rs::data::loader::{self, LoaderConfig, Shard};
+use resnet_rs::engine::Backend;
+use resnet_rs::engine::cpu::Cpu;
+use resnet_rs::model::Mode;
+use resnet_rs::train::{checkpoint, setup};
+use resnet_rs::{Optimizer, ResNet};
+
+/// `mpirun -n ranks resnet ARGS`, each rank on one thread.
+fn mpirun(ranks: usize, args: &[&str]) -> std::process::Output {
+    Command::new("mpirun")
+        .args(["--oversubscribe", "-n", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RESNET_DDP_CHECK"])
+        .arg(env!("CARGO_BIN_EXE_resnet"))
+        .args(args)
+        .env("RESNET_DDP_CHECK", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun runs (Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
+}
+
+fn train_args(out: &Path, steps: &str) -> Vec<String> {
+    [
+        "train",
+        "--distributed",
+        "--batch-size",
+        "32",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--max-steps",
+        steps,
+        "--out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([out.to_str().unwrap().to_string()])
+    .collect()
+}
+
+fn grads(model: &ResNet) -> Vec<Option<Tensor>> {
+    model.store.params.iter().map(|p| p.grad.clone()).collect()
+}
+
+#[test]
+fn two_ranks_train_as_ddp_does_and_end_with_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = train_args(&out, "10");
+    let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "2-rank run failed:\n{err}");
+    assert!(err.contains("data-parallel over 2 ranks: batch 32 per rank, effective batch 64"), "{err}");
+    // Rank 0 alone speaks and writes: one start-up line, one metrics file.
+    assert_eq!(err.matches("training resnet34").count(), 1, "{err}");
+
+    // The reference: the same recipe, shards, network and optimiser in one process.
+    let trained = checkpoint::load(&out.join("last.safetensors")).unwrap();
+    assert_eq!(trained.position.global_step, 10);
+    let r = trained.recipe;
+    let (train_ds, _) = setup::datasets(&r).unwrap();
+    let (pipe, _) = setup::pipelines(&r);
+    let pipe = std::sync::Arc::new(pipe);
+    let cfg = |rank| LoaderConfig {
+        batch_size: r.batch_size,
+        shuffle: true,
+        drop_last: true,
+        workers: 0,
+        seed: r.seed,
+        shard: Shard { rank, world: 2 },
+    };
+    // One thread, as each rank runs: the gradients' summation order follows the thread count, and 10 steps of
+    // this small network amplify a last-bit difference in conv1's gradient to 1e-3.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let want = pool.install(|| {
+        let mut model = setup::build_model(&r, train_ds.num_classes(), None).unwrap();
+        let groups = Optimizer::groups_for(&model.store.params, r.weight_decay, r.no_decay_bn_bias, r.head_lr_scale);
+        let mut opt = Optimizer::new(setup::optimizer_kind(&r), groups);
+        let shard0 = loader::batches(train_ds.clone(), pipe.clone(), None, &cfg(0), 0, 0);
+        let shard1 = loader::batches(train_ds.clone(), pipe.clone(), None, &cfg(1), 0, 0);
+        let be = Cpu;
+        for (a, b) in shard0.zip(shard1).take(10) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let start: Vec<Tensor> = model.store.buffers.iter().map(|x| x.value.clone()).collect();
+            let half = |batch: &resnet_rs::data::loader::Batch, model: &mut ResNet| {
+                model.store.zero_grad();
+                let logits = model.forward(&be, &batch.images, Mode::Train);
+                let (_, dlogits) = be.softmax_cross_entropy(&logits, &batch.targets);
+                model.backward(&be, &dlogits, false);
+                grads(model)
+            };
+            let ga = half(&a, &mut model);
+            let after_a: Vec<Tensor> = model.store.buffers.iter().map(|x| x.value.clone()).collect();
+            for (x, s) in model.store.buffers.iter_mut().zip(&start) {
+                x.value = s.clone();
+            }
+            let gb = half(&b, &mut model);
+            for ((p, ga), gb) in model.store.params.iter_mut().zip(ga).zip(gb) {
+                if let (Some(g), Some(ga), Some(gb)) = (p.grad.as_mut(), ga, gb) {
+                    for ((d, &x), &y) in g.data_mut().iter_mut().zip(ga.data()).zip(gb.data()) {
+                        *d = (x + y) * 0.5;
+                    }
+                }
+            }
+            for (x, s) in model.store.buffers.iter_mut().zip(after_a) {
+                x.value = s;
+            }
+            opt.step(&mut model.store.params, r.lr, None);
+        }
+        model.state_dict()
+    });
+    for (k, t) in &want {
+        assert_close(&format!("{k} after 10 steps"), &trained.model[k], t, 0.0);
+    }
+}
+
+#[test]
+fn one_rank_is_a_valid_world() {
+    // One rank is a valid world: the run trains alone and says nothing of data parallelism.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("one");
+    let args = train_args(&out, "2");
+    let o = mpirun(1, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("data-parallel over"), "{err}");
+    assert!(out.join("last.safetensors").exists());
+}
