@@ -142,3 +142,49 @@ fn one_rank_is_a_valid_world() {
     assert!(!err.contains("data-parallel over"), "{err}");
     assert!(out.join("last.safetensors").exists());
 }
+
+#[test]
+fn sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resume_takes_any_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = train_args(&out, "100000");
+    let child = Command::new("mpirun")
+        .args(["--oversubscribe", "-n", "2", "-x", "RAYON_NUM_THREADS=1"])
+        .arg(env!("CARGO_BIN_EXE_resnet"))
+        .args(&args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint (written before the first step), then a few steps more.
+    let started = std::time::Instant::now();
+    while !out.join("last.safetensors").exists() {
+        assert!(started.elapsed().as_secs() < 60, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // One of the ranks (a child of mpirun), not mpirun itself.
+    let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
+    Command::new("kill").args(["-TERM", &pids[1]]).status().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let line = err.lines().find(|l| l.starts_with("interrupted after step")).unwrap_or_else(|| panic!("{err}"));
+    // (each rank reports its own interruption: all name the same step)
+    assert!(err.lines().filter(|l| l.starts_with("interrupted after step")).all(|l| l == line), "{err}");
+    let step: u64 = line.split_whitespace().nth(3).and_then(|s| s.trim_end_matches(';').parse().ok()).unwrap();
+    let saved = checkpoint::load(&out.join("last.safetensors")).unwrap();
+    assert_eq!(saved.position.global_step, step, "the checkpoint is the step every rank stopped after");
+
+    // The same run resumed by one process (no mpirun): a data-parallel checkpoint is an ordinary one.
+    let more = (step + 2).to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(["train", "--resume", out.to_str().unwrap(), "--max-steps", &more])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(checkpoint::load(&out.join("last.safetensors")).unwrap().position.global_step, step + 2);
+}

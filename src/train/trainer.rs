@@ -475,7 +475,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     }
     if world > 1 && rank == 0 {
         eprintln!(
-            "data-parallel over {world} ranks: batch {} per rank, effective batch {}, lr {} (as given: not rescaled)",
+            "data-parallel over {world} ranks: batch {} per rank, effective batch {}, lr {}",
             recipe.batch_size,
             recipe.batch_size * world,
             recipe.lr
