@@ -52,7 +52,8 @@ pub fn run(a: ExportCmd) -> Result<()> {
     }
     let mut opened = crate::train::checkpoint::open_model(&a.checkpoint, a.arch, variant(a.ema))?;
     if let Some(size) = a.image_size {
-        opened.card.preprocess.size = size;
+        opened.card.preprocess.set_size(size);
+        opened.card.preprocess.validate().map_err(|e| e.in_file(&a.checkpoint))?;
     }
     export::write(&opened.model, &opened.card, format, OnnxOptions { tap, keep_bn: a.keep_bn }, &a.out)?;
     let what = match format {

@@ -99,8 +99,7 @@ impl ModelArgs {
         let pre = &mut opened.card.preprocess;
         if let Some(size) = self.image_size {
             // A new crop keeps the checkpoint's resize/crop ratio unless --resize is given too.
-            pre.resize = (u64::from(pre.resize) * u64::from(size) / u64::from(pre.size.max(1))) as u32;
-            pre.size = size;
+            pre.set_size(size);
         }
         if let Some(resize) = self.resize {
             pre.resize = resize;

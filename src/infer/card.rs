@@ -69,6 +69,12 @@ impl Preprocess {
         self
     }
 
+    /// A new crop side, keeping the resize/crop ratio (256/224 stays 256/224 at any size).
+    pub fn set_size(&mut self, size: u32) {
+        self.resize = (u64::from(self.resize) * u64::from(size) / u64::from(self.size.max(1))) as u32;
+        self.size = size;
+    }
+
     /// Refuse what no image could be preprocessed with (a hand-edited or hostile file).
     pub fn validate(&self) -> Result<()> {
         let fits = |v: &[f32]| v.len() == 1 || v.len() == self.channels;
