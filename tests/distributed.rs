@@ -188,3 +188,25 @@ fn sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resume_takes_any
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(checkpoint::load(&out.join("last.safetensors")).unwrap().position.global_step, step + 2);
 }
+
+#[test]
+fn the_sharded_evaluation_equals_one_process_evaluating_the_whole_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = train_args(&out, "1000");
+    args.extend(["--epochs", "1", "--json"].map(String::from));
+    let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let epoch: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one epoch line from rank 0 alone");
+    // The same checkpoint evaluated by one process over the whole held-out split.
+    let last = out.join("last.safetensors");
+    let e = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(["eval", "--json", "--weights", last.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let whole: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(epoch["val_top1"], whole["top1"], "top-1: 2 ranks' shards vs the whole split");
+    let (a, b) = (epoch["val_loss"].as_f64().unwrap(), whole["loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+}

@@ -82,8 +82,7 @@ pub fn evaluate_with(
         }
     }
     let n = n.max(1) as f64;
-    let per_class =
-        confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect();
+    let per_class = per_class(&confusion);
     Ok(EvalReport {
         loss: loss_sum / n,
         top1: top1 as f64 / n,
@@ -92,6 +91,11 @@ pub fn evaluate_with(
         confusion,
         predictions,
     })
+}
+
+/// Each class's accuracy from a confusion matrix (`confusion[true][predicted]`); 0 for a class with no samples.
+pub fn per_class(confusion: &[Vec<u64>]) -> Vec<f64> {
+    confusion.iter().enumerate().map(|(i, r)| r[i] as f64 / r.iter().sum::<u64>().max(1) as f64).collect()
 }
 
 /// The evaluation of the epoch `best.safetensors` holds, written beside it (atomically, whenever it improves) as
