@@ -1,3 +1,6 @@
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
@@ -8,7 +11,8 @@ use crate::engine::{Backend, Tensor, one_hot};
 use crate::error::{Error, Result};
 use crate::infer::runner::Runner;
 use crate::model::{Arch, Mode, ResNet, ResNetConfig, Stem};
-use crate::target::{Job, Target, TargetArgs};
+use crate::target::{Job, Resolved, Target, TargetArgs};
+use crate::train::distributed::{self, Comm};
 use crate::train::optim::{Optimizer, OptimizerKind};
 
 #[derive(Args)]
@@ -40,6 +44,11 @@ pub struct BenchCmd {
     /// One JSON line: median_ms, min_ms, max_ms, images_per_s, peak_rss_mib.
     #[arg(long)]
     json: bool,
+    /// --workload train on MPI ranks (`mpirun -n N resnet bench --workload train --distributed`, feature `mpi`):
+    /// each step's gradients averaged over the ranks, as `train --distributed` does; --batch is per rank, and
+    /// rank 0 reports the images/s of all ranks and the share of the step spent in the all-reduce.
+    #[arg(long)]
+    distributed: bool,
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; None where /proc is not available.
@@ -63,6 +72,11 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let stem = a.stem.unwrap_or(if train { Stem::Cifar } else { Stem::ImageNet });
     let classes = a.classes.unwrap_or(if train { 10 } else { 1000 }).max(1);
     let target = a.target.target();
+    if a.distributed && (!train || !matches!(target.resolve(Job::Train { optimizer: "sgd" })?, Resolved::Cpu(_))) {
+        return Err(Error::invalid("--distributed times the CPU training step: give --workload train --device cpu"));
+    }
+    let comm: Arc<dyn Comm> = if a.distributed { distributed::world()? } else { Arc::new(distributed::Alone) };
+    let comm_ms = Rc::new(RefCell::new(Vec::new()));
     let mut model = ResNet::new(ResNetConfig { stem, ..ResNetConfig::new(a.arch, classes) }, 0);
     // Deterministic, image-like input; the values do not change the work done.
     let x = Tensor::new(
@@ -82,12 +96,18 @@ pub fn run(a: BenchCmd) -> Result<()> {
     } else if train {
         let mut opt = Optimizer::new(kind, groups);
         let x = &x;
+        let (comm, comm_ms) = (comm.clone(), comm_ms.clone());
         Box::new(move || {
             let be = Cpu;
             model.store.zero_grad();
             let logits = model.forward(&be, x, Mode::Train);
             let (_, dlogits) = be.softmax_cross_entropy(&logits, &targets);
             model.backward(&be, &dlogits, false);
+            if comm.size() > 1 {
+                let t = Instant::now();
+                distributed::average_gradients(comm.as_ref(), &mut model)?;
+                comm_ms.borrow_mut().push(t.elapsed().as_secs_f64() * 1000.0);
+            }
             opt.step(&mut model.store.params, 0.01, None);
             Ok(())
         })
@@ -109,8 +129,16 @@ pub fn run(a: BenchCmd) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = if runs % 2 == 1 { times[runs / 2] } else { (times[runs / 2 - 1] + times[runs / 2]) / 2.0 };
-    let ips = batch as f64 * 1000.0 / median;
+    let world = comm.size();
+    let ips = (batch * world) as f64 * 1000.0 / median;
     let rss = peak_rss_mib();
+    // The all-reduce's share of the timed steps (the warm-up's are left out), as rank 0 saw it.
+    let comm_ms = comm_ms.borrow();
+    let comm_share =
+        (world > 1).then(|| comm_ms[comm_ms.len() - runs..].iter().sum::<f64>() / times.iter().sum::<f64>());
+    if comm.rank() > 0 {
+        return Ok(());
+    }
     if a.json {
         println!(
             "{}",
@@ -118,6 +146,7 @@ pub fn run(a: BenchCmd) -> Result<()> {
                 "workload": a.workload, "arch": a.arch.name, "batch": batch, "size": size, "dtype": target.precision.to_string(),
                 "threads": rayon::current_num_threads(), "device": device, "median_ms": median, "min_ms": times[0],
                 "max_ms": times[runs - 1], "images_per_s": ips, "peak_rss_mib": rss, "setup_ms": setup_ms,
+                "ranks": world, "allreduce_share": comm_share,
             })
         );
     } else {
@@ -131,6 +160,12 @@ pub fn run(a: BenchCmd) -> Result<()> {
             rss.map(|r| format!("{r:.0} MiB")).unwrap_or_else(|| "n/a".into()),
             setup_ms / 1000.0
         );
+        if let Some(share) = comm_share {
+            println!(
+                "data-parallel over {world} ranks (batch {batch} each): images/s of all ranks; all-reduce {:.1} % of the step",
+                100.0 * share
+            );
+        }
     }
     Ok(())
 }

@@ -102,6 +102,28 @@ pub fn check_identical(comm: &dyn Comm, model: &ResNet, step: u64) -> Result<()>
     Ok(())
 }
 
+/// Every trainable gradient averaged over the ranks, in one flat buffer: one all-reduce a step.
+pub fn average_gradients(comm: &dyn Comm, model: &mut ResNet) -> Result<()> {
+    let grads: Vec<&mut crate::engine::Tensor> =
+        model.store.params.iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).collect();
+    let total: usize = grads.iter().map(|g| g.numel()).sum();
+    let mut flat = Vec::with_capacity(total);
+    for g in &grads {
+        flat.extend_from_slice(g.data());
+    }
+    comm.sum_f32(&mut flat)?;
+    let scale = 1.0 / comm.size() as f32;
+    let mut at = 0;
+    for g in grads {
+        let n = g.numel();
+        for (dst, &src) in g.data_mut().iter_mut().zip(&flat[at..at + n]) {
+            *dst = src * scale;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// A target's steps with the data-parallel reductions around them.
 pub struct DistributedSteps {
     pub inner: Box<dyn Steps>,
@@ -109,28 +131,6 @@ pub struct DistributedSteps {
 }
 
 impl DistributedSteps {
-    /// Every trainable gradient averaged over the ranks, in one flat buffer (one all-reduce a step).
-    fn average_gradients(&self, model: &mut ResNet) -> Result<()> {
-        let grads: Vec<&mut crate::engine::Tensor> =
-            model.store.params.iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).collect();
-        let total: usize = grads.iter().map(|g| g.numel()).sum();
-        let mut flat = Vec::with_capacity(total);
-        for g in &grads {
-            flat.extend_from_slice(g.data());
-        }
-        self.comm.sum_f32(&mut flat)?;
-        let scale = 1.0 / self.comm.size() as f32;
-        let mut at = 0;
-        for g in grads {
-            let n = g.numel();
-            for (dst, &src) in g.data_mut().iter_mut().zip(&flat[at..at + n]) {
-                *dst = src * scale;
-            }
-            at += n;
-        }
-        Ok(())
-    }
-
     /// Rank 0's BN running statistics on every rank.
     fn broadcast_buffers(&self, model: &mut ResNet) -> Result<()> {
         let buffers = &mut model.store.buffers;
@@ -154,7 +154,7 @@ impl Steps for DistributedSteps {
     fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, keep_stats: bool) -> Result<Checked> {
         self.broadcast_buffers(model)?;
         let local = self.inner.forward_backward(model, batch, keep_stats)?;
-        self.average_gradients(model)?;
+        average_gradients(self.comm.as_ref(), model)?;
         // The loss as the mean over the ranks, the hits as their sum, the state finite only if it is everywhere.
         let mut scalars = [f64::from(local.loss), local.top1_hits as f64, f64::from(u8::from(!local.state_finite))];
         self.comm.sum_f64(&mut scalars)?;
