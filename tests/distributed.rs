@@ -210,3 +210,68 @@ fn the_sharded_evaluation_equals_one_process_evaluating_the_whole_split() {
     let (a, b) = (epoch["val_loss"].as_f64().unwrap(), whole["loss"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
 }
+
+#[test]
+fn predict_and_features_over_ranks_give_one_output_in_input_order() {
+    use resnet_rs::infer::card::{ModelCard, Preprocess};
+    use resnet_rs::{Arch, ResNetConfig, Stem};
+    let dir = tempfile::tempdir().unwrap();
+    let arch: Arch = "resnet18".parse().unwrap();
+    let model = ResNet::new(ResNetConfig { stem: Stem::Cifar, ..ResNetConfig::new(arch, 7) }, 3);
+    let card = ModelCard {
+        arch,
+        stem: Stem::Cifar,
+        classes: None,
+        preprocess: Preprocess { size: 32, resize: 32, ..Preprocess::imagenet() },
+    };
+    let weights = dir.path().join("m.safetensors");
+    resnet_rs::weights::save_model(&model, &weights, &card.to_metadata().unwrap()).unwrap();
+    let w = weights.to_str().unwrap();
+    // 3 images over 2 ranks: 2 and 1, the second rank's part padded for the gather.
+    let images: Vec<String> = ["cat.png", "coffee.jpg", "camera_grey.png"]
+        .iter()
+        .map(|f| common::fixture(&format!("images/{f}")).to_str().unwrap().to_string())
+        .collect();
+    let images: Vec<&str> = images.iter().map(String::as_str).collect();
+    let alone = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args([&["predict", "--json", "--weights", w][..], &images].concat())
+        .output()
+        .unwrap();
+    let ranks = mpirun(2, &[&["predict", "--json", "--distributed", "--weights", w][..], &images].concat());
+    assert!(ranks.status.success(), "{}", String::from_utf8_lossy(&ranks.stderr));
+    // Rank 0 alone prints, every image in input order; the numbers agree to rounding (a batch of another size
+    // may take another convolution algorithm).
+    let lines = |o: &std::process::Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (want, got) = (lines(&alone), lines(&ranks));
+    assert_eq!(got.len(), 3);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["file"], w["file"]);
+        assert_eq!(g["top"][0]["class"], w["top"][0]["class"]);
+        let p = |v: &serde_json::Value| v["top"][0]["probability"].as_f64().unwrap();
+        assert!((p(g) - p(w)).abs() <= 1e-5 * p(w), "{g} vs {w}");
+    }
+
+    let (one, two) = (dir.path().join("one.npy"), dir.path().join("two.npy"));
+    let (one_s, two_s) = (one.to_str().unwrap(), two.to_str().unwrap());
+    let o = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args([&["features", "--weights", w, "--out", one_s][..], &images].concat())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = mpirun(2, &[&["features", "--distributed", "--weights", w, "--out", two_s][..], &images].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let floats = |p: &Path| -> Vec<f32> {
+        let b = std::fs::read(p).unwrap();
+        let header = u16::from_le_bytes([b[8], b[9]]) as usize;
+        b[10 + header..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    };
+    let (a, b) = (floats(&one), floats(&two));
+    assert_eq!(a.len(), 3 * 512, "one file with every image's row");
+    assert!(common::rel_err(&b, &a) <= 1e-5, "features differ by {}", common::rel_err(&b, &a));
+    assert_eq!(
+        std::fs::read(one.with_extension("files.json")).unwrap(),
+        std::fs::read(two.with_extension("files.json")).unwrap()
+    );
+}

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::ModelArgs;
+use super::{ModelArgs, Sharded};
 use crate::error::{Error, Result};
 use crate::infer;
 use crate::infer::runner::Runner;
@@ -24,6 +24,10 @@ pub struct FeaturesArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_size: u64,
+    /// Split the images over MPI ranks (`mpirun -n N resnet features --distributed ...`, feature `mpi`); rank 0
+    /// writes one file with every image's row, in input order.
+    #[arg(long)]
+    distributed: bool,
     #[command(flatten)]
     target: TargetArgs,
     /// JPEG, PNG, TIFF or DICOM files, or directories of them (.jpg/.jpeg/.png/.tif/.tiff/.dcm).
@@ -38,11 +42,19 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let arch = opened.card.arch;
     let model = opened.model;
     let files = infer::collect_images(&a.images)?;
-    let x = infer::load_batch(&files, &opened.card.preprocess)?;
-    let [_, _, h, w] = x.dims4();
+    let sharded = Sharded::new(a.distributed, files.len())?;
+    let width = model.graph.width(tap);
+    let mine = &files[sharded.mine()];
+    let side = opened.card.preprocess.size as usize;
     let batch = a.batch_size as usize;
-    let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
-    let feats = infer::batched(&x, batch, |b| runner.features(b, tap))?;
+    let rows = if mine.is_empty() {
+        crate::Tensor::zeros(&[0, width])
+    } else {
+        let x = infer::load_batch(mine, &opened.card.preprocess)?;
+        let mut runner = Runner::open(model, a.target.target(), batch, side, side)?;
+        infer::batched(&x, batch, |b| runner.features(b, tap))?
+    };
+    let Some(feats) = sharded.gather(rows, width)? else { return Ok(()) };
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let files_json = serde_json::to_string(&names).map_err(Error::invalid)?;
     let [n, d] = feats.dims2();

@@ -143,3 +143,43 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Weights(a) => weights::run(a),
     }
 }
+
+/// `--distributed` on `predict` and `features` (`mpirun -n N`, feature `mpi`): each rank takes a contiguous part
+/// of the inputs, and rank 0 gathers every rank's rows back into input order and alone writes the output.
+struct Sharded {
+    comm: std::sync::Arc<dyn crate::train::distributed::Comm>,
+    /// Inputs in all; each rank's part holds `chunk` of them (the last ones fewer, padded for the gather).
+    total: usize,
+    chunk: usize,
+}
+
+impl Sharded {
+    fn new(distributed: bool, total: usize) -> Result<Sharded> {
+        use crate::train::distributed::{self, Alone};
+        let comm = if distributed { distributed::world()? } else { std::sync::Arc::new(Alone) };
+        let chunk = total.div_ceil(comm.size());
+        Ok(Sharded { comm, total, chunk })
+    }
+
+    /// This rank's inputs, as a range of the whole list.
+    fn mine(&self) -> std::ops::Range<usize> {
+        let start = (self.comm.rank() * self.chunk).min(self.total);
+        start..(start + self.chunk).min(self.total)
+    }
+
+    /// Every rank's `[k, width]` rows, in input order, on rank 0; None on the others.
+    fn gather(&self, rows: crate::Tensor, width: usize) -> Result<Option<crate::Tensor>> {
+        if self.comm.size() == 1 {
+            return Ok(Some(rows));
+        }
+        let mut local = rows.into_data();
+        local.resize(self.chunk * width, 0.0);
+        Ok(match self.comm.gather_f32(&local)? {
+            Some(mut all) => {
+                all.truncate(self.total * width);
+                Some(crate::Tensor::new(&[self.total, width], all)?)
+            }
+            None => None,
+        })
+    }
+}

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::ModelArgs;
+use super::{ModelArgs, Sharded};
 use crate::error::Result;
 use crate::infer;
 use crate::infer::runner::Runner;
@@ -24,6 +24,10 @@ pub struct PredictArgs {
     /// One JSON object per image on stdout.
     #[arg(long)]
     json: bool,
+    /// Split the images over MPI ranks (`mpirun -n N resnet predict --distributed ...`, feature `mpi`); rank 0
+    /// prints every image's result, in input order.
+    #[arg(long)]
+    distributed: bool,
     #[command(flatten)]
     target: TargetArgs,
     /// JPEG, PNG, TIFF or DICOM files, or directories of them (.jpg/.jpeg/.png/.tif/.tiff/.dcm).
@@ -36,11 +40,19 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let model = opened.model;
     let labels = infer::labels::for_model(a.labels.as_deref(), opened.card.classes, model.config.num_classes)?;
     let files = infer::collect_images(&a.images)?;
-    let x = infer::load_batch(&files, &opened.card.preprocess)?;
-    let [_, _, h, w] = x.dims4();
+    let sharded = Sharded::new(a.distributed, files.len())?;
+    let classes = model.config.num_classes;
+    let mine = &files[sharded.mine()];
+    let side = opened.card.preprocess.size as usize;
     let batch = a.batch_size as usize;
-    let mut runner = Runner::open(model, a.target.target(), batch, h, w)?;
-    let logits = infer::batched(&x, batch, |b| runner.forward(b))?;
+    let rows = if mine.is_empty() {
+        crate::Tensor::zeros(&[0, classes])
+    } else {
+        let x = infer::load_batch(mine, &opened.card.preprocess)?;
+        let mut runner = Runner::open(model, a.target.target(), batch, side, side)?;
+        infer::batched(&x, batch, |b| runner.forward(b))?
+    };
+    let Some(logits) = sharded.gather(rows, classes)? else { return Ok(()) };
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {
         if a.json {

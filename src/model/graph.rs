@@ -128,6 +128,16 @@ pub struct Shapes {
 }
 
 impl Graph {
+    /// Values per image at `tap` (spatially averaged for a stage): the stage's channels, the pooled features, or
+    /// the classes.
+    pub fn width(&self, tap: super::Tap) -> usize {
+        match tap.stage() {
+            Some(s) => self.units[self.blocks[self.stages[s].end - 1].output()].out_channels,
+            None if tap == super::Tap::Fc => self.classes,
+            None => self.features,
+        }
+    }
+
     pub fn of(cfg: &ResNetConfig) -> Graph {
         let in_channels = cfg.in_channels;
         let c0 = cfg.widths[0];

@@ -35,6 +35,8 @@ pub trait Comm: Send + Sync {
     fn sum_f64(&self, values: &mut [f64]) -> Result<()>;
     /// Rank 0's values on every rank.
     fn broadcast_f32(&self, values: &mut [f32]) -> Result<()>;
+    /// Every rank's `local` (all of one length), concatenated in rank order on rank 0; None on the others.
+    fn gather_f32(&self, local: &[f32]) -> Result<Option<Vec<f32>>>;
 }
 
 /// One process: every reduction is the identity.
@@ -55,6 +57,9 @@ impl Comm for Alone {
     }
     fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
         Ok(())
+    }
+    fn gather_f32(&self, local: &[f32]) -> Result<Option<Vec<f32>>> {
+        Ok(Some(local.to_vec()))
     }
 }
 

@@ -46,4 +46,17 @@ impl Comm for Mpi {
         self.universe.world().process_at_rank(0).broadcast_into(values);
         Ok(())
     }
+
+    fn gather_f32(&self, local: &[f32]) -> Result<Option<Vec<f32>>> {
+        let world = self.universe.world();
+        let root = world.process_at_rank(0);
+        if world.rank() == 0 {
+            let mut all = vec![0f32; local.len() * world.size() as usize];
+            root.gather_into_root(local, &mut all[..]);
+            Ok(Some(all))
+        } else {
+            root.gather_into(local);
+            Ok(None)
+        }
+    }
 }
