@@ -77,8 +77,8 @@ pub fn run(model: ResNet, card: ModelCard, labels: Vec<String>, target: Target, 
         max_images: config.max_images,
     });
     eprintln!(
-        "serving {} ({} stem, {}x{side}) on http://{local}: POST /v1/predict, /v1/features; GET /v2/health/live, \
-         /v2/health/ready, /metrics",
+        "serving {} ({} stem, {} channels at {side}x{side}) on http://{local}: POST /v1/predict, /v1/features; \
+         GET /v2/health/live, /v2/health/ready, /metrics",
         card.arch, card.stem, card.preprocess.channels
     );
     let served = runtime.block_on(serve(listener, app, opened, &config));
