@@ -58,6 +58,35 @@ fn grads(model: &ResNet) -> Vec<Option<Tensor>> {
     model.store.params.iter().map(|p| p.grad.clone()).collect()
 }
 
+/// A 2-rank run of `args` in the background, started once its first checkpoint exists; and its ranks' pids.
+fn running(out: &Path, args: &[String], env: &[(&str, &str)]) -> (std::process::Child, Vec<String>) {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-n", "2", "-x", "RAYON_NUM_THREADS=1"]);
+    for (k, v) in env {
+        cmd.args(["-x", k]).env(k, v);
+    }
+    let child = cmd
+        .arg(env!("CARGO_BIN_EXE_resnet"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint (written before the first step), then a few steps more.
+    let started = std::time::Instant::now();
+    while !out.join("last.safetensors").exists() {
+        assert!(started.elapsed().as_secs() < 60, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // The ranks are mpirun's children.
+    let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
+    (child, pids)
+}
+
 #[test]
 fn two_ranks_train_as_ddp_does_and_end_with_identical_weights() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,26 +177,7 @@ fn sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resume_takes_any
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let args = train_args(&out, "100000");
-    let child = Command::new("mpirun")
-        .args(["--oversubscribe", "-n", "2", "-x", "RAYON_NUM_THREADS=1"])
-        .arg(env!("CARGO_BIN_EXE_resnet"))
-        .args(&args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the first checkpoint (written before the first step), then a few steps more.
-    let started = std::time::Instant::now();
-    while !out.join("last.safetensors").exists() {
-        assert!(started.elapsed().as_secs() < 60, "no checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    // One of the ranks (a child of mpirun), not mpirun itself.
-    let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout).split_whitespace().map(String::from).collect();
-    assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
+    let (child, pids) = running(&out, &args, &[]);
     Command::new("kill").args(["-TERM", &pids[1]]).status().unwrap();
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -274,4 +284,20 @@ fn predict_and_features_over_ranks_give_one_output_in_input_order() {
         std::fs::read(one.with_extension("files.json")).unwrap(),
         std::fs::read(two.with_extension("files.json")).unwrap()
     );
+}
+
+#[test]
+fn a_rank_that_hangs_makes_the_others_stop_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = train_args(&out, "100000");
+    let (child, pids) = running(&out, &args, &[("RESNET_DDP_TIMEOUT", "4")]);
+    // Rank 1 stops answering (as a deadlocked or frozen process does).
+    Command::new("kill").args(["-STOP", &pids[1]]).status().unwrap();
+    let stopped = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(stopped.elapsed().as_secs() < 30, "the job ended {:?} after the rank froze", stopped.elapsed());
+    assert!(err.contains("rank 0: a collective call got no answer from the other ranks within 4 s"), "{err}");
 }
