@@ -42,19 +42,11 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let arch = opened.card.arch;
     let model = opened.model;
     let files = infer::collect_images(&a.images)?;
+    let (batch, side, width) = (a.batch_size as usize, opened.card.preprocess.size as usize, model.graph.width(tap));
+    let open = || Runner::open(model, a.target.target(), batch, side, side);
     let sharded = Sharded::new(a.distributed, files.len())?;
-    let width = model.graph.width(tap);
-    let mine = &files[sharded.mine()];
-    let side = opened.card.preprocess.size as usize;
-    let batch = a.batch_size as usize;
-    let rows = if mine.is_empty() {
-        crate::Tensor::zeros(&[0, width])
-    } else {
-        let x = infer::load_batch(mine, &opened.card.preprocess)?;
-        let mut runner = Runner::open(model, a.target.target(), batch, side, side)?;
-        infer::batched(&x, batch, |b| runner.features(b, tap))?
-    };
-    let Some(feats) = sharded.gather(rows, width)? else { return Ok(()) };
+    let feats = sharded.rows(&files, &opened.card.preprocess, open, (batch, width), |r, b| r.features(b, tap))?;
+    let Some(feats) = feats else { return Ok(()) };
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let files_json = serde_json::to_string(&names).map_err(Error::invalid)?;
     let [n, d] = feats.dims2();

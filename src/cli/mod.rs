@@ -167,6 +167,28 @@ impl Sharded {
         start..(start + self.chunk).min(self.total)
     }
 
+    /// `f`'s `[k, width]` rows for this rank's part of `files`, in batches of `batch` (the network opened by
+    /// `runner` only when the part holds any), then every rank's rows in input order on rank 0; None on the
+    /// others.
+    fn rows(
+        &self,
+        files: &[PathBuf],
+        pre: &crate::infer::card::Preprocess,
+        runner: impl FnOnce() -> Result<crate::infer::runner::Runner>,
+        (batch, width): (usize, usize),
+        mut f: impl FnMut(&mut crate::infer::runner::Runner, &crate::Tensor) -> Result<crate::Tensor>,
+    ) -> Result<Option<crate::Tensor>> {
+        let mine = &files[self.mine()];
+        let rows = if mine.is_empty() {
+            crate::Tensor::zeros(&[0, width])
+        } else {
+            let x = crate::infer::load_batch(mine, pre)?;
+            let mut runner = runner()?;
+            crate::infer::batched(&x, batch, |b| f(&mut runner, b))?
+        };
+        self.gather(rows, width)
+    }
+
     /// Every rank's `[k, width]` rows, in input order, on rank 0; None on the others.
     fn gather(&self, rows: crate::Tensor, width: usize) -> Result<Option<crate::Tensor>> {
         if self.comm.size() == 1 {

@@ -40,19 +40,12 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let model = opened.model;
     let labels = infer::labels::for_model(a.labels.as_deref(), opened.card.classes, model.config.num_classes)?;
     let files = infer::collect_images(&a.images)?;
+    let (batch, side, classes) =
+        (a.batch_size as usize, opened.card.preprocess.size as usize, model.config.num_classes);
+    let open = || Runner::open(model, a.target.target(), batch, side, side);
     let sharded = Sharded::new(a.distributed, files.len())?;
-    let classes = model.config.num_classes;
-    let mine = &files[sharded.mine()];
-    let side = opened.card.preprocess.size as usize;
-    let batch = a.batch_size as usize;
-    let rows = if mine.is_empty() {
-        crate::Tensor::zeros(&[0, classes])
-    } else {
-        let x = infer::load_batch(mine, &opened.card.preprocess)?;
-        let mut runner = Runner::open(model, a.target.target(), batch, side, side)?;
-        infer::batched(&x, batch, |b| runner.forward(b))?
-    };
-    let Some(logits) = sharded.gather(rows, classes)? else { return Ok(()) };
+    let logits = sharded.rows(&files, &opened.card.preprocess, open, (batch, classes), |r, b| r.forward(b))?;
+    let Some(logits) = logits else { return Ok(()) };
     let k = (a.top_k as usize).min(labels.len());
     for (file, top) in files.iter().zip(infer::top_k(&logits, k)) {
         if a.json {

@@ -59,8 +59,8 @@ fn free_run_dir(name: &str) -> PathBuf {
         .unwrap_or(base)
 }
 
-/// The recipe a fresh run trains with, its name (for the run folder), and what the start-up line should add.
-/// The recipe the flags ask for, for `world` data-parallel ranks (1: one process).
+/// The recipe a fresh run trains with, for `world` data-parallel ranks (1: one process), its name (for the run
+/// folder), and what the start-up line should add.
 fn choose_recipe(a: &TrainCmd, world: usize) -> Result<(Recipe, String, Vec<String>)> {
     let f = &a.fields;
     let data = f.data.clone().flatten();

@@ -92,8 +92,8 @@ pub struct Batch {
     pub labels: Vec<usize>,
 }
 
-/// Batches in a pass over `len` samples (this shard's part of them): `len / batch_size`, rounded up unless `drop_last` (0 for a
-/// batch size of 0).
+/// Batches in a pass over `len` samples (this shard's part of them): `len / batch_size`, rounded up unless
+/// `drop_last` (0 for a batch size of 0).
 pub fn num_batches(len: usize, cfg: &LoaderConfig) -> usize {
     let len = cfg.shard.len(len);
     match cfg.batch_size {

@@ -23,27 +23,29 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format a file name's extension asks for.
+    /// The format of a `--format` name.
+    fn named(name: &str) -> Option<Format> {
+        match name {
+            "onnx" => Some(Format::Onnx),
+            "pth" => Some(Format::Pth),
+            "safetensors" => Some(Format::Safetensors),
+            _ => None,
+        }
+    }
+
+    /// The format a file name's extension asks for (`.pt` is a `.pth`).
     pub fn of_path(path: &Path) -> Result<Format> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        match ext.as_str() {
-            "onnx" => Ok(Format::Onnx),
-            "pth" | "pt" => Ok(Format::Pth),
-            "safetensors" => Ok(Format::Safetensors),
-            _ => Err(Error::file(path, "give --format onnx|pth|safetensors (the extension does not say which)")),
-        }
+        Format::named(if ext == "pt" { "pth" } else { &ext })
+            .ok_or_else(|| Error::file(path, "give --format onnx|pth|safetensors (the extension does not say which)"))
     }
 }
 
 impl std::str::FromStr for Format {
     type Err = Error;
     fn from_str(s: &str) -> Result<Format> {
-        match s {
-            "onnx" => Ok(Format::Onnx),
-            "pth" => Ok(Format::Pth),
-            "safetensors" => Ok(Format::Safetensors),
-            _ => Err(Error::invalid(format!("unknown format '{s}' (expected onnx, pth or safetensors)"))),
-        }
+        Format::named(s)
+            .ok_or_else(|| Error::invalid(format!("unknown format '{s}' (expected onnx, pth or safetensors)")))
     }
 }
 

@@ -164,7 +164,6 @@ fn execute(
             }
         }
         depth.fetch_sub(jobs.len(), Ordering::SeqCst);
-        metrics.queue_depth.set(depth.load(Ordering::SeqCst) as i64);
         jobs.retain(|j| !j.reply.is_closed());
         while !jobs.is_empty() {
             let output = jobs[0].output;

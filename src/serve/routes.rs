@@ -104,6 +104,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    // The gauge is read off the queue's own count at scrape time.
     app.metrics.queue_depth.set(app.queue.depth() as i64);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], app.metrics.render()).into_response()
@@ -115,17 +116,14 @@ async fn not_found(req: Request) -> ApiError {
 
 async fn predict(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let (images, multipart) = run(&app, req, Output::Logits).await?;
+    let (names, rows): (Vec<String>, Vec<Vec<f32>>) = images.into_iter().unzip();
+    let classes = rows.first().map_or(0, Vec::len);
+    let logits = Tensor::new(&[rows.len(), classes], rows.concat())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let k = app.top_k.min(app.labels.len());
-    let results: Vec<Value> = images
-        .into_iter()
-        .map(|(name, row)| {
-            let classes = row.len();
-            let logits = Tensor::new(&[1, classes], row).unwrap_or_else(|_| Tensor::zeros(&[1, classes]));
-            let top = infer::top_k(&logits, k).pop().unwrap_or_default();
-            infer::top_json(&name, &top, &app.labels)
-        })
-        .collect();
-    Ok(respond(results, multipart))
+    let results =
+        names.iter().zip(infer::top_k(&logits, k)).map(|(name, top)| infer::top_json(name, &top, &app.labels));
+    Ok(respond(results.collect(), multipart))
 }
 
 #[derive(Deserialize)]

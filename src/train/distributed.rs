@@ -109,21 +109,30 @@ pub fn check_identical(comm: &dyn Comm, model: &ResNet, step: u64) -> Result<()>
 
 /// Every trainable gradient averaged over the ranks, in one flat buffer: one all-reduce a step.
 pub fn average_gradients(comm: &dyn Comm, model: &mut ResNet) -> Result<()> {
-    let grads: Vec<&mut crate::engine::Tensor> =
-        model.store.params.iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut()).collect();
-    let total: usize = grads.iter().map(|g| g.numel()).sum();
-    let mut flat = Vec::with_capacity(total);
-    for g in &grads {
-        flat.extend_from_slice(g.data());
-    }
-    comm.sum_f32(&mut flat)?;
+    let grads = model.store.params.iter_mut().filter(|p| p.trainable).filter_map(|p| p.grad.as_mut());
     let scale = 1.0 / comm.size() as f32;
+    through_one_buffer(grads.collect(), |flat| {
+        comm.sum_f32(flat)?;
+        flat.iter_mut().for_each(|v| *v *= scale);
+        Ok(())
+    })
+}
+
+/// `collective` on the tensors laid end to end in one buffer (one call for the whole network, not one per
+/// tensor), the result copied back into them.
+fn through_one_buffer(
+    tensors: Vec<&mut crate::engine::Tensor>,
+    collective: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let mut flat = Vec::with_capacity(tensors.iter().map(|t| t.numel()).sum());
+    for t in &tensors {
+        flat.extend_from_slice(t.data());
+    }
+    collective(&mut flat)?;
     let mut at = 0;
-    for g in grads {
-        let n = g.numel();
-        for (dst, &src) in g.data_mut().iter_mut().zip(&flat[at..at + n]) {
-            *dst = src * scale;
-        }
+    for t in tensors {
+        let n = t.numel();
+        t.data_mut().copy_from_slice(&flat[at..at + n]);
         at += n;
     }
     Ok(())
@@ -138,16 +147,8 @@ pub struct DistributedSteps {
 impl DistributedSteps {
     /// Rank 0's BN running statistics on every rank.
     fn broadcast_buffers(&self, model: &mut ResNet) -> Result<()> {
-        let buffers = &mut model.store.buffers;
-        let mut flat: Vec<f32> = buffers.iter().flat_map(|b| b.value.data().iter().copied()).collect();
-        self.comm.broadcast_f32(&mut flat)?;
-        let mut at = 0;
-        for b in buffers.iter_mut() {
-            let n = b.value.numel();
-            b.value.data_mut().copy_from_slice(&flat[at..at + n]);
-            at += n;
-        }
-        Ok(())
+        let buffers = model.store.buffers.iter_mut().map(|b| &mut b.value);
+        through_one_buffer(buffers.collect(), |flat| self.comm.broadcast_f32(flat))
     }
 }
 

@@ -184,8 +184,8 @@ impl Trainer {
             skip_nonfinite: args.skip_nonfinite,
             steps: Box::new(CpuSteps::default()),
             host_stale: false,
-            check_every: None,
-            comm: Arc::new(Alone),
+            check_every: std::env::var("RESNET_DDP_CHECK").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0),
+            comm: ranks(args),
         })
     }
 
@@ -364,6 +364,11 @@ fn interrupted(flag: &Option<Arc<AtomicBool>>) -> bool {
     flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
 }
 
+/// The data-parallel ranks a run trains on: `args.comm`, or this process alone.
+fn ranks(args: &TrainArgs) -> Arc<dyn Comm> {
+    args.comm.clone().unwrap_or_else(|| Arc::new(Alone))
+}
+
 /// Train on the CPU: `run_on(args, Target::CPU)`.
 pub fn run(args: TrainArgs) -> Result<Vec<EpochReport>> {
     run_on(args, Target::CPU)
@@ -388,7 +393,7 @@ impl Drop for FreshDir<'_> {
 /// Train with the steps on `device`; checkpoints are the same whichever device wrote them, so a run resumes on
 /// any device.
 pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
-    let comm: Arc<dyn Comm> = args.comm.clone().unwrap_or_else(|| Arc::new(Alone));
+    let comm = ranks(&args);
     let (rank, world) = (comm.rank(), comm.size());
     if world > 1 && matches!(device.resolve(train_job(&args.recipe)), Ok(Resolved::Gpu { .. })) {
         return Err(Error::invalid(
@@ -455,8 +460,6 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     let steps_per_epoch = loader::num_batches(train_ds.len(), &cfg) as u64;
     let mut t = Trainer::new(&args, recipe.clone(), train_ds.num_classes(), steps_per_epoch)?;
     t.class_names = Some(train_ds.class_names());
-    t.comm = comm.clone();
-    t.check_every = std::env::var("RESNET_DDP_CHECK").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0);
 
     let mut fresh = FreshDir { path: &args.run_dir, armed: !args.run_dir.exists() };
     std::fs::create_dir_all(&args.run_dir).map_err(|e| Error::file(&args.run_dir, e))?;
@@ -504,7 +507,9 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
         let mut metrics = Metrics::open(&args.run_dir, rank == 0)?;
         if let Some(message) = &note {
             metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
-            eprintln!("{message}");
+            if rank == 0 {
+                eprintln!("{message}");
+            }
         }
         let show_top5 = train_ds.num_classes() > 5;
         let stop = |t: &mut Trainer, bar: &ProgressBar| -> Result<Vec<EpochReport>> {
