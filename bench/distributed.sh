@@ -6,9 +6,11 @@
 # Workloads: the ResNet-34 training step (SGD, forward + backward + all-reduce + update) with the CIFAR stem at
 # 32² (global batch 64) and with the ImageNet stem at 224² (global batch 16). Each line is `resnet bench
 # --workload train` (1 process, RAYON_NUM_THREADS=2) and `mpirun -n 2 resnet bench --workload train
-# --distributed` (RAYON_NUM_THREADS=1 per rank, half the batch each); printed: images/s of both, their ratio and
-# the share of the step spent in the gradient all-reduce (87 MB of f32 gradients a step for ResNet-34), then the
-# ring all-reduce arithmetic for faster links. Needs Open MPI (Debian: openmpi-bin libopenmpi-dev, libclang-dev)
+# --distributed` (RAYON_NUM_THREADS=1 per rank, half the batch each), the latter twice: with the bucketed
+# all-reduce overlapped with backward (the default) and with every bucket started after backward
+# (RESNET_DDP_OVERLAP=0); printed: images/s, the ratio to one process, and the share of the step spent waiting
+# for the gradients' all-reduce after backward (87 MB of f32 gradients a step for ResNet-34), then the ring
+# all-reduce arithmetic for faster links. Needs Open MPI (Debian: openmpi-bin libopenmpi-dev, libclang-dev)
 # and builds the `mpi` feature into target/mpi (RESNET_MPI_BIN=/path/to/resnet to use another build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +21,7 @@ while [[ $# -gt 0 ]]; do
         --runs)
             [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "distributed.sh: --runs needs a count" >&2; exit 2; }
             RUNS="$2"; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "distributed.sh: unknown argument '$1' (expected --runs N)" >&2; exit 2 ;;
     esac
     shift
@@ -35,19 +37,24 @@ cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 flags="$(grep -o -w 'avx2\|fma\|avx512f\|avx512_bf16\|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "# $(date -u +%Y-%m-%d) · $cpu · $(nproc) cores · flags: $flags· $(mpirun --version | head -1)"
 echo
-echo "| workload | 1 process x 2 threads | 2 ranks x 1 thread | ratio | all-reduce share of the step |"
-echo "|---|---|---|---|---|"
+echo "| workload | 1 process x 2 threads | 2 ranks x 1 thread, overlapped | ratio | waiting after backward | not overlapped: img/s, waiting |"
+echo "|---|---|---|---|---|---|"
 field() { python3 -c "import json,sys; r=json.loads(sys.stdin.read()); v=r.get('$1'); print('' if v is None else v)"; }
 for spec in "cifar 32 64" "imagenet 224 16"; do
     read -r stem size batch <<<"$spec"
     args=(bench --workload train --arch resnet34 --stem "$stem" --size "$size" --runs "$RUNS" --warmup 1 --json)
     one="$(RAYON_NUM_THREADS=2 "$BIN" "${args[@]}" --batch "$batch")"
-    two="$(mpirun --oversubscribe -n 2 -x RAYON_NUM_THREADS=1 "$BIN" "${args[@]}" --batch $((batch / 2)) --distributed)"
+    ranks() { RESNET_DDP_OVERLAP="$1" mpirun --oversubscribe -n 2 -x RAYON_NUM_THREADS=1 -x RESNET_DDP_OVERLAP \
+        "$BIN" "${args[@]}" --batch $((batch / 2)) --distributed; }
+    two="$(ranks 1)"
+    after="$(ranks 0)"
     ips1="$(field images_per_s <<<"$one")"
     [[ "$stem" == cifar ]] && step_ms="$(field median_ms <<<"$one")"
     ips2="$(field images_per_s <<<"$two")"
     share="$(field allreduce_share <<<"$two")"
-    python3 -c "print(f'| ResNet-34 {\"$stem\"} stem {$size}², global batch {$batch} | {$ips1:.1f} img/s | {$ips2:.1f} img/s | {$ips2/$ips1:.2f} | {100*$share:.1f} % |')"
+    ips3="$(field images_per_s <<<"$after")"
+    share3="$(field allreduce_share <<<"$after")"
+    python3 -c "print(f'| ResNet-34 {\"$stem\"} stem {$size}², global batch {$batch} | {$ips1:.1f} img/s | {$ips2:.1f} img/s | {$ips2/$ips1:.2f} | {100*$share:.1f} % | {$ips3:.1f} img/s, {100*$share3:.1f} % |')"
 done
 cat <<EOF
 

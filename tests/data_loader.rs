@@ -150,6 +150,41 @@ fn every_sample_once_per_epoch_and_epochs_differ() {
 }
 
 #[test]
+fn a_resume_under_another_world_size_continues_after_the_same_samples() {
+    // k steps of W ranks consume exactly the first k·batch·W samples of the epoch's order (rank r takes every
+    // W-th from r), so `Position::rescale` can continue an epoch on another number of ranks: 3 steps of 2 ranks
+    // x 8 are 6 steps of 1 rank x 8, and what each world takes next is the same samples.
+    use resnet_rs::train::checkpoint::Position;
+    let ds: Arc<dyn Dataset> = Arc::new(Numbers::new(300));
+    let taken = |world: usize, skip: usize, steps: usize| -> Vec<usize> {
+        let mut seen: Vec<usize> = (0..world)
+            .flat_map(|rank| {
+                let c = LoaderConfig { shard: Shard { rank, world }, drop_last: true, ..cfg(8, 0) };
+                let b = collect(ds.clone(), identity(), None, &c, 3, skip);
+                b[..steps]
+                    .iter()
+                    .flat_map(|b| (0..b.labels.len()).map(|k| index_of(b, k)).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        seen.sort_unstable();
+        seen
+    };
+    assert_eq!(taken(2, 0, 3), taken(1, 0, 6), "the same prefix of the order");
+    let spe = |world: usize| num_batches(300 / world, &LoaderConfig { drop_last: true, ..cfg(8, 0) }) as u64;
+    let mut pos = Position { epoch: 3, batch: 3, global_step: 3 * spe(2) + 3, ranks: 2, ..Position::default() };
+    let note = pos.rescale(1, 8, spe(1)).expect("another world size");
+    assert_eq!((pos.batch, pos.global_step, pos.ranks), (6, 3 * spe(1) + 6, 1), "{note}");
+    assert_eq!(taken(1, 6, 4), taken(2, 3, 2), "and the same samples next");
+    // 5 steps of 1 rank are 2 steps of 2 ranks and half of one: those 8 samples are seen again.
+    let mut pos = Position { batch: 5, global_step: 5, ranks: 1, ..Position::default() };
+    let note = pos.rescale(2, 8, spe(2)).unwrap();
+    assert_eq!(pos.batch, 2);
+    assert!(note.contains("the 8 samples before it seen again"), "{note}");
+    assert_eq!(Position { ranks: 2, ..pos }.rescale(2, 8, spe(2)), None, "the same world: nothing to do");
+}
+
+#[test]
 fn batch_sizes_drop_last_and_plain_targets() {
     let ds: Arc<dyn Dataset> = Arc::new(Numbers::new(10));
     let keep = LoaderConfig { shuffle: false, ..cfg(4, 2) };

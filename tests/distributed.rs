@@ -23,9 +23,17 @@ use resnet_rs::{Optimizer, ResNet};
 
 /// `mpirun -n ranks resnet ARGS`, each rank on one thread.
 fn mpirun(ranks: usize, args: &[&str]) -> std::process::Output {
-    Command::new("mpirun")
-        .args(["--oversubscribe", "-n", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RESNET_DDP_CHECK"])
-        .arg(env!("CARGO_BIN_EXE_resnet"))
+    mpirun_with(ranks, args, &[])
+}
+
+/// `mpirun` with environment variables passed to every rank.
+fn mpirun_with(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-n", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RESNET_DDP_CHECK"]);
+    for (k, v) in env {
+        cmd.args(["-x", k]).env(k, v);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_resnet"))
         .args(args)
         .env("RESNET_DDP_CHECK", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -159,6 +167,67 @@ fn two_ranks_train_as_ddp_does_and_end_with_identical_weights() {
     }
 }
 
+/// The monitor's per-step records of a run: (loss, global gradient norm) for every step.
+fn step_curve(run: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "grad")
+        .map(|v| (v["loss"].as_f64().unwrap(), v["global_grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn with_sync_bn_two_ranks_of_32_train_as_one_process_of_64() {
+    // SyncBatchNorm makes the 2 ranks' step the step of one process on their joint batch: DistributedSampler's
+    // shards of batch k together are the one process's batch k, the BN statistics and gradient sums are over
+    // all 64 images, and the averaged gradient is the 64-image batch's.
+    //
+    // Both runs use one convolution algorithm: on its own, `auto` takes Winograd for the 4x4 maps at batch 64
+    // and im2col at batch 32 (`algo::resolve`), and a last-bit difference in an activation flips a few ReLUs
+    // whose gradient terms then differ: measured on this network at initialisation, a 1e-6 perturbation of
+    // the input moves conv1's weight gradient by 1.8e-2. With im2col in both, the 2 ranks' first gradient is
+    // the 64-image one to 5e-7 (and per image every activation is bit-identical). The network and lr are ones
+    // whose training is not chaotic over 10 steps (measured): ResNet-34 on the 8x8 digits turns that rounding
+    // (2x32 gradients summed instead of 64) into a 1e-2 difference in loss by step 4, at lr 0.02 and at 0.002;
+    // ResNet-18 at lr 0.002 keeps both curves within 4e-7 for 10 steps (without --sync-bn: 1e-2 at step 1).
+    let algo = [("RESNET_CONV_ALGO", "im2col")];
+    let stable = ["--sync-bn", "--monitor-every", "1", "--arch", "resnet18", "--lr", "0.002"].map(String::from);
+    let dir = tempfile::tempdir().unwrap();
+    let (two, one) = (dir.path().join("two"), dir.path().join("one"));
+    let mut args = train_args(&two, "10");
+    args.extend(stable.clone());
+    let o = mpirun_with(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &algo);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "2-rank run failed:\n{err}");
+    assert!(err.contains("batch norm over the effective batch (--sync-bn)"), "{err}");
+    let mut alone: Vec<String> = train_args(&one, "10").into_iter().filter(|a| a != "--distributed").collect();
+    let at = alone.iter().position(|a| a == "32").unwrap();
+    alone[at] = "64".into();
+    alone.extend(stable.into_iter().skip(1));
+    let o = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(&alone)
+        .env("RAYON_NUM_THREADS", "1")
+        .envs(algo)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let (a, b) = (step_curve(&two), step_curve(&one));
+    assert_eq!((a.len(), b.len()), (10, 10), "one monitor record per step");
+    for (step, ((la, ga), (lb, gb))) in a.iter().zip(&b).enumerate() {
+        assert!((la - lb).abs() <= 1e-5 * lb.abs(), "step {}: loss {la} (2x32) vs {lb} (1x64)", step + 1);
+        assert!((ga - gb).abs() <= 1e-5 * gb.abs(), "step {}: gradient norm {ga} vs {gb}", step + 1);
+    }
+    let (a, b) = (
+        checkpoint::load(&two.join("last.safetensors")).unwrap(),
+        checkpoint::load(&one.join("last.safetensors")).unwrap(),
+    );
+    for (k, t) in &b.model {
+        assert_close(&format!("{k} after 10 steps, 2x32 --sync-bn vs 1x64"), &a.model[k], t, 1e-5);
+    }
+}
+
 #[test]
 fn one_rank_is_a_valid_world() {
     // One rank is a valid world: the run trains alone and says nothing of data parallelism.
@@ -189,14 +258,35 @@ fn sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resume_takes_any
     let saved = checkpoint::load(&out.join("last.safetensors")).unwrap();
     assert_eq!(saved.position.global_step, step, "the checkpoint is the step every rank stopped after");
 
-    // The same run resumed by one process (no mpirun): a data-parallel checkpoint is an ordinary one.
-    let more = (step + 2).to_string();
-    let o = Command::new(env!("CARGO_BIN_EXE_resnet"))
-        .args(["train", "--resume", out.to_str().unwrap(), "--max-steps", &more])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(checkpoint::load(&out.join("last.safetensors")).unwrap().position.global_step, step + 2);
+    // The same run resumed by one process (no mpirun): a data-parallel checkpoint is an ordinary one. Its epoch
+    // continues after the samples the 2 ranks consumed, so one rank of 32 is at twice the batch.
+    let resumed = |max_steps: u64| {
+        let o = Command::new(env!("CARGO_BIN_EXE_resnet"))
+            .args(["train", "--resume", out.to_str().unwrap(), "--max-steps", &max_steps.to_string()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let (train, _) = setup::datasets(&saved.recipe).unwrap();
+    let one_rank_steps = (train.len() / 32) as u64;
+    let here = saved.position.epoch * one_rank_steps + 2 * saved.position.batch;
+    let err = resumed(here + 2);
+    assert!(err.contains("resumed on 1 rank(s) from a checkpoint written by 2"), "{err}");
+    assert!(err.contains(&format!("step {step} of 2 rank(s) is step {here} here")), "{err}");
+    let after = checkpoint::load(&out.join("last.safetensors")).unwrap().position;
+    assert_eq!((after.global_step, after.ranks), (here + 2, 1));
+
+    // And back on 2 ranks: 2 steps of 1 rank are one step of 2.
+    let two_rank_steps = (train.len().div_ceil(2) / 32) as u64;
+    let there = after.epoch * two_rank_steps + after.batch / 2;
+    let run = out.to_str().unwrap();
+    let o = mpirun(2, &["train", "--distributed", "--resume", run, "--max-steps", &(there + 1).to_string()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("step {} of 1 rank(s) is step {there} here", here + 2)), "{err}");
+    let after = checkpoint::load(&out.join("last.safetensors")).unwrap().position;
+    assert_eq!((after.global_step, after.ranks), (there + 1, 2));
 }
 
 #[test]
@@ -300,4 +390,23 @@ fn a_rank_that_hangs_makes_the_others_stop_within_the_timeout() {
     assert!(!o.status.success(), "{err}");
     assert!(stopped.elapsed().as_secs() < 30, "the job ended {:?} after the rank froze", stopped.elapsed());
     assert!(err.contains("rank 0: a collective call got no answer from the other ranks within 4 s"), "{err}");
+}
+
+#[test]
+fn a_rank_that_dies_ends_the_job_and_leaves_a_checkpoint_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = train_args(&out, "100000");
+    let (child, pids) = running(&out, &args, &[]);
+    Command::new("kill").args(["-KILL", &pids[1]]).status().unwrap();
+    let killed = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(killed.elapsed().as_secs() < 30, "the job ended {:?} after the rank died", killed.elapsed());
+    // Checkpoints are written by rename, so whatever rank 0 was doing, the last one is whole.
+    let saved = checkpoint::load(&out.join("last.safetensors")).unwrap().position;
+    let more = (saved.global_step + 1).to_string();
+    let o = mpirun(2, &["train", "--distributed", "--resume", out.to_str().unwrap(), "--max-steps", &more]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -4,7 +4,11 @@ mod common;
 
 use common::{Fixture, assert_close, assert_close_slice};
 use resnet_rs::Cpu;
+use std::sync::{Barrier, Mutex};
+
 use resnet_rs::engine::{Backend, ConvGeom, Tensor, batch_norm_affine};
+use resnet_rs::model::layers::{BatchNorm2d, ReplicaSum};
+use resnet_rs::model::store::Store;
 
 const TOL: f64 = 1e-5;
 
@@ -31,37 +35,96 @@ fn conv2d_forward_and_backward_match_pytorch() {
     }
 }
 
+/// The fixture's BN layer (weight, bias and running statistics from PyTorch) in a store of its own.
+fn bn_layer(f: &Fixture) -> (BatchNorm2d, Store) {
+    let k = |s: &str| format!("bn_train.{s}");
+    let mut store = Store::new(0);
+    let bn = BatchNorm2d::new(&mut store.root(), "bn", f.get(&k("weight")).numel(), false);
+    store.params[0].value = f.get(&k("weight")).clone();
+    store.params[1].value = f.get(&k("bias")).clone();
+    store.buffers[0].value = f.get(&k("running_mean")).clone();
+    store.buffers[1].value = f.get(&k("running_var")).clone();
+    (bn, store)
+}
+
+/// Output, running statistics after the step, input gradient and parameter gradients against PyTorch's.
+fn assert_bn_step(what: &str, f: &Fixture, y: &Tensor, dx: &Tensor, store: &Store) {
+    let k = |s: &str| format!("bn_train.{s}");
+    assert_close(&format!("{what} y"), y, f.get(&k("y")), TOL);
+    assert_close(&format!("{what} running_mean"), &store.buffers[0].value, f.get(&k("running_mean_after")), TOL);
+    assert_close(&format!("{what} running_var"), &store.buffers[1].value, f.get(&k("running_var_after")), TOL);
+    assert_close(&format!("{what} dx"), dx, f.get(&k("dx")), TOL);
+    assert_close(&format!("{what} dweight"), store.params[0].grad.as_ref().unwrap(), f.get(&k("dweight")), TOL);
+    assert_close(&format!("{what} dbias"), store.params[1].grad.as_ref().unwrap(), f.get(&k("dbias")), TOL);
+}
+
 #[test]
 fn batch_norm_training_matches_pytorch_including_running_stats() {
-    use resnet_rs::model::layers::{BN_EPS, BN_MOMENTUM};
     let f = ops();
-    let be = Cpu;
-    let k = |s: &str| format!("bn_train.{s}");
-    let x = f.get(&k("x"));
-    let out = be.batch_norm_train(x, f.get(&k("weight")).data(), f.get(&k("bias")).data(), BN_EPS);
-    assert_close("bn y", &out.y, f.get(&k("y")), TOL);
-    let [n, _, h, w] = x.dims4();
-    let m = (n * h * w) as f32;
-    let rm: Vec<f32> = f
-        .get(&k("running_mean"))
-        .data()
-        .iter()
-        .zip(&out.mean)
-        .map(|(r, v)| (1.0 - BN_MOMENTUM) * r + BN_MOMENTUM * v)
-        .collect();
-    let rv: Vec<f32> = f
-        .get(&k("running_var"))
-        .data()
-        .iter()
-        .zip(&out.var)
-        .map(|(r, v)| (1.0 - BN_MOMENTUM) * r + BN_MOMENTUM * v * m / (m - 1.0))
-        .collect();
-    assert_close_slice("running_mean", &rm, f.get(&k("running_mean_after")), TOL);
-    assert_close_slice("running_var", &rv, f.get(&k("running_var_after")), TOL);
-    let g = be.batch_norm_backward(f.get(&k("dy")), &out.x_hat, &out.invstd, f.get(&k("weight")).data());
-    assert_close("bn dx", &g.dx, f.get(&k("dx")), TOL);
-    assert_close_slice("bn dweight", &g.dgamma, f.get(&k("dweight")), TOL);
-    assert_close_slice("bn dbias", &g.dbeta, f.get(&k("dbias")), TOL);
+    let (mut bn, mut store) = bn_layer(&f);
+    let y = bn.forward_train(&Cpu, &mut store, f.get("bn_train.x").clone(), None);
+    let dx = bn.backward(&Cpu, &mut store, f.get("bn_train.dy"), None);
+    assert_bn_step("bn", &f, &y, &dx, &store);
+}
+
+/// A sum over two replicas running on two threads: each adds its values, waits for the other, reads the total.
+struct TwoThreads {
+    total: Mutex<Vec<f64>>,
+    barrier: Barrier,
+}
+
+impl ReplicaSum for TwoThreads {
+    fn sum(&self, values: &mut [f64]) {
+        {
+            let mut total = self.total.lock().unwrap();
+            total.resize(values.len(), 0.0);
+            total.iter_mut().zip(values.iter()).for_each(|(t, v)| *t += v);
+        }
+        self.barrier.wait();
+        values.copy_from_slice(&self.total.lock().unwrap());
+        if self.barrier.wait().is_leader() {
+            self.total.lock().unwrap().clear();
+        }
+        self.barrier.wait();
+    }
+}
+
+/// The first or second half of a tensor along N.
+fn half(t: &Tensor, second: bool) -> Tensor {
+    let [n, c, h, w] = t.dims4();
+    let len = n / 2 * c * h * w;
+    let at = if second { len } else { 0 };
+    Tensor::new(&[n / 2, c, h, w], t.data()[at..at + len].to_vec()).unwrap()
+}
+
+#[test]
+fn sync_batch_norm_over_two_replicas_is_batch_norm_over_their_joint_batch() {
+    // SyncBatchNorm: each replica holds half the batch; with the statistics and the backward sums added over
+    // both, the output, the running statistics and the input gradient are those of the whole batch, and the
+    // replicas' weight gradients add up to the whole batch's (data parallelism then averages them).
+    let f = ops();
+    let sum = TwoThreads { total: Mutex::new(Vec::new()), barrier: Barrier::new(2) };
+    let replica = |second: bool| {
+        let (mut bn, mut store) = bn_layer(&f);
+        let y = bn.forward_train(&Cpu, &mut store, half(f.get("bn_train.x"), second), Some(&sum));
+        let dx = bn.backward(&Cpu, &mut store, &half(f.get("bn_train.dy"), second), Some(&sum));
+        (y, dx, store)
+    };
+    let ((y0, dx0, s0), (y1, dx1, s1)) = std::thread::scope(|t| {
+        let second = t.spawn(|| replica(true));
+        (replica(false), second.join().unwrap())
+    });
+    let joined = |a: &Tensor, b: &Tensor| {
+        let [n, c, h, w] = a.dims4();
+        Tensor::new(&[2 * n, c, h, w], [a.data(), b.data()].concat()).unwrap()
+    };
+    let mut store = s0;
+    assert_eq!(store.buffers[0].value.data(), s1.buffers[0].value.data(), "both replicas' running means agree");
+    for (p, q) in store.params.iter_mut().zip(&s1.params) {
+        let (g, h) = (p.grad.as_mut().unwrap(), q.grad.as_ref().unwrap());
+        g.data_mut().iter_mut().zip(h.data()).for_each(|(a, b)| *a += b);
+    }
+    assert_bn_step("sync bn", &f, &joined(&y0, &y1), &joined(&dx0, &dx1), &store);
 }
 
 #[test]

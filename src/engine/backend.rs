@@ -44,22 +44,51 @@ pub fn batch_norm_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32],
     (scale, shift)
 }
 
-/// What training-mode batch norm returns: the output, plus what its backward and the running-stat update need.
-pub struct BatchNormTrain {
-    pub y: Tensor,
-    /// The normalised input (x − mean)·invstd, kept for the weight gradient and the input gradient.
-    pub x_hat: Tensor,
-    pub mean: Vec<f32>,
-    /// Biased batch variance (divided by N·H·W), the one used for normalising.
-    pub var: Vec<f32>,
-    pub invstd: Vec<f32>,
+/// One replica's batch statistics per channel, over N, H and W, in f64: what training-mode batch norm
+/// normalises with, and (summed over the ranks by `to_sums`/`from_sums`) what SyncBatchNorm normalises with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchStats {
+    /// Values per channel (N·H·W).
+    pub count: f64,
+    pub mean: Vec<f64>,
+    /// Σ(x − mean)² per channel.
+    pub m2: Vec<f64>,
 }
 
-/// Gradients of batch norm.
-pub struct BatchNormGrads {
-    pub dx: Tensor,
-    pub dgamma: Vec<f32>,
-    pub dbeta: Vec<f32>,
+impl BatchStats {
+    /// Biased variance (divided by the count): the one batch norm normalises with.
+    pub fn var(&self) -> Vec<f64> {
+        let n = self.count.max(1.0);
+        self.m2.iter().map(|m| m / n).collect()
+    }
+
+    /// The statistics as sums that add over replicas: [count, Σx per channel, Σx² per channel]. (Σx² =
+    /// M2 + n·mean²: the cancellation in `from_sums` costs ~1e-16·mean²/var of the variance in f64.)
+    pub fn to_sums(&self) -> Vec<f64> {
+        let c = self.mean.len();
+        let mut out = Vec::with_capacity(1 + 2 * c);
+        out.push(self.count);
+        out.extend(self.mean.iter().map(|m| m * self.count));
+        out.extend(self.m2.iter().zip(&self.mean).map(|(m2, m)| m2 + self.count * m * m));
+        out
+    }
+
+    /// The statistics of the union of the replicas' batches, from their `to_sums` added element-wise.
+    pub fn from_sums(sums: &[f64]) -> BatchStats {
+        let c = sums.len().saturating_sub(1) / 2;
+        let count = sums.first().copied().unwrap_or(0.0);
+        let n = count.max(1.0);
+        let mean: Vec<f64> = sums[1..1 + c].iter().map(|s| s / n).collect();
+        let m2 = sums[1 + c..].iter().zip(&mean).map(|(s2, m)| (s2 - n * m * m).max(0.0)).collect();
+        BatchStats { count, mean, m2 }
+    }
+}
+
+/// The per-channel reductions of batch norm's backward: Σdy (= dβ) and Σdy·x̂ (= dγ), in f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormSums {
+    pub dy: Vec<f64>,
+    pub dy_xhat: Vec<f64>,
 }
 
 pub trait Backend: Send + Sync {
@@ -78,8 +107,17 @@ pub trait Backend: Send + Sync {
         need_dw: bool,
     ) -> (Option<Tensor>, Option<Tensor>);
 
-    /// Batch norm with the batch's own statistics (training mode).
-    fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain;
+    /// Training-mode batch norm in two halves, so that the statistics can be summed over replicas in between
+    /// (SyncBatchNorm): the batch's statistics, then y = x̂·γ + β with x̂ = (x − mean)·invstd. Returns (y, x̂).
+    fn batch_norm_stats(&self, x: &Tensor) -> BatchStats;
+    fn batch_norm_normalize(
+        &self,
+        x: &Tensor,
+        mean: &[f32],
+        invstd: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> (Tensor, Tensor);
     /// relu?(x·scale + shift + residual?) with one scale and shift per channel, in place on x, in one pass:
     /// eval-mode batch norm (see `batch_norm_affine`) with the ReLU and the residual join that follow it.
     fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor;
@@ -89,7 +127,18 @@ pub trait Backend: Send + Sync {
         let y = self.conv2d(x, w, geom);
         self.affine_act(y, affine.scale, affine.shift, affine.residual, affine.relu)
     }
-    fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads;
+    /// Batch norm's backward in the same two halves: the per-channel sums, then, with the sums and the count of
+    /// the whole (possibly multi-replica) batch, dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)).
+    fn batch_norm_grad_sums(&self, dy: &Tensor, x_hat: &Tensor) -> BatchNormSums;
+    fn batch_norm_grad_input(
+        &self,
+        dy: &Tensor,
+        x_hat: &Tensor,
+        invstd: &[f32],
+        gamma: &[f32],
+        sums: &BatchNormSums,
+        count: f64,
+    ) -> Tensor;
 
     /// max(x, 0), in place.
     fn relu(&self, x: Tensor) -> Tensor;

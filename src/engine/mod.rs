@@ -7,7 +7,7 @@ pub mod cuda;
 mod precision;
 pub mod tensor;
 
-pub use backend::{Backend, ConvGeom, EvalAffine, batch_norm_affine};
+pub use backend::{Backend, BatchNormSums, BatchStats, ConvGeom, EvalAffine, batch_norm_affine};
 pub use precision::Precision;
 pub use tensor::Tensor;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::graph::Pool;
 use super::store::{BufferId, Init, ParamId, Path, Store};
-use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
+use crate::engine::{Backend, BatchStats, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -55,13 +55,21 @@ impl Conv2d {
 pub const BN_EPS: f32 = 1e-5;
 pub const BN_MOMENTUM: f32 = 0.1;
 
+/// Sums over the replicas of a data-parallel step, for batch norm over the global batch (PyTorch's
+/// SyncBatchNorm, `train --sync-bn`). Every replica calls it for every BN layer, in the same order, with
+/// buffers of one length.
+pub trait ReplicaSum: Send + Sync {
+    fn sum(&self, values: &mut [f64]);
+}
+
 pub struct BatchNorm2d {
     pub weight: ParamId,
     pub bias: ParamId,
     pub running_mean: BufferId,
     pub running_var: BufferId,
-    /// Record: normalised input and 1/σ per channel.
-    record: Option<(Tensor, Vec<f32>)>,
+    /// Record: normalised input, 1/σ per channel, and how many values (over every replica) the statistics
+    /// came from.
+    record: Option<(Tensor, Vec<f32>, f64)>,
 }
 
 impl BatchNorm2d {
@@ -77,20 +85,36 @@ impl BatchNorm2d {
         }
     }
 
-    pub fn forward_train(&mut self, be: &dyn Backend, s: &mut Store, x: Tensor) -> Tensor {
+    /// Normalises with the batch's statistics, or with `across` those of every replica's batch together (one
+    /// sum of 2C + 1 values), and moves the running statistics toward them.
+    pub fn forward_train(
+        &mut self,
+        be: &dyn Backend,
+        s: &mut Store,
+        x: Tensor,
+        across: Option<&dyn ReplicaSum>,
+    ) -> Tensor {
+        let mut stats = be.batch_norm_stats(&x);
+        if let Some(replicas) = across {
+            let mut sums = stats.to_sums();
+            replicas.sum(&mut sums);
+            stats = BatchStats::from_sums(&sums);
+        }
+        let var = stats.var();
+        let mean: Vec<f32> = stats.mean.iter().map(|&m| m as f32).collect();
+        let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + BN_EPS as f64).sqrt()) as f32).collect();
         let (gamma, beta) = (s.value(self.weight).data(), s.value(self.bias).data());
-        let [n, _, h, w] = x.dims4();
-        let out = be.batch_norm_train(&x, gamma, beta, BN_EPS);
+        let (y, x_hat) = be.batch_norm_normalize(&x, &mean, &invstd, gamma, beta);
         // PyTorch updates the running variance with the unbiased estimate (divide by M − 1).
-        let m = (n * h * w) as f32;
+        let m = stats.count;
         let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
         let k = BN_MOMENTUM;
         let rm = s.buffer_mut(self.running_mean).data_mut();
-        rm.iter_mut().zip(&out.mean).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v);
+        rm.iter_mut().zip(&mean).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v);
         let rv = s.buffer_mut(self.running_var).data_mut();
-        rv.iter_mut().zip(&out.var).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * v * unbias);
-        self.record = Some((out.x_hat, out.invstd));
-        out.y
+        rv.iter_mut().zip(&var).for_each(|(r, &v)| *r = (1.0 - k) * *r + k * (v as f32) * unbias as f32);
+        self.record = Some((x_hat, invstd, m));
+        y
     }
 
     /// Inference's batch norm as a per-channel affine map (scale, shift), from the running statistics.
@@ -100,16 +124,31 @@ impl BatchNorm2d {
         batch_norm_affine(gamma, beta, mean, var, BN_EPS)
     }
 
-    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor) -> Tensor {
-        let (x_hat, invstd) = self.record.take().expect(MISSING_RECORD);
-        let g = be.batch_norm_backward(dy, &x_hat, &invstd, s.value(self.weight).data());
+    /// dγ and dβ from this replica's batch (data parallelism averages them as it does every gradient); the
+    /// input gradient, with `across`, from the sums over every replica (SyncBatchNorm's backward).
+    pub fn backward(
+        &mut self,
+        be: &dyn Backend,
+        s: &mut Store,
+        dy: &Tensor,
+        across: Option<&dyn ReplicaSum>,
+    ) -> Tensor {
+        let (x_hat, invstd, count) = self.record.take().expect(MISSING_RECORD);
+        let mut sums = be.batch_norm_grad_sums(dy, &x_hat);
         if s.trainable(self.weight) {
-            s.accumulate_grad(self.weight, &g.dgamma);
+            s.accumulate_grad(self.weight, &sums.dy_xhat.iter().map(|&v| v as f32).collect::<Vec<_>>());
         }
         if s.trainable(self.bias) {
-            s.accumulate_grad(self.bias, &g.dbeta);
+            s.accumulate_grad(self.bias, &sums.dy.iter().map(|&v| v as f32).collect::<Vec<_>>());
         }
-        g.dx
+        if let Some(replicas) = across {
+            let c = sums.dy.len();
+            let mut both: Vec<f64> = sums.dy.iter().chain(&sums.dy_xhat).copied().collect();
+            replicas.sum(&mut both);
+            sums.dy_xhat = both.split_off(c);
+            sums.dy = both;
+        }
+        be.batch_norm_grad_input(dy, &x_hat, &invstd, s.value(self.weight).data(), &sums, count)
     }
 }
 
@@ -138,9 +177,15 @@ impl ConvBn {
         }
     }
 
-    pub fn forward_train(&mut self, be: &dyn Backend, s: &mut Store, x: &Arc<Tensor>) -> Tensor {
+    pub fn forward_train(
+        &mut self,
+        be: &dyn Backend,
+        s: &mut Store,
+        x: &Arc<Tensor>,
+        across: Option<&dyn ReplicaSum>,
+    ) -> Tensor {
         let y = self.conv.forward_train(be, s, x);
-        self.bn.forward_train(be, s, y)
+        self.bn.forward_train(be, s, y, across)
     }
 
     /// relu?(bn(conv(x)) + residual?): the activation and the residual join of inference, fused into batch norm.
@@ -157,8 +202,15 @@ impl ConvBn {
         be.conv2d_affine_act(x, s.value(self.conv.weight), self.conv.geom, affine)
     }
 
-    pub fn backward(&mut self, be: &dyn Backend, s: &mut Store, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
-        let d = self.bn.backward(be, s, dy);
+    pub fn backward(
+        &mut self,
+        be: &dyn Backend,
+        s: &mut Store,
+        dy: &Tensor,
+        need_dx: bool,
+        across: Option<&dyn ReplicaSum>,
+    ) -> Option<Tensor> {
+        let d = self.bn.backward(be, s, dy, across);
         self.conv.backward(be, s, &d, need_dx)
     }
 }

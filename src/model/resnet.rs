@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::family::ResNetConfig;
 use super::graph::{Graph, Post, Src};
-use super::layers::{ConvBn, Linear, MaxPool, Mode};
-use super::store::Store;
+use super::layers::{ConvBn, Linear, MaxPool, Mode, ReplicaSum};
+use super::store::{ParamId, Store};
 use crate::engine::{Backend, Tensor};
 use crate::error::{Error, Result};
 
@@ -63,7 +63,16 @@ pub struct ResNet {
     /// The first layer (stem or block, in forward order) whose output held a NaN or an infinity during the last
     /// training-mode forward: what the training loop names when a step goes non-finite.
     first_nonfinite: Option<String>,
+    /// Batch norm over every replica's batch (SyncBatchNorm) when set; each replica's own batch otherwise.
+    sync_bn: Option<Arc<dyn ReplicaSum>>,
+    /// Told during backward which parameters' gradients are complete.
+    gradients_ready: Option<GradientsReady>,
 }
+
+/// Called during backward with parameters whose gradients are now complete (the classifier's first, then each
+/// unit's as its backward finishes: reverse parameter order), while the rest of backward is still to run, so
+/// that data parallelism can start averaging them (DDP's buckets) and overlap that with the remaining backward.
+pub type GradientsReady = Box<dyn FnMut(&Store, &[ParamId]) + Send>;
 
 /// Where the gradient of `src` accumulates.
 fn gradient_of<'a>(
@@ -112,7 +121,20 @@ impl ResNet {
             fc,
             pooled_from: None,
             first_nonfinite: None,
+            sync_bn: None,
+            gradients_ready: None,
         }
+    }
+
+    /// Training-mode batch norm from now on over the batches of every replica that `across` sums over
+    /// (`train --sync-bn`), or (None) over each replica's own batch.
+    pub fn sync_batch_norm(&mut self, across: Option<Arc<dyn ReplicaSum>>) {
+        self.sync_bn = across;
+    }
+
+    /// `hook` is told, during every backward from now on, which parameters' gradients are complete (None: no one).
+    pub fn on_gradients_ready(&mut self, hook: Option<GradientsReady>) {
+        self.gradients_ready = hook;
     }
 
     /// Logits `[N, classes]` for images `[N, 3, H, W]`.
@@ -162,11 +184,12 @@ impl ResNet {
     ) -> std::result::Result<Arc<Tensor>, Arc<Tensor>> {
         self.store.batches_tracked += 1;
         self.first_nonfinite = None;
-        let ResNet { graph, store, units, maxpool, outputs, first_nonfinite, .. } = self;
+        let ResNet { graph, store, units, maxpool, outputs, first_nonfinite, sync_bn, .. } = self;
+        let across = sync_bn.as_deref();
         // The stem's record needs its own copy of the caller's input.
         let images = Arc::new(x.clone());
         let unit = |u: usize, input: &Arc<Tensor>, shortcut: Option<&Arc<Tensor>>| {
-            let y = units[u].forward_train(be, store, input);
+            let y = units[u].forward_train(be, store, input, across);
             let post = graph.units[u].post;
             let out = Arc::new(match (post, shortcut) {
                 (Post::AddRelu(_), Some(s)) => be.add_relu(y, s),
@@ -209,6 +232,12 @@ impl ResNet {
         let trainable_upto = self.trainable_upto();
         let s = &mut self.store;
         let g = self.fc.backward(be, s, dlogits, true).expect("dx was requested");
+        let mut ready = |s: &Store, ids: &[ParamId]| {
+            if let Some(hook) = self.gradients_ready.as_mut() {
+                hook(s, ids)
+            }
+        };
+        ready(s, &[self.fc.weight, self.fc.bias]);
         let shape = self.pooled_from.take().expect("backward called without a training-mode forward");
         let mut grads: Vec<Option<Tensor>> = self.graph.units.iter().map(|_| None).collect();
         let (mut d_pool, mut d_images) = (None, None);
@@ -229,7 +258,9 @@ impl ResNet {
                 }
             };
             let need_dx = u != 0 || want_input_grad;
-            let dx = self.units[u].backward(be, s, &d, need_dx);
+            let dx = self.units[u].backward(be, s, &d, need_dx, self.sync_bn.as_deref());
+            let conv_bn = &self.units[u];
+            ready(s, &[conv_bn.conv.weight, conv_bn.bn.weight, conv_bn.bn.bias]);
             if let Post::AddRelu(shortcut) = unit.post {
                 accumulate(be, gradient_of(shortcut, &mut d_images, &mut d_pool, &mut grads), d);
             }

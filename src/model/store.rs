@@ -23,6 +23,13 @@ pub struct Buffer {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParamId(usize);
+
+impl ParamId {
+    /// The parameter's place in `Store::params`.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufferId(usize);
 

@@ -36,6 +36,41 @@ pub struct Position {
     pub best_epoch: u64,
     /// Steps skipped for non-finite gradients (`--skip-nonfinite`).
     pub skipped: u64,
+    /// The data-parallel ranks whose steps `batch` and `global_step` count (0, in checkpoints older than this
+    /// field, means 1).
+    pub ranks: u64,
+}
+
+impl Position {
+    /// The same point of the run counted in steps of `ranks` ranks, when the checkpoint was written by another
+    /// number (`--resume` under another world size). Rank r takes every world-th sample of the epoch's shuffled
+    /// order from r on (`loader::Shard`), so after k steps the ranks together have consumed exactly its first
+    /// k·batch·world samples, whatever the world: the epoch continues after that prefix, rounded down to whole
+    /// steps of the new world, and the schedule's clock becomes the new world's step count (its lr curve over
+    /// the epochs unchanged). Returns the note that says so, or None when the world is the same.
+    pub fn rescale(&mut self, ranks: u64, batch_size: u64, steps_per_epoch: u64) -> Option<String> {
+        let (old, ranks) = (self.ranks.max(1), ranks.max(1));
+        if old == ranks {
+            return None;
+        }
+        let seen = self.batch * batch_size * old;
+        let per_step = batch_size * ranks;
+        let was = self.global_step;
+        self.batch = seen / per_step;
+        self.global_step = self.epoch * steps_per_epoch + self.batch;
+        self.ranks = ranks;
+        let again = seen - self.batch * per_step;
+        let again = if again > 0 { format!(", the {again} samples before it seen again") } else { String::new() };
+        Some(format!(
+            "resumed on {ranks} rank(s) from a checkpoint written by {old}: epoch {} continues after sample {} of its \
+             order{again}; step {was} of {old} rank(s) is step {} here (--max-steps counts these), effective batch \
+             {} at the stored lr",
+            self.epoch + 1,
+            self.batch * per_step,
+            self.global_step,
+            per_step
+        ))
+    }
 }
 
 pub struct Checkpoint {

@@ -19,6 +19,8 @@ pub struct GradReport {
     pub step: u64,
     /// The learning rate of this step (the report's schedule curve).
     pub lr: f32,
+    /// The step's training loss (with data parallelism, the mean over every rank's batch): a loss curve per step.
+    pub loss: f32,
     pub global_grad_norm: f64,
     pub layers: Vec<LayerStats>,
 }
@@ -33,9 +35,9 @@ impl LayerStats {
 
 impl GradReport {
     /// `grad_norms`: every parameter's (0 for those without a gradient); `layers`: the trainable ones'.
-    pub fn new(step: u64, lr: f32, grad_norms: &[f64], layers: Vec<LayerStats>) -> GradReport {
+    pub fn new(step: u64, lr: f32, loss: f32, grad_norms: &[f64], layers: Vec<LayerStats>) -> GradReport {
         let global = grad_norms.iter().map(|g| g * g).sum::<f64>().sqrt();
-        GradReport { step, lr, global_grad_norm: global, layers }
+        GradReport { step, lr, loss, global_grad_norm: global, layers }
     }
 }
 

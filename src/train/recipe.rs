@@ -278,6 +278,10 @@ recipe_fields! {
     epochs: u64 = 10,
     /// Images per step; changing it scales the recipe's lr linearly unless --lr is given.
     batch_size: usize = 64,
+    /// Data-parallel runs: batch norm over the whole effective batch (PyTorch's SyncBatchNorm), its batch
+    /// statistics and, in backward, its gradient sums added over the ranks at every BN layer; without it each
+    /// rank normalises its own batch, as DDP does by default.
+    sync_bn: bool = false,
     /// sgd, adam or adamw.
     optimizer: OptimizerName = OptimizerName::Sgd,
     /// Peak learning rate.

@@ -170,7 +170,7 @@ impl Trainer {
         );
         let opt = Optimizer::new(setup::optimizer_kind(&recipe), groups);
         let sched = setup::schedule(&recipe);
-        let pos = Position { best_top1: -1.0, ..Position::default() };
+        let pos = Position { best_top1: -1.0, ranks: ranks(args).size() as u64, ..Position::default() };
         let ema = (recipe.model_ema > 0.0).then(|| ModelEma::new(&model, recipe.model_ema));
         Ok(Trainer {
             model,
@@ -195,7 +195,10 @@ impl Trainer {
         self.sync_host()?;
         let steps = steps::open(device, &self.model, &self.opt, &self.recipe)?;
         self.steps = if self.comm.size() > 1 {
-            Box::new(DistributedSteps { inner: steps, comm: self.comm.clone() })
+            if self.recipe.sync_bn {
+                self.model.sync_batch_norm(Some(Arc::new(distributed::RanksSum(self.comm.clone()))));
+            }
+            Box::new(DistributedSteps::new(steps, self.comm.clone(), &mut self.model))
         } else {
             steps
         };
@@ -281,7 +284,7 @@ impl Trainer {
                 _ => check.grad_sumsq,
             };
             let weights = steps.update(model, &mut self.opt, lr, momentum, monitor_now)?;
-            let report = weights.map(|weights| self.report(lr, &grads, &weights));
+            let report = weights.map(|weights| self.report(lr, check.loss, &grads, &weights));
             self.update_ema()?;
             (StepOutcome::Applied { loss: check.loss, top1_hits: check.top1_hits }, report)
         };
@@ -312,7 +315,7 @@ impl Trainer {
 
     /// The monitor's record of this step: per-parameter gradient sums of squares (store order) and, per
     /// trainable parameter, the updated weight's and the update's sums of squares.
-    fn report(&self, lr: f32, grad_sumsq: &[f64], weights: &[(f64, f64)]) -> GradReport {
+    fn report(&self, lr: f32, loss: f32, grad_sumsq: &[f64], weights: &[(f64, f64)]) -> GradReport {
         let grad_norms: Vec<f64> = grad_sumsq.iter().map(|g| g.sqrt()).collect();
         let layers = self
             .model
@@ -324,7 +327,7 @@ impl Trainer {
             .zip(weights)
             .map(|((p, &g), &(w, d))| LayerStats::new(p.name.clone(), g, w.sqrt(), d.sqrt()))
             .collect();
-        GradReport::new(self.pos.global_step, lr, &grad_norms, layers)
+        GradReport::new(self.pos.global_step, lr, loss, &grad_norms, layers)
     }
 
     fn monitor_now(&self) -> bool {
@@ -403,7 +406,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     let last_path = args.run_dir.join("last.safetensors");
     let resumed = if args.resume { Some(checkpoint::load(&last_path)?) } else { None };
     let mut recipe = resumed.as_ref().map(|c| c.recipe.clone()).unwrap_or(args.recipe.clone());
-    let mut note = None;
+    let mut notes = Vec::new();
     if let (Some(c), Some(epochs)) = (&resumed, args.resume_epochs) {
         if epochs < c.position.epoch || epochs == 0 {
             return Err(Error::file(
@@ -415,7 +418,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             ));
         }
         if epochs != recipe.epochs {
-            note = Some(format!(
+            notes.push(format!(
                 "epochs changed from {} to {epochs} at step {} (epoch {}): the schedule's horizon moves from here on",
                 recipe.epochs, c.position.global_step, c.position.epoch
             ));
@@ -468,6 +471,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     }
     if let Some(c) = &resumed {
         t.restore(c, &last_path)?;
+        notes.extend(t.pos.rescale(world as u64, recipe.batch_size as u64, steps_per_epoch));
     }
     t.use_device(device)?;
     // Everything that can refuse the run has run: say what it trains.
@@ -478,10 +482,11 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
     }
     if world > 1 && rank == 0 {
         eprintln!(
-            "data-parallel over {world} ranks: batch {} per rank, effective batch {}, lr {}",
+            "data-parallel over {world} ranks: batch {} per rank, effective batch {}, lr {}, batch norm over {}",
             recipe.batch_size,
             recipe.batch_size * world,
-            recipe.lr
+            recipe.lr,
+            if recipe.sync_bn { "the effective batch (--sync-bn)" } else { "each rank's batch" }
         );
     }
     if let Some(name) = t.gpu_name() {
@@ -505,7 +510,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             },
         );
         let mut metrics = Metrics::open(&args.run_dir, rank == 0)?;
-        if let Some(message) = &note {
+        for message in &notes {
             metrics.write("note", &serde_json::json!({ "step": t.pos.global_step, "message": message }))?;
             if rank == 0 {
                 eprintln!("{message}");

@@ -23,7 +23,7 @@ pub use conv::{backward_with as conv2d_backward_with, forward_with as conv2d_wit
 pub use norm::Affine;
 
 use super::Tensor;
-use super::backend::{Backend, BatchNormGrads, BatchNormTrain, ConvGeom};
+use super::backend::{Backend, BatchNormSums, BatchStats, ConvGeom};
 
 /// max(v, 0) as PyTorch computes it: a NaN stays NaN (`f32::max` would turn it into 0 and hide a blow-up
 /// from the numeric guard), and the select vectorises like `max` does.
@@ -54,14 +54,35 @@ impl Backend for Cpu {
     ) -> (Option<Tensor>, Option<Tensor>) {
         conv::backward(x, w, dy, geom, need_dx, need_dw)
     }
-    fn batch_norm_train(&self, x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
-        norm::forward_train(x, gamma, beta, eps)
+    fn batch_norm_stats(&self, x: &Tensor) -> BatchStats {
+        norm::stats(x)
+    }
+    fn batch_norm_normalize(
+        &self,
+        x: &Tensor,
+        mean: &[f32],
+        invstd: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> (Tensor, Tensor) {
+        norm::normalize(x, mean, invstd, gamma, beta)
     }
     fn affine_act(&self, x: Tensor, scale: &[f32], shift: &[f32], residual: Option<&Tensor>, relu: bool) -> Tensor {
         norm::affine_act(x, scale, shift, residual, relu)
     }
-    fn batch_norm_backward(&self, dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
-        norm::backward(dy, x_hat, invstd, gamma)
+    fn batch_norm_grad_sums(&self, dy: &Tensor, x_hat: &Tensor) -> BatchNormSums {
+        norm::grad_sums(dy, x_hat)
+    }
+    fn batch_norm_grad_input(
+        &self,
+        dy: &Tensor,
+        x_hat: &Tensor,
+        invstd: &[f32],
+        gamma: &[f32],
+        sums: &BatchNormSums,
+        count: f64,
+    ) -> Tensor {
+        norm::grad_input(dy, x_hat, invstd, gamma, sums, count)
     }
     fn relu(&self, x: Tensor) -> Tensor {
         elementwise::relu(x)

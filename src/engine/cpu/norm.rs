@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::engine::Tensor;
-use crate::engine::backend::{BatchNormGrads, BatchNormTrain, EvalAffine};
+use crate::engine::backend::{BatchNormSums, BatchStats, EvalAffine};
 
 /// Σ over channel ch's planes of f(x, y) for two tensors of equal NCHW shape.
 fn channel_sum(a: &[f32], b: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(f32, f32) -> f64) -> f64 {
@@ -17,42 +17,46 @@ fn channel_sum(a: &[f32], b: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(
         .sum()
 }
 
-pub fn forward_train(x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> BatchNormTrain {
+/// Per channel: the count, the mean and Σ(x − mean)², in two passes (as PyTorch's CPU kernel does).
+pub fn stats(x: &Tensor) -> BatchStats {
     let [n, c, h, w] = x.dims4();
-    assert!(gamma.len() == c && beta.len() == c, "batch norm: {c} channels but {} parameters", gamma.len());
     let hw = h * w;
     let count = (n * hw).max(1) as f64;
     let xs = x.data();
-    let stats: Vec<(f32, f32, f32)> = (0..c)
+    let (mean, m2) = (0..c)
         .into_par_iter()
         .map(|ch| {
             let mean = channel_sum(xs, xs, c, hw, ch, |v, _| v as f64) / count;
-            let var = channel_sum(xs, xs, c, hw, ch, |v, _| (v as f64 - mean).powi(2)) / count;
-            let invstd = 1.0 / (var + eps as f64).sqrt();
-            (mean as f32, var as f32, invstd as f32)
+            (mean, channel_sum(xs, xs, c, hw, ch, |v, _| (v as f64 - mean).powi(2)))
         })
-        .collect();
+        .unzip();
+    BatchStats { count: (n * hw) as f64, mean, m2 }
+}
+
+/// y = x̂·γ + β with x̂ = (x − mean)·invstd per channel; returns (y, x̂).
+pub fn normalize(x: &Tensor, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: &[f32]) -> (Tensor, Tensor) {
+    let [_, c, h, w] = x.dims4();
+    assert!(
+        [mean.len(), invstd.len(), gamma.len(), beta.len()].iter().all(|&l| l == c),
+        "batch norm: {c} channels but {} parameters",
+        gamma.len()
+    );
+    let hw = h * w;
+    let xs = x.data();
     let mut y = vec![0.0f32; xs.len()];
     let mut x_hat = vec![0.0f32; xs.len()];
     if hw > 0 {
         y.par_chunks_mut(hw).zip(x_hat.par_chunks_mut(hw)).zip(xs.par_chunks(hw)).enumerate().for_each(
             |(p, ((yp, hp), xp))| {
                 let ch = p % c;
-                let (mean, _, invstd) = stats[ch];
                 for ((yv, hv), &xv) in yp.iter_mut().zip(hp.iter_mut()).zip(xp) {
-                    *hv = (xv - mean) * invstd;
+                    *hv = (xv - mean[ch]) * invstd[ch];
                     *yv = *hv * gamma[ch] + beta[ch];
                 }
             },
         );
     }
-    BatchNormTrain {
-        y: Tensor::new(x.shape(), y).expect("same shape as x"),
-        x_hat: Tensor::new(x.shape(), x_hat).expect("same shape as x"),
-        mean: stats.iter().map(|s| s.0).collect(),
-        var: stats.iter().map(|s| s.1).collect(),
-        invstd: stats.iter().map(|s| s.2).collect(),
-    }
+    (Tensor::new(x.shape(), y).expect("same shape as x"), Tensor::new(x.shape(), x_hat).expect("same shape as x"))
 }
 
 /// Values per parallel task: whole planes, enough of them that rayon's per-task cost stays small on the
@@ -122,35 +126,48 @@ fn affine_plane<const RELU: bool>(y: &mut [f32], residual: Option<&[f32]>, a: f3
     }
 }
 
-/// With M = N·H·W: dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
-pub fn backward(dy: &Tensor, x_hat: &Tensor, invstd: &[f32], gamma: &[f32]) -> BatchNormGrads {
-    let [n, c, h, w] = dy.dims4();
+/// Per channel: Σdy and Σ(dy·x̂).
+pub fn grad_sums(dy: &Tensor, x_hat: &Tensor) -> BatchNormSums {
+    let [_, c, h, w] = dy.dims4();
     assert_eq!(dy.shape(), x_hat.shape(), "batch norm backward: dy and x_hat differ in shape");
     let hw = h * w;
-    let count = (n * hw).max(1) as f64;
     let (dys, xh) = (dy.data(), x_hat.data());
-    let sums: Vec<(f64, f64)> = (0..c)
+    let (dy, dy_xhat) = (0..c)
         .into_par_iter()
         .map(|ch| {
             (channel_sum(dys, xh, c, hw, ch, |g, _| g as f64), channel_sum(dys, xh, c, hw, ch, |g, v| (g * v) as f64))
         })
-        .collect();
+        .unzip();
+    BatchNormSums { dy, dy_xhat }
+}
+
+/// With M = `count` (the whole batch's, over every replica): dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)).
+pub fn grad_input(
+    dy: &Tensor,
+    x_hat: &Tensor,
+    invstd: &[f32],
+    gamma: &[f32],
+    sums: &BatchNormSums,
+    count: f64,
+) -> Tensor {
+    let [_, c, h, w] = dy.dims4();
+    assert_eq!(dy.shape(), x_hat.shape(), "batch norm backward: dy and x_hat differ in shape");
+    assert!(sums.dy.len() == c && sums.dy_xhat.len() == c, "batch norm backward: {c} channels, {} sums", sums.dy.len());
+    let hw = h * w;
+    let count = count.max(1.0);
+    let (dys, xh) = (dy.data(), x_hat.data());
     let mut dx = vec![0.0f32; dys.len()];
     if hw > 0 {
         dx.par_chunks_mut(hw).zip(dys.par_chunks(hw)).zip(xh.par_chunks(hw)).enumerate().for_each(
             |(p, ((dxp, dyp), xp))| {
                 let ch = p % c;
                 let k = gamma[ch] as f64 * invstd[ch] as f64 / count;
-                let (sdy, sdyx) = sums[ch];
+                let (sdy, sdyx) = (sums.dy[ch], sums.dy_xhat[ch]);
                 for ((d, &g), &v) in dxp.iter_mut().zip(dyp).zip(xp) {
                     *d = (k * (count * g as f64 - sdy - v as f64 * sdyx)) as f32;
                 }
             },
         );
     }
-    BatchNormGrads {
-        dx: Tensor::new(dy.shape(), dx).expect("same shape as dy"),
-        dgamma: sums.iter().map(|s| s.1 as f32).collect(),
-        dbeta: sums.iter().map(|s| s.0 as f32).collect(),
-    }
+    Tensor::new(dy.shape(), dx).expect("same shape as dy")
 }

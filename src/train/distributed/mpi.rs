@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::ffi;
 use mpi::traits::*;
 
-use super::Comm;
+use super::{Comm, PendingSum};
 use crate::error::{Error, Result};
 
 struct Mpi {
@@ -102,6 +103,38 @@ impl Comm for Mpi {
         Ok(())
     }
 
+    fn start_sum_f32(&self, values: Vec<f32>) -> Box<dyn PendingSum> {
+        let mut sum = Iallreduce {
+            recv: vec![0f32; values.len()],
+            send: values,
+            request: unsafe { ffi::RSMPI_REQUEST_NULL },
+            done: false,
+            failed: None,
+            watchdog: self.watchdog.clone(),
+        };
+        let count = sum.send.len() as std::os::raw::c_int;
+        // SAFETY: `send` and `recv` are heap buffers of `count` f32s each, owned by `sum` and neither read nor
+        // moved (a Vec's buffer stays put when the Vec moves) until MPI_Wait/MPI_Test has reported the request
+        // complete: `wait` and `Drop` both wait first. RSMPI_FLOAT/RSMPI_SUM and the world communicator are
+        // valid handles for as long as the universe (held by `self`) lives.
+        let code = unsafe {
+            ffi::MPI_Iallreduce(
+                sum.send.as_ptr().cast(),
+                sum.recv.as_mut_ptr().cast(),
+                count,
+                ffi::RSMPI_FLOAT,
+                ffi::RSMPI_SUM,
+                self.universe.world().as_raw(),
+                &mut sum.request,
+            )
+        };
+        if code != 0 {
+            sum.done = true;
+            sum.failed = Some(code);
+        }
+        Box::new(sum)
+    }
+
     fn gather_f32(&self, local: &[f32]) -> Result<Option<Vec<f32>>> {
         let world = self.universe.world();
         let root = world.process_at_rank(0);
@@ -116,5 +149,59 @@ impl Comm for Mpi {
             }
         });
         Ok(gathered)
+    }
+}
+
+/// A sum started with MPI_Iallreduce, owning the buffers MPI reads and writes until it is complete.
+struct Iallreduce {
+    send: Vec<f32>,
+    recv: Vec<f32>,
+    request: ffi::MPI_Request,
+    done: bool,
+    /// MPI's error code, when the start failed.
+    failed: Option<std::os::raw::c_int>,
+    watchdog: Arc<Watchdog>,
+}
+
+// SAFETY: the request handle is only used by the thread that runs backward and the training loop (the one that
+// initialised MPI); the struct moves between owners (`Box<dyn PendingSum>` in a `Mutex`) but is never touched
+// from two threads, which MPI's default threading level (funneled through that thread) allows.
+unsafe impl Send for Iallreduce {}
+
+impl Iallreduce {
+    /// Block until MPI has finished with the buffers (watched: a rank that never joins ends this one).
+    fn complete(&mut self) {
+        if !self.done {
+            // SAFETY: `request` came from MPI_Iallreduce and has not completed (`done` is false).
+            self.watchdog.watch(|| unsafe { ffi::MPI_Wait(&mut self.request, ffi::RSMPI_STATUS_IGNORE) });
+            self.done = true;
+        }
+    }
+}
+
+impl PendingSum for Iallreduce {
+    fn test(&mut self) -> bool {
+        if !self.done {
+            let mut flag = 0;
+            // SAFETY: as in `complete`; MPI_Test sets `flag` and, once complete, frees the request.
+            unsafe { ffi::MPI_Test(&mut self.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+            self.done = flag != 0;
+        }
+        self.done
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Vec<f32>> {
+        self.complete();
+        match self.failed {
+            Some(code) => Err(Error::invalid(format!("MPI_Iallreduce failed (MPI error {code})"))),
+            None => Ok(std::mem::take(&mut self.recv)),
+        }
+    }
+}
+
+impl Drop for Iallreduce {
+    fn drop(&mut self) {
+        // MPI may still be writing `recv`: it must finish before the buffers are freed.
+        self.complete();
     }
 }
