@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::isa;
-use super::matmul::MatRef;
+use super::matmul::{MatRef, matmul};
 use super::scratch::{self, with_buffer};
 
 /// Rows per panel of the packed operand.
@@ -44,6 +44,9 @@ const DEPTH_CHUNK: usize = 512;
 /// [panel][k][8 or 16 rows], zero past the last row.
 enum Panels {
     F32(Vec<f32>),
+    /// Row-major `rows`×`depth`, for CPUs without the packed kernels: multiplied by `gemm` (`matmul`), which
+    /// packs per call but runs its own AVX2 kernels (`PackedLhs::f32_or_plain`).
+    Plain(Vec<f32>),
     /// Pairs of bf16 (k even in the low half): [panel][k/2][8 or 16 rows].
     Bf16(Vec<u32>),
 }
@@ -118,6 +121,15 @@ impl PackedLhs {
         Some(PackedLhs { rows: a.rows, depth: a.cols, tall, panels: Panels::F32(data) })
     }
 
+    /// As `f32`, or on a CPU without the packed kernels the operand as it is, multiplied by `gemm`: for
+    /// algorithms that pay on every CPU (Winograd F(2x2)'s fewer multiplies), not only for the packing saved.
+    pub fn f32_or_plain(a: MatRef, cols: usize) -> PackedLhs {
+        PackedLhs::f32(a, cols).unwrap_or_else(|| {
+            let data = (0..a.rows).flat_map(|r| (0..a.cols).map(move |k| a.at(r, k))).collect();
+            PackedLhs { rows: a.rows, depth: a.cols, tall: false, panels: Panels::Plain(data) }
+        })
+    }
+
     /// As `f32`, rounded to bf16 for the bf16 kernels, or `None` when this CPU lacks AVX512-BF16.
     pub fn bf16(a: MatRef, cols: usize) -> Option<PackedLhs> {
         if !bf16_supported() {
@@ -167,6 +179,7 @@ impl PackedLhs {
                 let drive = if self.tall { drive_f32_tall } else { drive_f32 };
                 banded(a, self.rows, band, height, b, dst, drive)
             }
+            Panels::Plain(a) => matmul(dst, MatRef::new(a, self.rows, self.depth), b, false, threads),
             Panels::Bf16(a) => with_pairs(b, |pairs| {
                 let b = Operand { data: pairs, ld: n, depth: self.depth.div_ceil(2), cols: n };
                 // `bf16` built these panels only after checking for AVX512-BF16.
@@ -542,7 +555,6 @@ tall_kernels!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::cpu::matmul::matmul;
     use crate::engine::cpu::test_util::{rel, values};
 
     /// Every register block and tail, in both layouts where the rows allow the tall one: rows not multiples of

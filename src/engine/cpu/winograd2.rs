@@ -36,7 +36,8 @@ pub fn pays(h: usize, w: usize) -> bool {
 }
 
 /// U = G g Gᵀ for a `[o, c, 3, 3]` weight, as 16 planes `[O][C]` packed for `PackedLhs` (in bf16 when `bf16`),
-/// laid out for products of about `cols` columns; `None` where this CPU lacks the packed kernels.
+/// laid out for products of about `cols` columns; in f32 on a CPU without the packed kernels, planes that
+/// `gemm` multiplies; `None` for bf16 without AVX512-BF16.
 pub fn pack_weights(wt: &[f32], o: usize, c: usize, bf16: bool, cols: usize) -> Option<Vec<PackedLhs>> {
     assert_eq!(wt.len(), o * c * 9, "a [o, c, 3, 3] weight");
     let mut u = vec![0.0f32; XI * o * c];
@@ -51,8 +52,8 @@ pub fn pack_weights(wt: &[f32], o: usize, c: usize, bf16: bool, cols: usize) -> 
             }
         }
     }
-    let pack = if bf16 { PackedLhs::bf16 } else { PackedLhs::f32 };
-    u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c), cols)).collect()
+    let pack = |plane| if bf16 { PackedLhs::bf16(plane, cols) } else { Some(PackedLhs::f32_or_plain(plane, cols)) };
+    u.chunks(o * c).map(|plane| pack(MatRef::new(plane, o, c))).collect()
 }
 
 /// Tiles per image of an `h`×`w` map.
@@ -246,9 +247,6 @@ mod tests {
     /// (with a residual and the ReLU) applied as in `Backend::conv2d_affine_act`.
     #[test]
     fn matches_im2col() {
-        if !packed::f32_supported() {
-            return;
-        }
         for &(n, c, h, w, o) in
             &[(1, 3, 1, 1, 2), (2, 5, 7, 7, 16), (3, 16, 6, 9, 8), (40, 4, 5, 5, 3), (1, 64, 14, 13, 64)]
         {
