@@ -46,7 +46,7 @@ impl Conv2d {
         let need_dw = s.trainable(self.weight);
         let (dx, dw) = be.conv2d_backward(&x, s.value(self.weight), dy, self.geom, need_dx, need_dw);
         if let Some(dw) = dw {
-            s.accumulate_grad(self.weight, dw.data());
+            s.accumulate_grad_tensor(self.weight, dw);
         }
         dx
     }

@@ -93,6 +93,17 @@ impl Store {
         }
     }
 
+    /// `accumulate_grad` for a gradient held as a tensor: the first one is moved in, not copied.
+    pub fn accumulate_grad_tensor(&mut self, id: ParamId, g: Tensor) {
+        match &self.params[id.0].grad {
+            Some(_) => self.accumulate_grad(id, g.data()),
+            None => {
+                assert_eq!(g.shape(), self.params[id.0].value.shape(), "gradient has its parameter's shape");
+                self.params[id.0].grad = Some(g);
+            }
+        }
+    }
+
     pub fn zero_grad(&mut self) {
         self.params.iter_mut().for_each(|p| p.grad = None);
     }

@@ -8,12 +8,15 @@
 //! `[C, H·W]`. Tasks of whole groups are spread across threads when there are enough; otherwise each GEMM uses
 //! all threads.
 //!
+//! Taps that only ever read padding (a 3x3 kernel on a 1x1 map) are cropped away first (`crop`).
+//!
 //! 3x3 stride-1 padding-1 convolutions with enough tiles go to Winograd F(4x4, 3x3) instead (see `winograd`),
 //! all three passes; the choice is `algo::resolve`'s.
 
 use rayon::prelude::*;
 
 use super::algo::{ConvAlgo, default_algo, resolve};
+use super::crop;
 use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
@@ -197,6 +200,9 @@ pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
 }
 
 pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> Tensor {
+    if let Some(win) = crop::window(x.dims4(), w.dims4(), geom) {
+        return forward_with(x, &win.crop(w), win.geom, algo);
+    }
     let d = Dims::new(x, w, geom);
     if resolve(algo, x.dims4(), w.dims4(), geom) == ConvAlgo::Winograd {
         let y = winograd::forward(x.data(), w.data(), d.n, d.c, d.h, d.w, d.o);
@@ -319,6 +325,10 @@ pub fn backward_with(
     need_dw: bool,
     algo: ConvAlgo,
 ) -> (Option<Tensor>, Option<Tensor>) {
+    if let Some(win) = crop::window(x.dims4(), w.dims4(), geom) {
+        let (dx, dw) = backward_with(x, &win.crop(w), dy, win.geom, need_dx, need_dw, algo);
+        return (dx, dw.map(|dw| win.uncrop(&dw, w.dims4())));
+    }
     let d = Dims::new(x, w, geom);
     assert_eq!(dy.shape(), [d.n, d.o, d.oh, d.ow], "conv2d backward: dy has the wrong shape");
     if resolve(algo, x.dims4(), w.dims4(), geom) == ConvAlgo::Winograd {

@@ -2,6 +2,7 @@
 
 pub mod algo;
 mod conv;
+mod crop;
 mod elementwise;
 pub mod isa;
 pub mod kept;
