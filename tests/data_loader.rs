@@ -150,9 +150,31 @@ fn every_sample_once_per_epoch_and_epochs_differ() {
 }
 
 #[test]
+fn a_steps_rank_batches_rank_after_rank_are_one_process_batch() {
+    // 2 ranks x 8 and 1 process x 16 see each step's samples in one order (the one process's batch is the ranks'
+    // batches concatenated), which lets their gradient sums split alike (engine::cpu::batch_sum). 301 samples:
+    // padded to 302, the last step has 14, 7 per rank; every rank gets 151.
+    let ds: Arc<dyn Dataset> = Arc::new(Numbers::new(301));
+    let indices = |c: &LoaderConfig| -> Vec<Vec<usize>> {
+        let b = collect(ds.clone(), identity(), None, c, 2, 0);
+        b.iter().map(|b| (0..b.labels.len()).map(|k| index_of(b, k)).collect()).collect()
+    };
+    let one = indices(&cfg(16, 0));
+    let ranks: Vec<_> =
+        (0..2).map(|rank| indices(&LoaderConfig { shard: Shard { rank, world: 2 }, ..cfg(8, 0) })).collect();
+    assert_eq!(ranks[0].iter().map(Vec::len).sum::<usize>(), 151);
+    assert_eq!(ranks[0].last().map(Vec::len), Some(7));
+    for (step, joint) in one.iter().enumerate() {
+        let both = [ranks[0][step].clone(), ranks[1][step].clone()].concat();
+        assert_eq!(&both[..joint.len()], &joint[..], "step {step}");
+    }
+    assert_eq!(ranks[1].last().unwrap().last(), one.first().unwrap().first(), "the pad is the order's first sample");
+}
+
+#[test]
 fn a_resume_under_another_world_size_continues_after_the_same_samples() {
-    // k steps of W ranks consume exactly the first k·batch·W samples of the epoch's order (rank r takes every
-    // W-th from r), so `Position::rescale` can continue an epoch on another number of ranks: 3 steps of 2 ranks
+    // k steps of W ranks consume exactly the first k·batch·W samples of the epoch's order (rank r takes the r-th
+    // batch of each step's W), so `Position::rescale` can continue an epoch on another number of ranks: 3 steps of 2 ranks
     // x 8 are 6 steps of 1 rank x 8, and what each world takes next is the same samples.
     use resnet_rs::train::checkpoint::Position;
     let ds: Arc<dyn Dataset> = Arc::new(Numbers::new(300));

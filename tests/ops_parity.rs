@@ -87,6 +87,9 @@ impl ReplicaSum for TwoThreads {
         }
         self.barrier.wait();
     }
+    fn replicas(&self) -> usize {
+        2
+    }
 }
 
 /// The first or second half of a tensor along N.
@@ -101,7 +104,7 @@ fn half(t: &Tensor, second: bool) -> Tensor {
 fn sync_batch_norm_over_two_replicas_is_batch_norm_over_their_joint_batch() {
     // SyncBatchNorm: each replica holds half the batch; with the statistics and the backward sums added over
     // both, the output, the running statistics and the input gradient are those of the whole batch, and the
-    // replicas' weight gradients add up to the whole batch's (data parallelism then averages them).
+    // replicas' weight gradients are one value, half the whole batch's (data parallelism then averages them).
     let f = ops();
     let sum = TwoThreads { total: Mutex::new(Vec::new()), barrier: Barrier::new(2) };
     let replica = |second: bool| {
@@ -122,6 +125,7 @@ fn sync_batch_norm_over_two_replicas_is_batch_norm_over_their_joint_batch() {
     assert_eq!(store.buffers[0].value.data(), s1.buffers[0].value.data(), "both replicas' running means agree");
     for (p, q) in store.params.iter_mut().zip(&s1.params) {
         let (g, h) = (p.grad.as_mut().unwrap(), q.grad.as_ref().unwrap());
+        assert_eq!(g.data(), h.data(), "both replicas hold one dγ and dβ");
         g.data_mut().iter_mut().zip(h.data()).for_each(|(a, b)| *a += b);
     }
     assert_bn_step("sync bn", &f, &joined(&y0, &y1), &joined(&dx0, &dx1), &store);

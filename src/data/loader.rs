@@ -53,10 +53,14 @@ pub struct LoaderConfig {
     pub shard: Shard,
 }
 
-/// Rank `rank` of `world`'s part of an epoch, as PyTorch's `DistributedSampler` cuts it: the epoch's order
-/// (the same seeded shuffle on every rank) padded with its own first indices to a multiple of `world`, then
-/// every `world`-th index from `rank` on. Every rank gets the same number of samples, and each sample keeps the
-/// augmentation of its dataset index, so a run is reproducible for any world size.
+/// Rank `rank` of `world`'s part of an epoch. As PyTorch's `DistributedSampler`: the epoch's order (the same
+/// seeded shuffle on every rank) padded with its own first indices to a multiple of `world`, every rank the
+/// same number of samples, each sample with the augmentation of its dataset index, so a run is reproducible
+/// for any world size. Unlike it, the padded order is cut into steps of `world`·batch samples and rank r takes
+/// the r-th run of `batch` of each (of the last, shorter step, the r-th `world`-th) rather than every
+/// `world`-th sample: a step's batches, rank after rank, are then one process's batch of `world`·batch in its
+/// order, whose gradient sums split where the ranks' do (`engine::cpu::batch_sum`), so 2 ranks of 32 train bit
+/// for bit as one process of 64. Either way, k steps take the first k·batch·`world` samples of the order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
     pub rank: usize,
@@ -71,13 +75,20 @@ impl Shard {
         if self.world <= 1 { len } else { len.div_ceil(self.world) }
     }
 
-    /// This shard of a pass's `order`.
-    pub fn of(&self, order: Vec<usize>) -> Vec<usize> {
+    /// This shard of a pass's `order`, cut in steps of `batch` samples per rank.
+    pub fn of(&self, order: Vec<usize>, batch: usize) -> Vec<usize> {
         if self.world <= 1 || order.is_empty() {
             return order;
         }
         let total = order.len().div_ceil(self.world) * self.world;
-        order.iter().cycle().take(total).skip(self.rank).step_by(self.world).copied().collect()
+        let padded: Vec<usize> = order.iter().cycle().take(total).copied().collect();
+        padded
+            .chunks(batch.max(1) * self.world)
+            .flat_map(|step| {
+                let per_rank = step.len() / self.world;
+                step[self.rank * per_rank..(self.rank + 1) * per_rank].iter().copied()
+            })
+            .collect()
     }
 }
 
@@ -128,7 +139,7 @@ pub fn mix_rng(seed: u64, epoch: u64, batch: usize) -> Xoshiro256PlusPlus {
 /// The dataset indices of a pass, in order (this shard's, for data-parallel training).
 pub fn epoch_order(len: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<usize> {
     let order = if cfg.shuffle { permutation(len, key(cfg.seed, &[ORDER, epoch])) } else { (0..len).collect() };
-    cfg.shard.of(order)
+    cfg.shard.of(order, cfg.batch_size)
 }
 
 /// Iterate over the batches of one pass (`epoch`), starting at batch `skip_batches`. See the module docs.

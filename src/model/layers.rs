@@ -60,6 +60,8 @@ pub const BN_MOMENTUM: f32 = 0.1;
 /// buffers of one length.
 pub trait ReplicaSum: Send + Sync {
     fn sum(&self, values: &mut [f64]);
+    /// How many replicas add into `sum`.
+    fn replicas(&self) -> usize;
 }
 
 pub struct BatchNorm2d {
@@ -124,8 +126,8 @@ impl BatchNorm2d {
         batch_norm_affine(gamma, beta, mean, var, BN_EPS)
     }
 
-    /// dγ and dβ from this replica's batch (data parallelism averages them as it does every gradient); the
-    /// input gradient, with `across`, from the sums over every replica (SyncBatchNorm's backward).
+    /// dγ and dβ (data parallelism averages them as it does every gradient) and the input gradient, with
+    /// `across` from the sums over every replica (SyncBatchNorm's backward).
     pub fn backward(
         &mut self,
         be: &dyn Backend,
@@ -135,18 +137,23 @@ impl BatchNorm2d {
     ) -> Tensor {
         let (x_hat, invstd, count) = self.record.take().expect(MISSING_RECORD);
         let mut sums = be.batch_norm_grad_sums(dy, &x_hat);
-        if s.trainable(self.weight) {
-            s.accumulate_grad(self.weight, &sums.dy_xhat.iter().map(|&v| v as f32).collect::<Vec<_>>());
-        }
-        if s.trainable(self.bias) {
-            s.accumulate_grad(self.bias, &sums.dy.iter().map(|&v| v as f32).collect::<Vec<_>>());
-        }
+        // With `across`, dγ and dβ are the replicas' mean of the summed sums rather than this replica's own:
+        // the same value once data parallelism averages them, but rounded once, as one process on the joint
+        // batch rounds it (`engine::cpu::batch_sum`), instead of once per replica before the average.
+        let mut share = 1.0;
         if let Some(replicas) = across {
             let c = sums.dy.len();
             let mut both: Vec<f64> = sums.dy.iter().chain(&sums.dy_xhat).copied().collect();
             replicas.sum(&mut both);
             sums.dy_xhat = both.split_off(c);
             sums.dy = both;
+            share = 1.0 / replicas.replicas().max(1) as f64;
+        }
+        if s.trainable(self.weight) {
+            s.accumulate_grad(self.weight, &sums.dy_xhat.iter().map(|&v| (v * share) as f32).collect::<Vec<_>>());
+        }
+        if s.trainable(self.bias) {
+            s.accumulate_grad(self.bias, &sums.dy.iter().map(|&v| (v * share) as f32).collect::<Vec<_>>());
         }
         be.batch_norm_grad_input(dy, &x_hat, &invstd, s.value(self.weight).data(), &sums, count)
     }

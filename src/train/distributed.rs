@@ -1,6 +1,6 @@
 //! Data-parallel training, the way PyTorch DDP does it: every rank (one process; `mpirun -n N resnet train
 //! --distributed`) holds the whole network, trains on its own shard of each epoch (`loader::Shard`, as
-//! `DistributedSampler`), and the gradients are averaged over the ranks, so every rank applies the same update
+//! `DistributedSampler`, cut by steps), and the gradients are averaged over the ranks, so every rank applies the same update
 //! to the same weights: in DDP's buckets (reverse parameter order, 1 MiB first, 25 MiB after), each bucket's
 //! non-blocking all-reduce started as soon as backward has completed its gradients (`ResNet::
 //! on_gradients_ready`), so communication overlaps the rest of backward. BN running statistics are broadcast
@@ -123,6 +123,9 @@ impl ReplicaSum for RanksSum {
             eprintln!("error: rank {}: {e}", self.0.rank());
             std::process::exit(3);
         }
+    }
+    fn replicas(&self) -> usize {
+        self.0.size()
     }
 }
 

@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::algo::{ConvAlgo, default_algo, resolve};
+use super::batch_sum;
 use super::crop;
 use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
@@ -343,22 +344,34 @@ pub fn backward_with(
         });
         return (dx, dw);
     }
-    let (group, per_task, gemm_threads) = d.plan();
+    // Tasks of whole groups inside each `batch_sum` chunk, so that the weight gradient adds per chunk.
     let (ckk, ohw, chw, o) = (d.ckk(), d.ohw(), d.chw(), d.o);
+    let mut tasks = Vec::new();
+    let mut gemm_threads = 1;
+    for (c, chunk) in batch_sum::chunks(d.n).enumerate() {
+        let (group, per_task, threads) = Dims { n: chunk.len(), ..d }.plan();
+        gemm_threads = gemm_threads.max(threads);
+        tasks.extend((chunk.start..chunk.end).step_by(per_task).map(|f| (c, f, (f + per_task).min(chunk.end), group)));
+    }
+    if tasks.len() >= rayon::current_num_threads() {
+        gemm_threads = 1;
+    }
     let wm = MatRef::new(w.data(), o, ckk);
     let mut dx = vec![0.0f32; if need_dx { d.n * chw } else { 0 }];
-    let tasks = d.n.div_ceil(per_task);
-    let mut dx_parts: Vec<&mut [f32]> = if need_dx { dx.chunks_mut(per_task * chw).collect() } else { Vec::new() };
-    dx_parts.resize_with(tasks, || &mut []);
+    let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
+    let mut rest = &mut dx[..];
+    for &(_, first, last, _) in &tasks {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(if need_dx { (last - first) * chw } else { 0 });
+        dx_parts.push(part);
+        rest = tail;
+    }
 
-    let partial_dws: Vec<Vec<f32>> = dx_parts
+    let partial_dws: Vec<(usize, Vec<f32>)> = dx_parts
         .into_par_iter()
-        .enumerate()
-        .map(|(t, dx_task)| {
+        .zip(&tasks)
+        .map(|(dx_task, &(chunk, first, last, group))| {
             let mut dw = vec![0.0f32; if need_dw { o * ckk } else { 0 }];
             let (mut col, mut dyg) = (Vec::new(), Vec::new());
-            let first = t * per_task;
-            let last = ((t + 1) * per_task).min(d.n);
             for start in (first..last).step_by(group) {
                 let m = group.min(last - start);
                 let xg = &x.data()[start * chw..(start + m) * chw];
@@ -402,17 +415,24 @@ pub fn backward_with(
                     }
                 }
             }
-            dw
+            (chunk, dw)
         })
         .collect();
 
     let dx = need_dx.then(|| Tensor::new(x.shape(), dx).expect("dx has x's shape"));
     let dw = need_dw.then(|| {
-        let mut total = vec![0.0f32; o * ckk];
-        for part in &partial_dws {
-            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+        // Each chunk's tasks in order, then the chunks pairwise.
+        let mut per_chunk: Vec<Vec<f32>> = Vec::new();
+        if partial_dws.is_empty() {
+            per_chunk.push(vec![0.0; o * ckk]);
         }
-        Tensor::new(w.shape(), total).expect("dw has w's shape")
+        for (chunk, part) in partial_dws {
+            match per_chunk.get_mut(chunk) {
+                Some(total) => total.iter_mut().zip(&part).for_each(|(t, p)| *t += p),
+                None => per_chunk.push(part),
+            }
+        }
+        Tensor::new(w.shape(), batch_sum::pairwise(per_chunk)).expect("dw has w's shape")
     });
     (dx, dw)
 }

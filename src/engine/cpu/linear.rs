@@ -1,5 +1,6 @@
-//! The fully connected head: y = x·wᵀ + b.
+//! The fully connected head: y = x·wᵀ + b. Its weight and bias gradients add over the batch per `batch_sum` chunk.
 
+use super::batch_sum;
 use super::matmul::{MatRef, matmul};
 use crate::engine::Tensor;
 
@@ -31,14 +32,26 @@ pub fn backward(
         matmul(&mut dx, dym, MatRef::new(w.data(), out, fin), false, threads());
         Tensor::new(&[n, fin], dx).expect("dx shape")
     });
+    // Per `batch_sum` chunk of rows, the chunks added pairwise: the sums a split over ranks makes.
     let dw = need_dw.then(|| {
-        let mut dw = vec![0.0f32; out * fin];
-        matmul(&mut dw, dym.t(), MatRef::new(x.data(), n, fin), false, threads());
-        let mut db = vec![0.0f32; out];
-        for row in dy.data().chunks(out.max(1)) {
-            db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+        let (mut dws, mut dbs) = (Vec::new(), Vec::new());
+        for rows in batch_sum::chunks(n) {
+            let mut dw = vec![0.0f32; out * fin];
+            let dyc = &dy.data()[rows.start * out..rows.end * out];
+            let xc = MatRef::new(&x.data()[rows.start * fin..rows.end * fin], rows.len(), fin);
+            matmul(&mut dw, MatRef::new(dyc, rows.len(), out).t(), xc, false, threads());
+            let mut db = vec![0.0f32; out];
+            for row in dyc.chunks(out.max(1)) {
+                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+            }
+            dws.push(dw);
+            dbs.push(db);
         }
-        (Tensor::new(&[out, fin], dw).expect("dw shape"), db)
+        if dws.is_empty() {
+            return (Tensor::zeros(&[out, fin]), vec![0.0; out]);
+        }
+        let dw = Tensor::new(&[out, fin], batch_sum::pairwise(dws)).expect("dw shape");
+        (dw, batch_sum::pairwise(dbs))
     });
     (dx, dw)
 }

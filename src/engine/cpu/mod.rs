@@ -1,6 +1,7 @@
 //! The CPU backend: Winograd or im2col + `gemm` for convolutions and the linear head, rayon for everything else.
 
 pub mod algo;
+mod batch_sum;
 mod conv;
 mod crop;
 mod elementwise;
