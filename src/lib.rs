@@ -13,7 +13,7 @@
 //! // .pth instead, with the preprocessing its model card records).
 //! let arch: Arch = "resnet18".parse()?;
 //! let model = ResNet::new(ResNetConfig::new(arch, 10), 0);
-//! let mut runner = Runner::open(model, Target::CPU, 2, 32, 32)?;
+//! let mut runner = Runner::open(model, Target::CPU, None, 2, 32, 32)?;
 //! let images = Tensor::new(&[2, 3, 32, 32], vec![0.5; 2 * 3 * 32 * 32])?;
 //! let logits = runner.forward(&images)?;
 //! assert_eq!(logits.shape(), &[2, 10]);

@@ -101,6 +101,10 @@ impl Target {
                 Err("--dtype bf16 on the CPU needs AVX512-BF16, which this CPU lacks; use --dtype f32".to_string())
             }
             (Job::Infer, Precision::Bf16) => Ok(Precision::Bf16),
+            (Job::Train { .. }, Precision::Int8) => {
+                Err("--dtype int8 is for inference (a `resnet quantize` file); training runs in f32".to_string())
+            }
+            (Job::Infer, Precision::Int8) => Ok(Precision::Int8),
         };
         let gpu_runs_it = match job {
             Job::Train { optimizer } if optimizer != "sgd" => {
@@ -111,6 +115,9 @@ impl Target {
         match device {
             DeviceSpec::Cpu => on_cpu.map(Resolved::Cpu).map_err(Error::invalid),
             DeviceSpec::Cuda(_) if !cfg!(feature = "cuda") => Err(Error::invalid(NO_GPU_BUILD)),
+            DeviceSpec::Cuda(_) if precision == Precision::Int8 => {
+                Err(Error::invalid("--dtype int8 runs on the CPU only (--device cpu)"))
+            }
             DeviceSpec::Cuda(index) => {
                 gpu_runs_it.map_err(Error::invalid)?;
                 Ok(Resolved::Gpu { index, precision, fallback: None })
@@ -118,7 +125,7 @@ impl Target {
             // auto falls back to the CPU in the arithmetic it runs nearest the one asked for.
             DeviceSpec::Auto => {
                 let fallback = on_cpu.unwrap_or(Precision::F32);
-                if cfg!(feature = "cuda") && gpu_runs_it.is_ok() {
+                if cfg!(feature = "cuda") && gpu_runs_it.is_ok() && precision != Precision::Int8 {
                     Ok(Resolved::Gpu { index: 0, precision, fallback: Some(fallback) })
                 } else {
                     Ok(Resolved::Cpu(fallback))

@@ -75,7 +75,7 @@ fn ours(model: &ResNet, x: &Tensor, tap: Tap) -> Tensor {
     let [n, _, h, w] = x.dims4();
     let mut copy = ResNet::new(model.config, 0);
     copy.load_state_dict(&model.state_dict()).unwrap();
-    let mut runner = Runner::open(copy, Target::CPU, n, h, w).unwrap();
+    let mut runner = Runner::open(copy, Target::CPU, None, n, h, w).unwrap();
     if tap == Tap::Fc { runner.forward(x).unwrap() } else { runner.features(x, tap).unwrap() }
 }
 

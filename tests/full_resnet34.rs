@@ -54,13 +54,15 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
     // The inference runner (weights packed once) in f32, and in bf16 where the CPU has AVX512-BF16.
     let [n, _, h, w] = x.dims4();
     let mut runner =
-        Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::F32 }, n, h, w).unwrap();
+        Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::F32 }, None, n, h, w).unwrap();
     let prepared = runner.forward(&x).unwrap();
     let e = common::rel_err(prepared.data(), expected.tensors["logits"].data());
     println!("runner f32: relative error vs PyTorch f32 logits {e:.2e}");
     assert!(e < 1e-3);
     let model = weights::load_model("resnet34".parse().unwrap(), &dir.join("resnet34.pth")).unwrap();
-    if let Ok(mut bf16) = Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::Bf16 }, n, h, w) {
+    if let Ok(mut bf16) =
+        Runner::open(model, Target { device: DeviceSpec::Cpu, precision: Precision::Bf16 }, None, n, h, w)
+    {
         let low = bf16.forward(&x).unwrap();
         let e = common::rel_err(low.data(), prepared.data());
         // PyTorch's bf16 autocast against its own f32, where the fixture has it (older fixtures do not)

@@ -129,14 +129,14 @@ fn cpu_runner_matches_torchvision_in_f32_and_keeps_top1_in_bf16() {
     let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
     let [n, _, h, w] = x.dims4();
     let mut f32_runner =
-        Runner::open(load(), Target { device: DeviceSpec::Cpu, precision: Precision::F32 }, n, h, w).unwrap();
+        Runner::open(load(), Target { device: DeviceSpec::Cpu, precision: Precision::F32 }, None, n, h, w).unwrap();
     let logits = f32_runner.forward(&x).unwrap();
     common::assert_rows_close("logits (runner, f32)", &files, &logits, f.get("logits"));
     for (layer, tap) in [("layer2", Tap::Layer2), ("avgpool", Tap::AvgPool)] {
         let feats = f32_runner.features(&x, tap).unwrap();
         common::assert_rows_close(layer, &files, &feats, f.get(&format!("features.{layer}")));
     }
-    match Runner::open(load(), Target { device: DeviceSpec::Cpu, precision: Precision::Bf16 }, n, h, w) {
+    match Runner::open(load(), Target { device: DeviceSpec::Cpu, precision: Precision::Bf16 }, None, n, h, w) {
         Ok(mut bf16_runner) => {
             assert!(packed::bf16_supported());
             let low = bf16_runner.forward(&x).unwrap();

@@ -9,9 +9,10 @@ use super::parse_arch;
 use crate::data::loader::Batch;
 use crate::engine::{Tensor, one_hot};
 use crate::error::{Error, Result};
+use crate::infer::quantize::{self, Method};
 use crate::infer::runner::Runner;
 use crate::model::{Arch, ResNet, ResNetConfig, Stem};
-use crate::target::{Job, Resolved, Target, TargetArgs};
+use crate::target::{Job, Precision, Resolved, Target, TargetArgs};
 use crate::train::distributed::{self, Comm, DistributedSteps};
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::steps::{CpuSteps, Steps};
@@ -118,7 +119,15 @@ pub fn run(a: BenchCmd) -> Result<()> {
             Ok(())
         })
     } else {
-        let runner = runner.insert(Runner::open(model, target, batch, size, size)?);
+        // int8 with the calibration of the timed batch itself (the weights are random: what is timed is the work).
+        let calibration = match target.precision {
+            Precision::Int8 => Some(quantize::calibrate(ResNet::new(model.config, 0), Method::Minmax, |see| {
+                see(&x);
+                Ok(())
+            })?),
+            _ => None,
+        };
+        let runner = runner.insert(Runner::open(model, target, calibration.as_ref(), batch, size, size)?);
         device = runner.describe();
         runner.timed_forward(&x)?
     };

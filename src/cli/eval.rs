@@ -81,7 +81,7 @@ pub fn run(a: EvalCmd) -> Result<()> {
         return Err(Error::file(&a.weights, format!("was trained on classes {trained:?}, the dataset has {names:?}")));
     }
     let size = pre.size as usize;
-    let mut runner = Runner::open(model, a.target.target(), r.batch_size, size, size)?;
+    let mut runner = Runner::open(model, a.target.target(), opened.calibration.as_ref(), r.batch_size, size, size)?;
     let rep = evaluate::evaluate_with(
         &mut |x| runner.forward(x),
         classes,

@@ -43,7 +43,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let model = opened.model;
     let files = infer::collect_images(&a.images)?;
     let (batch, side, width) = (a.batch_size as usize, opened.card.preprocess.size as usize, model.graph.width(tap));
-    let open = || Runner::open(model, a.target.target(), batch, side, side);
+    let open = || Runner::open(model, a.target.target(), opened.calibration.as_ref(), batch, side, side);
     let sharded = Sharded::new(a.distributed, files.len())?;
     let feats = sharded.rows(&files, &opened.card.preprocess, open, (batch, width), |r, b| r.features(b, tap))?;
     let Some(feats) = feats else { return Ok(()) };

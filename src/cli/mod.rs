@@ -7,6 +7,7 @@ mod export;
 mod features;
 mod info;
 mod predict;
+mod quantize;
 mod report;
 mod serve;
 mod train;
@@ -46,6 +47,8 @@ enum Command {
     Eval(eval::EvalCmd),
     /// Write a checkpoint as ONNX, a torch.save state_dict (.pth) or safetensors holding the network alone.
     Export(export::ExportCmd),
+    /// Calibrate int8 inference on images and write the weights with it (then run them with --dtype int8).
+    Quantize(quantize::QuantizeCmd),
     /// Time inference or a training step: median/min/max over runs, images/s, peak RSS.
     Bench(bench::BenchCmd),
     /// Serve a checkpoint over HTTP with dynamic batching (predict, features, health, Prometheus metrics).
@@ -137,6 +140,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Export(a) => export::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Report(a) => report::run(a),
         Command::Serve(a) => serve::run(*a),

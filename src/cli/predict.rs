@@ -42,7 +42,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let files = infer::collect_images(&a.images)?;
     let (batch, side, classes) =
         (a.batch_size as usize, opened.card.preprocess.size as usize, model.config.num_classes);
-    let open = || Runner::open(model, a.target.target(), batch, side, side);
+    let open = || Runner::open(model, a.target.target(), opened.calibration.as_ref(), batch, side, side);
     let sharded = Sharded::new(a.distributed, files.len())?;
     let logits = sharded.rows(&files, &opened.card.preprocess, open, (batch, classes), |r, b| r.forward(b))?;
     let Some(logits) = logits else { return Ok(()) };

@@ -66,5 +66,5 @@ pub fn run(a: ServeCmd) -> Result<()> {
         header_timeout: Duration::from_secs(a.header_timeout_s),
         top_k: a.top_k as usize,
     };
-    serve::run(opened.model, opened.card, labels, a.target.target(), config)
+    serve::run(opened.model, opened.card, opened.calibration, labels, a.target.target(), config)
 }

@@ -14,6 +14,9 @@ pub enum Precision {
     /// bf16 convolution operands with fp32 accumulation (PyTorch's bf16 autocast); on a GPU also bf16 NHWC
     /// activations, on the CPU (AVX512-BF16, inference only) f32 activations between convolutions.
     Bf16,
+    /// int8 convolution operands (weights per channel, inputs per tensor from a `resnet quantize` calibration)
+    /// with i32 accumulation, f32 between convolutions; CPU inference only.
+    Int8,
 }
 
 impl std::str::FromStr for Precision {
@@ -23,7 +26,8 @@ impl std::str::FromStr for Precision {
             "f32" | "fp32" => Ok(Precision::F32),
             "tf32" => Ok(Precision::Tf32),
             "bf16" => Ok(Precision::Bf16),
-            _ => Err(Error::invalid(format!("unknown dtype '{s}' (expected f32, tf32 or bf16)"))),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(Error::invalid(format!("unknown dtype '{s}' (expected f32, tf32, bf16 or int8)"))),
         }
     }
 }
@@ -34,6 +38,7 @@ impl std::fmt::Display for Precision {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         })
     }
 }

@@ -4,14 +4,22 @@
 //! by unit. Nothing is keyed by tensor identity and nothing grows: a unit keeps at most one form per kept
 //! algorithm (three), built the first time a batch needs it (the algorithm depends on the batch's tile count), so
 //! a plan's memory is bounded by its weights. It runs eval-mode forwards only; it cannot train.
+//!
+//! In int8 (`CpuPlan::int8`, from a `resnet quantize` calibration) every unit but the stem keeps its weight with
+//! the batch norm's scale folded in, quantized per output channel (`engine::cpu::int8`), and its input's
+//! calibrated uint8 parameters; the stem (3 input channels: 3 % of the multiply-adds, and the unit whose
+//! input, the normalised image, quantizes worst) and the fc head stay f32, as the recipe allows.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use crate::engine::cpu::algo::{self, KeptAlgo};
+use crate::engine::cpu::int8::{Int8Weight, QuantParams};
 use crate::engine::cpu::kept::KeptConv;
-use crate::engine::cpu::{Affine, Cpu, packed};
+use crate::engine::cpu::{Affine, Cpu, conv2d_int8, packed};
 use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
+use crate::error::{Error, Result};
+use crate::infer::quantize::Calibration;
 use crate::model::graph::{Graph, Post};
 use crate::model::layers::BN_EPS;
 use crate::model::{ResNet, ResNetConfig, Tap};
@@ -26,6 +34,8 @@ struct PlanUnit {
     relu: bool,
     /// The weight kept for each `KeptAlgo` (indexed by `kept_slot`), built on first use.
     kept: [OnceLock<KeptConv>; 3],
+    /// In an int8 plan: the weight times the BN scale, quantized, and the input's parameters.
+    int8: Option<(Int8Weight, QuantParams)>,
 }
 
 fn kept_slot(a: KeptAlgo) -> usize {
@@ -40,6 +50,7 @@ pub struct CpuPlan {
     pub config: ResNetConfig,
     graph: Graph,
     bf16: bool,
+    int8: bool,
     units: Vec<PlanUnit>,
     fc_weight: Tensor,
     fc_bias: Vec<f32>,
@@ -65,20 +76,74 @@ impl CpuPlan {
             let (scale, shift) = batch_norm_affine(gamma.data(), beta.data(), mean.data(), var.data(), BN_EPS);
             let weight = take(&format!("{}.weight", u.conv));
             let relu = u.post != Post::Linear;
-            units.push(PlanUnit { weight, geom: u.geom(), scale, shift, relu, kept: Default::default() });
+            units.push(PlanUnit { weight, geom: u.geom(), scale, shift, relu, kept: Default::default(), int8: None });
         }
         let (fc_weight, fc_bias) = (take("fc.weight"), take("fc.bias").into_data());
-        Some(CpuPlan { config, graph, bf16, units, fc_weight, fc_bias })
+        Some(CpuPlan { config, graph, bf16, int8: false, units, fc_weight, fc_bias })
+    }
+
+    /// The plan of `model` with int8 convolutions after the stem, their inputs quantized as `calibration` says
+    /// (which must name every one of them).
+    pub fn int8(model: ResNet, calibration: &Calibration) -> Result<CpuPlan> {
+        let names: Vec<String> = model.graph.units.iter().map(|u| u.conv.clone()).collect();
+        let mut plan = CpuPlan::new(model, false).expect("an f32 plan runs on every CPU");
+        for (u, name) in names.iter().enumerate().skip(1) {
+            let input = calibration.input(name).ok_or_else(|| {
+                Error::invalid(format!("the calibration names no input scale for {name} (run `resnet quantize` again)"))
+            })?;
+            let p = &mut plan.units[u];
+            let shape = p.weight.dims4();
+            let depth = shape[1] * shape[2] * shape[3];
+            let folded: Vec<f32> = p
+                .weight
+                .data()
+                .chunks(depth)
+                .zip(&p.scale)
+                .flat_map(|(row, &s)| row.iter().map(move |w| w * s))
+                .collect();
+            // A unit whose input can be negative, or whose channels do not come in fours, stays f32 (none in
+            // torchvision's ResNets: every input after the stem is a ReLU's output, widths are multiples of 64).
+            let Some(weight) = Int8Weight::conv(&folded, shape).filter(|_| input.zero_point == 0) else { continue };
+            p.int8 = Some((weight, input));
+            p.scale = vec![1.0; shape[0]];
+        }
+        plan.int8 = true;
+        Ok(plan)
     }
 
     pub fn is_bf16(&self) -> bool {
         self.bf16
     }
 
+    pub fn is_int8(&self) -> bool {
+        self.int8
+    }
+
+    /// Runs the network on `x` (a calibration batch) and hands `f` every unit's input before the unit runs, with
+    /// the unit's index in the graph's order (for `resnet quantize`).
+    pub fn visit_inputs(&self, x: &Tensor, f: &(dyn Fn(usize, &Tensor) + Sync)) {
+        let visit = |u: usize, input: &Tensor, shortcut: Option<&Tensor>| {
+            f(u, input);
+            self.unit(u, input, shortcut)
+        };
+        let pool = |h: &Tensor| {
+            let p = self.graph.pool.expect("a graph that pools has a pool");
+            Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
+        };
+        let _ = self.graph.walk(x, None, visit, pool);
+    }
+
     /// relu?(bn(conv(x)) + shortcut?) of unit `u`, on its kept weight where one applies.
     fn unit(&self, u: usize, x: &Tensor, shortcut: Option<&Tensor>) -> Tensor {
         let p = &self.units[u];
         let affine = EvalAffine { scale: &p.scale, shift: &p.shift, residual: shortcut, relu: p.relu };
+        if let Some((weight, input)) = &p.int8 {
+            let [n, _, h, w] = x.dims4();
+            let [o, _, kh, kw] = p.weight.dims4();
+            let (oh, ow) = p.geom.output_hw(h, w, kh, kw);
+            let affine = Affine::new(affine, [n, o, oh, ow]);
+            return conv2d_int8(x, weight, *input, p.weight.dims4(), p.geom, Some(&affine));
+        }
         let bytes = if self.bf16 { 2 } else { 4 };
         let Some(algo) = algo::for_inference(x.dims4(), p.weight.dims4(), p.geom, bytes) else {
             return Cpu.conv2d_affine_act(x, &p.weight, p.geom, affine);

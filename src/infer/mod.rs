@@ -2,6 +2,7 @@
 
 pub mod card;
 pub mod labels;
+pub mod quantize;
 /// The image decoding and PIL-exact resampling inference shares with the training data (`crate::imaging`).
 pub use crate::imaging as preprocess;
 pub mod runner;

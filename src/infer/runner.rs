@@ -4,8 +4,13 @@
 use crate::engine::Tensor;
 use crate::error::{Error, Result};
 use crate::exec::cpu_plan::CpuPlan;
+use crate::infer::quantize::Calibration;
 use crate::model::{ResNet, Tap};
 use crate::target::{Job, Precision, Target};
+
+/// Why `--dtype int8` cannot run a file.
+pub const NOT_QUANTIZED: &str =
+    "--dtype int8 needs weights written by `resnet quantize` (they carry the calibration); these have none";
 
 /// A network ready to run eval-mode forwards on its device.
 pub enum Runner {
@@ -16,17 +21,28 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// The CPU in f32, or in bf16 where the CPU has AVX512-BF16 (which `Target::resolve` has checked).
-    fn cpu(model: ResNet, precision: Precision) -> Result<Runner> {
-        let plan = CpuPlan::new(model, precision == Precision::Bf16)
-            .ok_or_else(|| Error::invalid("this CPU lacks AVX512-BF16"))?;
+    /// The CPU in f32, in bf16 where the CPU has AVX512-BF16 (which `Target::resolve` has checked), or in int8
+    /// with `calibration`.
+    fn cpu(model: ResNet, precision: Precision, calibration: Option<&Calibration>) -> Result<Runner> {
+        let plan = match precision {
+            Precision::Int8 => CpuPlan::int8(model, calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?)?,
+            _ => CpuPlan::new(model, precision == Precision::Bf16)
+                .ok_or_else(|| Error::invalid("this CPU lacks AVX512-BF16"))?,
+        };
         Ok(Runner::Cpu(Box::new(plan)))
     }
 
     /// Put `model` on `target` (resolved for inference: refusals and `auto` in `Target::resolve`) for batches of
-    /// up to `batch` images of `h`×`w`.
-    pub fn open(model: ResNet, target: Target, batch: usize, h: usize, w: usize) -> Result<Runner> {
-        let cpu = |model, p| Runner::cpu(model, p);
+    /// up to `batch` images of `h`×`w`; `calibration` (a `resnet quantize` file's) for `--dtype int8`.
+    pub fn open(
+        model: ResNet,
+        target: Target,
+        calibration: Option<&Calibration>,
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Runner> {
+        let cpu = |model, p| Runner::cpu(model, p, calibration);
         #[cfg(feature = "cuda")]
         let gpu = |model: &ResNet, i, p| {
             let gpu = crate::exec::cuda::CudaResNet::with_precision(model, i, batch, h, w, p)?;
@@ -44,6 +60,7 @@ impl Runner {
     pub fn describe(&self) -> String {
         match self {
             Runner::Cpu(plan) if plan.is_bf16() => "cpu (bf16)".into(),
+            Runner::Cpu(plan) if plan.is_int8() => "cpu (int8)".into(),
             Runner::Cpu(..) => "cpu".into(),
             #[cfg(feature = "cuda")]
             Runner::Cuda(gpu) => gpu.device_name(),

@@ -21,6 +21,7 @@ use hyper_util::service::TowerToHyperService;
 
 use crate::error::{Error, Result};
 use crate::infer::card::ModelCard;
+use crate::infer::quantize::Calibration;
 use crate::infer::runner::Runner;
 use crate::model::ResNet;
 use crate::target::Target;
@@ -42,7 +43,14 @@ pub struct Config {
 
 /// Serve `model` until Ctrl-C or SIGTERM. The socket is bound first (a taken port is the one-line error), then
 /// the network is opened and warmed up on the executor thread while `/v2/health/live` already answers.
-pub fn run(model: ResNet, card: ModelCard, labels: Vec<String>, target: Target, config: Config) -> Result<()> {
+pub fn run(
+    model: ResNet,
+    card: ModelCard,
+    calibration: Option<Calibration>,
+    labels: Vec<String>,
+    target: Target,
+    config: Config,
+) -> Result<()> {
     let listener = std::net::TcpListener::bind(config.addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| Error::invalid(format!("cannot listen on {}: {e}", config.addr)))?;
@@ -62,7 +70,7 @@ pub fn run(model: ResNet, card: ModelCard, labels: Vec<String>, target: Target, 
         input: [card.preprocess.channels, side, side],
     };
     let max_batch = config.max_batch;
-    let open = move || Runner::open(model, target, max_batch, side, side);
+    let open = move || Runner::open(model, target, calibration.as_ref(), max_batch, side, side);
     let (queue, opened, executor) = batcher::spawn(open, settings, metrics.clone(), ready.clone())?;
     let app = Arc::new(routes::App {
         queue,

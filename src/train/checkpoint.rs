@@ -20,6 +20,10 @@ use crate::model::{Arch, ResNet};
 use crate::weights;
 
 pub const FORMAT: &str = "resnet-rs-train/1";
+
+/// The format of a `resnet quantize` file: the network of a training checkpoint (no optimiser state, so not
+/// resumable) with its recipe and an int8 calibration.
+pub const QUANTIZED_FORMAT: &str = "resnet-rs-quantized/1";
 pub use crate::weights::{EMA_PREFIX, OPTIMIZER_PREFIX, Variant};
 
 /// Where the loop stands. All randomness derives from (seed, epoch, index), so this is the whole RNG state.
@@ -121,6 +125,8 @@ pub struct Opened {
     pub card: ModelCard,
     /// The training recipe, when the file is one of our training checkpoints.
     pub recipe: Option<Recipe>,
+    /// The int8 calibration, when `resnet quantize` wrote the file.
+    pub calibration: Option<crate::infer::quantize::Calibration>,
 }
 
 /// Open any weights file we read (a training checkpoint, our safetensors, a torchvision `.pth`, or a
@@ -141,7 +147,7 @@ pub fn open_model(spec: &Path, arch: Option<Arch>, variant: Variant) -> Result<O
     }
     let model = weights::model_from_state(found, &state, path)?;
     let recipe = match meta.get("recipe") {
-        Some(text) if meta.get("format").map(String::as_str) == Some(FORMAT) => {
+        Some(text) if matches!(meta.get("format").map(String::as_str), Some(FORMAT | QUANTIZED_FORMAT)) => {
             Some(Recipe::parse(text).map_err(|e| e.in_file(path))?)
         }
         _ => None,
@@ -184,7 +190,8 @@ pub fn open_model(spec: &Path, arch: Option<Arch>, variant: Variant) -> Result<O
             format!("metadata names {} classes but the network has {}", names.len(), model.config.num_classes),
         ));
     }
-    Ok(Opened { model, card, recipe })
+    let calibration = crate::infer::quantize::Calibration::from_metadata(&meta, path)?;
+    Ok(Opened { model, card, recipe, calibration })
 }
 
 pub fn load(path: &Path) -> Result<Checkpoint> {

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use super::algo::{ConvAlgo, default_algo, resolve};
 use super::batch_sum;
 use super::crop;
+use super::int8::{self, Int8Weight, QuantParams};
 use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
@@ -304,6 +305,36 @@ pub fn forward_packed(
     let d = Dims::of(x.dims4(), w_shape, geom);
     let product = |dst: &mut [f32], cols: MatRef, threads: usize| w.multiply_threads(cols, dst, threads);
     im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine)
+}
+
+/// conv2d of `x` with an int8 weight (`Int8Weight::conv`), its input quantized with `input`, then `affine` as
+/// the output is written. The input is quantized once into quad planes (4 channels' codes per 32-bit word, C/4
+/// planes), and im2col runs over those words: a quarter of the f32 columns' rows, no per-column quantization.
+/// Padding is word 0, i.e. code 0 = real 0 only for a zero point of 0, which every ResNet convolution after the
+/// stem has (its input is a ReLU's output); the channels must come in fours.
+pub fn forward_int8(
+    x: &Tensor,
+    w: &Int8Weight,
+    input: QuantParams,
+    w_shape: [usize; 4],
+    geom: ConvGeom,
+    affine: Option<&Affine>,
+) -> Tensor {
+    let [o, c, kh, kw] = w_shape;
+    let [n, xc, h, wd] = x.dims4();
+    assert!(w.rows() == o && w.depth() == c * kh * kw && xc == c, "the int8 weight is [O, C·kh·kw] for this input");
+    assert!(input.zero_point == 0 && c.is_multiple_of(4), "int8 convolutions take inputs ≥ 0 in channels of 4");
+    let (planes, hw) = (c / 4, h * wd);
+    let mut words = vec![0u32; n * planes * hw];
+    words.par_chunks_mut(planes * hw).zip(x.data().par_chunks(c * hw)).for_each(|(q, x_n)| {
+        int8::quantize_quads(input, MatRef::new(x_n, c, hw), q, 1);
+    });
+    let words = Tensor::new(&[n, planes, h, wd], int8::words_as_f32(&mut words).to_vec()).expect("quad planes");
+    let d = Dims::of(words.dims4(), [o, planes, kh, kw], geom);
+    let product = |dst: &mut [f32], cols: MatRef, threads: usize| {
+        w.multiply_codes(input, int8::f32_as_words(cols.data), cols.cols, dst, threads)
+    };
+    im2col_forward(&words, &d, &product, scratch::INFERENCE_KEEP, affine)
 }
 
 pub fn backward(

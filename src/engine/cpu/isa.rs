@@ -79,6 +79,14 @@ pub fn avx512() -> bool {
     level() == Level::Avx512
 }
 
+/// Whether AVX512-VNNI's `vpdpbusd` runs (AVX-512 level and the extension present).
+pub fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512() && std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// Whether AVX512-BF16's `vdpbf16ps` runs (AVX-512 level and the extension present).
 pub fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -5,6 +5,7 @@ mod batch_sum;
 mod conv;
 mod crop;
 mod elementwise;
+pub mod int8;
 pub mod isa;
 pub mod kept;
 mod lanes;
@@ -21,7 +22,7 @@ pub mod winograd;
 mod winograd2;
 
 pub use algo::{ConvAlgo, keeps_u, resolve as conv_algo};
-pub use conv::{backward_with as conv2d_backward_with, forward_with as conv2d_with};
+pub use conv::{backward_with as conv2d_backward_with, forward_int8 as conv2d_int8, forward_with as conv2d_with};
 pub use norm::Affine;
 
 use super::Tensor;

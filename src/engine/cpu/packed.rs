@@ -49,6 +49,8 @@ enum Panels {
     Plain(Vec<f32>),
     /// Pairs of bf16 (k even in the low half): [panel][k/2][8 or 16 rows].
     Bf16(Vec<u32>),
+    /// Quads of int8 (k ≡ 0 mod 4 in the low byte): [panel][k/4][8 rows].
+    Int8(Vec<u32>),
 }
 
 /// A `rows`×`depth` left operand laid out for the kernels below. See the module documentation.
@@ -144,6 +146,40 @@ impl PackedLhs {
         Some(PackedLhs { rows, depth, tall, panels: Panels::Bf16(data) })
     }
 
+    /// A row-major `rows`×`depth` int8 operand packed for `multiply_quads`, or `None` when this CPU lacks
+    /// AVX512-VNNI.
+    pub fn int8(a: &[i8], rows: usize, depth: usize) -> Option<PackedLhs> {
+        if !isa::avx512_vnni() {
+            return None;
+        }
+        assert_eq!(a.len(), rows * depth, "int8 operand has the wrong size");
+        let data = pack(rows, depth.div_ceil(4), MR, |r, kq| {
+            let byte = |k: usize| if k < depth { a[r * depth + k] as u8 as u32 } else { 0 };
+            (0..4).fold(0, |q, i| q | byte(4 * kq + i) << (8 * i))
+        });
+        Some(PackedLhs { rows, depth, tall: false, panels: Panels::Int8(data) })
+    }
+
+    /// dst (row-major `rows`×`cols`, i32) = self · b for an `int8` operand, where b holds the right operand's
+    /// unsigned bytes in quads (`[depth/4][cols]`, rows k..k+4 of one column in one word, k in the low byte),
+    /// spread over `threads` by bands of rows.
+    pub fn multiply_quads(&self, b: &[u32], cols: usize, dst: &mut [i32], threads: usize) {
+        let Panels::Int8(a) = &self.panels else { panic!("multiply_quads needs an int8 operand") };
+        let depth = self.depth.div_ceil(4);
+        assert!(b.len() >= depth * cols, "right operand too short");
+        assert_eq!(dst.len(), self.rows * cols, "destination has the wrong size");
+        if self.rows == 0 || cols == 0 {
+            return;
+        }
+        let band = if threads > 1 { self.rows.div_ceil(threads).next_multiple_of(MR) } else { self.rows };
+        let b = Operand { data: b, ld: cols, depth, cols };
+        // SAFETY: f32 and i32 have one size and alignment and every bit pattern is a valid f32; the kernel only
+        // moves these words and adds them as integers, and the caller reads them back as i32.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
+        // `int8` built these panels only after checking for AVX512-VNNI.
+        banded(a, self.rows, band, MR, b, dst, drive_int8)
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -180,6 +216,7 @@ impl PackedLhs {
                 banded(a, self.rows, band, height, b, dst, drive)
             }
             Panels::Plain(a) => matmul(dst, MatRef::new(a, self.rows, self.depth), b, false, threads),
+            Panels::Int8(_) => panic!("an int8 operand multiplies quads (multiply_quads)"),
             Panels::Bf16(a) => with_pairs(b, |pairs| {
                 let b = Operand { data: pairs, ld: n, depth: self.depth.div_ceil(2), cols: n };
                 // `bf16` built these panels only after checking for AVX512-BF16.
@@ -262,6 +299,10 @@ unsafe fn drive_f32(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
 }
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn drive_bf16(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+    unreachable!("packed operands are built only on x86-64 with AVX-512")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn drive_int8(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -424,6 +465,19 @@ kernels!(
     "avx512f,avx512bf16",
     |acc, av, bv| _mm512_dpbf16_ps(*acc, av, unsafe { std::mem::transmute::<__m512i, __m512bh>(bv) }),
     |p| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32)),
+    |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast())
+);
+
+// int8: the accumulators hold i32 bits in f32 registers (the driver's loads and stores move them unchanged);
+// `vpdpbusd` adds the products of the right operand's unsigned bytes with the weights' signed ones, four per lane.
+#[cfg(target_arch = "x86_64")]
+kernels!(
+    drive_int8,
+    block_int8,
+    u32,
+    "avx512f,avx512vnni",
+    |acc, av, bv| _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(*acc), bv, av)),
+    |p| _mm512_set1_epi32(*p as i32),
     |mask, p| _mm512_maskz_loadu_epi32(mask, p.cast())
 );
 
