@@ -8,10 +8,13 @@
 # for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
 # intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
 # its per-round median; the table shows ours against the fastest other f32 variant (the same arithmetic as
-# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), then every variant.
+# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), int8 on its own
+# (ours with --dtype int8 against ONNX Runtime's quantize_static, both calibrated on the timed batch; inference
+# only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
-#   --variants LIST: only these PyTorch/ORT variants (comma-separated: eager, channels_last, compile, bf16, ort),
+#   --variants LIST: only these PyTorch/ORT variants (comma-separated: eager, channels_last, compile, bf16, ort,
+#   ort_int8),
 #   e.g. channels_last,ort for several before/after rounds where bf16 autocast without AVX512-BF16 takes minutes
 # BASELINE=/path/to/an/older/resnet also runs that binary right after ours in every round (same workloads,
 # same flags) and adds a table of ours against it: the before/after check of a refactor, in one run.
@@ -30,14 +33,14 @@ VARIANTS="all"
 QUICK=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --quick) QUICK=1; ROUNDS=1; RUNS=3; VARIANTS="eager,channels_last,bf16,ort" ;;
+        --quick) QUICK=1; ROUNDS=1; RUNS=3; VARIANTS="eager,channels_last,bf16,ort,ort_int8" ;;
         --rounds)
             [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
             ROUNDS="$2"; shift ;;
         --variants)
             [[ $# -ge 2 && "$2" =~ ^[a-z_]+(,[a-z_]+)*$ ]] || { echo "compare.sh: --variants needs a list like eager,ort" >&2; exit 2; }
             VARIANTS_ASKED="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1' (expected --quick, --rounds N or --variants LIST)" >&2; exit 2 ;;
     esac
     shift
@@ -74,6 +77,7 @@ trap 'rm -rf "$OUT"' EXIT
 CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | sed 's/^[^:]*: *//' || true)"
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  nproc $(nproc)  cpu '${CPU_MODEL:-unknown}'  torch $TORCH_VERSION" \
      " onnxruntime $ORT_VERSION  threads $THREADS  rounds $ROUNDS  runs $RUNS (+$WARMUP warm-up)$([[ $QUICK == 1 ]] && echo '  [quick: no compile]')"
+echo "# cpu flags: $(grep -o -w 'avx2\|fma\|avx512[a-z_0-9]*\|avx_vnni\|amx[a-z_0-9]*' /proc/cpuinfo 2>/dev/null | sort -u | paste -sd' ' -)"
 
 WORKLOADS=("infer 8 224" "infer 1 224" "train 64 32")
 # Our bf16 inference needs AVX512-BF16; without it the bf16 rows compare nothing of ours.
@@ -103,9 +107,14 @@ for w in "${WORKLOADS[@]}"; do
             echo "compare.sh: resnet bench --dtype bf16 failed ($workload b$batch ${size}px)" >&2
             exit 1
         fi
+        if [[ $workload == infer ]] && ! "$BIN" bench --workload "$workload" --batch "$batch" --size "$size" \
+                --runs "$RUNS" --warmup "$WARMUP" --dtype int8 --json >>"$OUT/$tag.ours.jsonl"; then
+            echo "compare.sh: resnet bench --dtype int8 failed ($workload b$batch ${size}px)" >&2
+            exit 1
+        fi
         variants="$VARIANTS"
         # ORT is infer only ("all" leaves it out itself)
-        [[ $workload == train ]] && variants=$(tr ',' '\n' <<<"$variants" | grep -vx ort | paste -sd, -)
+        [[ $workload == train ]] && variants=$(tr ',' '\n' <<<"$variants" | grep -vx 'ort\|ort_int8' | paste -sd, -)
         [[ -n $variants ]] || variants=eager
         echo "[$((SECONDS - start))s] $workload b$batch ${size}px round $r/$ROUNDS: pytorch/ort ($variants)" >&2
         if ! "$PYTHON" python/bench_torch.py --workload "$workload" --batch "$batch" --size "$size" \
@@ -173,7 +182,7 @@ for w in sys.argv[2:]:
         if best:
             b_ms = same[best][0]
             # The memory target is against PyTorch itself: eager in f32, its bf16 autocast in bf16.
-            torch = "eager" if dtype == "f32" else "bf16"
+            torch = "bf16" if dtype == "bf16" else "eager"
             t_rss = agg[torch][1] if torch in agg else None
             rss_ratio = ours_rss / t_rss if ours_rss is not None and t_rss else None
             rows.append((label, f"{ours_ms:.1f}", f"{b_ms:.1f} ({best})", f"{ours_ms / b_ms:.2f}", fmt(ours_rss, ".0f"),
@@ -186,7 +195,7 @@ for w in sys.argv[2:]:
         before_after.append((name, f"{ours['f32'][0]:.1f}", f"{b:.1f}", f"{ours['f32'][0] / b:.3f}", str(len(base))))
     for dtype, (ms, rss, n) in sorted(ours.items()):
         details.append((name, "ours" if dtype == "f32" else f"ours {dtype}", f"{ms:.1f}", "-", fmt(rss, ".0f"), str(n), ""))
-    for v in ("eager", "channels_last", "compile", "bf16", "ort"):
+    for v in ("eager", "channels_last", "compile", "bf16", "ort", "ort_int8"):
         if v in agg:
             ms, rss, n, dtype = agg[v]
             ratio = f"{ours[dtype][0] / ms:.2f}" if dtype in ours else "n/a"

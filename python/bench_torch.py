@@ -1,7 +1,7 @@
 """PyTorch / ONNX Runtime side of `resnet bench`: the same two workloads, the same timing protocol.
 
     python python/bench_torch.py --workload infer|train [--arch resnet34] [--batch N] [--size S]
-        [--runs 5] [--warmup 1] [--threads 2] [--variant eager|channels_last|compile|bf16|ort|all|A,B,...]
+        [--runs 5] [--warmup 1] [--threads 2] [--variant eager|channels_last|compile|bf16|ort|ort_int8|all|A,B,...]
         [--json]
 
 Workloads (as in src/cli/bench.rs):
@@ -13,7 +13,8 @@ Workloads (as in src/cli/bench.rs):
 Variants: eager (f32), channels_last (f32), compile (torch.compile, f32, with inductor freezing for infer;
 skipped with a note when it fails or its first call takes longer than --compile-timeout s), bf16 (CPU autocast to bfloat16, weights f32), ort
 (ONNX Runtime f32, infer only; exported with torch.onnx.export to a temporary file, run in a process that does
-not import torch). Each variant runs in its own subprocess, so peak RSS (getrusage ru_maxrss) is per variant.
+not import torch), ort_int8 (that file through onnxruntime.quantization.quantize_static: QDQ, per-channel,
+uint8 activations calibrated on the timed input, as `resnet bench --dtype int8` calibrates). Each variant runs in its own subprocess, so peak RSS (getrusage ru_maxrss) is per variant.
 
 `--json` prints one line per variant with the keys of `resnet bench --json` (workload, arch, batch, size,
 dtype, threads, median_ms, min_ms, max_ms, images_per_s, peak_rss_mib) plus "variant"; a skipped variant
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 
-VARIANTS = ("eager", "channels_last", "compile", "bf16", "ort")
+VARIANTS = ("eager", "channels_last", "compile", "bf16", "ort", "ort_int8")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / ORT intra_op_num_threads")
     p.add_argument("--variant", default="eager",
-                   help="eager|channels_last|compile|bf16|ort|all, or a comma-separated list")
+                   help="eager|channels_last|compile|bf16|ort|ort_int8|all, or a comma-separated list")
     p.add_argument("--compile-timeout", type=float, default=120.0,
                    help="skip the compile variant when its first (compiling) call takes longer (s)")
     p.add_argument("--timeout", type=float, default=1800.0, help="hard limit per variant subprocess (s)")
@@ -64,7 +65,7 @@ def parse_args(argv=None):
 
 def variant_list(spec: str, workload: str):
     if spec == "all":
-        return [v for v in VARIANTS if not (v == "ort" and workload == "train")]
+        return [v for v in VARIANTS if not (v.startswith("ort") and workload == "train")]
     out = []
     for v in (s.strip() for s in spec.split(",")):
         if v not in VARIANTS:
@@ -81,13 +82,17 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def dtype_of(variant):
+    return {"bf16": "bf16", "ort_int8": "int8"}.get(variant, "f32")
+
+
 def result(a, variant, times_ms, **extra):
     t = sorted(times_ms)
     n = len(t)
     median = t[n // 2] if n % 2 == 1 else (t[n // 2 - 1] + t[n // 2]) / 2.0
     return {
         "workload": a.workload, "arch": a.arch, "batch": a.batch, "size": a.size,
-        "dtype": "bf16" if variant == "bf16" else "f32", "threads": a.threads, "variant": variant,
+        "dtype": dtype_of(variant), "threads": a.threads, "variant": variant,
         "median_ms": median, "min_ms": t[0], "max_ms": t[-1], "images_per_s": a.batch * 1000.0 / median,
         "peak_rss_mib": peak_rss_mib(), **extra,
     }
@@ -96,7 +101,7 @@ def result(a, variant, times_ms, **extra):
 def skipped(a, variant, note):
     return {
         "workload": a.workload, "arch": a.arch, "batch": a.batch, "size": a.size,
-        "dtype": "bf16" if variant == "bf16" else "f32", "threads": a.threads, "variant": variant,
+        "dtype": dtype_of(variant), "threads": a.threads, "variant": variant,
         "median_ms": None, "min_ms": None, "max_ms": None, "images_per_s": None, "peak_rss_mib": None,
         "skipped": True, "note": note,
     }
@@ -255,13 +260,33 @@ def export_onnx(a, path):
 # ---------------------------------------------------------------------------------------------- ORT side
 
 
-def run_ort(a):
+def quantize_onnx(a, path, out):
+    """ORT's post-training static quantization as its docs recommend for CNNs on x86: QDQ, per-channel int8
+    weights, uint8 activations (U8S8, the VNNI path), MinMax calibration on the same batch ours calibrates on
+    (the timed input)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class OneBatch(CalibrationDataReader):
+        def __init__(self):
+            self.left = [{"x": input_values(a)}]
+
+        def get_next(self):
+            return self.left.pop() if self.left else None
+
+    prepared = path + ".pre.onnx"
+    quant_pre_process(path, prepared)
+    quantize_static(prepared, out, OneBatch(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def run_ort(a, variant="ort"):
     if a.workload != "infer":
-        return skipped(a, "ort", "ONNX Runtime variant is infer only")
+        return skipped(a, variant, "ONNX Runtime variant is infer only")
     try:
         import onnxruntime as ort
     except ImportError as e:
-        return skipped(a, "ort", f"onnxruntime not installed ({e})")
+        return skipped(a, variant, f"onnxruntime not installed ({e})")
     with tempfile.TemporaryDirectory(prefix="bench_torch_onnx_") as d:
         path = os.path.join(d, f"{a.arch}.onnx")
         # export in a separate process so that torch's memory does not count in this variant's peak RSS
@@ -270,7 +295,14 @@ def run_ort(a):
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0 or not os.path.exists(path):
             tail = " ".join((p.stderr or p.stdout).strip().splitlines()[-1:])[:300]
-            return skipped(a, "ort", f"torch.onnx.export failed: {tail}")
+            return skipped(a, variant, f"torch.onnx.export failed: {tail}")
+        if variant == "ort_int8":
+            try:
+                quantized = path + ".int8.onnx"
+                quantize_onnx(a, path, quantized)
+                path = quantized
+            except Exception as e:  # noqa: BLE001
+                return skipped(a, variant, f"onnxruntime.quantization failed: {e}")
         so = ort.SessionOptions()
         so.intra_op_num_threads = a.threads
         so.inter_op_num_threads = 1
@@ -282,15 +314,15 @@ def run_ort(a):
     def step():
         sess.run(None, feed)
 
-    return result(a, "ort", time_runs(a, step), onnxruntime=ort.__version__)
+    return result(a, variant, time_runs(a, step), onnxruntime=ort.__version__)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
 def run_child(a, variant):
-    if variant == "ort":
-        return run_ort(a)
+    if variant in ("ort", "ort_int8"):
+        return run_ort(a, variant)
     return run_torch(a, variant)
 
 

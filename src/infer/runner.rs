@@ -25,7 +25,13 @@ impl Runner {
     /// with `calibration`.
     fn cpu(model: ResNet, precision: Precision, calibration: Option<&Calibration>) -> Result<Runner> {
         let plan = match precision {
-            Precision::Int8 => CpuPlan::int8(model, calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?)?,
+            Precision::Int8 => {
+                let plan = CpuPlan::int8(model, calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?)?;
+                if !crate::engine::cpu::isa::avx512_vnni() {
+                    eprintln!("note: this CPU lacks AVX512-VNNI: int8 runs its portable loop, slower than f32 here");
+                }
+                plan
+            }
             _ => CpuPlan::new(model, precision == Precision::Bf16)
                 .ok_or_else(|| Error::invalid("this CPU lacks AVX512-BF16"))?,
         };

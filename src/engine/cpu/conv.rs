@@ -325,11 +325,12 @@ pub fn forward_int8(
     assert!(w.rows() == o && w.depth() == c * kh * kw && xc == c, "the int8 weight is [O, C·kh·kw] for this input");
     assert!(input.zero_point == 0 && c.is_multiple_of(4), "int8 convolutions take inputs ≥ 0 in channels of 4");
     let (planes, hw) = (c / 4, h * wd);
-    let mut words = vec![0u32; n * planes * hw];
-    words.par_chunks_mut(planes * hw).zip(x.data().par_chunks(c * hw)).for_each(|(q, x_n)| {
-        int8::quantize_quads(input, MatRef::new(x_n, c, hw), q, 1);
-    });
-    let words = Tensor::new(&[n, planes, h, wd], int8::words_as_f32(&mut words).to_vec()).expect("quad planes");
+    let mut words = vec![0.0f32; n * planes * hw];
+    int8::f32_as_words_mut(&mut words)
+        .par_chunks_mut(planes * hw)
+        .zip(x.data().par_chunks(c * hw))
+        .for_each(|(q, x_n)| int8::quantize_quads(input, MatRef::new(x_n, c, hw), q, 1));
+    let words = Tensor::new(&[n, planes, h, wd], words).expect("quad planes");
     let d = Dims::of(words.dims4(), [o, planes, kh, kw], geom);
     let product = |dst: &mut [f32], cols: MatRef, threads: usize| {
         w.multiply_codes(input, int8::f32_as_words(cols.data), cols.cols, dst, threads)

@@ -233,15 +233,16 @@ unsafe fn quad_row_avx512(rows: [&[f32]; 4], out: &mut [u32], inv: f32, zero_poi
     }
 }
 
-/// 32-bit words viewed as f32, for code that only moves them (im2col's copies and zero fill: code 0 is 0.0).
-pub fn words_as_f32(w: &mut [u32]) -> &mut [f32] {
-    // SAFETY: u32 and f32 have one size and alignment and every bit pattern is a valid f32; the length is kept.
-    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<f32>(), w.len()) }
+/// f32 storage viewed as 32-bit words, to hold codes in a tensor that code which only moves values (im2col's
+/// copies and zero fill: code 0 is 0.0) can carry.
+pub fn f32_as_words_mut(x: &mut [f32]) -> &mut [u32] {
+    // SAFETY: u32 and f32 have one size and alignment and every bit pattern is valid for both; the length is kept.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u32>(), x.len()) }
 }
 
-/// The reverse of `words_as_f32`: what im2col moved, read back as words.
+/// What im2col moved, read back as words.
 pub fn f32_as_words(x: &[f32]) -> &[u32] {
-    // SAFETY: as in `words_as_f32`.
+    // SAFETY: as in `f32_as_words_mut`.
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) }
 }
 
