@@ -13,6 +13,8 @@
 # only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
+#   --main-job: also the main job, `resnet train` on the bundled digits against python/train_digits_torch.py
+#   (the same recipe in PyTorch; needs scikit-learn), whole-run wall time and held-out top-1, once each
 #   --variants LIST: only these PyTorch/ORT variants (comma-separated: eager, channels_last, compile, bf16, ort,
 #   ort_int8),
 #   e.g. channels_last,ort for several before/after rounds where bf16 autocast without AVX512-BF16 takes minutes
@@ -31,16 +33,18 @@ RUNS=5
 WARMUP=1
 VARIANTS="all"
 QUICK=0
+MAIN_JOB=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1; ROUNDS=1; RUNS=3; VARIANTS="eager,channels_last,bf16,ort,ort_int8" ;;
+        --main-job) MAIN_JOB=1 ;;
         --rounds)
             [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
             ROUNDS="$2"; shift ;;
         --variants)
             [[ $# -ge 2 && "$2" =~ ^[a-z_]+(,[a-z_]+)*$ ]] || { echo "compare.sh: --variants needs a list like eager,ort" >&2; exit 2; }
             VARIANTS_ASKED="$2"; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1' (expected --quick, --rounds N or --variants LIST)" >&2; exit 2 ;;
     esac
     shift
@@ -229,3 +233,28 @@ if before_after:
     print()
     table(("workload", "ours ms", "baseline ms", "ours/baseline", "rounds"), before_after)
 EOF
+
+if [[ $MAIN_JOB == 1 ]]; then
+    echo "[$((SECONDS - start))s] main job: resnet train (digits)" >&2
+    t0=$SECONDS
+    "$BIN" train --out "$OUT/main-job" --json >"$OUT/main.ours.jsonl" 2>"$OUT/main.ours.err" \
+        || { echo "compare.sh: resnet train failed: $(tail -1 "$OUT/main.ours.err")" >&2; exit 1; }
+    ours_s=$((SECONDS - t0))
+    echo "[$((SECONDS - start))s] main job: python/train_digits_torch.py" >&2
+    "$PYTHON" python/train_digits_torch.py --threads "$THREADS" >"$OUT/main.theirs.jsonl" \
+        || { echo "compare.sh: python/train_digits_torch.py failed" >&2; exit 1; }
+    echo
+    "$PYTHON" - "$OUT" "$ours_s" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+out, ours_s = Path(sys.argv[1]), float(sys.argv[2])
+ours = [json.loads(l) for l in (out / "main.ours.jsonl").read_text().splitlines() if l.startswith("{")]
+theirs = json.loads((out / "main.theirs.jsonl").read_text().strip().splitlines()[-1])
+ours_top1 = ours[-1]["val_top1"]  # the last epoch, as the PyTorch script reports
+print("main job (digits, whole run)   ours s  PyTorch s  ours/PyTorch  ours top-1  PyTorch top-1")
+print(f"{'':30} {ours_s:6.0f}  {theirs['seconds']:9.1f}  {ours_s / theirs['seconds']:12.2f}  "
+      f"{100 * ours_top1:9.2f} %  {100 * theirs['val_top1']:11.2f} %")
+EOF
+fi

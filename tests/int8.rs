@@ -1,14 +1,14 @@
 //! int8 inference, checked as users rely on it: an int8 convolution computes the f32 convolution of its
 //! dequantized operands (so the quad-plane im2col and the weights' reordered depth line up, for every geometry
-//! ResNet has, on every CPU level), lands near the f32 convolution of the originals, and a quantized digits
+//! ResNet has, and the stem's zero point survives padding, on every CPU level), lands near the f32 convolution of the originals, and a quantized digits
 //! model classifies the held-out split as its f32 self does.
 
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Distribution, Normal};
 use resnet_rs::Cpu;
-use resnet_rs::engine::cpu::conv2d_int8;
 use resnet_rs::engine::cpu::int8::{Int8Weight, QuantParams};
+use resnet_rs::engine::cpu::{conv2d_int8, conv2d_int8_columns};
 use resnet_rs::engine::{Backend, ConvGeom, Tensor};
 
 fn random(rng: &mut Xoshiro256PlusPlus, shape: &[usize], relu: bool) -> Tensor {
@@ -77,6 +77,28 @@ fn int8_convolutions_are_the_f32_convolutions_of_their_dequantized_operands() {
     }
 }
 
+#[test]
+fn the_stems_int8_convolution_handles_negative_inputs_and_odd_channel_counts() {
+    // The stem's input is a normalised image (negative values: a zero point above 0) with 3 or 1 channels; its
+    // f32 columns are quantized as they are multiplied, and padding must still read as real 0.
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(5);
+    for (xs, [o, c, k], stride, pad) in [([2, 3, 29, 29], [64, 3, 7], 2, 3), ([4, 1, 8, 8], [16, 1, 3], 1, 1)] {
+        let x = random(&mut rng, &xs, false);
+        let w = random(&mut rng, &[o, c, k, k], false);
+        let (lo, hi) = x.data().iter().fold((0.0f32, 0.0f32), |(l, h), &v| (l.min(v), h.max(v)));
+        let input = QuantParams::covering(lo, hi);
+        assert!(input.zero_point > 0, "a range below 0 has a zero point above 0");
+        let geom = ConvGeom { stride: (stride, stride), padding: (pad, pad) };
+        let weight = Int8Weight::new(w.data(), o, c * k * k);
+        let got = conv2d_int8_columns(&x, &weight, input, [o, c, k, k], geom, None);
+        let dequantized = Cpu.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
+        let e = rel_err(got.data(), dequantized.data());
+        assert!(e <= 1e-5, "{xs:?}: {e:e} from the dequantized operands' convolution");
+        let e = rel_err(got.data(), Cpu.conv2d(&x, &w, geom).data());
+        assert!(e <= 2e-2, "{xs:?}: {e:e} from the f32 convolution");
+    }
+}
+
 fn resnet(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_resnet")).args(args).output().expect("the binary runs")
 }
@@ -124,9 +146,12 @@ fn a_quantized_digits_model_classifies_as_its_f32_self() {
     std::fs::create_dir_all(&empty).unwrap();
     refused(&["quantize", "--weights", &best, "--calibrate", &s(&empty), "--out", &q], "");
     // A file whose calibration was tampered with is named in the error.
-    let bytes = std::fs::read(&q).unwrap();
-    let text = String::from_utf8_lossy(&bytes).replacen("\"method\":", "\"methdo\":", 1);
+    // (In the header the calibration is a JSON string inside JSON: its quotes are escaped.)
+    let mut bytes = std::fs::read(&q).unwrap();
+    let (from, to) = (br#"\"method\":"#, br#"\"methdo\":"#);
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("the calibration's method in the header");
+    bytes[at..at + to.len()].copy_from_slice(to);
     let bad = dir.path().join("bad.safetensors");
-    std::fs::write(&bad, text.as_bytes()).unwrap();
-    refused(&["eval", "--weights", &s(&bad), "--dtype", "int8"], "bad.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    refused(&["eval", "--weights", &s(&bad), "--dtype", "int8"], "bad.safetensors: bad `quantization` metadata");
 }

@@ -41,13 +41,14 @@ pub enum Target {
     Safetensors,
     Pth,
     Recipe,
+    Calibration,
     WeightsName,
     Idx,
     Dicom,
     Report,
 }
 
-pub const TARGETS: [Target; 10] = [
+pub const TARGETS: [Target; 11] = [
     Target::Cifar,
     Target::Image,
     Target::Tiff,
@@ -56,6 +57,7 @@ pub const TARGETS: [Target; 10] = [
     Target::Safetensors,
     Target::Pth,
     Target::Recipe,
+    Target::Calibration,
     Target::WeightsName,
     Target::Report,
 ];
@@ -72,6 +74,7 @@ impl Target {
             Target::Safetensors => "safetensors",
             Target::Pth => "pth",
             Target::Recipe => "recipe",
+            Target::Calibration => "calibration",
             Target::Report => "report",
         }
     }
@@ -171,6 +174,7 @@ pub fn run(target: Target, data: &[u8], scratch: &Scratch) -> Outcome {
         Target::Safetensors => run_safetensors(data),
         Target::Pth => run_pth(data),
         Target::Recipe => run_recipe(data),
+        Target::Calibration => run_calibration(data),
         Target::Report => run_report(data),
     }
 }
@@ -400,6 +404,29 @@ fn run_report(data: &[u8]) -> Outcome {
         Err(e) => return Outcome::Rejected(e.to_string()),
     }
     outcome
+}
+
+/// A `resnet quantize` file's `quantization` metadata: accepted ones round-trip, and every input they name
+/// gives usable parameters or none.
+fn run_calibration(data: &[u8]) -> Outcome {
+    use resnet_rs::infer::quantize::{Calibration, METADATA_KEY};
+    let meta =
+        std::collections::BTreeMap::from([(METADATA_KEY.to_string(), String::from_utf8_lossy(data).into_owned())]);
+    match Calibration::from_metadata(&meta, Path::new("fuzz.safetensors")) {
+        Ok(Some(c)) => {
+            for name in c.inputs.keys() {
+                if let Some(p) = c.input(name) {
+                    assert!(p.scale > 0.0 && p.scale.is_finite(), "{name}: unusable scale {p:?} accepted");
+                }
+            }
+            let again = std::collections::BTreeMap::from([(METADATA_KEY.to_string(), c.to_metadata())]);
+            let back = Calibration::from_metadata(&again, Path::new("fuzz.safetensors"));
+            assert_eq!(back.ok().flatten().as_ref(), Some(&c), "calibration does not round-trip");
+            Outcome::Accepted(String::new())
+        }
+        Ok(None) => Outcome::Accepted("none".into()),
+        Err(e) => Outcome::Rejected(e.to_string()),
+    }
 }
 
 fn run_recipe(data: &[u8]) -> Outcome {
@@ -1034,6 +1061,14 @@ pub fn seeds(target: Target, root: &Path) -> Vec<(String, Vec<u8>)> {
                 .concat()
         }
         Target::Recipe => [read_dir_sorted(&root.join("recipes"), &["toml"]), synthetic_recipes()].concat(),
+        Target::Calibration => vec![
+            (
+                "gen/calibration-0".into(),
+                br#"{"method":"minmax","images":256,"inputs":{"conv1":[0.0186,113],"layer1.0.conv1":[0.05,0]}}"#
+                    .to_vec(),
+            ),
+            ("gen/calibration-1".into(), br#"{"method":"percentile","images":1,"inputs":{}}"#.to_vec()),
+        ],
         Target::Tiff => read_dir_sorted(&fx.join("tiff"), &["tif", "tiff"]),
         Target::Idx => synthetic_idx(),
         Target::Report => synthetic_report(),
@@ -1292,6 +1327,21 @@ fn dictionary(target: Target) -> Vec<Vec<u8>> {
             b"%2e",
             b"\\",
             b"\0",
+        ],
+        Target::Calibration => &[
+            b"\"method\"",
+            b"\"minmax\"",
+            b"\"percentile\"",
+            b"\"images\"",
+            b"\"inputs\"",
+            b"\"conv1\":[",
+            b"1e39",
+            b"-0.0",
+            b"NaN",
+            b"255",
+            b"256",
+            b"-1",
+            b"null",
         ],
         Target::Recipe => &[
             b"arch",

@@ -1,6 +1,6 @@
 //! `fuzz TARGET SECONDS [--seed N]`: nightly-free mutation fuzzing of resnet-rs's loaders.
 //!
-//! Targets: cifar, image, safetensors, pth, recipe (see `harness.rs`). The process you start is a supervisor;
+//! Targets: cifar, image, safetensors, pth, recipe, calibration (see `harness.rs`). The process you start is a supervisor;
 //! the fuzzing happens in a worker child (this same binary, `--worker`) so that a crash that cannot be caught
 //! in-process (an abort on a failed allocation, a stack overflow, a hang) is recorded and fuzzing goes on in a
 //! fresh worker. Findings (inputs saved under `fuzz/findings/<target>-<hash>.bin`, with a `.txt` beside):
@@ -609,7 +609,7 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-const USAGE: &str = "usage: fuzz TARGET SECONDS [--seed N]\n       fuzz TARGET --replay FILE...\n  TARGET: cifar | image | tiff | dicom | idx | safetensors | pth | recipe | weights-name";
+const USAGE: &str = "usage: fuzz TARGET SECONDS [--seed N]\n       fuzz TARGET --replay FILE...\n  TARGET: cifar | image | tiff | dicom | idx | safetensors | pth | recipe | calibration | weights-name";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -5,10 +5,9 @@
 //! algorithm (three), built the first time a batch needs it (the algorithm depends on the batch's tile count), so
 //! a plan's memory is bounded by its weights. It runs eval-mode forwards only; it cannot train.
 //!
-//! In int8 (`CpuPlan::int8`, from a `resnet quantize` calibration) every unit but the stem keeps its weight with
-//! the batch norm's scale folded in, quantized per output channel (`engine::cpu::int8`), and its input's
-//! calibrated uint8 parameters; the stem (3 input channels: 3 % of the multiply-adds, and the unit whose
-//! input, the normalised image, quantizes worst) and the fc head stay f32, as the recipe allows.
+//! In int8 (`CpuPlan::int8`, from a `resnet quantize` calibration) every unit keeps its weight with the batch
+//! norm's scale folded in, quantized per output channel (`engine::cpu::int8`), and its input's calibrated
+//! uint8 parameters; the fc head (0.01 % of the multiply-adds) stays f32.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -16,10 +15,9 @@ use std::sync::OnceLock;
 use crate::engine::cpu::algo::{self, KeptAlgo};
 use crate::engine::cpu::int8::{Int8Weight, QuantParams};
 use crate::engine::cpu::kept::KeptConv;
-use crate::engine::cpu::{Affine, Cpu, conv2d_int8, packed};
+use crate::engine::cpu::{Affine, Cpu, conv2d_int8, conv2d_int8_columns, packed};
 use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
 use crate::error::{Error, Result};
-use crate::infer::quantize::Calibration;
 use crate::model::graph::{Graph, Post};
 use crate::model::layers::BN_EPS;
 use crate::model::{ResNet, ResNetConfig, Tap};
@@ -34,8 +32,9 @@ struct PlanUnit {
     relu: bool,
     /// The weight kept for each `KeptAlgo` (indexed by `kept_slot`), built on first use.
     kept: [OnceLock<KeptConv>; 3],
-    /// In an int8 plan: the weight times the BN scale, quantized, and the input's parameters.
-    int8: Option<(Int8Weight, QuantParams)>,
+    /// In an int8 plan: the weight times the BN scale, quantized, the input's parameters, and whether the
+    /// input goes in as quad planes (`conv2d_int8`) or as quantized f32 columns (`conv2d_int8_columns`).
+    int8: Option<(Int8Weight, QuantParams, bool)>,
 }
 
 fn kept_slot(a: KeptAlgo) -> usize {
@@ -82,13 +81,13 @@ impl CpuPlan {
         Some(CpuPlan { config, graph, bf16, int8: false, units, fc_weight, fc_bias })
     }
 
-    /// The plan of `model` with int8 convolutions after the stem, their inputs quantized as `calibration` says
-    /// (which must name every one of them).
-    pub fn int8(model: ResNet, calibration: &Calibration) -> Result<CpuPlan> {
+    /// The plan of `model` with int8 convolutions, each input quantized with `input_of(conv name)` (a `resnet
+    /// quantize` calibration's, which must name every one).
+    pub fn int8(model: ResNet, input_of: impl Fn(&str) -> Option<QuantParams>) -> Result<CpuPlan> {
         let names: Vec<String> = model.graph.units.iter().map(|u| u.conv.clone()).collect();
         let mut plan = CpuPlan::new(model, false).expect("an f32 plan runs on every CPU");
-        for (u, name) in names.iter().enumerate().skip(1) {
-            let input = calibration.input(name).ok_or_else(|| {
+        for (u, name) in names.iter().enumerate() {
+            let input = input_of(name).ok_or_else(|| {
                 Error::invalid(format!("the calibration names no input scale for {name} (run `resnet quantize` again)"))
             })?;
             let p = &mut plan.units[u];
@@ -101,10 +100,13 @@ impl CpuPlan {
                 .zip(&p.scale)
                 .flat_map(|(row, &s)| row.iter().map(move |w| w * s))
                 .collect();
-            // A unit whose input can be negative, or whose channels do not come in fours, stays f32 (none in
-            // torchvision's ResNets: every input after the stem is a ReLU's output, widths are multiples of 64).
-            let Some(weight) = Int8Weight::conv(&folded, shape).filter(|_| input.zero_point == 0) else { continue };
-            p.int8 = Some((weight, input));
+            // Quad planes where the input is ≥ 0 in channels of four (every unit after the stem: a ReLU's output,
+            // widths in 64s); the stem's normalised image takes the column path.
+            let planes = Int8Weight::conv(&folded, shape).filter(|_| input.zero_point == 0);
+            p.int8 = Some(match planes {
+                Some(weight) => (weight, input, true),
+                None => (Int8Weight::new(&folded, shape[0], depth), input, false),
+            });
             p.scale = vec![1.0; shape[0]];
         }
         plan.int8 = true;
@@ -137,12 +139,13 @@ impl CpuPlan {
     fn unit(&self, u: usize, x: &Tensor, shortcut: Option<&Tensor>) -> Tensor {
         let p = &self.units[u];
         let affine = EvalAffine { scale: &p.scale, shift: &p.shift, residual: shortcut, relu: p.relu };
-        if let Some((weight, input)) = &p.int8 {
+        if let Some((weight, input, planes)) = &p.int8 {
             let [n, _, h, w] = x.dims4();
             let [o, _, kh, kw] = p.weight.dims4();
             let (oh, ow) = p.geom.output_hw(h, w, kh, kw);
-            let affine = Affine::new(affine, [n, o, oh, ow]);
-            return conv2d_int8(x, weight, *input, p.weight.dims4(), p.geom, Some(&affine));
+            let affine = Some(Affine::new(affine, [n, o, oh, ow]));
+            let conv = if *planes { conv2d_int8 } else { conv2d_int8_columns };
+            return conv(x, weight, *input, p.weight.dims4(), p.geom, affine.as_ref());
         }
         let bytes = if self.bf16 { 2 } else { 4 };
         let Some(algo) = algo::for_inference(x.dims4(), p.weight.dims4(), p.geom, bytes) else {

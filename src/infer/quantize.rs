@@ -51,9 +51,12 @@ impl Calibration {
     /// From a file's metadata: None when it holds no calibration; an error naming `file` when it holds a bad one.
     pub fn from_metadata(metadata: &BTreeMap<String, String>, file: &std::path::Path) -> Result<Option<Calibration>> {
         let Some(text) = metadata.get(METADATA_KEY) else { return Ok(None) };
-        serde_json::from_str(text)
-            .map(Some)
-            .map_err(|e| Error::file(file, format!("bad `{METADATA_KEY}` metadata: {e}")))
+        let bad = |why: String| Error::file(file, format!("bad `{METADATA_KEY}` metadata: {why}"));
+        let c: Calibration = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if let Some((name, (scale, _))) = c.inputs.iter().find(|(_, (s, _))| !(s.is_finite() && *s > 0.0)) {
+            return Err(bad(format!("the input scale of {name} is {scale}, not a positive number")));
+        }
+        Ok(Some(c))
     }
 
     pub fn to_metadata(&self) -> String {
@@ -173,5 +176,29 @@ impl Calibrator {
             inputs.insert(name.clone(), (p.scale, p.zero_point));
         }
         Ok(Calibration { method: self.method, images: self.images, inputs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_and_unusable_scales_are_refused() {
+        let file = std::path::Path::new("q.safetensors");
+        let c = Calibration {
+            method: Method::Percentile,
+            images: 3,
+            inputs: BTreeMap::from([("conv1".to_string(), (0.25, 7))]),
+        };
+        let meta = BTreeMap::from([(METADATA_KEY.to_string(), c.to_metadata())]);
+        assert_eq!(Calibration::from_metadata(&meta, file).unwrap(), Some(c));
+        assert_eq!(Calibration::from_metadata(&BTreeMap::new(), file).unwrap(), None);
+        for scale in ["1e39", "-1", "0"] {
+            let text = format!(r#"{{"method":"minmax","images":1,"inputs":{{"conv1":[{scale},0]}}}}"#);
+            let meta = BTreeMap::from([(METADATA_KEY.to_string(), text)]);
+            let e = Calibration::from_metadata(&meta, file).unwrap_err().to_string();
+            assert!(e.contains("q.safetensors") && e.contains("conv1"), "{scale}: {e}");
+        }
     }
 }

@@ -26,7 +26,8 @@ impl Runner {
     fn cpu(model: ResNet, precision: Precision, calibration: Option<&Calibration>) -> Result<Runner> {
         let plan = match precision {
             Precision::Int8 => {
-                let plan = CpuPlan::int8(model, calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?)?;
+                let calibration = calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?;
+                let plan = CpuPlan::int8(model, |conv| calibration.input(conv))?;
                 if !crate::engine::cpu::isa::avx512_vnni() {
                     eprintln!("note: this CPU lacks AVX512-VNNI: int8 runs its portable loop, slower than f32 here");
                 }

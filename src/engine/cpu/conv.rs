@@ -338,6 +338,24 @@ pub fn forward_int8(
     im2col_forward(&words, &d, &product, scratch::INFERENCE_KEEP, affine)
 }
 
+/// As `forward_int8` for any input (a zero point other than 0, channels not in fours: the stem's normalised
+/// image): im2col's f32 columns are quantized as they are multiplied (`Int8Weight::multiply`), the weight in
+/// its own `[O, C·kh·kw]` order (`Int8Weight::new`); padding is 0.0, i.e. exactly the zero point's code.
+pub fn forward_int8_columns(
+    x: &Tensor,
+    w: &Int8Weight,
+    input: QuantParams,
+    w_shape: [usize; 4],
+    geom: ConvGeom,
+    affine: Option<&Affine>,
+) -> Tensor {
+    let [o, c, kh, kw] = w_shape;
+    assert!(w.rows() == o && w.depth() == c * kh * kw, "the int8 weight is [O, C·kh·kw]");
+    let d = Dims::of(x.dims4(), w_shape, geom);
+    let product = |dst: &mut [f32], cols: MatRef, threads: usize| w.multiply(input, cols, dst, threads);
+    im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine)
+}
+
 pub fn backward(
     x: &Tensor,
     w: &Tensor,
