@@ -1,4 +1,4 @@
-//! Where work runs and in what arithmetic: `--device cpu|cuda[:N]|auto` and `--dtype f32|tf32|bf16`.
+//! Where work runs and in what arithmetic: `--device cpu|cuda[:N]|auto` and `--dtype f32|tf32|bf16|int8`.
 //!
 //! Declared once (`TargetArgs`, flattened into every subcommand that runs the network) and resolved once
 //! (`Target::resolve`): every refusal has one wording here, `auto` means the same everywhere (the first GPU when
@@ -45,7 +45,8 @@ pub struct TargetArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// f32; bf16 (bf16 convolution operands with fp32 accumulation, as PyTorch's autocast: on a GPU, and for
-    /// inference on a CPU with AVX512-BF16); tf32 on a GPU (TF32 tensor-core convolutions and matrix products).
+    /// inference on a CPU with AVX512-BF16); tf32 on a GPU (TF32 tensor-core convolutions and matrix products);
+    /// int8 for CPU inference with a `resnet quantize` file.
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
 }
@@ -170,9 +171,17 @@ mod tests {
         for (t, job, want) in [
             (target("cpu", "tf32"), Job::Infer, "--dtype tf32 needs a GPU"),
             (target("cpu", "bf16"), train, "--dtype bf16 needs a GPU (--device cuda) to train"),
+            (target("cpu", "int8"), train, "--dtype int8 is for inference"),
         ] {
             let e = t.resolve(job).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
+        }
+        // int8 is CPU inference: auto takes the CPU for it, and where a build has a GPU, --device cuda refuses it.
+        assert_eq!(target("cpu", "int8").resolve(Job::Infer).unwrap(), Resolved::Cpu(Precision::Int8));
+        assert_eq!(target("auto", "int8").resolve(Job::Infer).unwrap(), Resolved::Cpu(Precision::Int8));
+        if cfg!(feature = "cuda") {
+            let e = target("cuda", "int8").resolve(Job::Infer).unwrap_err().to_string();
+            assert!(e.contains("--dtype int8 runs on the CPU only"), "{e}");
         }
         // auto never refuses: a GPU dtype falls back to f32 on the CPU.
         let auto = target("auto", "tf32").resolve(Job::Train { optimizer: "adam" }).unwrap();
