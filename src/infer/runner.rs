@@ -29,7 +29,9 @@ impl Runner {
                 let calibration = calibration.ok_or_else(|| Error::invalid(NOT_QUANTIZED))?;
                 let plan = CpuPlan::int8(model, |conv| calibration.input(conv))?;
                 if !crate::engine::cpu::isa::avx512_vnni() {
-                    eprintln!("note: this CPU lacks AVX512-VNNI: int8 runs AVX2 or portable products, slower than f32 here");
+                    eprintln!(
+                        "note: this CPU lacks AVX512-VNNI: int8 runs AVX2 or portable products, slower than f32 here"
+                    );
                 }
                 plan
             }

@@ -7,12 +7,13 @@
 //! precision. Real zero is exactly z, so zero padding stays exact.
 //!
 //! Products: `vpdpbusd` (AVX512-VNNI, `packed::PackedLhs::int8`: four u8·s8 products per 32-bit lane, 4x the
-//! multiply-adds of an f32 FMA per instruction), `vpmaddwd` on the codes and weights widened to i16 pairs
-//! (AVX2: exact, where `vpmaddubsw` would saturate; ResNet-34 batch 8 at 224² in 465 ms against 3.3 s for the
-//! portable loop and 217-265 ms in f32 on the same CPU forced to AVX2), or a portable loop over the same
-//! integers (all three bit-identical: integer sums do not depend on their order; |Σ| ≤ 255·127·depth < 2³¹ for any depth up to
-//! 66,000, and ResNet's largest is 4,608). This layer knows tensors and shapes only; `exec::cpu_plan` decides
-//! which convolutions run in int8 and with which input scales.
+//! multiply-adds of an f32 FMA per instruction; ResNet-34 batch 8 at 224² in 118-128 ms against 201-217 ms in
+//! f32, AMD EPYC), `vpmaddwd` on the codes and weights widened to i16 pairs (AVX2: exact, where `vpmaddubsw`
+//! would saturate; 465 ms against 3.3 s for the portable loop and 217-265 ms in f32 on the same CPU forced to
+//! AVX2), or a portable loop over the same integers. All three are bit-identical: integer sums do not depend on
+//! their order, and |Σ| ≤ 255·127·depth < 2³¹ for any depth up to 66,000 (ResNet's largest is 4,608). This
+//! layer knows tensors and shapes only; `exec::cpu_plan` decides which convolutions run in int8 and with which
+//! input scales.
 
 use rayon::prelude::*;
 
@@ -94,8 +95,9 @@ impl Int8Weight {
         self.depth
     }
 
-    /// The weight as it is multiplied: w_q·scale (for tests and error bounds).
-    pub fn dequantized(&self) -> Vec<f32> {
+    /// The weight as it is multiplied: w_q·scale.
+    #[cfg(test)]
+    fn dequantized(&self) -> Vec<f32> {
         let scale = |i: usize| self.scales[i / self.depth.max(1)];
         self.plain.iter().enumerate().map(|(i, &q)| q as f32 * scale(i)).collect()
     }
