@@ -7,8 +7,8 @@ use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Distribution, Normal};
 use resnet_rs::Cpu;
+use resnet_rs::engine::cpu::conv2d_int8;
 use resnet_rs::engine::cpu::int8::{Int8Weight, QuantParams};
-use resnet_rs::engine::cpu::{conv2d_int8, conv2d_int8_columns};
 use resnet_rs::engine::{Backend, ConvGeom, Tensor};
 
 fn random(rng: &mut Xoshiro256PlusPlus, shape: &[usize], relu: bool) -> Tensor {
@@ -90,7 +90,8 @@ fn the_stems_int8_convolution_handles_negative_inputs_and_odd_channel_counts() {
         assert!(input.zero_point > 0, "a range below 0 has a zero point above 0");
         let geom = ConvGeom { stride: (stride, stride), padding: (pad, pad) };
         let weight = Int8Weight::new(w.data(), o, c * k * k);
-        let got = conv2d_int8_columns(&x, &weight, input, [o, c, k, k], geom, None);
+        assert!(!weight.takes_quad_planes(), "a weight in its own order takes f32 columns");
+        let got = conv2d_int8(&x, &weight, input, [o, c, k, k], geom, None);
         let dequantized = Cpu.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
         let e = rel_err(got.data(), dequantized.data());
         assert!(e <= 1e-5, "{xs:?}: {e:e} from the dequantized operands' convolution");

@@ -41,7 +41,7 @@ const BATCH: usize = 32;
 pub fn run(a: QuantizeCmd) -> Result<()> {
     let opened = a.model.open()?;
     // The network runs the calibration (its plan takes it over); the file is written from its state_dict.
-    let (config, state, tracked) = (opened.model.config, opened.model.state_dict(), opened.model.store.batches_tracked);
+    let (state, counts) = (opened.model.state_dict(), crate::weights::batch_counts(&opened.model));
     let model = opened.model;
     let pre = opened.card.preprocess.clone();
     let want = a.images as usize;
@@ -91,10 +91,7 @@ pub fn run(a: QuantizeCmd) -> Result<()> {
         metadata.insert("format".into(), checkpoint::QUANTIZED_FORMAT.into());
     }
     metadata.insert(METADATA_KEY.into(), calibration.to_metadata());
-    let mut model = crate::model::ResNet::new(config, 0);
-    model.load_state_dict(&state)?;
-    model.store.batches_tracked = tracked;
-    crate::weights::save_model(&model, &a.out, &metadata)?;
+    crate::weights::safetensors::save(&a.out, &state, &counts, &metadata)?;
     eprintln!(
         "calibrated {} convolution inputs on {} image(s) ({:?}); wrote {} (run it with --dtype int8)",
         calibration.inputs.len(),

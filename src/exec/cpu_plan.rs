@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use crate::engine::cpu::algo::{self, KeptAlgo};
 use crate::engine::cpu::int8::{Int8Weight, QuantParams};
 use crate::engine::cpu::kept::KeptConv;
-use crate::engine::cpu::{Affine, Cpu, conv2d_int8, conv2d_int8_columns, packed};
+use crate::engine::cpu::{Affine, Cpu, conv2d_int8, packed};
 use crate::engine::{Backend, ConvGeom, EvalAffine, Tensor, batch_norm_affine};
 use crate::error::{Error, Result};
 use crate::model::graph::{Graph, Post};
@@ -32,9 +32,8 @@ struct PlanUnit {
     relu: bool,
     /// The weight kept for each `KeptAlgo` (indexed by `kept_slot`), built on first use.
     kept: [OnceLock<KeptConv>; 3],
-    /// In an int8 plan: the weight times the BN scale, quantized, the input's parameters, and whether the
-    /// input goes in as quad planes (`conv2d_int8`) or as quantized f32 columns (`conv2d_int8_columns`).
-    int8: Option<(Int8Weight, QuantParams, bool)>,
+    /// In an int8 plan: the weight times the BN scale, quantized, and the input's parameters.
+    int8: Option<(Int8Weight, QuantParams)>,
 }
 
 fn kept_slot(a: KeptAlgo) -> usize {
@@ -102,11 +101,10 @@ impl CpuPlan {
                 .collect();
             // Quad planes where the input is ≥ 0 in channels of four (every unit after the stem: a ReLU's output,
             // widths in 64s); the stem's normalised image takes the column path.
-            let planes = Int8Weight::conv(&folded, shape).filter(|_| input.zero_point == 0);
-            p.int8 = Some(match planes {
-                Some(weight) => (weight, input, true),
-                None => (Int8Weight::new(&folded, shape[0], depth), input, false),
-            });
+            let weight = Int8Weight::conv(&folded, shape)
+                .filter(|_| input.zero_point == 0)
+                .unwrap_or_else(|| Int8Weight::new(&folded, shape[0], depth));
+            p.int8 = Some((weight, input));
             p.scale = vec![1.0; shape[0]];
         }
         plan.int8 = true;
@@ -128,24 +126,26 @@ impl CpuPlan {
             f(u, input);
             self.unit(u, input, shortcut)
         };
-        let pool = |h: &Tensor| {
-            let p = self.graph.pool.expect("a graph that pools has a pool");
-            Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
-        };
+        let pool = |h: &Tensor| self.pool(h);
         let _ = self.graph.walk(x, None, visit, pool);
+    }
+
+    /// The stem's max-pool of `h`.
+    fn pool(&self, h: &Tensor) -> Tensor {
+        let p = self.graph.pool.expect("a graph that pools has a pool");
+        Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
     }
 
     /// relu?(bn(conv(x)) + shortcut?) of unit `u`, on its kept weight where one applies.
     fn unit(&self, u: usize, x: &Tensor, shortcut: Option<&Tensor>) -> Tensor {
         let p = &self.units[u];
         let affine = EvalAffine { scale: &p.scale, shift: &p.shift, residual: shortcut, relu: p.relu };
-        if let Some((weight, input, planes)) = &p.int8 {
+        if let Some((weight, input)) = &p.int8 {
             let [n, _, h, w] = x.dims4();
             let [o, _, kh, kw] = p.weight.dims4();
             let (oh, ow) = p.geom.output_hw(h, w, kh, kw);
-            let affine = Some(Affine::new(affine, [n, o, oh, ow]));
-            let conv = if *planes { conv2d_int8 } else { conv2d_int8_columns };
-            return conv(x, weight, *input, p.weight.dims4(), p.geom, affine.as_ref());
+            let affine = Affine::new(affine, [n, o, oh, ow]);
+            return conv2d_int8(x, weight, *input, p.weight.dims4(), p.geom, Some(&affine));
         }
         let bytes = if self.bf16 { 2 } else { 4 };
         let Some(algo) = algo::for_inference(x.dims4(), p.weight.dims4(), p.geom, bytes) else {
@@ -163,10 +163,7 @@ impl CpuPlan {
     pub fn forward_to(&self, x: &Tensor, tap: Tap) -> Tensor {
         assert_eq!(x.shape().get(1), Some(&self.graph.in_channels), "input must be [N, in_channels, H, W]");
         let stop = tap.stage().map(|s| self.graph.stage_output(s));
-        let pool = |h: &Tensor| {
-            let p = self.graph.pool.expect("a graph that pools has a pool");
-            Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
-        };
+        let pool = |h: &Tensor| self.pool(h);
         let h = match self.graph.walk(x, stop, |u, input, shortcut| self.unit(u, input, shortcut), pool) {
             Ok(h) => h,
             Err(stage_output) => return stage_output,

@@ -307,11 +307,14 @@ pub fn forward_packed(
     im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine)
 }
 
-/// conv2d of `x` with an int8 weight (`Int8Weight::conv`), its input quantized with `input`, then `affine` as
-/// the output is written. The input is quantized once into quad planes (4 channels' codes per 32-bit word, C/4
-/// planes), and im2col runs over those words: a quarter of the f32 columns' rows, no per-column quantization.
-/// Padding is word 0, i.e. code 0 = real 0 only for a zero point of 0, which every ResNet convolution after the
-/// stem has (its input is a ReLU's output); the channels must come in fours.
+/// conv2d of `x` with an int8 weight, its input quantized with `input`, then `affine` as the output is written.
+/// A weight from `Int8Weight::conv` takes quad planes: the input is quantized once (4 channels' codes per 32-bit
+/// word, C/4 planes) and im2col runs over those words, a quarter of the f32 columns' rows with no per-column
+/// quantization; padding is word 0, i.e. code 0 = real 0, so the zero point must be 0 (every ResNet convolution
+/// after the stem: its input is a ReLU's output) and the channels come in fours. A weight from
+/// `Int8Weight::new` (the stem's normalised image: a zero point above 0, 3 or 1 channels) takes im2col's f32
+/// columns, quantized as they are multiplied (`Int8Weight::multiply`); their padding 0.0 is exactly the zero
+/// point's code.
 pub fn forward_int8(
     x: &Tensor,
     w: &Int8Weight,
@@ -323,7 +326,12 @@ pub fn forward_int8(
     let [o, c, kh, kw] = w_shape;
     let [n, xc, h, wd] = x.dims4();
     assert!(w.rows() == o && w.depth() == c * kh * kw && xc == c, "the int8 weight is [O, C·kh·kw] for this input");
-    assert!(input.zero_point == 0 && c.is_multiple_of(4), "int8 convolutions take inputs ≥ 0 in channels of 4");
+    if !w.takes_quad_planes() {
+        let d = Dims::of(x.dims4(), w_shape, geom);
+        let product = |dst: &mut [f32], cols: MatRef, threads: usize| w.multiply(input, cols, dst, threads);
+        return im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine);
+    }
+    assert!(input.zero_point == 0 && c.is_multiple_of(4), "quad planes take inputs ≥ 0 in channels of 4");
     let (planes, hw) = (c / 4, h * wd);
     let mut words = vec![0.0f32; n * planes * hw];
     int8::f32_as_words_mut(&mut words)
@@ -336,24 +344,6 @@ pub fn forward_int8(
         w.multiply_codes(input, int8::f32_as_words(cols.data), cols.cols, dst, threads)
     };
     im2col_forward(&words, &d, &product, scratch::INFERENCE_KEEP, affine)
-}
-
-/// As `forward_int8` for any input (a zero point other than 0, channels not in fours: the stem's normalised
-/// image): im2col's f32 columns are quantized as they are multiplied (`Int8Weight::multiply`), the weight in
-/// its own `[O, C·kh·kw]` order (`Int8Weight::new`); padding is 0.0, i.e. exactly the zero point's code.
-pub fn forward_int8_columns(
-    x: &Tensor,
-    w: &Int8Weight,
-    input: QuantParams,
-    w_shape: [usize; 4],
-    geom: ConvGeom,
-    affine: Option<&Affine>,
-) -> Tensor {
-    let [o, c, kh, kw] = w_shape;
-    assert!(w.rows() == o && w.depth() == c * kh * kw, "the int8 weight is [O, C·kh·kw]");
-    let d = Dims::of(x.dims4(), w_shape, geom);
-    let product = |dst: &mut [f32], cols: MatRef, threads: usize| w.multiply(input, cols, dst, threads);
-    im2col_forward(x, &d, &product, scratch::INFERENCE_KEEP, affine)
 }
 
 pub fn backward(

@@ -64,6 +64,8 @@ pub struct Int8Weight {
     /// Per row: the scale (w ≈ w_q·scale) and Σ w_q (for the input's zero point).
     scales: Vec<f32>,
     sums: Vec<i32>,
+    /// Whether the depth is in `conv`'s quad-plane order (else the weight's own `[O, C·kh·kw]` order).
+    quad_planes: bool,
 }
 
 impl Int8Weight {
@@ -84,7 +86,7 @@ impl Int8Weight {
         let packed = PackedLhs::int8(&plain, rows, depth);
         let pairs = (packed.is_none() && super::isa::level() >= super::isa::Level::Avx2)
             .then(|| i16_pairs(&plain, rows, depth));
-        Int8Weight { rows, depth, plain, packed, pairs, scales, sums }
+        Int8Weight { rows, depth, plain, packed, pairs, scales, sums, quad_planes: false }
     }
 
     pub fn rows(&self) -> usize {
@@ -93,6 +95,11 @@ impl Int8Weight {
 
     pub fn depth(&self) -> usize {
         self.depth
+    }
+
+    /// Whether a convolution feeds this weight quad planes (`conv`) rather than f32 columns (`new`).
+    pub fn takes_quad_planes(&self) -> bool {
+        self.quad_planes
     }
 
     /// The weight as it is multiplied: w_q·scale.
@@ -119,7 +126,7 @@ impl Int8Weight {
                 }
             }
         }
-        Some(Int8Weight::new(&order, o, depth))
+        Some(Int8Weight { quad_planes: true, ..Int8Weight::new(&order, o, depth) })
     }
 
     /// dst (`rows`×`b.cols`) = dequantize(self · quantize(b, input)) on `threads` of the pool.

@@ -22,10 +22,7 @@ pub mod winograd;
 mod winograd2;
 
 pub use algo::{ConvAlgo, keeps_u, resolve as conv_algo};
-pub use conv::{
-    backward_with as conv2d_backward_with, forward_int8 as conv2d_int8, forward_int8_columns as conv2d_int8_columns,
-    forward_with as conv2d_with,
-};
+pub use conv::{backward_with as conv2d_backward_with, forward_int8 as conv2d_int8, forward_with as conv2d_with};
 pub use norm::Affine;
 
 use super::Tensor;
