@@ -8,7 +8,7 @@
 # for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
 # intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
 # its per-round median; the table shows ours against the fastest other f32 variant (the same arithmetic as
-# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16; inference only), int8 on its own
+# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16, inference and training step), int8 on its own
 # (ours with --dtype int8 against ONNX Runtime's quantize_static, both calibrated on the timed batch; inference
 # only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the issue's memory target.
@@ -84,7 +84,7 @@ echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC')  nproc $(nproc)  cpu '${CPU_MODEL:-u
 echo "# cpu flags: $(grep -o -w 'avx2\|fma\|avx512[a-z_0-9]*\|avx_vnni\|amx[a-z_0-9]*' /proc/cpuinfo 2>/dev/null | sort -u | paste -sd' ' -)"
 
 WORKLOADS=("infer 8 224" "infer 1 224" "train 64 32")
-# Our bf16 inference needs AVX512-BF16; without it the bf16 rows compare nothing of ours.
+# Our bf16 (inference and training) needs AVX512-BF16; without it the bf16 rows compare nothing of ours.
 OUR_BF16=0
 "$BIN" bench --dtype bf16 --batch 1 --size 32 --runs 1 --warmup 0 >/dev/null 2>&1 && OUR_BF16=1
 start=$SECONDS
@@ -106,7 +106,7 @@ for w in "${WORKLOADS[@]}"; do
                 exit 1
             fi
         fi
-        if [[ $workload == infer && $OUR_BF16 == 1 ]] && ! "$BIN" bench --workload "$workload" --batch "$batch" \
+        if [[ $OUR_BF16 == 1 ]] && ! "$BIN" bench --workload "$workload" --batch "$batch" \
                 --size "$size" --runs "$RUNS" --warmup "$WARMUP" --dtype bf16 --json >>"$OUT/$tag.ours.jsonl"; then
             echo "compare.sh: resnet bench --dtype bf16 failed ($workload b$batch ${size}px)" >&2
             exit 1

@@ -3,7 +3,8 @@
 //!
 //!   cargo bench --bench conv_algos            (CONV_SHAPE=i times only shapes[i], e.g. under `perf record`)
 //!
-//! Medians of 7 runs each, in ms, on the threads rayon is given (RAYON_NUM_THREADS).
+//! Medians of 7 runs each, in ms, on the threads rayon is given (RAYON_NUM_THREADS). CONV_OPERANDS=bf16 times the
+//! products with bf16 operands (training with `--dtype bf16`; needs AVX512-BF16).
 
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use std::time::Instant;
 mod common;
 
 use common::values;
-use resnet_rs::engine::cpu::{ConvAlgo, conv2d_backward_with, conv2d_with, keeps_u, winograd};
+use resnet_rs::engine::cpu::{ConvAlgo, Operands, conv2d_backward_with, conv2d_with, keeps_u, winograd};
 use resnet_rs::{ConvGeom, Tensor};
 
 fn main() {
@@ -50,6 +51,11 @@ fn main() {
     };
     // CONV_SHAPE=i times only shapes[i] (for perf record)
     let only: Option<usize> = std::env::var("CONV_SHAPE").ok().and_then(|v| v.parse().ok());
+    let operands = match std::env::var("CONV_OPERANDS").as_deref() {
+        Ok("bf16") if resnet_rs::engine::cpu::packed::bf16_supported() => Operands::Bf16,
+        Ok("bf16") => panic!("CONV_OPERANDS=bf16 needs AVX512-BF16, which this CPU lacks"),
+        _ => Operands::F32,
+    };
     for (i, &(n, c, h)) in shapes.iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;
@@ -61,9 +67,9 @@ fn main() {
         let dy = Tensor::new(&[n, o, h, h], values(n * o * h * h, 3)).expect("shape matches data");
         let mut line = format!("n{n:<3} c{c:<4} o{o:<4} {h:>2}x{h:<3}");
         for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
-            let fw = median(&mut || drop(conv2d_with(&x, &w, geom, algo)));
-            let dx = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, false, algo)));
-            let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, true, true, algo)));
+            let fw = median(&mut || drop(conv2d_with(&x, &w, geom, algo, operands)));
+            let dx = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, (true, false), algo, operands)));
+            let both = median(&mut || drop(conv2d_backward_with(&x, &w, &dy, geom, (true, true), algo, operands)));
             line += &format!(" | {algo:?}: fwd {fw:7.2} dx {dx:7.2} dw {:7.2} ms", both - dx);
         }
         // Inference with the transformed weight kept across calls (engine::cpu::kept, as exec::cpu_plan::CpuPlan keeps it).

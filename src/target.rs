@@ -37,6 +37,10 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+/// Why the CPU cannot run bf16 here (inference or training).
+pub const BF16_CPU: &str =
+    "--dtype bf16 on the CPU needs AVX512-BF16, which this CPU lacks; use --dtype f32 (or a GPU: --device cuda)";
+
 /// `--device` and `--dtype`, as every subcommand that runs the network takes them.
 #[derive(clap::Args, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TargetArgs {
@@ -44,8 +48,8 @@ pub struct TargetArgs {
     /// and can run the job there; else the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// f32; bf16 (bf16 convolution operands with fp32 accumulation, as PyTorch's autocast: on a GPU, and for
-    /// inference on a CPU with AVX512-BF16); tf32 on a GPU (TF32 tensor-core convolutions and matrix products);
+    /// f32; bf16 (bf16 convolution operands with fp32 accumulation, as PyTorch's autocast: on a GPU, and on a
+    /// CPU with AVX512-BF16); tf32 on a GPU (TF32 tensor-core convolutions and matrix products);
     /// int8 for CPU inference with a `resnet quantize` file.
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
@@ -95,13 +99,8 @@ impl Target {
         let on_cpu = match (job, precision) {
             (_, Precision::F32) => Ok(Precision::F32),
             (_, Precision::Tf32) => Err("--dtype tf32 needs a GPU (--device cuda); the CPU runs f32".to_string()),
-            (Job::Train { .. }, Precision::Bf16) => {
-                Err("--dtype bf16 needs a GPU (--device cuda) to train; the CPU trains in f32".to_string())
-            }
-            (Job::Infer, Precision::Bf16) if !crate::engine::cpu::packed::bf16_supported() => {
-                Err("--dtype bf16 on the CPU needs AVX512-BF16, which this CPU lacks; use --dtype f32".to_string())
-            }
-            (Job::Infer, Precision::Bf16) => Ok(Precision::Bf16),
+            (_, Precision::Bf16) if !crate::engine::cpu::packed::bf16_supported() => Err(BF16_CPU.to_string()),
+            (_, Precision::Bf16) => Ok(Precision::Bf16),
             (Job::Train { .. }, Precision::Int8) => {
                 Err("--dtype int8 is for inference (a `resnet quantize` file); training runs in f32".to_string())
             }
@@ -170,11 +169,19 @@ mod tests {
         assert_eq!(target("cpu", "f32").resolve(train).unwrap(), Resolved::Cpu(Precision::F32));
         for (t, job, want) in [
             (target("cpu", "tf32"), Job::Infer, "--dtype tf32 needs a GPU"),
-            (target("cpu", "bf16"), train, "--dtype bf16 needs a GPU (--device cuda) to train"),
             (target("cpu", "int8"), train, "--dtype int8 is for inference"),
         ] {
             let e = t.resolve(job).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
+        }
+        // bf16 trains and infers on a CPU with AVX512-BF16 and is refused in one line elsewhere.
+        for job in [train, Job::Infer] {
+            let got = target("cpu", "bf16").resolve(job);
+            if crate::engine::cpu::packed::bf16_supported() {
+                assert_eq!(got.unwrap(), Resolved::Cpu(Precision::Bf16));
+            } else {
+                assert_eq!(got.unwrap_err().to_string(), BF16_CPU);
+            }
         }
         // int8 is CPU inference: auto takes the CPU for it, and where a build has a GPU, --device cuda refuses it.
         assert_eq!(target("cpu", "int8").resolve(Job::Infer).unwrap(), Resolved::Cpu(Precision::Int8));

@@ -307,7 +307,8 @@ fn device_flag_is_parsed_and_a_missing_gpu_path_is_one_line() {
 
 /// Every lower instruction-set level this CPU has, forced with `RESNET_CPU` (`engine::cpu::isa`: AVX2 runs `gemm`
 /// and the AVX2 Winograd transforms instead of the packed AVX-512 kernels, portable plain Rust): the same
-/// predictions as the default level, and bf16 refused in one line below AVX-512.
+/// predictions as the default level, and bf16 (inference and training) refused in one line below AVX-512, with
+/// no run folder left behind.
 #[test]
 fn every_cpu_level_predicts_the_same_and_refuses_bf16_below_avx512() {
     use resnet_rs::engine::cpu::isa::{self, Level};
@@ -330,6 +331,12 @@ fn every_cpu_level_predicts_the_same_and_refuses_bf16_below_avx512() {
         assert_eq!(bf16.status.code(), Some(2), "{level:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert!(err.contains("AVX512-BF16"), "{err}");
+        let run = tempfile::tempdir().unwrap().path().join("run");
+        let train = at(level.name(), &["train", "--out", path(&run), "--dtype", "bf16", "--max-steps", "1"]);
+        let err = String::from_utf8_lossy(&train.stderr);
+        assert_eq!(train.status.code(), Some(2), "{level:?}: {err}");
+        assert!(err.trim_end().lines().count() == 1 && err.contains("AVX512-BF16"), "{level:?}: {err}");
+        assert!(!run.exists(), "{level:?}: a refused run writes nothing");
     }
     // A level the CPU lacks, or a misspelt one, is named on stderr and the detected level runs.
     let wrong = at("avx1024", &["predict", "--weights", path(&weights), "--json", "--top-k", "3", path(&dir)]);
@@ -350,8 +357,10 @@ fn train_device_and_dtype_are_refused_up_front_in_one_line() {
         fails_cleanly(&["bench", "--workload", "train", "--device", "cuda", "--dtype", "bf16"], "--features cuda");
     }
     fails_cleanly(&["train", "--out", out, "--dtype", "tf32"], "--dtype tf32 needs a GPU");
-    fails_cleanly(&["train", "--out", out, "--dtype", "bf16"], "--dtype bf16 needs a GPU");
-    fails_cleanly(&["bench", "--workload", "train", "--dtype", "bf16"], "--dtype bf16 needs a GPU");
+    if !resnet_rs::engine::cpu::packed::bf16_supported() {
+        fails_cleanly(&["train", "--out", out, "--dtype", "bf16"], "AVX512-BF16");
+        fails_cleanly(&["bench", "--workload", "train", "--dtype", "bf16"], "AVX512-BF16");
+    }
     fails_cleanly(&["train", "--out", out, "--device", "tpu"], "unknown device 'tpu'");
     assert!(!run.exists(), "a refused run writes nothing");
 }

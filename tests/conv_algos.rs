@@ -4,7 +4,8 @@
 mod common;
 
 use common::{Fixture, rel_err, values};
-use resnet_rs::engine::cpu::{ConvAlgo, conv_algo, conv2d_backward_with, conv2d_with};
+use resnet_rs::engine::cpu::packed::{bf16_supported, from_bf16, to_bf16};
+use resnet_rs::engine::cpu::{ConvAlgo, Operands, conv_algo, conv2d_backward_with, conv2d_with};
 use resnet_rs::{ConvGeom, Tensor};
 
 /// Direct correlation in f64 with its gradients for `dy`: (y, dx, dw), for a k×k kernel, stride 1, padding p.
@@ -41,11 +42,16 @@ fn naive(x: &Tensor, w: &Tensor, dy: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, V
     (f(y), f(dx), f(dw))
 }
 
-/// y, dx, dw by one algorithm.
+/// y, dx, dw by one algorithm in f32.
 fn run(x: &Tensor, w: &Tensor, dy: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> [Vec<f32>; 3] {
-    let y = conv2d_with(x, w, geom, algo);
-    let (dx, dw) = conv2d_backward_with(x, w, dy, geom, true, true, algo);
-    let (dx_only, none) = conv2d_backward_with(x, w, dy, geom, true, false, algo);
+    run_in(x, w, dy, geom, algo, Operands::F32)
+}
+
+/// y, dx, dw by one algorithm with the products' operands in `operands`.
+fn run_in(x: &Tensor, w: &Tensor, dy: &Tensor, geom: ConvGeom, algo: ConvAlgo, operands: Operands) -> [Vec<f32>; 3] {
+    let y = conv2d_with(x, w, geom, algo, operands);
+    let (dx, dw) = conv2d_backward_with(x, w, dy, geom, (true, true), algo, operands);
+    let (dx_only, none) = conv2d_backward_with(x, w, dy, geom, (true, false), algo, operands);
     assert!(none.is_none());
     let (dx, dx_only) = (dx.expect("asked for dx"), dx_only.expect("asked for dx"));
     assert_eq!(dx.data(), dx_only.data(), "dx must not depend on whether dw is computed");
@@ -92,14 +98,20 @@ fn winograd_matches_im2col_and_direct_f64_on_odd_shapes() {
     }
 }
 
+/// The fixture's convolution `i`: its geometry, input, weight and output gradient.
+fn fixture_conv(f: &Fixture, i: usize) -> (ConvGeom, &Tensor, &Tensor, &Tensor) {
+    let k = |s: &str| format!("conv{i}.{s}");
+    let g = f.usizes(&k("geom"));
+    let geom = ConvGeom { stride: (g[0], g[1]), padding: (g[2], g[3]) };
+    (geom, f.get(&k("x")), f.get(&k("w")), f.get(&k("dy")))
+}
+
 #[test]
 fn both_algorithms_match_the_pytorch_fixtures() {
     let f = Fixture::load("ops.safetensors");
     for i in 0..8 {
         let k = |s: &str| format!("conv{i}.{s}");
-        let g = f.usizes(&k("geom"));
-        let geom = ConvGeom { stride: (g[0], g[1]), padding: (g[2], g[3]) };
-        let (x, w, dy) = (f.get(&k("x")), f.get(&k("w")), f.get(&k("dy")));
+        let (geom, x, w, dy) = fixture_conv(&f, i);
         let want = [f.get(&k("y")), f.get(&k("dx")), f.get(&k("dw"))];
         for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
             let got = run(x, w, dy, geom, algo);
@@ -107,6 +119,58 @@ fn both_algorithms_match_the_pytorch_fixtures() {
             let errs: Vec<f64> = (0..3).map(|j| rel_err(&got[j], want[j].data())).collect();
             println!("conv{i} {algo:?} (ran {used:?}): y {:.2e} dx {:.2e} dw {:.2e}", errs[0], errs[1], errs[2]);
             assert!(errs.iter().all(|&e| e <= 1e-5), "conv{i} {algo:?}: {errs:?}");
+        }
+    }
+}
+
+/// `t` with every value rounded to bf16 (held in f32).
+fn rounded(t: &Tensor) -> Tensor {
+    Tensor::new(t.shape(), t.data().iter().map(|&v| from_bf16(to_bf16(v))).collect()).unwrap()
+}
+
+/// bf16 operands (training with `--dtype bf16`), on the PyTorch fixtures' shapes (strided, padded, 1x1, 7x7)
+/// and on Winograd's. im2col rounds x, w and dy and sums exact products in f32, so it must equal the f32
+/// convolution of the rounded tensors up to summation order; Winograd rounds its transformed operands instead,
+/// so it is held to the f64 reference at bf16's precision. Measured on an AMD EPYC with AVX512-BF16: im2col
+/// 1e-7..4e-7 from the rounded f32 convolution and 2e-3..4e-3 from f32; Winograd 2e-3..1.1e-2.
+#[test]
+fn bf16_operands_round_what_they_multiply_and_nothing_else() {
+    if !bf16_supported() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    }
+    let f = Fixture::load("ops.safetensors");
+    for i in 0..8 {
+        let k = |s: &str| format!("conv{i}.{s}");
+        let (geom, x, w, dy) = fixture_conv(&f, i);
+        let got = run_in(x, w, dy, geom, ConvAlgo::Im2col, Operands::Bf16);
+        let want_y = conv2d_with(&rounded(x), &rounded(w), geom, ConvAlgo::Im2col, Operands::F32);
+        let (want_dx, _) =
+            conv2d_backward_with(x, &rounded(w), &rounded(dy), geom, (true, false), ConvAlgo::Im2col, Operands::F32);
+        let (_, want_dw) =
+            conv2d_backward_with(&rounded(x), w, &rounded(dy), geom, (false, true), ConvAlgo::Im2col, Operands::F32);
+        let want = [want_y.into_data(), want_dx.unwrap().into_data(), want_dw.unwrap().into_data()];
+        let f32_ref = [f.get(&k("y")), f.get(&k("dx")), f.get(&k("dw"))];
+        for (j, name) in ["y", "dx", "dw"].iter().enumerate() {
+            let (e, from_f32) = (rel_err(&got[j], &want[j]), rel_err(&got[j], f32_ref[j].data()));
+            println!("conv{i} bf16 im2col {name}: {e:.2e} from the rounded f32 convolution, {from_f32:.2e} from f32");
+            assert!(e <= 2e-6 && from_f32 <= 1e-2, "conv{i} {name}: {e:.2e} / {from_f32:.2e}");
+        }
+    }
+    let geom = ConvGeom::square(1, 1);
+    for (seed, &(n, c, h, w, o)) in
+        [(2, 5, 3, 3, 7), (3, 6, 7, 7, 11), (2, 64, 8, 8, 64), (4, 32, 16, 16, 48)].iter().enumerate()
+    {
+        let s = seed as u64 * 5 + 100;
+        let x = Tensor::new(&[n, c, h, w], values(n * c * h * w, s + 1)).unwrap();
+        let wt = Tensor::new(&[o, c, 3, 3], values(o * c * 9, s + 2)).unwrap();
+        let dy = Tensor::new(&[n, o, h, w], values(n * o * h * w, s + 3)).unwrap();
+        let want = naive(&x, &wt, dy.data(), 1);
+        let got = run_in(&x, &wt, &dy, geom, ConvAlgo::Winograd, Operands::Bf16);
+        for (j, name) in ["y", "dx", "dw"].iter().enumerate() {
+            let e = rel_err(&got[j], [&want.0, &want.1, &want.2][j]);
+            println!("{:?} bf16 winograd {name}: {e:.2e} from f64", (n, c, h, w, o));
+            assert!(e <= 3e-2, "{:?} {name}: {e:.2e}", (n, c, h, w, o));
         }
     }
 }
@@ -156,7 +220,7 @@ fn inference_plan_keeps_weights_and_matches_the_engine() {
         let mut model = ResNet::new(config, seed);
         let plan = CpuPlan::new(ResNet::new(config, seed), false).unwrap();
         for tap in [Tap::Layer1, Tap::Layer3, Tap::AvgPool, Tap::Fc] {
-            let want = model.forward_to(&Cpu, &x, Mode::Eval, tap);
+            let want = model.forward_to(&Cpu::F32, &x, Mode::Eval, tap);
             let e = rel_err(plan.forward_to(&x, tap).data(), want.data());
             assert!(e <= 1e-5, "seed {seed} {tap:?}: plan vs engine: relative error {e:.3e}");
         }
@@ -164,7 +228,7 @@ fn inference_plan_keeps_weights_and_matches_the_engine() {
         assert_eq!(plan.forward(&x), first, "seed {seed}: the kept weights give the same logits");
         let w = &mut model.store.params.iter_mut().find(|p| p.name == "layer1.0.conv1.weight").unwrap().value;
         w.data_mut().iter_mut().for_each(|v| *v *= -1.0);
-        let want = model.forward(&Cpu, &x, Mode::Eval);
+        let want = model.forward(&Cpu::F32, &x, Mode::Eval);
         let e = rel_err(CpuPlan::new(model, false).unwrap().forward(&x).data(), want.data());
         assert!(e <= 1e-5, "seed {seed}: after a weight change: relative error {e:.3e}");
     }

@@ -36,7 +36,7 @@ fn eval_matches_cpu_and_torchvision(name: &str) {
     let x = f.get("input");
     let [n, _, h, w] = x.dims4();
     let got = gpu(&model, n, h, w).forward(x).unwrap_or_else(|e| panic!("{e}"));
-    let cpu = model.forward(&Cpu, x, Mode::Eval);
+    let cpu = model.forward(&Cpu::F32, x, Mode::Eval);
     assert_close("device vs CPU logits", &got, &cpu, 1e-4);
     assert_close("device vs torchvision logits", &got, f.get("eval.logits"), 1e-4);
 }
@@ -67,7 +67,7 @@ fn resnet50_full_width_224_eval_matches_cpu() {
     let data = (0..n * 3 * h * w).map(|i| ((i as f32) * 0.618).sin()).collect();
     let x = Tensor::new(&[n, 3, h, w], data).unwrap();
     let got = gpu(&model, n, h, w).forward(&x).unwrap_or_else(|e| panic!("{e}"));
-    assert_close("device vs CPU logits", &got, &model.forward(&Cpu, &x, Mode::Eval), 1e-4);
+    assert_close("device vs CPU logits", &got, &model.forward(&Cpu::F32, &x, Mode::Eval), 1e-4);
 }
 
 #[test]
@@ -78,7 +78,7 @@ fn smaller_batches_and_repeated_calls_reuse_the_executor() {
     let x = f.get("input");
     let [n, c, h, w] = x.dims4();
     let mut g = gpu(&model, n + 3, h, w);
-    let cpu = model.forward(&Cpu, x, Mode::Eval);
+    let cpu = model.forward(&Cpu::F32, x, Mode::Eval);
     let first = g.forward(x).unwrap();
     assert_close("full batch", &first, &cpu, 1e-4);
     let one = Tensor::new(&[1, c, h, w], x.data()[..c * h * w].to_vec()).unwrap();
@@ -108,7 +108,7 @@ fn tf32_option_runs_and_stays_close() {
     let x = f.get("input");
     let [n, _, h, w] = x.dims4();
     let mut g = CudaResNet::with_precision(&model, 0, n, h, w, Precision::Tf32).unwrap();
-    let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu, x, Mode::Eval).data());
+    let e = rel_err(g.forward(x).unwrap().data(), model.forward(&Cpu::F32, x, Mode::Eval).data());
     assert!(e <= 1e-2, "TF32 logits: relative error {e:.3e}");
 }
 
@@ -122,7 +122,7 @@ fn features_at_every_tap_match_cpu() {
         let [n, _, h, w] = x.dims4();
         let mut g = gpu(&model, n, h, w);
         for tap in [Tap::Layer1, Tap::Layer2, Tap::Layer3, Tap::Layer4, Tap::AvgPool, Tap::Fc] {
-            let want = resnet_rs::infer::features(&mut model, &Cpu, x, tap);
+            let want = resnet_rs::infer::features(&mut model, &Cpu::F32, x, tap);
             let got = g.features(x, tap).unwrap_or_else(|e| panic!("{e}"));
             assert_close(&format!("{name} {tap:?}"), &got, &want, 1e-4);
         }
@@ -136,7 +136,7 @@ fn bf16_vs_f32(model: &mut ResNet, x: &Tensor) -> (f64, usize) {
     let options = Precision::Bf16;
     let got =
         CudaResNet::with_precision(model, 0, n, h, w, options).unwrap_or_else(|e| panic!("{e}")).forward(x).unwrap();
-    let want = model.forward(&Cpu, x, Mode::Eval);
+    let want = model.forward(&Cpu::F32, x, Mode::Eval);
     let classes = want.shape()[1];
     let top1 = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
     let same = got.data().chunks(classes).zip(want.data().chunks(classes)).filter(|(a, b)| top1(a) == top1(b)).count();

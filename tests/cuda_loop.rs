@@ -64,7 +64,7 @@ fn copy_dir(from: &Path, to: &Path) {
 // ---- without a GPU ----
 
 #[test]
-fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
+fn the_gpu_trainer_refuses_adam_and_the_cpu_tf32_before_touching_anything() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     for (args, want) in [
@@ -72,10 +72,7 @@ fn the_gpu_trainer_refuses_adam_and_bf16_on_the_cpu_before_touching_anything() {
             &["--device", "cuda", "--optimizer", "adamw"][..],
             "--optimizer adamw: the GPU trainer runs SGD only so far (use --device cpu)",
         ),
-        (
-            &["--device", "cpu", "--dtype", "bf16"][..],
-            "--dtype bf16 needs a GPU (--device cuda) to train; the CPU trains in f32",
-        ),
+        (&["--device", "cpu", "--dtype", "tf32"][..], "--dtype tf32 needs a GPU (--device cuda); the CPU runs f32"),
     ] {
         let o = resnet(&[&["train", "--out", path(&run)][..], args].concat());
         let err = String::from_utf8_lossy(&o.stderr);
@@ -294,7 +291,7 @@ fn set_weight(model: &mut ResNet, name: &str, index: usize, value: f32) {
 fn skip_nonfinite_on_the_gpu_leaves_weights_momentum_and_statistics_bit_for_bit() {
     let (mut t, mut batches) = trainer(recipe(), true, None, 3);
     t.use_device(GPU).unwrap();
-    assert!(t.gpu_name().is_some());
+    assert!(t.device_name().is_some());
     t.step(&batches[0]).unwrap();
     let before = state(&mut t);
     batches[1].images.data_mut()[0] = f32::NAN;

@@ -58,9 +58,9 @@ fn trainer(model: &ResNet, batch: usize, hw: usize, opt: TrainOptimizer, tf32: b
 /// The CPU engine's training step, as `train::trainer::Trainer::step` takes it.
 fn cpu_step(model: &mut ResNet, opt: &mut Optimizer, x: &Tensor, targets: &Tensor, lr: f32) -> f32 {
     model.store.zero_grad();
-    let logits = model.forward(&Cpu, x, Mode::Train);
-    let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, targets);
-    model.backward(&Cpu, &dlogits, false);
+    let logits = model.forward(&Cpu::F32, x, Mode::Train);
+    let (loss, dlogits) = Cpu::F32.softmax_cross_entropy(&logits, targets);
+    model.backward(&Cpu::F32, &dlogits, false);
     opt.step(&mut model.store.params, lr, None);
     loss
 }
@@ -178,9 +178,9 @@ impl Pair {
         self.g.download_into(&mut self.cpu).unwrap();
         let before = self.cpu.state_dict();
         self.cpu.store.zero_grad();
-        let logits = self.cpu.forward(&Cpu, x, Mode::Train);
-        let (want, dlogits) = Cpu.softmax_cross_entropy(&logits, t);
-        self.cpu.backward(&Cpu, &dlogits, false);
+        let logits = self.cpu.forward(&Cpu::F32, x, Mode::Train);
+        let (want, dlogits) = Cpu::F32.softmax_cross_entropy(&logits, t);
+        self.cpu.backward(&Cpu::F32, &dlogits, false);
         let loss = if staged {
             let n = self.g.stage(x, t).unwrap();
             assert_eq!(n, x.shape()[0]);
@@ -385,8 +385,8 @@ fn the_training_loop_interface_matches_the_host_view() {
     g.save_running_stats().unwrap();
     g.forward_backward(n).unwrap();
     let check = g.check_step(&labels).unwrap();
-    let logits = cpu.forward(&Cpu, &x, Mode::Train);
-    let (want, _) = Cpu.softmax_cross_entropy(&logits, &t);
+    let logits = cpu.forward(&Cpu::F32, &x, Mode::Train);
+    let (want, _) = Cpu::F32.softmax_cross_entropy(&logits, &t);
     assert_loss("check_step", check.loss, want);
     let hits = resnet_rs::train::evaluate::hits(&logits, &labels).0;
     assert!(check.top1_hits.abs_diff(hits) <= 1, "hits {} vs CPU {hits}", check.top1_hits);

@@ -131,7 +131,7 @@ fn two_ranks_train_as_ddp_does_and_end_with_identical_weights() {
         let mut opt = Optimizer::new(setup::optimizer_kind(&r), groups);
         let shard0 = loader::batches(train_ds.clone(), pipe.clone(), None, &cfg(0), 0, 0);
         let shard1 = loader::batches(train_ds.clone(), pipe.clone(), None, &cfg(1), 0, 0);
-        let be = Cpu;
+        let be = Cpu::F32;
         for (a, b) in shard0.zip(shard1).take(10) {
             let (a, b) = (a.unwrap(), b.unwrap());
             let start: Vec<Tensor> = model.store.buffers.iter().map(|x| x.value.clone()).collect();

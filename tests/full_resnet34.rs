@@ -23,7 +23,7 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
         expected.metadata["files"].split(',').map(|n| common::fixture(&format!("images/{n}"))).collect();
     let mut model = weights::load_model("resnet34".parse().unwrap(), &dir.join("resnet34.pth")).unwrap();
     let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
-    let logits = model.forward(&Cpu, &x, Mode::Eval);
+    let logits = model.forward(&Cpu::F32, &x, Mode::Eval);
     let e32 = common::rel_err(logits.data(), expected.tensors["logits"].data());
     let e64 = common::rel_err(logits.data(), expected.tensors["logits64"].data());
     let top1 = |t: &[f32]| -> Vec<usize> {
@@ -32,7 +32,7 @@ fn full_torchvision_resnet34_gives_pytorch_logits() {
     let mut times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        model.forward(&Cpu, &x, Mode::Eval);
+        model.forward(&Cpu::F32, &x, Mode::Eval);
         times.push(t.elapsed().as_secs_f64() * 1000.0 / files.len() as f64);
     }
     times.sort_by(f64::total_cmp);

@@ -36,7 +36,7 @@ fn affine_act_matches_unfused_ops_and_f64_batch_norm() {
         let eps = 1e-5;
         let (scale, shift) = batch_norm_affine(gamma.data(), beta.data(), mean.data(), &var, eps);
 
-        let bn = Cpu.affine_act(x.clone(), &scale, &shift, None, false);
+        let bn = Cpu::F32.affine_act(x.clone(), &scale, &shift, None, false);
         let hw = shape[2] * shape[3];
         let want: Vec<f64> = x
             .data()
@@ -53,15 +53,15 @@ fn affine_act_matches_unfused_ops_and_f64_batch_norm() {
 
         let as_f64 = |t: &Tensor| t.data().iter().map(|&v| v as f64).collect::<Vec<_>>();
         let cases = [
-            (Cpu.affine_act(x.clone(), &scale, &shift, None, true), Cpu.relu(bn.clone()), "bn + relu"),
+            (Cpu::F32.affine_act(x.clone(), &scale, &shift, None, true), Cpu::F32.relu(bn.clone()), "bn + relu"),
             (
-                Cpu.affine_act(x.clone(), &scale, &shift, Some(&residual), false),
-                Cpu.add(bn.clone(), &residual),
+                Cpu::F32.affine_act(x.clone(), &scale, &shift, Some(&residual), false),
+                Cpu::F32.add(bn.clone(), &residual),
                 "bn + add",
             ),
             (
-                Cpu.affine_act(x.clone(), &scale, &shift, Some(&residual), true),
-                Cpu.add_relu(bn.clone(), &residual),
+                Cpu::F32.affine_act(x.clone(), &scale, &shift, Some(&residual), true),
+                Cpu::F32.add_relu(bn.clone(), &residual),
                 "bn + add + relu",
             ),
         ];

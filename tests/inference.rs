@@ -26,7 +26,7 @@ fn tiny_checkpoint_gives_torchvision_logits_and_features() {
     assert_eq!(model.config.widths, [4, 8, 16, 32]);
     assert_eq!(model.store.batches_tracked, 7);
     let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
-    let logits = model.forward(&Cpu, &x, Mode::Eval);
+    let logits = model.forward(&Cpu::F32, &x, Mode::Eval);
     common::assert_rows_close("logits", &files, &logits, f.get("logits"));
     for (layer, tap) in [
         ("layer1", Tap::Layer1),
@@ -35,7 +35,7 @@ fn tiny_checkpoint_gives_torchvision_logits_and_features() {
         ("layer4", Tap::Layer4),
         ("avgpool", Tap::AvgPool),
     ] {
-        let feats = infer::features(&mut model, &Cpu, &x, tap);
+        let feats = infer::features(&mut model, &Cpu::F32, &x, tap);
         common::assert_rows_close(layer, &files, &feats, f.get(&format!("features.{layer}")));
     }
     assert!(files.iter().any(|p| p.extension().unwrap() == "png"), "the tight tolerance is exercised");
@@ -53,7 +53,7 @@ fn saved_checkpoint_loads_back_with_identical_outputs() {
     assert_eq!(loaded.tensors.len(), 218);
     let mut back = weights::load_model("resnet34".parse().unwrap(), &path).unwrap();
     let x = infer::load_batch(&[fixture("images/cat.png")], &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
-    assert_eq!(model.forward(&Cpu, &x, Mode::Eval), back.forward(&Cpu, &x, Mode::Eval));
+    assert_eq!(model.forward(&Cpu::F32, &x, Mode::Eval), back.forward(&Cpu::F32, &x, Mode::Eval));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "no temporary file is left behind: {leftovers:?}");
 }
@@ -88,8 +88,8 @@ fn batch_of_one_matches_batched_forward() {
     let files = images(&f);
     let mut model = weights::load_model("resnet34".parse().unwrap(), &fixture("tiny/resnet34_w4.pth")).unwrap();
     let x = infer::load_batch(&files, &resnet_rs::infer::card::Preprocess::imagenet()).unwrap();
-    let all = model.forward(&Cpu, &x, Mode::Eval);
-    let one_by_one = infer::batched(&x, 1, |b| Ok(model.forward(&Cpu, b, Mode::Eval))).unwrap();
+    let all = model.forward(&Cpu::F32, &x, Mode::Eval);
+    let one_by_one = infer::batched(&x, 1, |b| Ok(model.forward(&Cpu::F32, b, Mode::Eval))).unwrap();
     assert!(common::rel_err(one_by_one.data(), all.data()) < 1e-6);
 }
 

@@ -68,10 +68,10 @@ fn int8_convolutions_are_the_f32_convolutions_of_their_dequantized_operands() {
         let geom = ConvGeom { stride: (stride, stride), padding: (pad, pad) };
         let weight = Int8Weight::conv(w.data(), [o, c, k, k]).expect("channels in fours");
         let got = conv2d_int8(&x, &weight, input, [o, c, k, k], geom, None);
-        let dequantized = Cpu.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
+        let dequantized = Cpu::F32.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
         let e = rel_err(got.data(), dequantized.data());
         assert!(e <= 1e-5, "{xs:?} * {:?}: {e:e} from the dequantized operands' convolution", [o, c, k, k]);
-        let f32_conv = Cpu.conv2d(&x, &w, geom);
+        let f32_conv = Cpu::F32.conv2d(&x, &w, geom);
         let e = rel_err(got.data(), f32_conv.data());
         assert!(e <= 2e-2, "{xs:?}: {e:e} from the f32 convolution (quantization error)");
     }
@@ -92,10 +92,10 @@ fn the_stems_int8_convolution_handles_negative_inputs_and_odd_channel_counts() {
         let weight = Int8Weight::new(w.data(), o, c * k * k);
         assert!(!weight.takes_quad_planes(), "a weight in its own order takes f32 columns");
         let got = conv2d_int8(&x, &weight, input, [o, c, k, k], geom, None);
-        let dequantized = Cpu.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
+        let dequantized = Cpu::F32.conv2d(&fake_quant_input(&x, input), &fake_quant_weight(&w), geom);
         let e = rel_err(got.data(), dequantized.data());
         assert!(e <= 1e-5, "{xs:?}: {e:e} from the dequantized operands' convolution");
-        let e = rel_err(got.data(), Cpu.conv2d(&x, &w, geom).data());
+        let e = rel_err(got.data(), Cpu::F32.conv2d(&x, &w, geom).data());
         assert!(e <= 2e-2, "{xs:?}: {e:e} from the f32 convolution");
     }
 }

@@ -12,18 +12,19 @@ use resnet_rs::{Mode, ResNet, ResNetConfig};
 fn eval_logits_match(name: &str) {
     let f = Fixture::load(name);
     let mut model = det_net(&f);
-    let logits = model.forward(&Cpu, f.get("input"), Mode::Eval);
+    let logits = model.forward(&Cpu::F32, f.get("input"), Mode::Eval);
     assert_close("eval logits", &logits, f.get("eval.logits"), 1e-5);
 }
 
 fn training_step_matches(name: &str) {
     let f = Fixture::load(name);
     let mut model = det_net(&f);
-    let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
+    let logits = model.forward(&Cpu::F32, f.get("input"), Mode::Train);
     assert_close("train logits", &logits, f.get("train.logits"), 1e-4);
-    let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
+    let (loss, dlogits) =
+        Cpu::F32.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
     assert_close_slice("loss", &[loss], f.get("train.loss"), 1e-4);
-    let dx = model.backward(&Cpu, &dlogits, true).expect("input gradient was requested");
+    let dx = model.backward(&Cpu::F32, &dlogits, true).expect("input gradient was requested");
     assert_close("input gradient", &dx, f.get("train.input_grad"), 1e-4);
 
     let mut checked = 0;
@@ -109,9 +110,10 @@ fn frozen_layers_get_no_gradient_and_leave_the_others_unchanged() {
     let f = Fixture::load("net_resnet34_w8.safetensors");
     let mut model = det_net(&f);
     model.set_trainable(&["conv1.", "bn1.", "layer1.", "layer2."], false);
-    let logits = model.forward(&Cpu, f.get("input"), Mode::Train);
-    let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
-    assert!(model.backward(&Cpu, &dlogits, false).is_none());
+    let logits = model.forward(&Cpu::F32, f.get("input"), Mode::Train);
+    let (_, dlogits) =
+        Cpu::F32.softmax_cross_entropy(&logits, &resnet_rs::engine::one_hot(&f.usizes("target"), 10, 0.0));
+    assert!(model.backward(&Cpu::F32, &dlogits, false).is_none());
     for p in &model.store.params {
         if p.trainable {
             let want = f.get(&format!("grad.{}", p.name));

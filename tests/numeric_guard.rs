@@ -145,11 +145,11 @@ fn relu_lets_nan_through_as_pytorch_does() {
     use resnet_rs::Cpu;
     use resnet_rs::{Backend, Tensor};
     let x = Tensor::new(&[5], vec![-1.0, 0.0, 2.0, f32::NAN, f32::NEG_INFINITY]).unwrap();
-    let y = Cpu.relu(x.clone());
+    let y = Cpu::F32.relu(x.clone());
     assert_eq!(&y.data()[..3], &[0.0, 0.0, 2.0]);
     assert!(y.data()[3].is_nan(), "torch.relu(nan) is nan; a 0 here would hide a blow-up");
     assert_eq!(y.data()[4], 0.0);
-    let z = Cpu.add_relu(x, &Tensor::full(&[5], 1.0));
+    let z = Cpu::F32.add_relu(x, &Tensor::full(&[5], 1.0));
     assert!(z.data()[3].is_nan());
     assert_eq!(z.data()[0], 0.0);
 }

@@ -19,7 +19,7 @@ fn ops() -> Fixture {
 #[test]
 fn conv2d_forward_and_backward_match_pytorch() {
     let f = ops();
-    let be = Cpu;
+    let be = Cpu::F32;
     for i in 0..8 {
         let k = |s: &str| format!("conv{i}.{s}");
         let g = f.usizes(&k("geom"));
@@ -62,8 +62,8 @@ fn assert_bn_step(what: &str, f: &Fixture, y: &Tensor, dx: &Tensor, store: &Stor
 fn batch_norm_training_matches_pytorch_including_running_stats() {
     let f = ops();
     let (mut bn, mut store) = bn_layer(&f);
-    let y = bn.forward_train(&Cpu, &mut store, f.get("bn_train.x").clone(), None);
-    let dx = bn.backward(&Cpu, &mut store, f.get("bn_train.dy"), None);
+    let y = bn.forward_train(&Cpu::F32, &mut store, f.get("bn_train.x").clone(), None);
+    let dx = bn.backward(&Cpu::F32, &mut store, f.get("bn_train.dy"), None);
     assert_bn_step("bn", &f, &y, &dx, &store);
 }
 
@@ -109,8 +109,8 @@ fn sync_batch_norm_over_two_replicas_is_batch_norm_over_their_joint_batch() {
     let sum = TwoThreads { total: Mutex::new(Vec::new()), barrier: Barrier::new(2) };
     let replica = |second: bool| {
         let (mut bn, mut store) = bn_layer(&f);
-        let y = bn.forward_train(&Cpu, &mut store, half(f.get("bn_train.x"), second), Some(&sum));
-        let dx = bn.backward(&Cpu, &mut store, &half(f.get("bn_train.dy"), second), Some(&sum));
+        let y = bn.forward_train(&Cpu::F32, &mut store, half(f.get("bn_train.x"), second), Some(&sum));
+        let dx = bn.backward(&Cpu::F32, &mut store, &half(f.get("bn_train.dy"), second), Some(&sum));
         (y, dx, store)
     };
     let ((y0, dx0, s0), (y1, dx1, s1)) = std::thread::scope(|t| {
@@ -142,7 +142,7 @@ fn batch_norm_eval_matches_pytorch() {
         f.get(&k("running_var")).data(),
         resnet_rs::model::layers::BN_EPS,
     );
-    let y = Cpu.affine_act(f.get(&k("x")).clone(), &scale, &shift, None, false);
+    let y = Cpu::F32.affine_act(f.get(&k("x")).clone(), &scale, &shift, None, false);
     assert_close("bn eval y", &y, f.get(&k("y")), TOL);
 }
 
@@ -152,9 +152,9 @@ fn max_pool_matches_pytorch() {
     for case in ["maxpool0", "maxpool1"] {
         let k = |s: &str| format!("{case}.{s}");
         let x = f.get(&k("x"));
-        let (y, idx) = Cpu.max_pool2d(x, 3, 2, 1);
+        let (y, idx) = Cpu::F32.max_pool2d(x, 3, 2, 1);
         assert_close(&k("y"), &y, f.get(&k("y")), 0.0);
-        let dx = Cpu.max_pool2d_backward(f.get(&k("dy")), &idx, x.dims4());
+        let dx = Cpu::F32.max_pool2d_backward(f.get(&k("dy")), &idx, x.dims4());
         assert_close(&k("dx"), &dx, f.get(&k("dx")), TOL);
     }
 }
@@ -163,8 +163,13 @@ fn max_pool_matches_pytorch() {
 fn global_average_pool_matches_pytorch() {
     let f = ops();
     let x = f.get("avgpool.x");
-    assert_close("avgpool y", &Cpu.global_avg_pool(x), f.get("avgpool.y"), TOL);
-    assert_close("avgpool dx", &Cpu.global_avg_pool_backward(f.get("avgpool.dy"), x.dims4()), f.get("avgpool.dx"), TOL);
+    assert_close("avgpool y", &Cpu::F32.global_avg_pool(x), f.get("avgpool.y"), TOL);
+    assert_close(
+        "avgpool dx",
+        &Cpu::F32.global_avg_pool_backward(f.get("avgpool.dy"), x.dims4()),
+        f.get("avgpool.dx"),
+        TOL,
+    );
 }
 
 #[test]
@@ -172,8 +177,8 @@ fn linear_matches_pytorch() {
     let f = ops();
     let k = |s: &str| format!("linear.{s}");
     let (x, w) = (f.get(&k("x")), f.get(&k("weight")));
-    assert_close("linear y", &Cpu.linear(x, w, f.get(&k("bias")).data()), f.get(&k("y")), TOL);
-    let (dx, dwb) = Cpu.linear_backward(x, w, f.get(&k("dy")), true, true);
+    assert_close("linear y", &Cpu::F32.linear(x, w, f.get(&k("bias")).data()), f.get(&k("y")), TOL);
+    let (dx, dwb) = Cpu::F32.linear_backward(x, w, f.get(&k("dy")), true, true);
     let (dw, db) = dwb.unwrap();
     assert_close("linear dx", &dx.unwrap(), f.get(&k("dx")), TOL);
     assert_close("linear dweight", &dw, f.get(&k("dweight")), TOL);
@@ -186,7 +191,7 @@ fn cross_entropy_matches_pytorch_with_and_without_label_smoothing() {
     let (logits, target) = (f.get("ce.logits"), f.usizes("ce.target"));
     for (smoothing, suffix) in [(0.0, ""), (0.1, "_ls")] {
         let q = resnet_rs::engine::one_hot(&target, logits.shape()[1], smoothing);
-        let (loss, grad) = Cpu.softmax_cross_entropy(logits, &q);
+        let (loss, grad) = Cpu::F32.softmax_cross_entropy(logits, &q);
         assert_close_slice(&format!("loss{suffix}"), &[loss], f.get(&format!("ce.loss{suffix}")), TOL);
         assert_close(&format!("dlogits{suffix}"), &grad, f.get(&format!("ce.dlogits{suffix}")), TOL);
     }
@@ -195,12 +200,12 @@ fn cross_entropy_matches_pytorch_with_and_without_label_smoothing() {
 #[test]
 fn relu_and_residual_join_match_pytorch() {
     let f = ops();
-    let y = Cpu.relu(f.get("relu.x").clone());
+    let y = Cpu::F32.relu(f.get("relu.x").clone());
     assert_close("relu y", &y, f.get("relu.y"), 0.0);
-    assert_close("relu dx", &Cpu.relu_backward(f.get("relu.dy").clone(), &y), f.get("relu.dx"), 0.0);
-    let y = Cpu.add_relu(f.get("add_relu.a").clone(), f.get("add_relu.b"));
+    assert_close("relu dx", &Cpu::F32.relu_backward(f.get("relu.dy").clone(), &y), f.get("relu.dx"), 0.0);
+    let y = Cpu::F32.add_relu(f.get("add_relu.a").clone(), f.get("add_relu.b"));
     assert_close("add_relu y", &y, f.get("add_relu.y"), TOL);
-    assert_close("add_relu da", &Cpu.relu_backward(f.get("add_relu.dy").clone(), &y), f.get("add_relu.da"), 0.0);
+    assert_close("add_relu da", &Cpu::F32.relu_backward(f.get("add_relu.dy").clone(), &y), f.get("add_relu.da"), 0.0);
 }
 
 #[test]

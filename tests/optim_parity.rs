@@ -53,9 +53,9 @@ fn train(f: &Fixture, kind: OptimizerKind, lr: f32, wd: f32, steps: usize) -> Tr
     let mut losses = Vec::new();
     for _ in 0..steps {
         model.store.zero_grad();
-        let logits = model.forward(&Cpu, net.get("input"), Mode::Train);
-        let (loss, dlogits) = Cpu.softmax_cross_entropy(&logits, &target);
-        model.backward(&Cpu, &dlogits, false);
+        let logits = model.forward(&Cpu::F32, net.get("input"), Mode::Train);
+        let (loss, dlogits) = Cpu::F32.softmax_cross_entropy(&logits, &target);
+        model.backward(&Cpu::F32, &dlogits, false);
         opt.step(&mut model.store.params, lr, None);
         losses.push(loss);
     }
@@ -118,7 +118,7 @@ fn sgd_three_steps_match_torch() {
     eprintln!("loss: relative error {:.2e}", rel_err(&t.losses, f.get("loss").data()));
     assert_close_slice("losses", &t.losses, f.get("loss"), TOL);
     let net = Fixture::load("net_resnet34_w8.safetensors");
-    let logits = t.model.forward(&Cpu, net.get("input"), Mode::Train);
+    let logits = t.model.forward(&Cpu::F32, net.get("input"), Mode::Train);
     eprintln!("logits_after: relative error {:.2e}", rel_err(logits.data(), f.get("logits_after").data()));
     assert_close("logits after", &logits, f.get("logits_after"), TOL);
 
@@ -335,9 +335,9 @@ fn frozen_parameters_are_untouched() {
         let mut opt = Optimizer::new(kind, Optimizer::groups_for(&model.store.params, 0.01, false, 1.0));
         for _ in 0..2 {
             model.store.zero_grad();
-            let logits = model.forward(&Cpu, net.get("input"), Mode::Train);
-            let (_, dlogits) = Cpu.softmax_cross_entropy(&logits, &target);
-            model.backward(&Cpu, &dlogits, false);
+            let logits = model.forward(&Cpu::F32, net.get("input"), Mode::Train);
+            let (_, dlogits) = Cpu::F32.softmax_cross_entropy(&logits, &target);
+            model.backward(&Cpu::F32, &dlogits, false);
             opt.step(&mut model.store.params, 0.01, None);
         }
         let (state, _) = opt.state(&model.store.params);

@@ -91,19 +91,22 @@ pub fn run(a: BenchCmd) -> Result<()> {
     let targets = one_hot(&(0..batch).map(|i| i % classes).collect::<Vec<_>>(), classes, 0.0);
     let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
     let groups = Optimizer::groups_for(&model.store.params, 5e-4, false, 1.0);
-    let gpu_train =
-        if train { gpu_train_step(&model, target, (batch, size), (&x, &targets), kind, &groups)? } else { None };
-    let mut step: Box<dyn FnMut() -> Result<()>> = if let Some((name, gpu_step)) = gpu_train {
+    let train_on =
+        if train { Some(train_on(&model, target, (batch, size), (&x, &targets), kind, &groups)?) } else { None };
+    let mut step: Box<dyn FnMut() -> Result<()>> = if let Some(TrainOn::Gpu(name, gpu_step)) = train_on {
         device = name;
         gpu_step
-    } else if train {
+    } else if let Some(TrainOn::Cpu(precision)) = train_on {
         // The training loop's own steps (`CpuSteps`, and over ranks `DistributedSteps` with its bucketed,
         // overlapped all-reduce), so the figure is the one `resnet train` runs at.
         let mut opt = Optimizer::new(kind, groups);
         let data = Batch { images: x.clone(), targets, labels: (0..batch).map(|i| i % classes).collect() };
-        let mut ddp =
-            (comm.size() > 1).then(|| DistributedSteps::new(Box::new(CpuSteps::default()), comm.clone(), &mut model));
-        let mut alone = CpuSteps::default();
+        let mut ddp = if comm.size() > 1 {
+            Some(DistributedSteps::new(Box::new(CpuSteps::new(precision)?), comm.clone(), &mut model))
+        } else {
+            None
+        };
+        let mut alone = CpuSteps::new(precision)?;
         let comm_ms = comm_ms.clone();
         Box::new(move || {
             let before = ddp.as_ref().map(|d| d.exposed_communication);
@@ -188,18 +191,23 @@ pub fn run(a: BenchCmd) -> Result<()> {
 /// One timed run of a workload.
 type TimedStep = Box<dyn FnMut() -> Result<()>>;
 
-/// A device-resident training step for `--workload train` on a GPU: the batch is staged once and each call runs
-/// one whole SGD step on it and waits for the device. None where the step runs on the CPU (`--device cpu`, or
-/// `auto` without a usable GPU).
-fn gpu_train_step(
+/// Where `--workload train` runs: a device-resident step on a GPU (the batch staged once, each call one whole SGD
+/// step on it, waiting for the device), or the CPU in a precision (`--device cpu`, or `auto` without a GPU).
+enum TrainOn {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Gpu(String, TimedStep),
+    Cpu(Precision),
+}
+
+fn train_on(
     model: &ResNet,
     target: Target,
     (batch, size): (usize, usize),
     (x, targets): (&Tensor, &Tensor),
     kind: OptimizerKind,
     groups: &[crate::train::optim::ParamGroup],
-) -> Result<Option<(String, TimedStep)>> {
-    let cpu = |(), _| Ok(None);
+) -> Result<TrainOn> {
+    let cpu = |(), precision| Ok(TrainOn::Cpu(precision));
     #[cfg(feature = "cuda")]
     let gpu = |&(): &(), index, precision| {
         use crate::exec::cuda::{CudaTrainer, TrainOptimizer};
@@ -208,7 +216,7 @@ fn gpu_train_step(
         let n = trainer.stage(x, targets)?;
         let name = trainer.device_name();
         let step: TimedStep = Box::new(move || trainer.step_staged(n, 0.01).map(drop));
-        Ok(Some((name, step)))
+        Ok(TrainOn::Gpu(name, step))
     };
     #[cfg(not(feature = "cuda"))]
     let gpu = |&(): &(), _, _| {

@@ -133,7 +133,7 @@ impl CpuPlan {
     /// The stem's max-pool of `h`.
     fn pool(&self, h: &Tensor) -> Tensor {
         let p = self.graph.pool.expect("a graph that pools has a pool");
-        Cpu.max_pool2d_values(h, p.kernel, p.stride, p.padding)
+        Cpu::F32.max_pool2d_values(h, p.kernel, p.stride, p.padding)
     }
 
     /// relu?(bn(conv(x)) + shortcut?) of unit `u`, on its kept weight where one applies.
@@ -149,7 +149,7 @@ impl CpuPlan {
         }
         let bytes = if self.bf16 { 2 } else { 4 };
         let Some(algo) = algo::for_inference(x.dims4(), p.weight.dims4(), p.geom, bytes) else {
-            return Cpu.conv2d_affine_act(x, &p.weight, p.geom, affine);
+            return Cpu::F32.conv2d_affine_act(x, &p.weight, p.geom, affine);
         };
         let kept = p.kept[kept_slot(algo)].get_or_init(|| KeptConv::new(x.dims4(), &p.weight, p.geom, algo, self.bf16));
         let [n, _, h, w] = x.dims4();
@@ -168,11 +168,11 @@ impl CpuPlan {
             Ok(h) => h,
             Err(stage_output) => return stage_output,
         };
-        let pooled = Cpu.global_avg_pool(&h);
+        let pooled = Cpu::F32.global_avg_pool(&h);
         if tap == Tap::AvgPool {
             return pooled;
         }
-        Cpu.linear(&pooled, &self.fc_weight, &self.fc_bias)
+        Cpu::F32.linear(&pooled, &self.fc_weight, &self.fc_bias)
     }
 
     /// Logits `[N, classes]`.
@@ -183,6 +183,6 @@ impl CpuPlan {
     /// `[N, D]` features at `tap`, as `infer::features` computes them: stage maps averaged over space.
     pub fn features(&self, x: &Tensor, tap: Tap) -> Tensor {
         let out = self.forward_to(x, tap);
-        if out.shape().len() == 4 { Cpu.global_avg_pool(&out) } else { out }
+        if out.shape().len() == 4 { Cpu::F32.global_avg_pool(&out) } else { out }
     }
 }

@@ -61,7 +61,7 @@ pub fn evaluate_with(
     batch: usize,
     workers: usize,
 ) -> Result<EvalReport> {
-    let be = crate::engine::cpu::Cpu;
+    let be = crate::engine::cpu::Cpu::F32;
     let cfg =
         LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers, seed: 0, shard: Shard::WHOLE };
     let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);

@@ -21,11 +21,11 @@ use super::recipe::Recipe;
 use crate::data::Dataset;
 use crate::data::loader::Batch;
 use crate::data::transforms::Pipeline;
-use crate::engine::cpu::Cpu;
+use crate::engine::cpu::{Cpu, Operands};
 use crate::engine::{Backend, Tensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Mode, ResNet};
-use crate::target::{Job, Target};
+use crate::target::{BF16_CPU, Job, Precision, Target};
 
 /// What forward and backward found, before anything is updated.
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ impl Checked {
 /// One training step in phases, on some target. `model` and `opt` are the host's copy; a target that keeps the
 /// live state elsewhere reads them only in `sync_host`, `diagnose` and `evaluate`.
 pub trait Steps {
-    /// The device the steps run on, for the start-up line; None on the host CPU.
+    /// The device the steps run on, for the start-up line; None on the host CPU in f32.
     fn device_name(&self) -> Option<String>;
 
     /// Forward (train-mode BN) and backward on `batch`. With `keep_stats` the BN running statistics are saved
@@ -107,7 +107,7 @@ pub fn train_job(recipe: &Recipe) -> Job {
 /// The steps for `target` (resolved in `Target::resolve`), starting from the host model and optimiser as they
 /// stand (a fresh run, or one just restored from a checkpoint).
 pub fn open(target: Target, model: &ResNet, opt: &Optimizer, recipe: &Recipe) -> Result<Box<dyn Steps>> {
-    let cpu = |(), _| Ok(Box::new(CpuSteps::default()) as Box<dyn Steps>);
+    let cpu = |(), precision| Ok(Box::new(CpuSteps::new(precision)?) as Box<dyn Steps>);
     target.resolve(train_job(recipe))?.open((), cpu, |&(), index, precision| gpu(model, opt, recipe, index, precision))
 }
 
@@ -127,7 +127,8 @@ fn gpu(_: &ResNet, _: &Optimizer, _: &Recipe, _: usize, _: crate::target::Precis
     Err(crate::error::Error::invalid(crate::target::NO_GPU_BUILD))
 }
 
-/// The steps on the host: the CPU engine over the model's own tensors.
+/// The steps on the host: the CPU engine over the model's own tensors, in f32 or (`--dtype bf16`) bf16 mixed
+/// precision (`Cpu::bf16`: bf16 convolution operands, f32 master weights, optimiser state, activations and BN).
 #[derive(Default)]
 pub struct CpuSteps {
     be: Cpu,
@@ -135,9 +136,24 @@ pub struct CpuSteps {
     saved_stats: Option<(Vec<Tensor>, i64)>,
 }
 
+impl CpuSteps {
+    /// The steps in `precision` (f32 or bf16, as `Target::resolve` accepted it for training).
+    pub fn new(precision: Precision) -> Result<CpuSteps> {
+        let be = match precision {
+            Precision::F32 => Cpu::F32,
+            Precision::Bf16 => Cpu::bf16().ok_or_else(|| Error::invalid(BF16_CPU))?,
+            other => return Err(Error::invalid(format!("--dtype {other}: the CPU trains in f32 or bf16"))),
+        };
+        Ok(CpuSteps { be, saved_stats: None })
+    }
+}
+
 impl Steps for CpuSteps {
     fn device_name(&self) -> Option<String> {
-        None
+        (self.be.operands() == Operands::Bf16).then(|| {
+            "the CPU in bf16 mixed precision (bf16 convolution operands, f32 accumulation, weights and activations)"
+                .to_string()
+        })
     }
 
     fn forward_backward(&mut self, model: &mut ResNet, batch: &Batch, keep: bool) -> Result<Checked> {

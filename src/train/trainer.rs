@@ -205,8 +205,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// The GPU the steps run on, or None on the CPU.
-    pub fn gpu_name(&self) -> Option<String> {
+    /// The device the steps run on (a GPU, the CPU in bf16), or None on the CPU in f32.
+    pub fn device_name(&self) -> Option<String> {
         self.steps.device_name()
     }
 
@@ -489,7 +489,7 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             if recipe.sync_bn { "the effective batch (--sync-bn)" } else { "each rank's batch" }
         );
     }
-    if let Some(name) = t.gpu_name() {
+    if let Some(name) = t.device_name() {
         eprintln!("training on {name}");
     }
     if resumed.is_none() {

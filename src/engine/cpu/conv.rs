@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 
+use super::Operands;
 use super::algo::{ConvAlgo, default_algo, resolve};
 use super::batch_sum;
 use super::crop;
@@ -22,7 +23,7 @@ use super::int8::{self, Int8Weight, QuantParams};
 use super::lanes::deinterleave2;
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
-use super::packed::PackedLhs;
+use super::packed::{BF16_CHECKED, PackedLhs};
 use super::scratch::{self, with_buffer};
 use super::winograd;
 use crate::engine::{ConvGeom, Tensor};
@@ -197,21 +198,29 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32], ld: usize, offset: usize) {
     }
 }
 
-pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
-    forward_with(x, w, geom, default_algo())
+pub fn forward(x: &Tensor, w: &Tensor, geom: ConvGeom, operands: Operands) -> Tensor {
+    forward_with(x, w, geom, default_algo(), operands)
 }
 
-pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo) -> Tensor {
+/// y = conv2d(x, w) by `algo`; with `Operands::Bf16` every product rounds its operands to bf16 and sums in f32.
+pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo, operands: Operands) -> Tensor {
     if let Some(win) = crop::window(x.dims4(), w.dims4(), geom) {
-        return forward_with(x, &win.crop(w), win.geom, algo);
+        return forward_with(x, &win.crop(w), win.geom, algo, operands);
     }
     let d = Dims::new(x, w, geom);
     if resolve(algo, x.dims4(), w.dims4(), geom) == ConvAlgo::Winograd {
-        let y = winograd::forward(x.data(), w.data(), d.n, d.c, d.h, d.w, d.o);
+        let y = winograd::forward(x.data(), w.data(), (d.n, d.c, d.h, d.w, d.o), operands);
         return Tensor::new(&[d.n, d.o, d.oh, d.ow], y).expect("conv2d output shape matches its data");
     }
     let wm = MatRef::new(w.data(), d.o, d.ckk());
-    im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0, None)
+    match operands {
+        Operands::F32 => im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0, None),
+        Operands::Bf16 => {
+            let (group, _, _) = d.plan();
+            let packed = PackedLhs::bf16(wm, group.min(d.n) * d.ohw()).expect(BF16_CHECKED);
+            im2col_forward(x, &d, &|dst, cols, threads| packed.multiply_threads(cols, dst, threads), 0, None)
+        }
+    }
 }
 
 /// dst (`O`×cols) = W · cols on `threads` threads, however the caller holds W (`O`×`C·kh·kw`).
@@ -351,35 +360,37 @@ pub fn backward(
     w: &Tensor,
     dy: &Tensor,
     geom: ConvGeom,
-    need_dx: bool,
-    need_dw: bool,
+    need: (bool, bool),
+    operands: Operands,
 ) -> (Option<Tensor>, Option<Tensor>) {
-    backward_with(x, w, dy, geom, need_dx, need_dw, default_algo())
+    backward_with(x, w, dy, geom, need, default_algo(), operands)
 }
 
+/// dx and dw (where `need` = (dx, dw) asks for them) for y = conv2d(x, w) by `algo`, the products in `operands`.
 pub fn backward_with(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
     geom: ConvGeom,
-    need_dx: bool,
-    need_dw: bool,
+    need: (bool, bool),
     algo: ConvAlgo,
+    operands: Operands,
 ) -> (Option<Tensor>, Option<Tensor>) {
+    let (need_dx, need_dw) = need;
     if let Some(win) = crop::window(x.dims4(), w.dims4(), geom) {
-        let (dx, dw) = backward_with(x, &win.crop(w), dy, win.geom, need_dx, need_dw, algo);
+        let (dx, dw) = backward_with(x, &win.crop(w), dy, win.geom, need, algo, operands);
         return (dx, dw.map(|dw| win.uncrop(&dw, w.dims4())));
     }
     let d = Dims::new(x, w, geom);
     assert_eq!(dy.shape(), [d.n, d.o, d.oh, d.ow], "conv2d backward: dy has the wrong shape");
     if resolve(algo, x.dims4(), w.dims4(), geom) == ConvAlgo::Winograd {
-        let (n, c, h, wi, o) = (d.n, d.c, d.h, d.w, d.o);
+        let shape = (d.n, d.c, d.h, d.w, d.o);
         let dx = need_dx.then(|| {
-            let dx = winograd::backward_data(dy.data(), w.data(), n, c, h, wi, o);
+            let dx = winograd::backward_data(dy.data(), w.data(), shape, operands);
             Tensor::new(x.shape(), dx).expect("dx has x's shape")
         });
         let dw = need_dw.then(|| {
-            let dw = winograd::backward_filter(x.data(), dy.data(), n, c, h, wi, o);
+            let dw = winograd::backward_filter(x.data(), dy.data(), shape, operands);
             Tensor::new(w.shape(), dw).expect("dw has w's shape")
         });
         return (dx, dw);
@@ -397,6 +408,24 @@ pub fn backward_with(
         gemm_threads = 1;
     }
     let wm = MatRef::new(w.data(), o, ckk);
+    // In bf16 Wᵀ is rounded and packed once for every group's dcol = Wᵀ·dy.
+    let wt_bf16 = (operands == Operands::Bf16 && need_dx)
+        .then(|| PackedLhs::bf16(wm.t(), tasks.first().map_or(1, |t| t.3) * ohw).expect(BF16_CHECKED));
+    // dst (= or +=) a·b in the products' operands: for bf16, `a` is rounded and packed per call
+    let product = |dst: &mut [f32], a: MatRef, packed: Option<&PackedLhs>, b: MatRef, add: bool| match operands {
+        Operands::F32 => matmul(dst, a, b, add, gemm_threads),
+        Operands::Bf16 => {
+            let fresh;
+            let a = match packed {
+                Some(p) => p,
+                None => {
+                    fresh = PackedLhs::bf16(a, b.cols).expect(BF16_CHECKED);
+                    &fresh
+                }
+            };
+            if add { a.multiply_add_threads(b, dst, gemm_threads) } else { a.multiply_threads(b, dst, gemm_threads) }
+        }
+    };
     let mut dx = vec![0.0f32; if need_dx { d.n * chw } else { 0 }];
     let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
     let mut rest = &mut dx[..];
@@ -440,15 +469,15 @@ pub fn backward_with(
                         }
                         &col
                     };
-                    matmul(&mut dw, dym, MatRef::new(cols, ckk, m * ohw).t(), true, gemm_threads);
+                    product(&mut dw, dym, None, MatRef::new(cols, ckk, m * ohw).t(), true);
                 }
                 if need_dx {
                     let dx_g = &mut dx_task[(start - first) * chw..(start - first + m) * chw];
                     if direct {
-                        matmul(dx_g, wm.t(), dym, false, gemm_threads);
+                        product(dx_g, wm.t(), wt_bf16.as_ref(), dym, false);
                     } else {
                         col.resize(ckk * m * ohw, 0.0);
-                        matmul(&mut col, wm.t(), dym, false, gemm_threads);
+                        product(&mut col, wm.t(), wt_bf16.as_ref(), dym, false);
                         for (j, dx_n) in dx_g.chunks_mut(chw).enumerate() {
                             col2im(&col, &d, dx_n, m * ohw, j * ohw);
                         }

@@ -73,9 +73,9 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::cpu::ConvAlgo;
     use crate::engine::cpu::conv::{backward_with, forward_with};
     use crate::engine::cpu::test_util::{rel, values};
+    use crate::engine::cpu::{ConvAlgo, Operands};
 
     #[test]
     fn windows_of_resnet_small_maps() {
@@ -147,12 +147,12 @@ mod tests {
             let xt = Tensor::new(&x, values(x.iter().product(), 1)).unwrap();
             let wt = Tensor::new(&w, values(w.iter().product(), 2)).unwrap();
             let geom = ConvGeom::square(s, 1);
-            let got = forward_with(&xt, &wt, geom, ConvAlgo::Im2col);
+            let got = forward_with(&xt, &wt, geom, ConvAlgo::Im2col, Operands::F32);
             let dy = values(got.numel(), 3);
             let (y, dx, dw) = direct(&xt, &wt, &dy, geom);
             assert!(rel(got.data(), &y) < 1e-6, "forward {h}x{} stride {s}", h + 1);
             let dyt = Tensor::new(got.shape(), dy).unwrap();
-            let (gdx, gdw) = backward_with(&xt, &wt, &dyt, geom, true, true, ConvAlgo::Im2col);
+            let (gdx, gdw) = backward_with(&xt, &wt, &dyt, geom, (true, true), ConvAlgo::Im2col, Operands::F32);
             assert!(rel(gdx.unwrap().data(), &dx) < 1e-6, "dx {h} stride {s}");
             assert!(rel(gdw.unwrap().data(), &dw) < 1e-6, "dw {h} stride {s}");
         }

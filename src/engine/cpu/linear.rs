@@ -1,10 +1,28 @@
 //! The fully connected head: y = x·wᵀ + b. Its weight and bias gradients add over the batch per `batch_sum` chunk.
+//! With bf16 operands (`Operands::Bf16`) x, w and dy are rounded to bf16 first and multiplied in f32: a product
+//! of two bf16 values is exact in f32, so that is a bf16 GEMM with f32 accumulation (the head is 0.01 % of
+//! ResNet-34's multiplies, not worth a packed kernel).
 
+use super::Operands;
 use super::batch_sum;
 use super::matmul::{MatRef, matmul};
+use super::packed::{from_bf16, to_bf16};
 use crate::engine::Tensor;
 
-pub fn forward(x: &Tensor, w: &Tensor, b: &[f32]) -> Tensor {
+/// `t` as `operands` multiply it: itself, or rounded to bf16 (held in f32).
+fn operand<'a>(t: &'a Tensor, operands: Operands) -> std::borrow::Cow<'a, Tensor> {
+    match operands {
+        Operands::F32 => std::borrow::Cow::Borrowed(t),
+        Operands::Bf16 => {
+            let mut r = t.clone();
+            r.data_mut().iter_mut().for_each(|v| *v = from_bf16(to_bf16(*v)));
+            std::borrow::Cow::Owned(r)
+        }
+    }
+}
+
+pub fn forward(x: &Tensor, w: &Tensor, b: &[f32], operands: Operands) -> Tensor {
+    let (x, w) = (operand(x, operands), operand(w, operands));
     let [n, fin] = x.dims2();
     let [out, win] = w.dims2();
     assert!(fin == win && b.len() == out, "linear: input {fin}, weight [{out}, {win}], bias {}", b.len());
@@ -22,7 +40,9 @@ pub fn backward(
     dy: &Tensor,
     need_dx: bool,
     need_dw: bool,
+    operands: Operands,
 ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>) {
+    let (x, w, dy) = (operand(x, operands), operand(w, operands), operand(dy, operands));
     let [n, fin] = x.dims2();
     let [out, _] = w.dims2();
     assert_eq!(dy.shape(), [n, out], "linear backward: dy has the wrong shape");

@@ -2,6 +2,7 @@
 
 pub mod algo;
 mod batch_sum;
+mod bf16;
 mod conv;
 mod crop;
 mod elementwise;
@@ -35,16 +36,42 @@ pub(crate) fn relu1(v: f32) -> f32 {
     if v < 0.0 { 0.0 } else { v }
 }
 
+/// What the convolutions' products multiply: f32 operands, or (training with `--dtype bf16`) operands rounded to
+/// bf16 with f32 accumulation, as PyTorch's CPU autocast; everything else stays f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Operands {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS` sets their number).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    operands: Operands,
+}
+
+impl Cpu {
+    /// Everything in f32.
+    pub const F32: Cpu = Cpu { operands: Operands::F32 };
+
+    /// bf16 mixed precision as PyTorch's CPU autocast: convolutions and the linear head multiply operands rounded
+    /// to bf16 and accumulate in f32; activations, batch norm and the loss stay f32. None without AVX512-BF16.
+    pub fn bf16() -> Option<Cpu> {
+        packed::bf16_supported().then_some(Cpu { operands: Operands::Bf16 })
+    }
+
+    pub fn operands(&self) -> Operands {
+        self.operands
+    }
+}
 
 impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
     fn conv2d(&self, x: &Tensor, w: &Tensor, geom: ConvGeom) -> Tensor {
-        conv::forward(x, w, geom)
+        conv::forward(x, w, geom, self.operands)
     }
     fn conv2d_backward(
         &self,
@@ -55,7 +82,7 @@ impl Backend for Cpu {
         need_dx: bool,
         need_dw: bool,
     ) -> (Option<Tensor>, Option<Tensor>) {
-        conv::backward(x, w, dy, geom, need_dx, need_dw)
+        conv::backward(x, w, dy, geom, (need_dx, need_dw), self.operands)
     }
     fn batch_norm_stats(&self, x: &Tensor) -> BatchStats {
         norm::stats(x)
@@ -115,7 +142,7 @@ impl Backend for Cpu {
         pool::avg_backward(dy, x_shape)
     }
     fn linear(&self, x: &Tensor, w: &Tensor, b: &[f32]) -> Tensor {
-        linear::forward(x, w, b)
+        linear::forward(x, w, b, self.operands)
     }
     fn linear_backward(
         &self,
@@ -125,7 +152,7 @@ impl Backend for Cpu {
         need_dx: bool,
         need_dw: bool,
     ) -> (Option<Tensor>, Option<(Tensor, Vec<f32>)>) {
-        linear::backward(x, w, dy, need_dx, need_dw)
+        linear::backward(x, w, dy, need_dx, need_dw, self.operands)
     }
     fn softmax_cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> (f32, Tensor) {
         loss::softmax_cross_entropy(logits, targets)

@@ -22,6 +22,8 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::bf16::{adjacent_pairs, pair, pairs_of_rows};
+pub use super::bf16::{from_bf16, to_bf16};
 use super::isa;
 use super::matmul::{MatRef, matmul};
 use super::scratch::{self, with_buffer};
@@ -73,24 +75,9 @@ pub fn bf16_supported() -> bool {
     isa::avx512_bf16()
 }
 
-/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
-pub fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
-}
-
-/// bf16 bits → f32 (exact).
-pub fn from_bf16(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
-
-fn pair(lo: f32, hi: f32) -> u32 {
-    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
-}
+/// The message of the `expect` where bf16 operands were asked for: whoever chose them checked
+/// `bf16_supported` first (`Target::resolve`, `Cpu::bf16`).
+pub const BF16_CHECKED: &str = "bf16 operands are chosen only where bf16_supported() said yes";
 
 /// `rows`×`depth` values laid out in panels of `height` rows: [panel][k][height], zero past the last row.
 fn pack<T: Copy + Default>(rows: usize, depth: usize, height: usize, value: impl Fn(usize, usize) -> T) -> Vec<T> {
@@ -99,6 +86,44 @@ fn pack<T: Copy + Default>(rows: usize, depth: usize, height: usize, value: impl
         for (k, lanes) in panel.chunks_mut(height).enumerate() {
             for (r, v) in lanes.iter_mut().enumerate().filter(|(r, _)| p * height + r < rows) {
                 *v = value(p * height + r, k);
+            }
+        }
+    }
+    data
+}
+
+/// `a` rounded to bf16 pairs in panels of `height` rows ([panel][k/2][height]), as `pack` lays them out but a
+/// vector of values at a time where `a` is row-major (a row's pairs are adjacent) or a transposed view (a panel
+/// row of pairs is two runs of the matrix viewed).
+fn pack_pairs(a: MatRef, height: usize) -> Vec<u32> {
+    let (rows, depth, pairs) = (a.rows, a.cols, a.cols.div_ceil(2));
+    if a.col_stride != 1 && a.row_stride != 1 {
+        return pack(rows, pairs, height, |r, kk| {
+            pair(a.at(r, 2 * kk), if 2 * kk + 1 < depth { a.at(r, 2 * kk + 1) } else { 0.0 })
+        });
+    }
+    a.check();
+    let mut data = vec![0u32; rows.div_ceil(height) * pairs * height];
+    if rows == 0 || pairs == 0 {
+        return data;
+    }
+    if a.col_stride == 1 {
+        let mut row_pairs = vec![0u32; pairs];
+        for r in 0..rows {
+            adjacent_pairs(&a.data[r * a.row_stride..][..depth], &mut row_pairs);
+            let panel = &mut data[r / height * pairs * height..][..pairs * height];
+            for (lanes, &w) in panel.chunks_mut(height).zip(&row_pairs) {
+                lanes[r % height] = w;
+            }
+        }
+    } else {
+        let cs = a.col_stride;
+        for (p, panel) in data.chunks_mut(pairs * height).enumerate() {
+            let (r0, h) = (p * height, height.min(rows - p * height));
+            for (kk, lanes) in panel.chunks_mut(height).enumerate() {
+                let lo = &a.data[2 * kk * cs + r0..][..h];
+                let hi = (2 * kk + 1 < depth).then(|| &a.data[(2 * kk + 1) * cs + r0..][..h]);
+                pairs_of_rows(lo, hi, &mut lanes[..h]);
             }
         }
     }
@@ -139,10 +164,7 @@ impl PackedLhs {
         }
         let (rows, depth) = (a.rows, a.cols);
         let tall = tall_suits(rows, cols);
-        let data = pack(rows, depth.div_ceil(2), if tall { LANES } else { MR }, |r, kk| {
-            let k = 2 * kk;
-            pair(a.at(r, k), if k + 1 < depth { a.at(r, k + 1) } else { 0.0 })
-        });
+        let data = pack_pairs(a, if tall { LANES } else { MR });
         Some(PackedLhs { rows, depth, tall, panels: Panels::Bf16(data) })
     }
 
@@ -177,7 +199,7 @@ impl PackedLhs {
         // moves these words and adds them as integers, and the caller reads them back as i32.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
         // `int8` built these panels only after checking for AVX512-VNNI.
-        banded(a, self.rows, band, MR, b, dst, drive_int8)
+        banded(a, self.rows, band, MR, b, dst, drive_int8, false)
     }
 
     pub fn rows(&self) -> usize {
@@ -188,16 +210,24 @@ impl PackedLhs {
         self.depth
     }
 
-    /// dst (row-major `rows`×`b.cols`) = self · b, on the calling thread. `b` must be row-major (unit column
-    /// stride); in bf16 it is rounded to bf16 first.
+    /// dst (row-major `rows`×`b.cols`) = self · b, on the calling thread. In f32 `b` must be row-major (unit
+    /// column stride); in bf16 it is rounded to bf16 first, and may also be a transposed view (unit row stride).
     pub fn multiply(&self, b: MatRef, dst: &mut [f32]) {
-        self.multiply_threads(b, dst, 1)
+        self.product(b, dst, 1, false)
     }
 
     /// As `multiply`, spread over `threads` of the rayon pool by bands of rows.
     pub fn multiply_threads(&self, b: MatRef, dst: &mut [f32], threads: usize) {
+        self.product(b, dst, threads, false)
+    }
+
+    /// dst += self · b, otherwise as `multiply_threads` (gradients summed over groups of images or tiles).
+    pub fn multiply_add_threads(&self, b: MatRef, dst: &mut [f32], threads: usize) {
+        self.product(b, dst, threads, true)
+    }
+
+    fn product(&self, b: MatRef, dst: &mut [f32], threads: usize, add: bool) {
         assert_eq!(b.rows, self.depth, "inner dimensions differ");
-        assert_eq!(b.col_stride, 1, "the right operand is read row by row");
         let n = b.cols;
         assert_eq!(dst.len(), self.rows * n, "destination has the wrong size");
         b.check();
@@ -210,24 +240,27 @@ impl PackedLhs {
         let height = if self.tall { LANES } else { MR };
         match &self.panels {
             Panels::F32(a) => {
+                assert_eq!(b.col_stride, 1, "the right operand is read row by row");
                 let b = Operand { data: b.data, ld: b.row_stride, depth: self.depth, cols: n };
                 // `f32` built these panels only after checking for AVX-512F.
                 let drive = if self.tall { drive_f32_tall } else { drive_f32 };
-                banded(a, self.rows, band, height, b, dst, drive)
+                banded(a, self.rows, band, height, b, dst, drive, add)
             }
-            Panels::Plain(a) => matmul(dst, MatRef::new(a, self.rows, self.depth), b, false, threads),
+            Panels::Plain(a) => matmul(dst, MatRef::new(a, self.rows, self.depth), b, add, threads),
             Panels::Int8(_) => panic!("an int8 operand multiplies quads (multiply_quads)"),
             Panels::Bf16(a) => with_pairs(b, |pairs| {
                 let b = Operand { data: pairs, ld: n, depth: self.depth.div_ceil(2), cols: n };
                 // `bf16` built these panels only after checking for AVX512-BF16.
                 let drive = if self.tall { drive_bf16_tall } else { drive_bf16 };
-                banded(a, self.rows, band, height, b, dst, drive)
+                banded(a, self.rows, band, height, b, dst, drive, add)
             }),
         }
     }
 }
 
-/// Runs `drive` on bands of `band` rows in parallel (one band: on this thread); panels are `height` rows.
+/// Runs `drive` on bands of `band` rows in parallel (one band: on this thread); panels are `height` rows. With
+/// `add` the products are added onto `dst`.
+#[allow(clippy::too_many_arguments)]
 fn banded<T: Sync>(
     a: &[T],
     rows: usize,
@@ -235,14 +268,15 @@ fn banded<T: Sync>(
     height: usize,
     b: Operand<T>,
     dst: &mut [f32],
-    drive: unsafe fn(&[T], usize, Operand<T>, &mut [f32]),
+    drive: unsafe fn(&[T], usize, Operand<T>, &mut [f32], bool),
+    add: bool,
 ) {
     let panel = b.depth * height;
     let run = |r0: usize, d: &mut [f32]| {
         let used = d.len() / b.cols;
         // SAFETY: the caller picked `drive` for panels of this height, built after checking the CPU's features;
         // each band starts at a whole panel because `band` is a multiple of the row block.
-        unsafe { drive(&a[r0 / height * panel..], used, b, d) }
+        unsafe { drive(&a[r0 / height * panel..], used, b, d, add) }
     };
     if band >= rows {
         run(0, dst);
@@ -272,19 +306,33 @@ thread_local! {
 }
 
 /// Runs `f` on `b` converted to bf16 pairs ([k/2][cols], rows k and k+1 in one word), in this thread's scratch.
+/// `b` is row-major, or the transposed view of a row-major matrix (a weight gradient's `colsᵀ`, Winograd's
+/// `Vᵀ`), whose pairs are then adjacent in memory; any other view is read element by element.
 fn with_pairs<R>(b: MatRef, f: impl FnOnce(&[u32]) -> R) -> R {
     let (depth, n) = (b.rows, b.cols);
-    with_buffer(&PAIRS, depth.div_ceil(2) * n, scratch::INFERENCE_KEEP, |buf| {
-        for (kk, out) in buf.chunks_mut(n).enumerate() {
-            let lo = &b.data[2 * kk * b.row_stride..][..n];
-            if 2 * kk + 1 < depth {
-                let hi = &b.data[(2 * kk + 1) * b.row_stride..][..n];
-                for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                    *o = pair(l, h);
+    let pairs = depth.div_ceil(2);
+    with_buffer(&PAIRS, pairs * n, scratch::INFERENCE_KEEP, |buf| {
+        if b.col_stride == 1 {
+            for (kk, out) in buf.chunks_mut(n).enumerate() {
+                let lo = &b.data[2 * kk * b.row_stride..][..n];
+                let hi = (2 * kk + 1 < depth).then(|| &b.data[(2 * kk + 1) * b.row_stride..][..n]);
+                pairs_of_rows(lo, hi, out);
+            }
+        } else if b.row_stride == 1 {
+            // Column j of b is row j of the matrix viewed, its pairs adjacent: round it, then spread its words
+            // down column j of the pairs.
+            let mut column = vec![0u32; pairs];
+            for j in 0..n {
+                adjacent_pairs(&b.data[j * b.col_stride..][..depth], &mut column);
+                for (kk, &w) in column.iter().enumerate() {
+                    buf[kk * n + j] = w;
                 }
-            } else {
-                for (o, &l) in out.iter_mut().zip(lo) {
-                    *o = pair(l, 0.0);
+            }
+        } else {
+            for (kk, out) in buf.chunks_mut(n).enumerate() {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let hi = if 2 * kk + 1 < depth { b.at(2 * kk + 1, j) } else { 0.0 };
+                    *o = pair(b.at(2 * kk, j), hi);
                 }
             }
         }
@@ -294,34 +342,34 @@ fn with_pairs<R>(b: MatRef, f: impl FnOnce(&[u32]) -> R) -> R {
 
 /// Elsewhere no `PackedLhs` is ever built (`f32_supported` is false), so the drivers are never called.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn drive_f32(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
+unsafe fn drive_f32(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32], _: bool) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn drive_bf16(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+unsafe fn drive_bf16(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32], _: bool) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn drive_int8(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+unsafe fn drive_int8(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32], _: bool) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn drive_f32_tall(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32]) {
+unsafe fn drive_f32_tall(_: &[f32], _: usize, _: Operand<f32>, _: &mut [f32], _: bool) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn drive_bf16_tall(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32]) {
+unsafe fn drive_bf16_tall(_: &[u32], _: usize, _: Operand<u32>, _: &mut [f32], _: bool) {
     unreachable!("packed operands are built only on x86-64 with AVX-512")
 }
 
 /// The bounds every driver relies on before it hands raw pointers to its kernels: the packed operand holds at
 /// least `needed` entries, `b` its `depth` rows of `cols`, `dst` `rows`×`cols`; with no depth the product is 0.
 #[cfg(target_arch = "x86_64")]
-fn check_operands<T>(a_len: usize, needed: usize, b: &Operand<T>, rows: usize, dst: &mut [f32]) {
+fn check_operands<T>(a_len: usize, needed: usize, b: &Operand<T>, rows: usize, dst: &mut [f32], add: bool) {
     assert!(a_len >= needed, "packed operand too short");
     assert!(b.depth == 0 || b.data.len() >= (b.depth - 1) * b.ld + b.cols, "right operand too short");
     assert!(dst.len() >= rows * b.cols, "destination too short");
-    if b.depth == 0 {
+    if b.depth == 0 && !add {
         dst[..rows * b.cols].fill(0.0);
     }
 }
@@ -342,9 +390,9 @@ macro_rules! kernels {
         /// # Safety
         /// The CPU must support the target features; `a` must be the panels of a `rows`×`b.depth` operand.
         #[target_feature(enable = $features)]
-        unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32]) {
+        unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32], add: bool) {
             let panel = b.depth * MR;
-            check_operands(a.len(), rows.div_ceil(MR) * panel, &b, rows, dst);
+            check_operands(a.len(), rows.div_ceil(MR) * panel, &b, rows, dst, add);
             // Depth in chunks, so that one block of the right operand (chunk x 48 columns) stays in L2 while
             // every row of the left one passes over it; later chunks add onto what the earlier ones stored.
             for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
@@ -379,7 +427,7 @@ macro_rules! kernels {
                                 dst.as_mut_ptr().add(i * b.cols + j),
                                 b.cols,
                                 used,
-                                k0 > 0,
+                                add || k0 > 0,
                             )
                         };
                         i += step;
@@ -493,10 +541,10 @@ macro_rules! tall_kernels {
         /// The CPU must support the target features; `a` must be the 16-row panels of a `rows`×`b.depth` operand
         /// and `rows` a multiple of 64.
         #[target_feature(enable = $features)]
-        unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32]) {
+        unsafe fn $drive(a: &[$elem], rows: usize, b: Operand<$elem>, dst: &mut [f32], add: bool) {
             let panel = b.depth * LANES;
             assert!(rows % TALL_BLOCK == 0, "tall panels come in 64-row blocks");
-            check_operands(a.len(), rows / LANES * panel, &b, rows, dst);
+            check_operands(a.len(), rows / LANES * panel, &b, rows, dst, add);
             for k0 in (0..b.depth).step_by(DEPTH_CHUNK) {
                 let depth = DEPTH_CHUNK.min(b.depth - k0);
                 for i in (0..rows).step_by(TALL_BLOCK) {
@@ -522,7 +570,7 @@ macro_rules! tall_kernels {
                                 b.ld,
                                 dst.as_mut_ptr().add(i * b.cols + j),
                                 b.cols,
-                                k0 > 0,
+                                add || k0 > 0,
                             )
                         };
                         j += w;
@@ -686,13 +734,35 @@ mod tests {
         assert!(rel(&got, &want) < 1e-6);
     }
 
+    /// bf16 against transposed right operands (a weight gradient's `colsᵀ`, odd depth, columns beyond one run of
+    /// 16) and a general strided view, added onto what the destination holds.
     #[test]
-    fn bf16_rounds_to_nearest_even() {
-        assert_eq!(to_bf16(1.0), 0x3f80);
-        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0)
-        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
-        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
-        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    fn bf16_transposed_right_operand_adds_onto_the_destination() {
+        if !bf16_supported() {
+            return;
+        }
+        let round = |v: &[f32]| v.iter().map(|&x| from_bf16(to_bf16(x))).collect::<Vec<_>>();
+        for &(m, k, n) in &[(16, 5, 20), (64, 33, 49), (9, 600, 70)] {
+            let (a, bt) = (values(m * k, 5), values(n * k, 6));
+            let (ar, btr) = (round(&a), round(&bt));
+            let start = values(m * n, 7);
+            let mut want = start.clone();
+            matmul(&mut want, MatRef::new(&ar, m, k), MatRef::new(&btr, n, k).t(), true, 1);
+            let packed = PackedLhs::bf16(MatRef::new(&a, m, k), n).unwrap();
+            let mut got = start.clone();
+            packed.multiply_add_threads(MatRef::new(&bt, n, k).t(), &mut got, 2);
+            let e = rel(&got, &want);
+            assert!(e < 1e-6, "{m}x{k}x{n} transposed, added: {e}");
+            // every other column of a wider matrix: neither stride is 1
+            let wide = values(k * 2 * n, 8);
+            let view = MatRef { data: &wide, rows: k, cols: n, row_stride: 2 * n, col_stride: 2 };
+            let wr = round(&wide);
+            let mut want = vec![0.0; m * n];
+            let view_r = MatRef { data: &wr, ..view };
+            matmul(&mut want, MatRef::new(&ar, m, k), view_r, false, 1);
+            let mut got = vec![f32::NAN; m * n];
+            packed.multiply(view, &mut got);
+            assert!(rel(&got, &want) < 1e-6, "{m}x{k}x{n} strided");
+        }
     }
 }

@@ -28,10 +28,11 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::Operands;
 use super::lanes::{deinterleave4, interleave4};
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
-use super::packed::PackedLhs;
+use super::packed::{BF16_CHECKED, PackedLhs};
 use super::scratch::{self, with_buffer};
 
 /// Transformed-tile positions: 6x6.
@@ -159,6 +160,10 @@ impl Plan {
             threads
         };
         Plan { n, c, o, h, w, th, tw, rows, blocks, gemm_threads }
+    }
+    /// Columns (tiles) of a full block's products.
+    fn columns(&self) -> usize {
+        self.rows.min(self.n * self.th) * self.tw
     }
     /// Global tile rows [first, end) of block b.
     fn block_rows(&self, b: usize) -> (usize, usize) {
@@ -594,12 +599,26 @@ fn forward_transformed(x: &[f32], product: &Product, p: &Plan, keep_bytes: usize
     y
 }
 
-/// y = conv2d(x, w) with a 3x3 kernel, stride 1, padding 1. x is `[n, c, h, w]`, wt `[o, c, 3, 3]`.
-pub fn forward(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+/// y = conv2d(x, w) with a 3x3 kernel, stride 1, padding 1. x is `[n, c, h, w]`, wt `[o, c, 3, 3]`. With
+/// `Operands::Bf16` the products multiply U and V rounded to bf16 and accumulate in f32 (the transforms stay f32).
+pub fn forward(x: &[f32], wt: &[f32], shape: Shape, operands: Operands) -> Vec<f32> {
+    let (n, c, h, w, o) = shape;
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, false, u);
-        forward_transformed(x, &plain(u, o, c), &Plan::new(n, c, o, h, w), 0, None)
+        transformed_product(x, u, &Plan::new(n, c, o, h, w), operands)
     })
+}
+
+/// `forward_transformed` with U (`[36][p.o][p.c]`, rebuilt for this call) as `operands` say.
+fn transformed_product(x: &[f32], u: &[f32], p: &Plan, operands: Operands) -> Vec<f32> {
+    match operands {
+        Operands::F32 => forward_transformed(x, &plain(u, p.o, p.c), p, 0, None),
+        Operands::Bf16 => {
+            let planes = pack_forward_weights(u, p.o, p.c, true, p.columns()).expect(BF16_CHECKED);
+            let product = |xi: usize, v: MatRef, m: &mut [f32]| planes[xi].multiply(v, m);
+            forward_transformed(x, &product, p, 0, None)
+        }
+    }
 }
 
 /// U (`[36][O][C]`) of a `[o, c, 3, 3]` weight: what `forward` rebuilds on every call, for callers whose weights
@@ -625,8 +644,7 @@ pub fn forward_with(x: &[f32], u: &[f32], shape: Shape, affine: Option<&Affine>)
 
 /// Columns of the products (tiles per block) of a forward pass on `[n, c, h, w]` with `o` outputs.
 pub fn product_columns(n: usize, c: usize, o: usize, h: usize, w: usize) -> usize {
-    let p = Plan::new(n, c, o, h, w);
-    p.rows.min(p.n * p.th) * p.tw
+    Plan::new(n, c, o, h, w).columns()
 }
 
 /// U's 36 planes packed for `packed::PackedLhs` (in bf16 when `bf16`) for products of about `cols` columns
@@ -647,16 +665,19 @@ pub fn forward_packed(x: &[f32], planes: &[PackedLhs], shape: Shape, affine: Opt
 }
 
 /// dX for y = conv2d(x, w): the same convolution of dY with the kernel rotated and its channels swapped.
-/// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`.
-pub fn backward_data(dy: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+/// dy is `[n, o, h, w]`, wt `[o, c, 3, 3]`; the result is `[n, c, h, w]`. `operands` as in `forward`.
+pub fn backward_data(dy: &[f32], wt: &[f32], shape: Shape, operands: Operands) -> Vec<f32> {
+    let (n, c, h, w, o) = shape;
     with_scratch(XI * o * c, |u| {
         transform_weights(wt, o, c, true, u);
-        forward_transformed(dy, &plain(u, c, o), &Plan::new(n, o, c, h, w), 0, None)
+        transformed_product(dy, u, &Plan::new(n, o, c, h, w), operands)
     })
 }
 
-/// dW (`[o, c, 3, 3]`) for y = conv2d(x, w), from x (`[n, c, h, w]`) and dy (`[n, o, h, w]`).
-pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+/// dW (`[o, c, 3, 3]`) for y = conv2d(x, w), from x (`[n, c, h, w]`) and dy (`[n, o, h, w]`). With
+/// `Operands::Bf16` each block's dM[ξ] and V[ξ] are rounded to bf16 for their product, summed in f32.
+pub fn backward_filter(x: &[f32], dy: &[f32], shape: Shape, operands: Operands) -> Vec<f32> {
+    let (n, c, h, w, o) = shape;
     let p = Plan::new(n, c, o, h, w);
     let pairs = o * c;
     if n * h * w == 0 || pairs == 0 {
@@ -679,7 +700,13 @@ pub fn backward_filter(x: &[f32], dy: &[f32], n: usize, c: usize, h: usize, w: u
                     let dmm = MatRef::new(&dm[xi * o * tb..][..o * tb], o, tb);
                     let vm = MatRef::new(&v[xi * c * tb..][..c * tb], c, tb);
                     // the first block overwrites whatever the scratch held
-                    matmul(dux, dmm, vm.t(), i > 0, 1);
+                    match operands {
+                        Operands::F32 => matmul(dux, dmm, vm.t(), i > 0, 1),
+                        Operands::Bf16 => {
+                            let dmm = PackedLhs::bf16(dmm, c).expect(BF16_CHECKED);
+                            if i > 0 { dmm.multiply_add_threads(vm.t(), dux, 1) } else { dmm.multiply(vm.t(), dux) }
+                        }
+                    }
                 };
                 // as in `multiply`: a lone task spreads its 36 GEMMs over the pool
                 if p.gemm_threads > 1 {
@@ -784,11 +811,11 @@ mod tests {
             let wt = values(o * c * 9, seed as u64 + 100);
             let dy = values(n * o * h * w, seed as u64 + 200);
             let (want_y, want_dx, want_dw) = naive(&x, &wt, &dy, (n, c, h, w, o));
-            let e = rel(&forward(&x, &wt, n, c, h, w, o), &want_y);
+            let e = rel(&forward(&x, &wt, (n, c, h, w, o), Operands::F32), &want_y);
             assert!(e < 1e-5, "{:?} forward: {e:.2e}", (n, c, h, w, o));
-            let e = rel(&backward_data(&dy, &wt, n, c, h, w, o), &want_dx);
+            let e = rel(&backward_data(&dy, &wt, (n, c, h, w, o), Operands::F32), &want_dx);
             assert!(e < 1e-5, "{:?} dx: {e:.2e}", (n, c, h, w, o));
-            let e = rel(&backward_filter(&x, &dy, n, c, h, w, o), &want_dw);
+            let e = rel(&backward_filter(&x, &dy, (n, c, h, w, o), Operands::F32), &want_dw);
             assert!(e < 1e-5, "{:?} dw: {e:.2e}", (n, c, h, w, o));
         }
     }

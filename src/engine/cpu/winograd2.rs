@@ -240,7 +240,7 @@ fn output_channel(m: &[f32], dims: (usize, usize, usize, usize), oc: usize, plan
 mod tests {
     use super::*;
     use crate::engine::cpu::test_util::{rel, values};
-    use crate::engine::cpu::{ConvAlgo, conv2d_with, packed};
+    use crate::engine::cpu::{ConvAlgo, Operands, conv2d_with, packed};
     use crate::engine::{ConvGeom, EvalAffine, Tensor};
 
     /// Against im2col: odd and even sizes, one and several blocks of images, f32 and bf16, and the affine map
@@ -252,7 +252,7 @@ mod tests {
         {
             let x = Tensor::new(&[n, c, h, w], values(n * c * h * w, 1)).unwrap();
             let wt = Tensor::new(&[o, c, 3, 3], values(o * c * 9, 2)).unwrap();
-            let want = conv2d_with(&x, &wt, ConvGeom::square(1, 1), ConvAlgo::Im2col);
+            let want = conv2d_with(&x, &wt, ConvGeom::square(1, 1), ConvAlgo::Im2col, Operands::F32);
             let cols = product_columns(n, h, w);
             let planes = pack_weights(wt.data(), o, c, false, cols).unwrap();
             let got = forward(x.data(), &planes, (n, c, h, w, o), None);
