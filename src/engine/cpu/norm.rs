@@ -12,9 +12,25 @@ fn channel_sum(a: &[f32], b: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(
     (0..planes)
         .map(|n| {
             let off = (n * c + ch) * hw;
-            a[off..off + hw].iter().zip(&b[off..off + hw]).map(|(&p, &q)| f(p, q)).sum::<f64>()
+            lanes_sum(&a[off..off + hw], &b[off..off + hw], &f)
         })
         .sum()
+}
+
+/// Σ f(a[i], b[i]) in f64 as 8 interleaved partial sums (lane i mod 8) added pairwise at the end. One chain of
+/// dependent f64 adds runs at one value per add latency (3-4 cycles); eight independent ones vectorise. A
+/// plain sequential sum here made the BN statistics and gradient sums 17 % of a CIFAR training step
+/// (ResNet-34, batch 64, AMD EPYC, 2 threads).
+fn lanes_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&p, &q)| f(p, q)).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Per channel: the count, the mean and Σ(x − mean)², in two passes (as PyTorch's CPU kernel does).
