@@ -23,6 +23,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Make `path` a second name of the file at `existing` (a hard link, made under a temporary name and renamed
+/// into place like `write_atomic`'s files): the same bytes without writing them again. Files are only ever
+/// replaced by rename, never rewritten in place, so the two names keep their contents when `existing` is
+/// replaced later. Fails where the file system has no hard links; the caller then writes the file itself.
+pub fn link_atomic(existing: &Path, path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
+    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = std::fs::hard_link(existing, &tmp).and_then(|()| std::fs::rename(&tmp, path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, format!("cannot link to {}: {e}", existing.display()))
+    })
+}
+
 /// `write_atomic`'s temporary name for a file `name`, less the writer's process id.
 fn temporary_prefix(name: &str) -> String {
     format!(".{name}.tmp-")
@@ -70,5 +86,28 @@ impl Drop for TempGuard {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A linked name keeps the bytes it was linked to when the first name is written again (by rename), and
+    /// linking over an existing file replaces it without leaving a temporary behind.
+    #[test]
+    fn a_linked_name_keeps_its_bytes_when_the_original_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last, best) = (dir.path().join("last"), dir.path().join("best"));
+        write_atomic(&best, b"older").unwrap();
+        write_atomic(&last, b"epoch 1").unwrap();
+        link_atomic(&last, &best).unwrap();
+        write_atomic(&last, b"epoch 2").unwrap();
+        assert_eq!(std::fs::read(&best).unwrap(), b"epoch 1");
+        assert_eq!(std::fs::read(&last).unwrap(), b"epoch 2");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary left");
+        let e = link_atomic(&dir.path().join("missing"), &best).unwrap_err().to_string();
+        assert!(e.contains("cannot link"), "{e}");
+        assert_eq!(std::fs::read(&best).unwrap(), b"epoch 1", "a failed link leaves the old file");
     }
 }

@@ -631,7 +631,12 @@ pub fn run_on(args: TrainArgs, device: Target) -> Result<Vec<EpochReport>> {
             }
             t.save(&last_path)?;
             if improved {
-                t.save(&args.run_dir.join("best.safetensors"))?;
+                // The state just saved is the best one: a second name for last's file, not a second write of
+                // 170 MB (ResNet-34 with its momentum: 0.46 s of each improving epoch's disk time here).
+                let best = args.run_dir.join("best.safetensors");
+                if rank > 0 || crate::files::link_atomic(&last_path, &best).is_err() {
+                    t.save(&best)?;
+                }
                 if rank == 0 {
                     Recorded::new(t.pos.epoch, train_ds.class_names(), &eval).save(&args.run_dir)?;
                 }

@@ -108,10 +108,10 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32], ld: usize, offset: usize) {
     }
 }
 
-/// Output maps up to this many positions are gathered through `tap_sources`' table, not copied row by row: a
+/// Output maps up to this many positions (8x8) are gathered through `tap_sources`' table, not copied row by row: a
 /// 2x2 or 4x4 map's rows are 2 or 4 values long, and the per-row bookkeeping of `im2col_band` then cost more
 /// than the copy (im2col was 9 % of the digits recipe's step, ResNet-34 at 8x8 input, 2x2 maps in layer3).
-const TABLE_MAX_OUTPUTS: usize = 16;
+const TABLE_MAX_OUTPUTS: usize = 64;
 
 /// For kernel tap k = i·kw + j and output position q = oy·ow + ox: the index in the input plane that
 /// position reads through that tap, or `u32::MAX` where it reads padding.
