@@ -37,7 +37,7 @@ struct PlanUnit {
 /// What a unit multiplies with.
 enum UnitWeight {
     /// The f32 weight, and the form kept for each `KeptAlgo` (indexed by `kept_slot`), built on first use.
-    Float { weight: Tensor, kept: [OnceLock<KeptConv>; 3] },
+    Float { weight: Tensor, kept: Box<[OnceLock<KeptConv>; 3]> },
     /// In an int8 plan: the weight times the BN scale, quantized, and the input's parameters. The f32 weight is
     /// dropped as each unit is quantized: a serving process no longer holds ResNet-34's 87 MB of f32 weights
     /// beside the 22 MB it runs on (peak RSS is the loader's: the file's bytes and the tensors made from them).
