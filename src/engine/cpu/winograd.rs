@@ -186,22 +186,44 @@ fn weight_task(wt: &[f32], c: usize, cols: usize, rotate: bool, t: usize, planes
     }
     // rows first: h[y][x] = Σ_a G[y][a] k[a][x]
     let mut h = [[[0.0f64; PAIRS]; 3]; 6];
-    for (gy, hy) in G.iter().zip(h.iter_mut()) {
-        for (x, hyx) in hy.iter_mut().enumerate() {
-            for i in 0..PAIRS {
-                hyx[i] = gy[0] * k[x][i] + gy[1] * k[3 + x][i] + gy[2] * k[6 + x][i];
+    for x in 0..3 {
+        for i in 0..PAIRS {
+            let col = g(k[x][i], k[3 + x][i], k[6 + x][i]);
+            for (hy, v) in h.iter_mut().zip(col) {
+                hy[x][i] = v;
             }
         }
     }
     for (y, hy) in h.iter().enumerate() {
-        for (x, gx) in G.iter().enumerate() {
-            let dst = &mut planes[y * 6 + x][..lanes];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = (gx[0] * hy[0][i] + gx[1] * hy[1][i] + gx[2] * hy[2][i]) as f32;
-            }
+        let mut row_planes = planes[y * 6..y * 6 + 6].iter_mut();
+        let [d0, d1, d2, d3, d4, d5]: [&mut [f32]; 6] =
+            std::array::from_fn(|_| &mut row_planes.next().expect("6 planes a row")[..lanes]);
+        for i in 0..lanes {
+            let row = g(hy[0][i], hy[1][i], hy[2][i]);
+            (d0[i], d1[i], d2[i], d3[i], d4[i], d5[i]) =
+                (row[0] as f32, row[1] as f32, row[2] as f32, row[3] as f32, row[4] as f32, row[5] as f32);
         }
     }
 }
+}
+
+/// G applied to a 3-vector, using its symmetries (rows 1, 2 and 3, 4 differ only in the sign of the middle tap):
+/// 10 operations instead of `G`'s 30, the same values in real arithmetic (each constant rounded once in f64).
+#[inline(always)]
+fn g(a: f64, b: f64, c: f64) -> [f64; 6] {
+    let (e, f, m) = (a + c, a * G[3][0] + c * G[3][2], b * G[3][1]);
+    [a * G[0][0], (e + b) * G[1][0], (e - b) * G[1][0], f + m, f - m, c]
+}
+
+/// Gᵀ applied to a 6-vector (the adjoint of `g`, for dW = Gᵀ dU G), with the same symmetries.
+#[inline(always)]
+fn gt(u: [f64; 6]) -> [f64; 3] {
+    let (s12, d12, s34, d34) = (u[1] + u[2], u[1] - u[2], u[3] + u[4], u[3] - u[4]);
+    [
+        u[0] * G[0][0] + s12 * G[1][0] + s34 * G[3][0],
+        d12 * G[1][1] + d34 * G[3][1],
+        s12 * G[1][2] + s34 * G[3][2] + u[5],
+    ]
 }
 
 /// U = G g Gᵀ for every (out, in) channel pair of a `[O, C, 3, 3]` weight, laid out `[36][O][C]`.
@@ -246,29 +268,19 @@ fn inverse_task(du: &[f32], pairs: usize, t: usize, out: &mut [f32]) {
     // along x: h[y][b] = Σ_x G[x][b] dU[y·6 + x]
     let mut h = [[[0.0f64; PAIRS]; 3]; 6];
     for (y, hy) in h.iter_mut().enumerate() {
-        for (x, gx) in G.iter().enumerate() {
-            let src = &du[(y * 6 + x) * pairs + first..][..lanes];
-            for (b, hyb) in hy.iter_mut().enumerate() {
-                for (acc, v) in hyb.iter_mut().zip(src) {
-                    *acc += gx[b] * *v as f64;
-                }
-            }
+        let src: [&[f32]; 6] = std::array::from_fn(|x| &du[(y * 6 + x) * pairs + first..][..lanes]);
+        for i in 0..lanes {
+            let v = gt(std::array::from_fn(|x| src[x][i] as f64));
+            (hy[0][i], hy[1][i], hy[2][i]) = (v[0], v[1], v[2]);
         }
     }
     // along y: dW[a][b] = Σ_y G[y][a] h[y][b]
-    let mut k = [[0.0f64; PAIRS]; 9];
-    for (gy, hy) in G.iter().zip(&h) {
-        for (a, ka) in k.chunks_mut(3).enumerate() {
-            for (b, kab) in ka.iter_mut().enumerate() {
-                for (acc, v) in kab.iter_mut().zip(&hy[b]) {
-                    *acc += gy[a] * v;
-                }
-            }
-        }
-    }
     for (i, kern) in out.chunks_mut(9).enumerate() {
-        for (j, v) in kern.iter_mut().enumerate() {
-            *v = k[j][i] as f32;
+        for b in 0..3 {
+            let v = gt(std::array::from_fn(|y| h[y][b][i]));
+            for (a, va) in v.iter().enumerate() {
+                kern[a * 3 + b] = *va as f32;
+            }
         }
     }
 }
