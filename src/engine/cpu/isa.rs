@@ -94,3 +94,38 @@ pub fn avx512_bf16() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     return false;
 }
+
+/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
+/// run as the best the CPU supports. Lane-wise loops (the Winograd transforms, the element-wise kernels) vectorise;
+/// built for the x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the
+/// same in every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                match $crate::engine::cpu::isa::level() {
+                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and
+                    // `isa::level` checked the CPU has them (a forced level is never above the detected one).
+                    $crate::engine::cpu::isa::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above, for AVX2 and FMA.
+                    $crate::engine::cpu::isa::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::engine::cpu::isa::Level::Portable => {}
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;

@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use super::isa::multiversion;
+
 use crate::engine::Tensor;
 use crate::engine::backend::{BatchNormSums, BatchStats, EvalAffine};
 
@@ -65,14 +67,21 @@ pub fn normalize(x: &Tensor, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: 
         y.par_chunks_mut(hw).zip(x_hat.par_chunks_mut(hw)).zip(xs.par_chunks(hw)).enumerate().for_each(
             |(p, ((yp, hp), xp))| {
                 let ch = p % c;
-                for ((yv, hv), &xv) in yp.iter_mut().zip(hp.iter_mut()).zip(xp) {
-                    *hv = (xv - mean[ch]) * invstd[ch];
-                    *yv = *hv * gamma[ch] + beta[ch];
-                }
+                normalize_plane(yp, hp, xp, [mean[ch], invstd[ch], gamma[ch], beta[ch]]);
             },
         );
     }
     (Tensor::new(x.shape(), y).expect("same shape as x"), Tensor::new(x.shape(), x_hat).expect("same shape as x"))
+}
+
+multiversion! {
+/// One plane of `normalize`: x̂ = (x − mean)·invstd, y = x̂·γ + β, with `k` = [mean, invstd, γ, β].
+fn normalize_plane(y: &mut [f32], x_hat: &mut [f32], x: &[f32], k: [f32; 4]) {
+    for ((yv, hv), &xv) in y.iter_mut().zip(x_hat.iter_mut()).zip(x) {
+        *hv = (xv - k[0]) * k[1];
+        *yv = *hv * k[2] + k[3];
+    }
+}
 }
 
 /// Values per parallel task: whole planes, enough of them that rayon's per-task cost stays small on the
@@ -157,6 +166,15 @@ pub fn grad_sums(dy: &Tensor, x_hat: &Tensor) -> BatchNormSums {
     BatchNormSums { dy, dy_xhat }
 }
 
+multiversion! {
+/// One plane of `grad_input`, with `k` = [γ·invstd/M, M, Σdy, Σ(dy·x̂)].
+fn grad_input_plane(dx: &mut [f32], dy: &[f32], x_hat: &[f32], k: [f64; 4]) {
+    for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x_hat) {
+        *d = (k[0] * (k[1] * g as f64 - k[2] - v as f64 * k[3])) as f32;
+    }
+}
+}
+
 /// With M = `count` (the whole batch's, over every replica): dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)).
 pub fn grad_input(
     dy: &Tensor,
@@ -178,10 +196,7 @@ pub fn grad_input(
             |(p, ((dxp, dyp), xp))| {
                 let ch = p % c;
                 let k = gamma[ch] as f64 * invstd[ch] as f64 / count;
-                let (sdy, sdyx) = (sums.dy[ch], sums.dy_xhat[ch]);
-                for ((d, &g), &v) in dxp.iter_mut().zip(dyp).zip(xp) {
-                    *d = (k * (count * g as f64 - sdy - v as f64 * sdyx)) as f32;
-                }
+                grad_input_plane(dxp, dyp, xp, [k, count, sums.dy[ch], sums.dy_xhat[ch]]);
             },
         );
     }

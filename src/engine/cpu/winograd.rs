@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::Operands;
+use super::isa::multiversion;
 use super::lanes::{deinterleave4, interleave4};
 use super::matmul::{MatRef, matmul};
 use super::norm::Affine;
@@ -37,40 +38,6 @@ use super::scratch::{self, with_buffer};
 
 /// Transformed-tile positions: 6x6.
 const XI: usize = 36;
-
-/// Defines `fn $name` as `$body`, compiled three times — for AVX-512, for AVX2+FMA and for the baseline — and
-/// run as the best the CPU supports. The transforms are lane-wise loops that LLVM vectorises; built for the
-/// x86-64 baseline they get 4-wide SSE, a third of what the GEMMs they feed run at. Arithmetic is the same in
-/// every version (Rust never fuses a multiply and an add by itself), so results do not depend on the CPU.
-macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                match $crate::engine::cpu::isa::level() {
-                    // SAFETY: `avx512` only differs from `generic` in the instructions it may use, and
-                    // `isa::level` checked the CPU has them (a forced level is never above the detected one).
-                    $crate::engine::cpu::isa::Level::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above, for AVX2 and FMA.
-                    $crate::engine::cpu::isa::Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    $crate::engine::cpu::isa::Level::Portable => {}
-                }
-            }
-            generic($($arg),*)
-        }
-    };
-}
 
 /// Whether a convolution is one this module computes: 3x3 kernel, stride 1, padding 1.
 pub fn applies(kh: usize, kw: usize, stride: (usize, usize), padding: (usize, usize)) -> bool {
