@@ -8,9 +8,9 @@
 # for N rounds (default 2), all with 2 threads (RAYON_NUM_THREADS=2, torch.set_num_threads(2), ORT
 # intra_op_num_threads=2) and OMP_WAIT_POLICY=PASSIVE. Each contender's figure is the median over rounds of
 # its per-round median; the table shows ours against the fastest other f32 variant (the same arithmetic as
-# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16, inference and training step), int8 on its own
-# (ours with --dtype int8 against ONNX Runtime's quantize_static, both calibrated on the timed batch; inference
-# only), then every variant.
+# ours), bf16 on its own row (ours in bf16 where the CPU has AVX512-BF16, inference and the training step),
+# int8 on its own (ours with --dtype int8 against ONNX Runtime's quantize_static, both calibrated on the timed
+# batch; inference only), then every variant.
 # The RSS ratio is ours against PyTorch's own (eager for f32, bf16 autocast for bf16), the memory target.
 #   --quick: 1 round, 3 timed runs, no torch.compile (a fast check that everything works)
 #   --main-job: also the main job, `resnet train` on the bundled digits against python/train_digits_torch.py
