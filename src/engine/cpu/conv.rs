@@ -12,6 +12,10 @@
 //!
 //! 3x3 stride-1 padding-1 convolutions with enough tiles go to Winograd F(4x4, 3x3) instead (see `winograd`),
 //! all three passes; the choice is `algo::resolve`'s.
+//!
+//! With `Operands::Bf16` (`train --dtype bf16`) the products run on the packed bf16 kernels: W (forward) and Wᵀ
+//! (dcol) rounded and packed once per call, each group's dy (dW = dy·colsᵀ) per group, colsᵀ read as a
+//! transposed right operand; the accumulation stays f32.
 
 use rayon::prelude::*;
 

@@ -23,6 +23,11 @@
 //!
 //! The input and output transforms run in f32 and are written lane-wise over runs of tiles, so they
 //! vectorise; the weight transforms (once per call, O·C tiles) run in f64 so that U and dW are rounded once.
+//!
+//! With `Operands::Bf16` (`train --dtype bf16`) the products multiply U, V and dM rounded to bf16 (packed
+//! kernels, f32 accumulation). The transforms amplify that rounding as they amplify f32's: 0.9-2.7e-2 from the
+//! f64 reference per convolution against im2col's 2-4e-3 in bf16 (tests/conv_algos.rs), which the digits
+//! recipe's accuracy does not notice (README, design).
 
 use std::sync::OnceLock;
 
