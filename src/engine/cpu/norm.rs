@@ -64,22 +64,28 @@ pub fn normalize(x: &Tensor, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: 
     let mut y = vec![0.0f32; xs.len()];
     let mut x_hat = vec![0.0f32; xs.len()];
     if hw > 0 {
-        y.par_chunks_mut(hw).zip(x_hat.par_chunks_mut(hw)).zip(xs.par_chunks(hw)).enumerate().for_each(
-            |(p, ((yp, hp), xp))| {
-                let ch = p % c;
-                normalize_plane(yp, hp, xp, [mean[ch], invstd[ch], gamma[ch], beta[ch]]);
-            },
-        );
+        let k: Vec<[f32; 4]> = (0..c).map(|ch| [mean[ch], invstd[ch], gamma[ch], beta[ch]]).collect();
+        let run = CHUNK.div_ceil(hw) * hw;
+        y.par_chunks_mut(run)
+            .zip(x_hat.par_chunks_mut(run))
+            .zip(xs.par_chunks(run))
+            .enumerate()
+            .for_each(|(t, ((yp, hp), xp))| normalize_planes(yp, hp, xp, hw, t * run / hw, &k));
     }
     (Tensor::new(x.shape(), y).expect("same shape as x"), Tensor::new(x.shape(), x_hat).expect("same shape as x"))
 }
 
 multiversion! {
-/// One plane of `normalize`: x̂ = (x − mean)·invstd, y = x̂·γ + β, with `k` = [mean, invstd, γ, β].
-fn normalize_plane(y: &mut [f32], x_hat: &mut [f32], x: &[f32], k: [f32; 4]) {
-    for ((yv, hv), &xv) in y.iter_mut().zip(x_hat.iter_mut()).zip(x) {
-        *hv = (xv - k[0]) * k[1];
-        *yv = *hv * k[2] + k[3];
+/// Planes of `hw` values from plane `first` on, of `normalize`: x̂ = (x − mean)·invstd, y = x̂·γ + β, with
+/// `k[channel]` = [mean, invstd, γ, β]. A run of planes per call (and per parallel task): on 2x2 maps a plane
+/// is 4 values, too few to pay for a task or a dispatch each.
+fn normalize_planes(y: &mut [f32], x_hat: &mut [f32], x: &[f32], hw: usize, first: usize, k: &[[f32; 4]]) {
+    for (i, ((yp, hp), xp)) in y.chunks_mut(hw).zip(x_hat.chunks_mut(hw)).zip(x.chunks(hw)).enumerate() {
+        let k = k[(first + i) % k.len()];
+        for ((yv, hv), &xv) in yp.iter_mut().zip(hp.iter_mut()).zip(xp) {
+            *hv = (xv - k[0]) * k[1];
+            *yv = *hv * k[2] + k[3];
+        }
     }
 }
 }
@@ -167,10 +173,14 @@ pub fn grad_sums(dy: &Tensor, x_hat: &Tensor) -> BatchNormSums {
 }
 
 multiversion! {
-/// One plane of `grad_input`, with `k` = [γ·invstd/M, M, Σdy, Σ(dy·x̂)].
-fn grad_input_plane(dx: &mut [f32], dy: &[f32], x_hat: &[f32], k: [f64; 4]) {
-    for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x_hat) {
-        *d = (k[0] * (k[1] * g as f64 - k[2] - v as f64 * k[3])) as f32;
+/// Planes of `hw` values from plane `first` on, of `grad_input`, with `k[channel]` = [γ·invstd/M, M, Σdy,
+/// Σ(dy·x̂)]; a run per call as in `normalize_planes`.
+fn grad_input_planes(dx: &mut [f32], dy: &[f32], x_hat: &[f32], hw: usize, first: usize, k: &[[f64; 4]]) {
+    for (i, ((dp, gp), vp)) in dx.chunks_mut(hw).zip(dy.chunks(hw)).zip(x_hat.chunks(hw)).enumerate() {
+        let k = k[(first + i) % k.len()];
+        for ((d, &g), &v) in dp.iter_mut().zip(gp).zip(vp) {
+            *d = (k[0] * (k[1] * g as f64 - k[2] - v as f64 * k[3])) as f32;
+        }
     }
 }
 }
@@ -192,13 +202,15 @@ pub fn grad_input(
     let (dys, xh) = (dy.data(), x_hat.data());
     let mut dx = vec![0.0f32; dys.len()];
     if hw > 0 {
-        dx.par_chunks_mut(hw).zip(dys.par_chunks(hw)).zip(xh.par_chunks(hw)).enumerate().for_each(
-            |(p, ((dxp, dyp), xp))| {
-                let ch = p % c;
-                let k = gamma[ch] as f64 * invstd[ch] as f64 / count;
-                grad_input_plane(dxp, dyp, xp, [k, count, sums.dy[ch], sums.dy_xhat[ch]]);
-            },
-        );
+        let k: Vec<[f64; 4]> = (0..c)
+            .map(|ch| [gamma[ch] as f64 * invstd[ch] as f64 / count, count, sums.dy[ch], sums.dy_xhat[ch]])
+            .collect();
+        let run = CHUNK.div_ceil(hw) * hw;
+        dx.par_chunks_mut(run)
+            .zip(dys.par_chunks(run))
+            .zip(xh.par_chunks(run))
+            .enumerate()
+            .for_each(|(t, ((dxp, dyp), xp))| grad_input_planes(dxp, dyp, xp, hw, t * run / hw, &k));
     }
     Tensor::new(dy.shape(), dx).expect("same shape as dy")
 }
