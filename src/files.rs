@@ -8,9 +8,7 @@ use crate::error::{Error, Result};
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
-    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
+    let tmp = temporary_for(path)?;
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -28,15 +26,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// replaced by rename, never rewritten in place, so the two names keep their contents when `existing` is
 /// replaced later. Fails where the file system has no hard links; the caller then writes the file itself.
 pub fn link_atomic(existing: &Path, path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
-    let tmp = dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id()));
+    let tmp = temporary_for(path)?;
     let _ = std::fs::remove_file(&tmp);
     let result = std::fs::hard_link(existing, &tmp).and_then(|()| std::fs::rename(&tmp, path));
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::file(path, format!("cannot link to {}: {e}", existing.display()))
     })
+}
+
+/// The temporary `path` is written under before the rename: beside it, named for it and this process.
+fn temporary_for(path: &Path) -> Result<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file name"))?;
+    Ok(dir.join(format!("{}{}", temporary_prefix(&name.to_string_lossy()), std::process::id())))
 }
 
 /// `write_atomic`'s temporary name for a file `name`, less the writer's process id.

@@ -75,6 +75,11 @@ impl Dims {
     fn chw(&self) -> usize {
         self.c * self.h * self.w
     }
+    /// Columns of a full group's product (what packed weights are laid out for).
+    fn columns(&self) -> usize {
+        let (group, _, _) = self.plan();
+        group.min(self.n) * self.ohw()
+    }
     /// Images per GEMM group, images per parallel task (whole groups), and the threads each GEMM may use.
     fn plan(&self) -> (usize, usize, usize) {
         let group = MIN_COLS.div_ceil(self.ohw().max(1)).clamp(1, self.n.max(1));
@@ -272,8 +277,7 @@ pub fn forward_with(x: &Tensor, w: &Tensor, geom: ConvGeom, algo: ConvAlgo, oper
     match operands {
         Operands::F32 => im2col_forward(x, &d, &|dst, cols, threads| matmul(dst, wm, cols, false, threads), 0, None),
         Operands::Bf16 => {
-            let (group, _, _) = d.plan();
-            let packed = PackedLhs::bf16(wm, group.min(d.n) * d.ohw()).expect(BF16_CHECKED);
+            let packed = PackedLhs::bf16(wm, d.columns()).expect(BF16_CHECKED);
             im2col_forward(x, &d, &|dst, cols, threads| packed.multiply_threads(cols, dst, threads), 0, None)
         }
     }
@@ -351,9 +355,7 @@ thread_local! {
 
 /// Columns of the products `forward_packed` runs for input `[n, c, h, w]` and weight `[o, c, kh, kw]`.
 pub fn product_columns(x: [usize; 4], w_shape: [usize; 4], geom: ConvGeom) -> usize {
-    let d = Dims::of(x, w_shape, geom);
-    let (group, _, _) = d.plan();
-    group.min(d.n) * d.ohw()
+    Dims::of(x, w_shape, geom).columns()
 }
 
 /// The im2col forward with the weight packed once (`PackedLhs` of `[O, C·kh·kw]`, f32 or bf16): for inference.
@@ -464,23 +466,19 @@ pub fn backward_with(
         gemm_threads = 1;
     }
     let wm = MatRef::new(w.data(), o, ckk);
-    // In bf16 Wᵀ is rounded and packed once for every group's dcol = Wᵀ·dy.
+    // The products in `operands`. dW += dy·colsᵀ: in bf16 each group's dy is rounded and packed as it comes.
+    let add_dw = |dw: &mut [f32], dym: MatRef, cols_t: MatRef| match operands {
+        Operands::F32 => matmul(dw, dym, cols_t, true, gemm_threads),
+        Operands::Bf16 => {
+            PackedLhs::bf16(dym, cols_t.cols).expect(BF16_CHECKED).multiply_add_threads(cols_t, dw, gemm_threads)
+        }
+    };
+    // dcol = Wᵀ·dy: in bf16 Wᵀ is rounded and packed once for every group.
     let wt_bf16 = (operands == Operands::Bf16 && need_dx)
         .then(|| PackedLhs::bf16(wm.t(), tasks.first().map_or(1, |t| t.3) * ohw).expect(BF16_CHECKED));
-    // dst (= or +=) a·b in the products' operands: for bf16, `a` is rounded and packed per call
-    let product = |dst: &mut [f32], a: MatRef, packed: Option<&PackedLhs>, b: MatRef, add: bool| match operands {
-        Operands::F32 => matmul(dst, a, b, add, gemm_threads),
-        Operands::Bf16 => {
-            let fresh;
-            let a = match packed {
-                Some(p) => p,
-                None => {
-                    fresh = PackedLhs::bf16(a, b.cols).expect(BF16_CHECKED);
-                    &fresh
-                }
-            };
-            if add { a.multiply_add_threads(b, dst, gemm_threads) } else { a.multiply_threads(b, dst, gemm_threads) }
-        }
+    let dcol = |dst: &mut [f32], dym: MatRef| match &wt_bf16 {
+        Some(wt) => wt.multiply_threads(dym, dst, gemm_threads),
+        None => matmul(dst, wm.t(), dym, false, gemm_threads),
     };
     let mut dx = vec![0.0f32; if need_dx { d.n * chw } else { 0 }];
     let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
@@ -525,15 +523,15 @@ pub fn backward_with(
                         }
                         &col
                     };
-                    product(&mut dw, dym, None, MatRef::new(cols, ckk, m * ohw).t(), true);
+                    add_dw(&mut dw, dym, MatRef::new(cols, ckk, m * ohw).t());
                 }
                 if need_dx {
                     let dx_g = &mut dx_task[(start - first) * chw..(start - first + m) * chw];
                     if direct {
-                        product(dx_g, wm.t(), wt_bf16.as_ref(), dym, false);
+                        dcol(dx_g, dym);
                     } else {
                         col.resize(ckk * m * ohw, 0.0);
-                        product(&mut col, wm.t(), wt_bf16.as_ref(), dym, false);
+                        dcol(&mut col, dym);
                         for (j, dx_n) in dx_g.chunks_mut(chw).enumerate() {
                             col2im(&col, &d, dx_n, m * ohw, j * ohw);
                         }
